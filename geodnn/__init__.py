@@ -1,0 +1,20 @@
+"""geodnn: very deep fully-convolutional chain networks and their gradient-free, layer-parallel
+training. Imports nothing from `tiles`; `pipelines` joins the two."""
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .errors import CheckpointError, DivergenceError, GeodnnError
+from .model import ChainConfig, ChainNet, ConvLayer, LayerSpec, build_model
+
+__all__ = [
+    "ChainConfig",
+    "ChainNet",
+    "Checkpoint",
+    "CheckpointError",
+    "ConvLayer",
+    "DivergenceError",
+    "GeodnnError",
+    "LayerSpec",
+    "build_model",
+    "load_checkpoint",
+    "save_checkpoint",
+]

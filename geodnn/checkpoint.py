@@ -1,0 +1,124 @@
+"""Self-describing checkpoints: one file with the model config, weights and scene metadata.
+
+Files hold only tensors and plain Python values so they load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .model import ChainConfig, ChainNet
+
+FORMAT = "geodnn.checkpoint"
+VERSION = 1
+
+# A palette that reads well on imagery: background transparent-grey, then strong distinct colors.
+DEFAULT_COLORS = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model plus what a map needs (class names, colors, extras)."""
+
+    model: ChainNet
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ChainConfig:
+        return self.model.config
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.metadata.get("class_names")
+        return list(names) if names else default_class_names(self.config.classes)
+
+    @property
+    def class_colors(self) -> list[tuple[int, int, int]]:
+        colors = self.metadata.get("class_colors")
+        if colors:
+            return [tuple(int(v) for v in c[:3]) for c in colors]
+        return default_class_colors(self.config.classes)
+
+
+def default_class_names(classes: int) -> list[str]:
+    return ["background"] + [f"class_{i}" for i in range(1, classes)]
+
+
+def default_class_colors(classes: int) -> list[tuple[int, int, int]]:
+    return [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(classes)]
+
+
+def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -> None:
+    """Save `model` with metadata (class_names, class_colors, anything plain) to one file."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": metadata,
+    }
+    atomic_torch_save(payload, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load a checkpoint written by `save_checkpoint` (safe: `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path}: checkpoint not found; pass the .pt file written by training"
+        )
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable geodnn checkpoint ({first}); re-save it with geodnn"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a geodnn checkpoint; use a file from `geodnn train`")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {payload.get('version')} is not supported "
+            f"(this geodnn reads version {VERSION}); re-train or upgrade geodnn"
+        )
+    config = ChainConfig(**payload["config"])
+    model = ChainNet(config)
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return Checkpoint(model=model, metadata=dict(payload.get("metadata") or {}))

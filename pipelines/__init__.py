@@ -1,0 +1,1 @@
+"""pipelines: the jobs a user runs (tile, train, evaluate, predict, run) and the CLI."""

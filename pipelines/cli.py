@@ -1,0 +1,63 @@
+"""The `geodnn` command: one subcommand per job, each defined in its own module.
+
+A job module exposes `register(subparsers)`, which adds its parser and sets `func` to a function
+taking the parsed arguments and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from geodnn.errors import GeodnnError
+from tiles.errors import TilesError
+
+from .errors import PipelineError
+
+# Order is the order shown by `geodnn --help`.
+JOB_MODULES = ["tile", "train", "evaluate", "predict", "run"]
+
+USER_ERRORS = (GeodnnError, TilesError, PipelineError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geodnn",
+        description="Train very deep FCNs without backprop and map GeoTIFF scenes with them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in JOB_MODULES:
+        try:
+            module = importlib.import_module(f"pipelines.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pipelines.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="geodnn: %(levelname)s: %(message)s",
+    )
+    logging.captureWarnings(True)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"geodnn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("geodnn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
