@@ -1,0 +1,135 @@
+"""Job configs: one TOML file describes a scene, its tiling, the model, training and prediction.
+
+`geodnn train` reads [data], [model], [train] and the solver tables; `geodnn run` reads all of it.
+Relative paths in a config are relative to the config file, so a config travels with its data.
+Every key and its default is listed in `DEFAULTS` and documented in pipelines/configs/*.toml.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+
+SOLVERS = ("admm", "adam", "pipeline")
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    # The scene to map and its labels (used by `geodnn run`, which builds the tile store itself).
+    "scene": {"image": None, "labels": None, "class_attribute": None, "class_names": None},
+    # How `geodnn run` tiles the scene (see `geodnn tile --help`).
+    "tile": {"tile": 128, "split": "columns:0.7", "gap": 32},
+    # Training data: a tile store made by `geodnn tile`, and the crop size drawn from its tiles.
+    "data": {"store": None, "crop": 64, "val_tiles": 64},
+    # The chain network (geodnn.build_model options).
+    "model": {
+        "depth": 16,
+        "width": 16,
+        "kernel_size": 3,
+        "dilations": [1, 2, 4, 8],
+        "init": "dirac",
+    },
+    # The training loop, common to every solver.
+    "train": {
+        "solver": "admm",  # admm | adam | pipeline
+        "iterations": 1000,  # total solver iterations
+        "epoch": 100,  # iterations between validation, checkpoint and a metrics.csv row
+        "batch_size": 16,
+        "seed": 0,
+        "threads": 1,  # torch compute threads per process
+        "class_weight_power": 0.5,  # class weight = (pixel frequency) ** -power, mean 1
+        "divergence_factor": 20.0,  # stop when the loss exceeds this x its best
+    },
+    # Solver settings, passed through to geodnn.solvers (documented there and in the configs).
+    "admm": {},
+    "adam": {"lr": 0.003},
+    "pipeline": {"lr": 0.003, "schedule": "1f1b", "microbatches": 8},
+    # Multi-worker training (torch.distributed; see README "Training on several workers").
+    "parallel": {"workers": 1, "compress_bits": 0, "timeout_s": 120.0, "balance": True},
+    # Prediction and export of `geodnn run`.
+    "predict": {
+        "chunk": 512,
+        "batch": 4,
+        "cog": True,
+        "probabilities": True,
+        "vectors": True,
+        "min_area": 0.0,
+        "simplify": 0.0,
+    },
+}
+
+
+@dataclass
+class Config:
+    """A loaded config: its tables with defaults filled in, and the file it came from."""
+
+    path: Path
+    tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __getitem__(self, table: str) -> dict[str, Any]:
+        return self.tables[table]
+
+    def resolve(self, value: str | None) -> Path | None:
+        """A path from the config, made absolute relative to the config's folder."""
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    @property
+    def solver(self) -> str:
+        return self.tables["train"]["solver"]
+
+
+def merge_defaults(raw: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise PipelineError(
+            f"{path}: unknown table(s) [{', '.join(unknown)}]; valid tables: {', '.join(DEFAULTS)}"
+        )
+    tables = copy.deepcopy(DEFAULTS)
+    for name, values in raw.items():
+        if not isinstance(values, dict):
+            raise PipelineError(f"{path}: '{name}' must be a table ([{name}])")
+        known = tables[name]
+        if name not in ("admm", "adam", "pipeline"):
+            bad = sorted(set(values) - set(known))
+            if bad:
+                raise PipelineError(
+                    f"{path}: unknown key(s) {', '.join(bad)} in [{name}]; "
+                    f"valid keys: {', '.join(known)}"
+                )
+        known.update(values)
+    return tables
+
+
+def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    train = tables["train"]
+    if train["solver"] not in SOLVERS:
+        raise PipelineError(
+            f"{path}: [train] solver = '{train['solver']}' is unknown; use one of {SOLVERS}"
+        )
+    for key in ("iterations", "epoch", "batch_size", "threads"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise PipelineError(f"{path}: [train] {key} must be a whole number >= 1")
+    if tables["parallel"]["workers"] < 1:
+        raise PipelineError(f"{path}: [parallel] workers must be >= 1")
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read a TOML config, fill defaults, apply `overrides` (table -> key -> value), validate."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise PipelineError(f"{path}: config not found; pass a TOML file (see pipelines/configs/)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    tables = merge_defaults(raw, path)
+    for table, values in (overrides or {}).items():
+        tables[table].update({k: v for k, v in values.items() if v is not None})
+    validate(tables, path)
+    return Config(path=path, tables=tables)
