@@ -1,0 +1,137 @@
+"""The tile store seen as geodnn training data (the `geodnn.data.Batches` protocol).
+
+`StoreBatches(store, split, crop=None, seed=0)`: without `crop`, item i is the i-th tile of the
+split (T x T, padded edges are NaN / 255). With `crop`, item i is a crop x crop window of tile
+i mod N at an offset drawn from (seed, i) alone, inside the tile's valid part where it fits, so
+any index (also beyond `len`) names the same crop on every worker and every run; `len` counts
+`crops_per_tile` crops per tile, one pass of a sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from tiles.store import TileStore
+
+from .errors import PipelineError
+
+IN_MEMORY_BYTES = 512 * 2**20  # splits up to this size are loaded once; larger ones read lazily
+
+
+class StoreBatches:
+    """Image and label tiles (or deterministic random crops of them) of one split of a store."""
+
+    def __init__(
+        self,
+        store: TileStore | str | os.PathLike,
+        split: str = "train",
+        crop: int | None = None,
+        seed: int = 0,
+        crops_per_tile: int | None = None,
+        in_memory_bytes: int = IN_MEMORY_BYTES,
+    ) -> None:
+        self.store = store if isinstance(store, TileStore) else TileStore.open(store)
+        self.split = split
+        self.seed = int(seed)
+        self.tiles = self.store.indices(split)
+        self.valid_shape = self.store.windows(self.tiles)[:, 2:4] if len(self.tiles) else None
+        self.tile_size = self.store.tile_size
+        self.crop = self._check_crop(crop)
+        self.crops_per_tile = crops_per_tile or (
+            1 if self.crop is None else max(1, (self.tile_size // self.crop) ** 2)
+        )
+        self._images: np.ndarray | None = None
+        self._labels: np.ndarray | None = None
+        if self.nbytes <= in_memory_bytes:
+            self._images = self.store.images(self.tiles)
+            self._labels = self.store.labels(self.tiles)
+
+    def _check_crop(self, crop: int | None) -> int | None:
+        if crop is None:
+            return None
+        if not 1 <= int(crop) <= self.tile_size:
+            raise PipelineError(
+                f"{self.store.path}: crop {crop} does not fit the store's {self.tile_size} px "
+                f"tiles; use a crop of 1..{self.tile_size} or re-tile with a larger --tile"
+            )
+        return int(crop)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this split's image and label tiles."""
+        per_tile = (self.store.bands * 4 + 1) * self.tile_size**2
+        return int(len(self.tiles) * per_tile)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    def __len__(self) -> int:
+        return len(self.tiles) * self.crops_per_tile
+
+    # metadata of the store, for model building and maps
+    @property
+    def bands(self) -> int:
+        return self.store.bands
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.store.class_names
+
+    @property
+    def class_colors(self) -> list[tuple[int, int, int]]:
+        return self.store.class_colors
+
+    @property
+    def band_mean(self) -> np.ndarray:
+        return self.store.band_mean
+
+    @property
+    def band_std(self) -> np.ndarray:
+        return self.store.band_std
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Labeled pixels per class in the training region."""
+        return self.store.class_pixel_counts
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(position of the tile in this split, row offset, column offset) of item `index`."""
+        if index < 0 or not len(self.tiles) or (self.crop is None and index >= len(self.tiles)):
+            raise IndexError(f"item {index} is out of range for {len(self)} items")
+        position = index % len(self.tiles)
+        if self.crop is None:
+            return position, 0, 0
+        rng = np.random.default_rng((self.seed, index))
+        height, width = (int(v) for v in self.valid_shape[position])
+        row = int(rng.integers(0, max(height - self.crop, 0) + 1))
+        col = int(rng.integers(0, max(width - self.crop, 0) + 1))
+        return position, row, col
+
+    def _tiles(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._images is not None:
+            return self._images[positions], self._labels[positions]
+        stored = self.tiles[positions]
+        return self.store.images(stored), self.store.labels(stored)
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float32 (B, bands, h, w), NaN = nodata; labels int64 (B, h, w), 255 = ignore."""
+        places = [self.locate(int(i)) for i in indices]
+        if not places:
+            size = self.crop or self.tile_size
+            return torch.zeros(0, self.bands, size, size), torch.zeros(0, size, size).long()
+        positions = np.asarray([p for p, _, _ in places], dtype=np.int64)
+        images, labels = self._tiles(positions)
+        if self.crop is not None:
+            c = self.crop
+            images = np.stack(
+                [im[:, r : r + c, k : k + c] for im, (_, r, k) in zip(images, places)]
+            )
+            labels = np.stack([lb[r : r + c, k : k + c] for lb, (_, r, k) in zip(labels, places)])
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), torch.from_numpy(
+            labels.astype(np.int64)
+        )

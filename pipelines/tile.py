@@ -1,0 +1,140 @@
+"""`geodnn tile SCENE.tif --labels LABELS --out STORE.zarr`: build the training tile store.
+
+Thin job over `tiles.store.build_store`: parses the split, shows a progress bar over tiles and
+reports what was written. See tiles/store.py for the store layout and tiles/split.py for the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tiles.split import parse_split
+from tiles.store import TileStore
+from tiles.store import build_store as _build_store
+
+log = logging.getLogger(__name__)
+
+
+def build_store(
+    scene: str | os.PathLike,
+    labels: str | os.PathLike,
+    out: str | os.PathLike,
+    tile: int = 128,
+    split: str = "columns:0.7",
+    gap: int = 32,
+    class_attribute: str | None = None,
+    class_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Build the tile store of `scene` and `labels` at `out`; return its path.
+
+    `split` is `columns:F` or `rows:F` (training = the first fraction F), `gap` the guard band in
+    pixels between the regions (>= the model's receptive radius keeps halos apart).
+    """
+    spec = parse_split(split, gap)
+    bars: list[tqdm] = []
+
+    def start(total: int) -> None:
+        bars.append(tqdm(total=total, desc="tiles", unit="tile", disable=not progress, leave=False))
+
+    try:
+        return _build_store(
+            scene,
+            labels,
+            out,
+            tile=tile,
+            split=spec,
+            class_attribute=class_attribute,
+            class_names=class_names,
+            overwrite=overwrite,
+            progress=lambda n: bars[0].update(n),
+            on_start=start,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    out = build_store(
+        args.scene,
+        args.labels,
+        args.out,
+        tile=args.tile,
+        split=args.split,
+        gap=args.gap,
+        class_attribute=args.class_attribute,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    store = TileStore.open(out)
+    per_split = store.attrs["tiles_per_split"]
+    counts = ", ".join(
+        f"{name} {n}" for name, n in zip(store.class_names, store.class_pixel_counts.tolist())
+    )
+    log.info(
+        "wrote %s: %d train + %d validation tiles of %d px; training pixels per class: %s",
+        out,
+        per_split["train"],
+        per_split["validation"],
+        store.tile_size,
+        counts,
+    )
+    return 0
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number >= 0")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tile",
+        help="build a tile store (images, labels, spatial split, statistics) for training",
+        description="Cut a GeoTIFF scene and its labels into a Zarr tile store with a spatial "
+        "train/validation split and per-band statistics of the training region.",
+    )
+    parser.add_argument("scene", help="the GeoTIFF scene")
+    parser.add_argument(
+        "--labels",
+        required=True,
+        help="vector labels (GeoJSON, GeoPackage, Shapefile; any CRS) or a class mask GeoTIFF",
+    )
+    parser.add_argument("--out", required=True, help="the store to write (e.g. STORE.zarr)")
+    parser.add_argument("--tile", type=positive_int, default=128, help="tile size in px (128)")
+    parser.add_argument(
+        "--split",
+        default="columns:0.7",
+        help="columns:F or rows:F: the first fraction F trains, the rest validates (columns:0.7)",
+    )
+    parser.add_argument(
+        "--gap",
+        type=non_negative_int,
+        default=32,
+        help="guard band in px between the regions; use >= the model's receptive radius (32)",
+    )
+    parser.add_argument(
+        "--class-attribute",
+        default=None,
+        help="vector attribute holding the class (default: every feature is one class)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)

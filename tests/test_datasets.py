@@ -1,0 +1,89 @@
+"""The tile store as geodnn training data: full tiles, deterministic crops, lazy reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from geodnn.data import Batches
+from pipelines.datasets import StoreBatches
+from pipelines.errors import PipelineError
+from tiles.split import SplitSpec
+from tiles.store import TileStore, build_store
+
+
+@pytest.fixture
+def store_path(tmp_path, make_geotiff):
+    """A 2-band 60 x 90 scene; 24 px tiles; the bottom-right pixels are nodata."""
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 100, size=(2, 60, 90)).astype(np.float32)
+    image[:, 50:, 80:] = np.nan
+    mask = (rng.uniform(size=(60, 90)) > 0.7).astype(np.uint8)
+    scene = make_geotiff(image, name="scene.tif")
+    labels = make_geotiff(mask, name="mask.tif")
+    return build_store(
+        scene, labels, tmp_path / "s.zarr", tile=24, split=SplitSpec("columns", 0.6, 6)
+    )
+
+
+def test_full_tiles_follow_the_protocol(store_path):
+    data: Batches = StoreBatches(store_path, split="validation")
+    store = TileStore.open(store_path)
+    assert len(data) == len(store.indices("validation")) > 0
+    x, y = data.get([0, len(data) - 1])
+    assert x.dtype == torch.float32 and x.shape == (2, 2, 24, 24)
+    assert y.dtype == torch.int64 and y.shape == (2, 24, 24)
+    last = store.indices("validation")[-1]
+    np.testing.assert_array_equal(y[1].numpy(), store.labels([last])[0].astype(np.int64))
+    assert torch.isnan(x[1]).any() and (y[1] == 255).any()  # nodata corner and padding
+    with pytest.raises(IndexError):
+        data.get([len(data)])
+
+
+def test_crops_are_deterministic_and_lie_in_their_tile(store_path):
+    data = StoreBatches(store_path, split="train", crop=8, seed=5)
+    again = StoreBatches(store_path, split="train", crop=8, seed=5)
+    other = StoreBatches(store_path, split="train", crop=8, seed=6)
+    indices = list(range(0, 3 * len(data), 7))  # also beyond len: a sampler may draw many
+    x, y = data.get(indices)
+    assert x.shape == (len(indices), 2, 8, 8) and y.shape == (len(indices), 8, 8)
+    x2, y2 = again.get(indices)
+    assert torch.equal(y, y2) and torch.equal(torch.nan_to_num(x), torch.nan_to_num(x2))
+    assert not torch.equal(torch.nan_to_num(other.get(indices)[0]), torch.nan_to_num(x))
+    store = TileStore.open(store_path)
+    for k, i in enumerate(indices[:10]):
+        position, row, col = data.locate(i)
+        tile = store.indices("train")[position]
+        h, w = store.windows([tile])[0, 2:]
+        assert row + 8 <= max(h, 8) and col + 8 <= max(w, 8)
+        full = store.images([tile])[0]
+        np.testing.assert_array_equal(x[k].numpy(), full[:, row : row + 8, col : col + 8])
+
+
+def test_lazy_reads_match_in_memory(store_path):
+    eager = StoreBatches(store_path, split="train", crop=10, seed=1)
+    lazy = StoreBatches(store_path, split="train", crop=10, seed=1, in_memory_bytes=0)
+    assert eager.in_memory and not lazy.in_memory
+    indices = [3, 0, 3, 40]
+    a, b = eager.get(indices), lazy.get(indices)
+    assert torch.equal(a[1], b[1]) and torch.equal(torch.nan_to_num(a[0]), torch.nan_to_num(b[0]))
+
+
+def test_metadata_is_exposed(store_path):
+    data = StoreBatches(store_path, split="val")
+    store = TileStore.open(store_path)
+    assert data.bands == 2 and data.class_names == ["background", "mask"]
+    np.testing.assert_array_equal(data.band_mean, store.band_mean)
+    np.testing.assert_array_equal(data.class_counts, store.class_pixel_counts)
+    assert len(data.class_colors) == 2
+
+
+def test_crop_larger_than_the_tile_is_refused(store_path):
+    with pytest.raises(PipelineError, match="crop 30"):
+        StoreBatches(store_path, crop=30)
+
+
+def test_empty_request(store_path):
+    x, y = StoreBatches(store_path, crop=8).get([])
+    assert x.shape == (0, 2, 8, 8) and y.shape == (0, 8, 8)

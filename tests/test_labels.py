@@ -1,0 +1,232 @@
+"""Labels on the scene grid: rasterized vectors, raster masks, classes, reprojection, bad input."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from geodnn.metrics import IGNORE_INDEX as GEODNN_IGNORE_INDEX
+from tiles.errors import LabelError
+from tiles.labels import IGNORE_INDEX, load_labels
+from tiles.raster import open_scene
+
+X0, Y0, PIXEL = 733601.0, 3725139.0, 0.5  # the conftest default grid (Atlanta's)
+
+
+def pixel_box(row0: int, col0: int, row1: int, col1: int) -> shapely.Polygon:
+    """A polygon covering pixels rows [row0, row1), cols [col0, col1) of the default grid."""
+    return shapely.box(X0 + col0 * PIXEL, Y0 - row1 * PIXEL, X0 + col1 * PIXEL, Y0 - row0 * PIXEL)
+
+
+def write_vector(tmp_path, geometries, name="labels.geojson", crs="EPSG:32616", **columns):
+    frame = gpd.GeoDataFrame(columns, geometry=list(geometries), crs=crs)
+    path = tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pyogrio warns when writing without a CRS, on purpose here
+        frame.to_file(path, engine="pyogrio")
+    return path
+
+
+def whole(source, info) -> np.ndarray:
+    return source.rasterize(Window(0, 0, info.width, info.height))
+
+
+@pytest.fixture
+def scene(make_geotiff):
+    return open_scene(make_geotiff(np.ones((1, 20, 30), dtype=np.uint16), name="scene.tif"))
+
+
+def test_known_polygons_burn_exactly_their_pixels(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(2, 4, 6, 10), pixel_box(10, 20, 12, 29)])
+    source = load_labels(path, scene)
+    expected = np.zeros((20, 30), dtype=np.uint8)
+    expected[2:6, 4:10] = 1
+    expected[10:12, 20:29] = 1
+    assert source.class_names == ["background", "labels"]
+    np.testing.assert_array_equal(whole(source, scene), expected)
+
+
+def test_window_rasterization_matches_the_whole_scene(data_dir):
+    info = open_scene(data_dir / "atlanta-buildings" / "image.tif")
+    source = load_labels(data_dir / "atlanta-buildings" / "buildings.geojson", info)
+    full = whole(source, info)
+    assert 0.01 < full.mean() < 0.2  # buildings are a real minority class
+    for col, row, width, height in [(0, 0, 128, 128), (100, 250, 300, 77), (850, 870, 50, 30)]:
+        part = source.rasterize(Window(col, row, width, height))
+        np.testing.assert_array_equal(part, full[row : row + height, col : col + width])
+
+
+def test_window_without_features_is_background(tmp_path, scene):
+    source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), scene)
+    assert not source.rasterize(Window(10, 10, 5, 5)).any()
+
+
+@pytest.fixture
+def atlanta_4326(tmp_path, data_dir):
+    """The Atlanta building polygons reprojected from UTM 16N to EPSG:4326."""
+    path = tmp_path / "buildings_4326.geojson"
+    gpd.read_file(data_dir / "atlanta-buildings" / "buildings.geojson").to_crs("EPSG:4326").to_file(
+        path
+    )
+    return path
+
+
+def test_labels_in_another_crs_are_reprojected_to_the_scene(data_dir, atlanta_4326):
+    info = open_scene(data_dir / "atlanta-buildings" / "image.tif")
+    original = data_dir / "atlanta-buildings" / "buildings.geojson"
+    expected = whole(load_labels(original, info), info)
+    result = whole(load_labels(atlanta_4326, info), info)
+    assert (result != expected).mean() < 1e-4
+    assert abs(int(result.sum()) - int(expected.sum())) <= 0.001 * expected.sum()
+
+
+def test_geographic_scene_takes_projected_labels(tmp_path, make_geotiff):
+    # The scene on EPSG:4326 (like Vegas); labels drawn in UTM are reprojected onto it.
+    transform = from_origin(-87.0, 33.66, 1e-5, 1e-5)
+    path = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8), crs="EPSG:4326", transform=transform)
+    info = open_scene(path)
+    square_ll = shapely.box(-87.0 + 10e-5, 33.66 - 30e-5, -87.0 + 30e-5, 33.66 - 10e-5)
+    utm = gpd.GeoSeries([square_ll], crs="EPSG:4326").to_crs("EPSG:32616")
+    labels = write_vector(tmp_path, utm, crs="EPSG:32616")
+    result = whole(load_labels(labels, info), info)
+    expected = np.zeros((40, 40), dtype=np.uint8)
+    expected[10:30, 10:30] = 1
+    assert (result != expected).sum() <= 40  # a pixel row's worth at most along the edges
+    assert result[12:28, 12:28].all() and not result[:8].any()
+
+
+def test_text_class_attribute_maps_sorted_values_to_ids(tmp_path, scene):
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
+    path = write_vector(tmp_path, boxes, kind=["tree", "building", "road"])
+    source = load_labels(path, scene, class_attribute="kind")
+    assert source.class_names == ["background", "building", "road", "tree"]
+    labels = whole(source, scene)
+    assert labels[0, 0] == 3 and labels[5, 5] == 1 and labels[10, 10] == 2 and labels[15, 15] == 0
+
+
+def test_integer_class_attribute_keeps_its_ids_and_missing_values_are_ignored(tmp_path, scene):
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
+    path = write_vector(tmp_path, boxes, code=[3.0, 1.0, None])
+    source = load_labels(path, scene, class_attribute="code")
+    assert source.class_names == ["background", "1", "2", "3"]
+    labels = whole(source, scene)
+    assert labels[0, 0] == 3 and labels[5, 5] == 1 and labels[10, 10] == IGNORE_INDEX
+
+
+def test_geopackage_and_shapefile_are_read(tmp_path, scene):
+    for name in ("labels.gpkg", "labels.shp"):
+        path = write_vector(tmp_path, [pixel_box(3, 3, 6, 6)], name=name)
+        assert whole(load_labels(path, scene), scene).sum() == 9
+
+
+def test_nodata_pixels_of_the_image_are_ignored(tmp_path, scene):
+    source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 4, 4)]), scene)
+    image = np.ones((2, 4, 4), dtype=np.float32)
+    image[1, 0, 0] = np.nan  # one band missing is enough
+    labels = source.rasterize(Window(0, 0, 4, 4), image=image)
+    assert labels[0, 0] == IGNORE_INDEX and (labels.ravel()[1:] == 1).all()
+
+
+def test_vegas_mask_on_the_same_grid_maps_255_to_class_1(data_dir):
+    info = open_scene(data_dir / "vegas-roads" / "image.tif")
+    mask_path = data_dir / "vegas-roads" / "roads.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same grid: no resampling warning
+        source = load_labels(mask_path, info)
+    assert source.class_names == ["background", "roads"]
+    with rasterio.open(mask_path) as src:
+        raw = src.read(1, window=Window(600, 600, 256, 128))
+    labels = source.rasterize(Window(600, 600, 256, 128))
+    np.testing.assert_array_equal(labels, (raw == 255).astype(np.uint8))
+    assert 0 < labels.mean() < 0.5
+
+
+def test_mask_nodata_and_multiclass_values(make_geotiff):
+    info = open_scene(make_geotiff(np.ones((1, 6, 6), dtype=np.uint8), name="scene.tif"))
+    mask = np.array([[0, 10, 20, 99] * 2] * 6, dtype=np.uint8)[:, :6]
+    source = load_labels(make_geotiff(mask, name="mask.tif", nodata=99), info)
+    assert source.class_names == ["background", "value 10", "value 20"]
+    labels = whole(source, info)
+    np.testing.assert_array_equal(labels[0], [0, 1, 2, IGNORE_INDEX, 0, 1])
+
+
+def test_mask_on_another_grid_is_resampled_nearest_with_a_warning(make_geotiff):
+    info = open_scene(make_geotiff(np.ones((1, 8, 8), dtype=np.uint8), name="scene.tif"))
+    coarse = np.zeros((3, 3), dtype=np.uint8)
+    coarse[0, 0] = 1  # covers scene pixels rows/cols 0..1 (the mask has 1 m pixels)
+    transform = from_origin(X0, Y0, 1.0, 1.0)
+    mask = make_geotiff(coarse, name="mask.tif", transform=transform)
+    with pytest.warns(UserWarning, match="resampled"):
+        source = load_labels(mask, info)
+    labels = whole(source, info)
+    assert (labels[:2, :2] == 1).all() and labels[:6, 2:6].max() == 0
+    assert (labels[6:, :] == IGNORE_INDEX).all() and (labels[:, 6:] == IGNORE_INDEX).all()
+
+
+def test_missing_label_file(tmp_path, scene):
+    with pytest.raises(LabelError, match="not found"):
+        load_labels(tmp_path / "nope.geojson", scene)
+
+
+def test_empty_label_file(tmp_path, scene):
+    path = tmp_path / "empty.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(LabelError, match="no features"):
+        load_labels(path, scene)
+
+
+def test_vector_labels_without_crs(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2)], name="nocrs.gpkg", crs=None)
+    with pytest.raises(LabelError, match="no CRS"):
+        load_labels(path, scene)
+
+
+def test_labels_that_do_not_overlap(tmp_path, scene):
+    far = shapely.box(X0 + 5000, Y0 + 5000, X0 + 5010, Y0 + 5010)
+    with pytest.raises(LabelError, match="do not overlap"):
+        load_labels(write_vector(tmp_path, [far]), scene)
+
+
+def test_unknown_class_attribute_lists_the_available_ones(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2)], kind=["a"], height=[3])
+    with pytest.raises(LabelError, match="one of: kind, height"):
+        load_labels(path, scene, class_attribute="class")
+
+
+def test_unreadable_label_file(tmp_path, scene):
+    path = tmp_path / "broken.geojson"
+    path.write_text("{ this is not json")
+    with pytest.raises(LabelError, match="not a readable"):
+        load_labels(path, scene)
+
+
+def test_class_attribute_on_a_mask_is_refused(data_dir):
+    info = open_scene(data_dir / "vegas-roads" / "image.tif")
+    with pytest.raises(LabelError, match="vector labels"):
+        load_labels(data_dir / "vegas-roads" / "roads.tif", info, class_attribute="x")
+
+
+def test_ignore_index_is_the_one_geodnn_uses():
+    assert IGNORE_INDEX == GEODNN_IGNORE_INDEX == 255
+
+
+def test_every_label_error_is_one_line_naming_the_file(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2)], kind=["a"])
+    with pytest.raises(LabelError) as info:
+        load_labels(path, scene, class_attribute="nope")
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+
+
+def test_vector_labels_on_a_scene_without_crs(tmp_path, make_geotiff):
+    info = open_scene(make_geotiff(np.ones((1, 8, 8), dtype=np.uint8), crs=None))
+    with pytest.raises(LabelError, match="has no CRS"):
+        load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), info)

@@ -1,0 +1,234 @@
+"""The Zarr tile store: layout, padding, statistics of the training region, nodata, versions,
+atomic writes."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import zarr
+from affine import Affine
+
+import tiles.store as store_module
+from tiles.errors import OutputError, StoreError, TilesError
+from tiles.labels import IGNORE_INDEX
+from tiles.split import TRAIN, VALIDATION, SplitSpec
+from tiles.store import FORMAT, VERSION, BandStats, TileStore, build_store
+
+X0, Y0, PIXEL = 733601.0, 3725139.0, 0.5
+
+
+@pytest.fixture
+def scene_and_mask(make_geotiff):
+    """A 2-band 70 x 100 float scene and a 0/1 mask on its grid, with values varying by column."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(10.0, 2.0, size=(2, 70, 100)).astype(np.float32)
+    image[1] += 100.0
+    image[:, :, 60:] += 1000.0  # the validation side looks very different
+    mask = np.zeros((70, 100), dtype=np.uint8)
+    mask[10:30, 5:40] = 1
+    mask[40:60, 70:90] = 1
+    return make_geotiff(image, name="scene.tif"), make_geotiff(mask, name="mask.tif"), image, mask
+
+
+def build(scene, labels, out, **kwargs):
+    kwargs.setdefault("tile", 32)
+    kwargs.setdefault("split", SplitSpec("columns", 0.6, 8))
+    return TileStore.open(build_store(scene, labels, out, **kwargs))
+
+
+def test_layout_windows_transforms_and_padding(tmp_path, scene_and_mask):
+    scene, mask, image, labels = scene_and_mask
+    store = build(scene, mask, tmp_path / "s.zarr")
+    n = len(store)
+    # train cols [0, 56) -> 2 tile columns, validation [64, 100) -> 2; 3 tile rows each
+    assert n == 12 and store.attrs["tiles_per_split"] == {"train": 6, "validation": 6}
+    assert store.images(range(n)).shape == (n, 2, 32, 32)
+    assert store.images([0]).dtype == np.float32 and store.labels([0]).dtype == np.uint8
+    windows = store.windows()
+    for i, (row, col, h, w) in enumerate(windows):
+        tile_image, tile_labels = store.images([i])[0], store.labels([i])[0]
+        np.testing.assert_array_equal(tile_image[:, :h, :w], image[:, row : row + h, col : col + w])
+        np.testing.assert_array_equal(tile_labels[:h, :w], labels[row : row + h, col : col + w])
+        assert np.isnan(tile_image[:, h:, :]).all() and np.isnan(tile_image[:, :, w:]).all()
+        assert (tile_labels[h:, :] == IGNORE_INDEX).all() and (tile_labels[:, w:] == 255).all()
+        expected = Affine(PIXEL, 0, X0 + col * PIXEL, 0, -PIXEL, Y0 - row * PIXEL)
+        assert store.tile_transform(i).almost_equals(expected)
+    train, val = store.indices("train"), store.indices("validation")
+    assert (windows[train, 1] + windows[train, 3]).max() <= 56
+    assert windows[val, 1].min() >= 64
+    np.testing.assert_array_equal(store.indices("val"), val)
+
+
+def test_metadata(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    store = build(scene, mask, tmp_path / "s.zarr")
+    attrs = store.attrs
+    assert attrs["format"] == FORMAT and attrs["version"] == VERSION
+    assert store.crs == rasterio.crs.CRS.from_epsg(32616)
+    assert store.scene_transform == Affine(PIXEL, 0, X0, 0, -PIXEL, Y0)
+    assert store.scene_shape == (70, 100) and store.tile_size == 32 and store.bands == 2
+    assert store.class_names == ["background", "mask"] and len(store.class_colors) == 2
+    assert attrs["split"]["gap"] == 8 and "guard band" in attrs["split"]["description"]
+
+
+def test_statistics_come_from_the_training_region_only(tmp_path, scene_and_mask):
+    scene, mask, image, labels = scene_and_mask
+    store = build(scene, mask, tmp_path / "s.zarr")
+    train = image[:, :, :56].reshape(2, -1).astype(np.float64)
+    np.testing.assert_allclose(store.band_mean, train.mean(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(store.band_std, train.std(axis=1), rtol=1e-5)
+    expected = np.bincount(labels[:, :56].ravel(), minlength=2)
+    np.testing.assert_array_equal(store.class_pixel_counts, expected)
+
+
+def test_band_stats_merge_matches_numpy_with_nan():
+    rng = np.random.default_rng(1)
+    data = rng.normal(5e4, 3.0, size=(3, 40, 40))  # large mean, small spread
+    data[0, :5] = np.nan
+    stats = BandStats(3)
+    for part in np.array_split(data, 7, axis=2):
+        stats.add(part)
+    np.testing.assert_allclose(stats.mean, np.nanmean(data.reshape(3, -1), axis=1), rtol=1e-12)
+    np.testing.assert_allclose(stats.std, np.nanstd(data.reshape(3, -1), axis=1), rtol=1e-9)
+
+
+def test_nan_and_inf_are_masked_and_all_nodata_tiles_skipped(tmp_path, make_geotiff):
+    image = np.full((1, 64, 100), 7.0, dtype=np.float32)
+    image[0, 3, 4] = np.nan
+    image[0, 5, 6] = np.inf
+    image[0, 7, 8] = -np.inf
+    image[0, 32:, :32] = -9999.0  # a whole tile of the file's nodata value
+    scene = make_geotiff(image, nodata=-9999.0)
+    mask = make_geotiff(np.ones((64, 100), dtype=np.uint8))
+    store = build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 0.6, 4))
+    windows = store.windows()
+    assert not ((windows[:, 0] == 32) & (windows[:, 1] == 0)).any()  # the nodata tile is gone
+    assert len(store) == 2 * 4 - 1
+    first = int(np.flatnonzero((windows[:, 0] == 0) & (windows[:, 1] == 0))[0])
+    tile, labels = store.images([first])[0, 0], store.labels([first])[0]
+    for row, col in [(3, 4), (5, 6), (7, 8)]:
+        assert np.isnan(tile[row, col]) and labels[row, col] == IGNORE_INDEX
+    assert np.isfinite(store.band_mean).all() and store.band_mean[0] == pytest.approx(7.0)
+    assert store.band_std[0] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_scene_without_crs_keeps_none(tmp_path, make_geotiff):
+    scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8), crs=None)
+    mask = make_geotiff(np.eye(40, dtype=np.uint8), crs=None)
+    store = build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 1.0, 0))
+    assert store.crs is None and store.attrs["crs"] is None and len(store) == 4
+
+
+def test_sample_scenes(tmp_path, data_dir):
+    vegas = build(
+        data_dir / "vegas-roads" / "image.tif",
+        data_dir / "vegas-roads" / "roads.tif",
+        tmp_path / "vegas.zarr",
+        tile=128,
+        split=SplitSpec(),
+    )
+    assert vegas.crs.to_epsg() == 4326 and vegas.class_names == ["background", "roads"]
+    counts = vegas.class_pixel_counts
+    assert counts.sum() == 1300 * (910 - 16) and 0.01 < counts[1] / counts.sum() < 0.2
+    atlanta = build(
+        data_dir / "atlanta-buildings" / "image.tif",
+        data_dir / "atlanta-buildings" / "buildings.geojson",
+        tmp_path / "atlanta.zarr",
+        tile=128,
+        split=SplitSpec(),
+    )
+    assert atlanta.crs.to_epsg() == 32616 and atlanta.class_names == ["background", "buildings"]
+    assert atlanta.class_pixel_counts[1] > 0
+    assert all(n > 0 for n in atlanta.attrs["tiles_per_split"].values())
+
+
+def test_other_version_is_refused(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    zarr.open_group(str(path), mode="r+").attrs["version"] = 2
+    with pytest.raises(StoreError, match="version 2.*rebuild it"):
+        TileStore.open(path)
+
+
+def test_not_a_store_and_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="not found"):
+        TileStore.open(tmp_path / "nope.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something"
+    with pytest.raises(StoreError, match="not a geodnn tile store"):
+        TileStore.open(tmp_path / "other.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a Zarr tile store"):
+        TileStore.open(tmp_path / "plain")
+
+
+def test_existing_store_needs_overwrite(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    build(scene, mask, out)
+    with pytest.raises(OutputError, match="--overwrite"):
+        build(scene, mask, out, tile=16)
+    assert TileStore.open(out).tile_size == 32
+    assert build(scene, mask, out, tile=16, overwrite=True).tile_size == 16
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith("zarr")) == ["s.zarr"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.zarr")]
+
+
+def test_failed_build_leaves_the_old_store_and_no_temp(tmp_path, scene_and_mask, monkeypatch):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    build(scene, mask, out)
+    calls = {"n": 0}
+    real = store_module.read_tile
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError("disk on fire")
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "read_tile", failing)
+    with pytest.raises(OSError):
+        build(scene, mask, out, tile=16, overwrite=True, batch=2)
+    assert TileStore.open(out).tile_size == 32
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_output_folder(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    with pytest.raises(OutputError, match="does not exist"):
+        build(scene, mask, tmp_path / "no" / "s.zarr")
+
+
+def test_training_region_without_data_is_an_error(tmp_path, make_geotiff):
+    image = np.full((1, 40, 80), 5.0, dtype=np.float32)
+    image[:, :, :50] = np.nan
+    scene = make_geotiff(image)
+    mask = make_geotiff(np.ones((40, 80), dtype=np.uint8))
+    with pytest.raises(TilesError, match="training region"):
+        build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 0.5, 4))
+    assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".*"))
+
+
+def test_indices_in_any_order_and_with_repeats(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    store = build(scene, mask, tmp_path / "s.zarr")
+    picked = store.labels([5, 1, 5])
+    np.testing.assert_array_equal(picked[0], picked[2])
+    np.testing.assert_array_equal(picked[1], store.labels([1])[0])
+    with pytest.raises(IndexError):
+        store.images([len(store)])
+
+
+def test_labels_follow_vector_polygons(tmp_path, make_geotiff):
+    scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8))
+    square = shapely.box(X0 + 2 * PIXEL, Y0 - 12 * PIXEL, X0 + 12 * PIXEL, Y0 - 2 * PIXEL)
+    path = tmp_path / "square.geojson"
+    gpd.GeoDataFrame(geometry=[square], crs="EPSG:32616").to_file(path)
+    store = build(scene, path, tmp_path / "s.zarr", tile=16, split=SplitSpec("columns", 0.75, 4))
+    first = int(np.flatnonzero((store.windows()[:, :2] == 0).all(axis=1))[0])
+    labels = store.labels([first])[0]
+    assert labels[2:12, 2:12].all() and labels.sum() == 100
+    assert store.attrs["split"]["codes"] == {"train": TRAIN, "validation": VALIDATION}

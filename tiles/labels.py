@@ -1,0 +1,361 @@
+"""Labels on the scene grid: vector features rasterized, or raster masks read, window by window.
+
+Conventions (shared with `geodnn`): 0 = background, 1..K = classes, `IGNORE_INDEX` (255) =
+unlabeled or nodata. Vector labels are reprojected to the scene's CRS (never the scene to theirs)
+and each window burns only the features its bounds touch, so large scenes stream.
+
+Class ids:
+- vector, no `class_attribute`: every feature is class 1 (named after the file), the rest 0;
+- vector with `class_attribute`: integer values are the class ids themselves (0..254); any other
+  values (text) map to 1..K in sorted order. Features without a value are burned as ignore;
+- raster mask: 0 = background, each distinct non-zero value maps to 1..K in sorted order (a 0/255
+  mask gives classes 0/1; a 0/1/2 mask keeps its ids). The mask's nodata value, if it declares one,
+  marks unlabeled pixels (ignore), as do pixels outside the mask's extent.
+Where features overlap, later features in the file win.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import rasterio.features
+import rasterio.windows
+import shapely
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from .errors import LabelError
+from .raster import SceneInfo
+
+IGNORE_INDEX = 255
+MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
+RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+
+# Background black, then strong distinct colors (the same palette as geodnn's checkpoints).
+PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+]
+
+
+def default_class_colors(classes: int) -> list[tuple[int, int, int]]:
+    """RGB colors for class ids 0..classes-1, cycling the palette."""
+    return [PALETTE[i % len(PALETTE)] for i in range(classes)]
+
+
+def ignore_nodata(labels: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Set labels to IGNORE_INDEX where any band of the (bands, h, w) image is NaN (in place)."""
+    labels[np.isnan(image).any(axis=0)] = IGNORE_INDEX
+    return labels
+
+
+@dataclass
+class LabelSource(ABC):
+    """Labels for one scene: class names, and `rasterize(window)` giving uint8 ids on its grid."""
+
+    path: Path
+    scene: SceneInfo
+    class_names: list[str]
+    class_values: list = field(default_factory=list)  # source value of each class id (None: bg)
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_colors(self) -> list[tuple[int, int, int]]:
+        return default_class_colors(self.classes)
+
+    def rasterize(self, window: Window, image: np.ndarray | None = None) -> np.ndarray:
+        """Class ids (h, w) uint8 for `window` of the scene grid; with `image` (bands, h, w),
+        pixels that are NaN in any band become IGNORE_INDEX too."""
+        labels = self._burn(window)
+        return labels if image is None else ignore_nodata(labels, image)
+
+    @abstractmethod
+    def _burn(self, window: Window) -> np.ndarray:
+        """Class ids of `window`, before the image's nodata is applied."""
+
+
+@dataclass
+class VectorLabels(LabelSource):
+    """Features in the scene's CRS with their class ids, and a spatial index over them."""
+
+    geometries: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+    ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
+    tree: shapely.STRtree | None = None
+
+    def _burn(self, window: Window) -> np.ndarray:
+        height, width = int(window.height), int(window.width)
+        transform = rasterio.windows.transform(window, self.scene.transform)
+        bounds = rasterio.windows.bounds(window, self.scene.transform)
+        hits = np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
+        if hits.size == 0:
+            return np.zeros((height, width), dtype=np.uint8)
+        shapes = zip(self.geometries[hits], self.ids[hits].tolist())
+        return rasterio.features.rasterize(
+            shapes, out_shape=(height, width), transform=transform, fill=0, dtype="uint8"
+        )
+
+
+@dataclass
+class RasterLabels(LabelSource):
+    """A class mask read on the scene grid, directly or resampled (nearest) through a WarpedVRT."""
+
+    same_grid: bool = True
+
+    def _burn(self, window: Window) -> np.ndarray:
+        with rasterio.open(self.path) as src:
+            if self.same_grid:
+                return self._classify(src, window, boundless=True)
+            with WarpedVRT(
+                src,
+                crs=self.scene.crs,
+                transform=self.scene.transform,
+                width=self.scene.width,
+                height=self.scene.height,
+                resampling=Resampling.nearest,
+                dtype="float64",
+                nodata=np.nan,
+            ) as vrt:
+                return self._classify(vrt, window, boundless=False)
+
+    def _classify(self, src, window: Window, boundless: bool) -> np.ndarray:
+        """Map mask values to class ids; nodata, NaN and outside-the-mask pixels to ignore."""
+        values = src.read(1, window=window, boundless=boundless, masked=True, out_dtype="float64")
+        missing = np.ma.getmaskarray(values) | ~np.isfinite(values.data)
+        known = np.asarray([0.0] + [float(v) for v in self.class_values[1:]])
+        ids = np.searchsorted(known, np.where(missing, 0.0, values.data))
+        labels = np.minimum(ids, IGNORE_INDEX).astype(np.uint8)
+        labels[missing] = IGNORE_INDEX
+        return labels
+
+
+def load_labels(
+    path: str | os.PathLike, scene: SceneInfo, class_attribute: str | None = None
+) -> LabelSource:
+    """Open labels for `scene`: a raster mask (by suffix) or a vector file; raise LabelError
+    (one line, naming the file and the fix) for missing, empty, unprojected or disjoint labels."""
+    path = Path(path)
+    if not path.exists():
+        raise LabelError(f"{path}: label file not found; check the path")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        if class_attribute is not None:
+            raise LabelError(
+                f"{path}: --class-attribute applies to vector labels; a raster mask's values "
+                "are its classes, so drop the option"
+            )
+        return _load_raster(path, scene)
+    return _load_vector(path, scene, class_attribute)
+
+
+# --- vector labels -------------------------------------------------------------------------
+
+
+def _read_vector(path: Path) -> gpd.GeoDataFrame:
+    try:
+        frame = gpd.read_file(path, engine="pyogrio")
+    except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LabelError(
+            f"{path}: not a readable vector or raster label file ({reason}); pass GeoJSON, "
+            "GeoPackage, Shapefile or a GeoTIFF mask"
+        ) from None
+    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    if len(frame) == 0:
+        raise LabelError(f"{path}: label file has no features; pass a file with labeled geometries")
+    if frame.crs is None:
+        raise LabelError(
+            f"{path}: vector labels have no CRS; set it (e.g. `ogr2ogr -a_srs EPSG:XXXX`) "
+            "so they can be placed on the scene"
+        )
+    return frame
+
+
+def _class_ids(frame: gpd.GeoDataFrame, path: Path, attribute: str | None):
+    """(ids per feature, class names, source value per class id)."""
+    if attribute is None:
+        return np.ones(len(frame), dtype=np.uint8), ["background", path.stem], [None, 1]
+    if attribute not in frame.columns or attribute == frame.geometry.name:
+        names = ", ".join(c for c in frame.columns if c != frame.geometry.name)
+        raise LabelError(
+            f"{path}: no attribute '{attribute}'; pass --class-attribute with one of: {names}"
+        )
+    column = frame[attribute]
+    present = column.notna().to_numpy()
+    if not present.any():
+        raise LabelError(f"{path}: attribute '{attribute}' is empty; pick an attribute with values")
+    values = column[present]
+    if _is_integral(values):
+        return _integer_classes(values.astype(np.int64).to_numpy(), present, path, attribute)
+    return _text_classes(values.astype(str).to_numpy(), present, path, attribute)
+
+
+def _is_integral(values: pd.Series) -> bool:
+    if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+        return False
+    numbers = values.to_numpy(dtype=np.float64)
+    return bool(np.all(np.isfinite(numbers)) and np.all(numbers == np.round(numbers)))
+
+
+def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attribute: str):
+    if values.min() < 0 or values.max() > MAX_CLASSES:
+        raise LabelError(
+            f"{path}: attribute '{attribute}' has class ids outside 0..{MAX_CLASSES}; "
+            "renumber the classes or use a text attribute"
+        )
+    ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
+    ids[present] = values
+    top = int(values.max())
+    names = ["background"] + [str(i) for i in range(1, top + 1)]
+    return ids, names, [None] + list(range(1, top + 1))
+
+
+def _text_classes(values: np.ndarray, present: np.ndarray, path: Path, attribute: str):
+    uniques = sorted(set(values.tolist()))
+    if len(uniques) > MAX_CLASSES:
+        raise LabelError(
+            f"{path}: attribute '{attribute}' has {len(uniques)} distinct values "
+            f"(at most {MAX_CLASSES} classes); pick a class attribute"
+        )
+    index = {v: i + 1 for i, v in enumerate(uniques)}
+    ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
+    ids[present] = [index[v] for v in values]
+    return ids, ["background"] + uniques, [None] + uniques
+
+
+def _load_vector(path: Path, scene: SceneInfo, attribute: str | None) -> VectorLabels:
+    frame = _read_vector(path)
+    if scene.crs is None:
+        raise LabelError(
+            f"{path}: the scene {scene.path} has no CRS, so vector labels cannot be placed; "
+            "assign the scene a CRS (`gdal_edit.py -a_srs`)"
+        )
+    ids, names, values = _class_ids(frame, path, attribute)
+    geometries = frame.to_crs(scene.crs).geometry.to_numpy()
+    tree = shapely.STRtree(geometries)
+    if tree.query(shapely.box(*scene.bounds), predicate="intersects").size == 0:
+        raise LabelError(
+            f"{path}: labels do not overlap the scene {scene.path.name} (in its CRS); "
+            "pass the labels made for this scene"
+        )
+    return VectorLabels(
+        path=path,
+        scene=scene,
+        class_names=names,
+        class_values=values,
+        geometries=geometries,
+        ids=ids,
+        tree=tree,
+    )
+
+
+# --- raster masks --------------------------------------------------------------------------
+
+
+def _same_grid(src, scene: SceneInfo) -> bool:
+    """True when the mask's pixels are the scene's pixels (same CRS, transform and shape)."""
+    if (src.height, src.width) != scene.shape or (src.crs is None) != (scene.crs is None):
+        return False
+    if src.crs is not None and src.crs != scene.crs:
+        return False
+    a, b = np.asarray(src.transform)[:6], np.asarray(scene.transform)[:6]
+    pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
+    return bool(np.all(np.abs(a - b) <= 1e-6 * pixel))
+
+
+def _mask_values(src, path: Path) -> np.ndarray:
+    """Distinct valid values of band 1, block by block so memory stays bounded."""
+    found: set[float] = set()
+    for _, window in src.block_windows(1):
+        block = src.read(1, window=window, masked=True)
+        valid = block.compressed()
+        found.update(np.unique(valid[np.isfinite(valid)]).tolist())
+        if len(found) > MAX_CLASSES + 1:
+            raise LabelError(
+                f"{path}: mask has more than {MAX_CLASSES} distinct values; pass a class mask "
+                "(0 = background, one value per class)"
+            )
+    values = np.asarray(sorted(found), dtype=np.float64)
+    if np.any(values != np.round(values)) or np.any(values < 0):
+        raise LabelError(
+            f"{path}: mask has fractional or negative values; pass a class mask of whole numbers"
+        )
+    return values[values != 0]
+
+
+def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> None:
+    if scene.crs is None or src.crs is None:
+        raise LabelError(
+            f"{path}: mask and scene {scene.path.name} are on different grids and one has no "
+            "CRS; give both a CRS or write the mask on the scene's grid"
+        )
+    left, bottom, right, top = transform_bounds(src.crs, scene.crs, *src.bounds)
+    s_left, s_bottom, s_right, s_top = scene.bounds
+    if left >= s_right or right <= s_left or bottom >= s_top or top <= s_bottom:
+        raise LabelError(
+            f"{path}: mask does not overlap the scene {scene.path.name}; "
+            "pass the labels made for this scene"
+        )
+
+
+def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
+    try:
+        with rasterio.open(path) as src:
+            same = _same_grid(src, scene)
+            if not same:
+                _check_raster_overlap(src, path, scene)
+            values = _mask_values(src, path)
+            nodata = src.nodata
+    except RasterioIOError as exc:
+        reason = str(exc).split(":")[-1].strip() or "unreadable"
+        raise LabelError(f"{path}: not a readable mask ({reason}); pass a valid GeoTIFF") from None
+    if values.size == 0:
+        raise LabelError(
+            f"{path}: mask has no labeled pixels (all 0 or nodata); pass a mask with classes"
+        )
+    if not same:
+        warnings.warn(
+            f"{path}: mask is not on the scene's grid; resampled (nearest) onto it",
+            stacklevel=2,
+        )
+    if nodata == 0:
+        warnings.warn(
+            f"{path}: mask declares nodata 0, so its 0 pixels are unlabeled (ignored), not "
+            "background; unset it (`gdal_edit.py -unsetnodata`) if 0 means background",
+            stacklevel=2,
+        )
+    ints = [int(v) for v in values]
+    if ints == list(range(1, len(ints) + 1)) and len(ints) > 1:
+        names = ["background"] + [str(v) for v in ints]
+    elif len(ints) == 1:
+        names = ["background", path.stem]
+    else:
+        names = ["background"] + [f"value {v}" for v in ints]
+    return RasterLabels(
+        path=path,
+        scene=scene,
+        class_names=names,
+        class_values=[None] + ints,
+        same_grid=same,
+    )

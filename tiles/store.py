@@ -1,0 +1,402 @@
+"""The Zarr tile store: image and label tiles of a scene, its spatial split, and its statistics.
+
+Layout (a Zarr group; tested with zarr 3):
+- `images`     (N, bands, T, T) float32, NaN = nodata (also NaN/inf in the file, and padding)
+- `labels`     (N, T, T) uint8, 0 = background, 1..K classes, 255 = ignore (unlabeled, nodata,
+               padding)
+- `windows`    (N, 4) int64: row_off, col_off, height, width of the tile's valid part on the scene
+- `transforms` (N, 6) float64: the tile's affine (a, b, c, d, e, f), i.e. of its pixel (0, 0)
+- `split`      (N,) uint8: 0 = train, 1 = validation
+Attributes: format, version, scene path/CRS (WKT)/transform/shape, tile size, class names and
+colors, per-band mean and std and label pixel counts of the TRAINING tiles, the split.
+
+Edge tiles are clipped to their region and padded to T x T (NaN image, 255 labels), so every
+pixel of a region is in exactly one tile. Tiles without a single valid image pixel are skipped.
+The store is built tile batch by tile batch (each tile read by a Dask task), so memory does not
+grow with the scene, in a temporary folder that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+import rasterio
+import zarr
+from affine import Affine
+from rasterio.crs import CRS
+
+from .errors import OutputError, StoreError, TilesError
+from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels
+from .raster import SceneInfo, open_scene, read_window
+from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
+
+FORMAT = "geodnn.tilestore"
+VERSION = 1
+ARRAYS = ("images", "labels", "windows", "transforms", "split")
+
+
+@dataclass
+class BandStats:
+    """Running per-band count, mean and sum of squared deviations (Chan et al. merge)."""
+
+    bands: int
+    count: np.ndarray = field(init=False)
+    mean: np.ndarray = field(init=False)
+    m2: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.count = np.zeros(self.bands)
+        self.mean = np.zeros(self.bands)
+        self.m2 = np.zeros(self.bands)
+
+    def add(self, image: np.ndarray) -> None:
+        """Fold in a (bands, h, w) tile, ignoring NaN."""
+        flat = image.reshape(self.bands, -1).astype(np.float64)
+        valid = ~np.isnan(flat)
+        n = valid.sum(axis=1).astype(np.float64)
+        if not n.any():
+            return
+        safe = np.where(valid, flat, 0.0)
+        mean = np.divide(safe.sum(axis=1), n, out=np.zeros(self.bands), where=n > 0)
+        m2 = np.where(valid, (flat - mean[:, None]) ** 2, 0.0).sum(axis=1)
+        total = self.count + n
+        delta = mean - self.mean
+        share = np.divide(n, total, out=np.zeros(self.bands), where=total > 0)
+        self.mean = self.mean + delta * share
+        self.m2 = self.m2 + m2 + delta**2 * self.count * share
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(
+            np.divide(self.m2, self.count, out=np.zeros(self.bands), where=self.count > 0)
+        )
+
+
+@dataclass
+class Tile:
+    """A read tile, padded to T x T."""
+
+    spec: TileWindow
+    image: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def empty(self) -> bool:
+        return bool(np.isnan(self.image).all())
+
+
+def read_tile(scene: SceneInfo, labels: LabelSource, spec: TileWindow, size: int) -> Tile:
+    """Read one tile's image and labels (nodata -> ignore) and pad them to size x size."""
+    with rasterio.open(scene.path) as src:
+        image = read_window(src, spec.window)
+    label = ignore_nodata(labels.rasterize(spec.window), image)
+    h, w = label.shape
+    padded_image = np.full((scene.count, size, size), np.nan, dtype=np.float32)
+    padded_image[:, :h, :w] = image
+    padded_label = np.full((size, size), IGNORE_INDEX, dtype=np.uint8)
+    padded_label[:h, :w] = label
+    return Tile(spec, padded_image, padded_label)
+
+
+def _tile_rows(tiles: Sequence[Tile], transform: Affine) -> dict[str, np.ndarray]:
+    windows = np.array([t.spec.row_col_shape for t in tiles], dtype=np.int64)
+    affines = [transform * Affine.translation(int(w[1]), int(w[0])) for w in windows]
+    return {
+        "images": np.stack([t.image for t in tiles]),
+        "labels": np.stack([t.labels for t in tiles]),
+        "windows": windows,
+        "transforms": np.array([tuple(a)[:6] for a in affines], dtype=np.float64),
+        "split": np.array([t.spec.split for t in tiles], dtype=np.uint8),
+    }
+
+
+def _create_arrays(group, capacity: int, bands: int, size: int) -> dict:
+    shapes = {
+        "images": ((capacity, bands, size, size), (1, bands, size, size), "float32", np.nan),
+        "labels": ((capacity, size, size), (1, size, size), "uint8", IGNORE_INDEX),
+        "windows": ((capacity, 4), (max(capacity, 1), 4), "int64", 0),
+        "transforms": ((capacity, 6), (max(capacity, 1), 6), "float64", 0.0),
+        "split": ((capacity,), (max(capacity, 1),), "uint8", 0),
+    }
+    create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, else zarr 2
+    return {
+        name: create(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        for name, (shape, chunks, dtype, fill) in shapes.items()
+    }
+
+
+def _prepare_target(out: Path, overwrite: bool) -> Path:
+    """Check the output location; return the temporary folder the store is built in."""
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Replace `out` with the finished store `tmp`; the old store is removed only after."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int) -> dict:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "scene_path": str(Path(scene.path).resolve()),
+        "labels_path": str(Path(labels.path).resolve()),
+        "crs": scene.crs.to_wkt() if scene.crs is not None else None,
+        "scene_transform": list(tuple(scene.transform)[:6]),
+        "scene_shape": [scene.height, scene.width],
+        "bands": scene.count,
+        "tile_size": size,
+        "class_names": list(labels.class_names),
+        "class_colors": [list(c) for c in labels.class_colors],
+        "ignore_index": IGNORE_INDEX,
+        "split": {
+            "axis": spec.axis,
+            "fraction": spec.fraction,
+            "gap": spec.gap,
+            "description": spec.describe(),
+            "codes": {"train": 0, "validation": 1},
+        },
+    }
+
+
+def _write_tiles(
+    group,
+    scene: SceneInfo,
+    labels: LabelSource,
+    tiles: list[TileWindow],
+    size: int,
+    batch: int,
+    progress: Callable[[int], None] | None,
+) -> tuple[int, BandStats, np.ndarray, dict[str, int]]:
+    arrays = _create_arrays(group, len(tiles), scene.count, size)
+    stats = BandStats(scene.count)
+    counts = np.zeros(labels.classes, dtype=np.int64)
+    per_split = {name: 0 for name in SPLIT_NAMES.values()}
+    written = 0
+    for start in range(0, len(tiles), batch):
+        tasks = [
+            dask.delayed(read_tile)(scene, labels, t, size) for t in tiles[start : start + batch]
+        ]
+        kept = [t for t in dask.compute(*tasks, scheduler="threads") if not t.empty]
+        if kept:
+            rows = _tile_rows(kept, scene.transform)
+            for name in ARRAYS:
+                arrays[name][written : written + len(kept)] = rows[name]
+            written += len(kept)
+        for tile in kept:
+            per_split[SPLIT_NAMES[tile.spec.split]] += 1
+            if tile.spec.split == TRAIN:
+                stats.add(tile.image)
+                valid = tile.labels[tile.labels != IGNORE_INDEX]
+                counts += np.bincount(valid, minlength=labels.classes)[: labels.classes]
+        if progress is not None:
+            progress(len(tasks))
+    for name in ARRAYS:
+        arrays[name].resize((written,) + arrays[name].shape[1:])
+    return written, stats, counts, per_split
+
+
+def build_store(
+    scene: str | os.PathLike,
+    labels: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tile: int = 128,
+    split: SplitSpec | None = None,
+    class_attribute: str | None = None,
+    class_names: Sequence[str] | None = None,
+    overwrite: bool = False,
+    batch: int = 32,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Path:
+    """Tile `scene` with its `labels` into a Zarr store at `out` (atomically); return its path.
+
+    `progress(n)` is called after each batch with the number of tiles processed, `on_start(total)`
+    once with the number of candidate tiles. `class_names` renames the label classes.
+    """
+    out = Path(out)
+    split = split or SplitSpec()
+    tmp = _prepare_target(out, overwrite)
+    info = open_scene(scene)
+    source = load_labels(labels, info, class_attribute)
+    if class_names is not None:
+        if len(class_names) != source.classes:
+            raise TilesError(
+                f"{labels}: {len(class_names)} class names given for {source.classes} classes "
+                f"({', '.join(source.class_names)}); give one name per class"
+            )
+        source.class_names = list(class_names)
+    tiles = split_tiles(info.shape, split, tile)
+    if on_start is not None:
+        on_start(len(tiles))
+    try:
+        group = zarr.open_group(str(tmp), mode="w")
+        written, stats, counts, per_split = _write_tiles(
+            group, info, source, tiles, tile, batch, progress
+        )
+        if per_split["train"] == 0 or not stats.count.all():
+            raise TilesError(
+                f"{scene}: the training region has no valid pixels in some band; "
+                "move the split (--split) so training covers imaged pixels"
+            )
+        attrs = _metadata(info, source, split, tile)
+        attrs.update(
+            tiles=written,
+            tiles_per_split=per_split,
+            band_mean=stats.mean.tolist(),
+            band_std=stats.std.tolist(),
+            band_valid_pixels=stats.count.astype(np.int64).tolist(),
+            class_pixel_counts=counts.tolist(),
+        )
+        group.attrs.update(attrs)
+        _move_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+class TileStore:
+    """Read access to a tile store: metadata, tiles by index, and tile indices per split."""
+
+    def __init__(self, path: Path, group) -> None:
+        self.path = path
+        self.group = group
+        self.attrs = dict(group.attrs)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TileStore:
+        """Open and validate a store; raise StoreError (naming the file and the fix) otherwise."""
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"{path}: tile store not found; build it with `geodnn tile`")
+        try:
+            group = zarr.open_group(str(path), mode="r")
+        except Exception:
+            raise StoreError(
+                f"{path}: not a Zarr tile store; build one with `geodnn tile`"
+            ) from None
+        attrs = group.attrs
+        if attrs.get("format") != FORMAT:
+            raise StoreError(
+                f"{path}: not a geodnn tile store (format {attrs.get('format')!r}); "
+                "build one with `geodnn tile`"
+            )
+        if attrs.get("version") != VERSION:
+            raise StoreError(
+                f"{path}: tile store format version {attrs.get('version')}, this geodnn reads "
+                f"version {VERSION}; rebuild it with `geodnn tile ... --overwrite`"
+            )
+        missing = [name for name in ARRAYS if name not in group]
+        if missing:
+            raise StoreError(
+                f"{path}: tile store is incomplete (no {', '.join(missing)}); rebuild it with "
+                "`geodnn tile ... --overwrite`"
+            )
+        return cls(path, group)
+
+    def __len__(self) -> int:
+        return int(self.group["split"].shape[0])
+
+    @property
+    def bands(self) -> int:
+        return int(self.attrs["bands"])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def class_colors(self) -> list[tuple[int, int, int]]:
+        return [tuple(int(v) for v in c) for c in self.attrs["class_colors"]]
+
+    @property
+    def classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def band_mean(self) -> np.ndarray:
+        return np.asarray(self.attrs["band_mean"], dtype=np.float64)
+
+    @property
+    def band_std(self) -> np.ndarray:
+        return np.asarray(self.attrs["band_std"], dtype=np.float64)
+
+    @property
+    def class_pixel_counts(self) -> np.ndarray:
+        return np.asarray(self.attrs["class_pixel_counts"], dtype=np.int64)
+
+    @property
+    def crs(self) -> CRS | None:
+        wkt = self.attrs.get("crs")
+        return CRS.from_wkt(wkt) if wkt else None
+
+    @property
+    def scene_transform(self) -> Affine:
+        return Affine(*self.attrs["scene_transform"])
+
+    @property
+    def scene_shape(self) -> tuple[int, int]:
+        return tuple(self.attrs["scene_shape"])
+
+    @property
+    def scene_path(self) -> Path:
+        return Path(self.attrs["scene_path"])
+
+    def _rows(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows of one array in the order given (duplicates allowed)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size == 0:
+            return np.zeros((0,) + self.group[name].shape[1:], dtype=self.group[name].dtype)
+        if index.min() < 0 or index.max() >= len(self):
+            raise IndexError(f"tile index out of range 0..{len(self) - 1}")
+        unique, inverse = np.unique(index, return_inverse=True)
+        return self.group[name].oindex[unique][inverse]
+
+    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._rows("images", indices)
+
+    def labels(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self._rows("labels", indices)
+
+    def windows(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        return self.group["windows"][:] if indices is None else self._rows("windows", indices)
+
+    def transforms(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        return self.group["transforms"][:] if indices is None else self._rows("transforms", indices)
+
+    def tile_transform(self, index: int) -> Affine:
+        return Affine(*self._rows("transforms", [index])[0])
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Tile indices of a split ("train" or "validation"/"val"), or of all tiles."""
+        codes = self.group["split"][:]
+        if split is None:
+            return np.arange(len(codes))
+        names = {"train": 0, "validation": 1, "val": 1}
+        if split not in names:
+            raise StoreError(f"{self.path}: unknown split '{split}'; use train or validation")
+        return np.flatnonzero(codes == names[split])
