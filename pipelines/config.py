@@ -35,6 +35,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # The training loop, common to every solver.
     "train": {
         "solver": "admm",  # admm | adam | pipeline
+        "compare": [],  # `geodnn run` also trains these solvers, for the report's comparison
         "iterations": 1000,  # total solver iterations
         "epoch": 100,  # iterations between validation, checkpoint and a metrics.csv row
         "batch_size": 16,

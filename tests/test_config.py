@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pipelines.config import DEFAULTS, load_config
@@ -45,3 +47,15 @@ def test_bad_configs_name_the_file_and_the_fix(tmp_path, text, match):
 def test_missing_config(tmp_path):
     with pytest.raises(PipelineError, match="config not found"):
         load_config(tmp_path / "nope.toml")
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "pipelines" / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_load_and_point_at_shipped_data(path):
+    config = load_config(path)
+    for key in ("image", "labels"):
+        value = config["scene"][key]
+        if value is not None:
+            assert config.resolve(value).is_file(), f"{path.name}: {key} {value} missing"
