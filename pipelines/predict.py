@@ -1,0 +1,257 @@
+"""`geodnn predict CHECKPOINT SCENE.tif --out CLASSES.tif`: seam-free prediction of a whole scene.
+
+The scene is cut into chunks with a halo equal to the model's receptive radius (reflect-padded at
+the scene edges), so the class map equals whole-image prediction exactly, for any chunk size.
+Chunks run as Dask tasks (local, or on `--scheduler ADDRESS`); this process writes each finished
+chunk into the outputs with windowed writes, so memory does not grow with the scene. Outputs are
+temporary files until everything succeeded, then renamed.
+
+Python API:
+- `predict_scene(checkpoint, scene, out, ...)`: the command as a function; returns a
+  `PredictionSummary`.
+- `iter_predictions(checkpoint, scene, ...)`: a generator of `tiles.stitch.ChunkPrediction`
+  (window, classes uint8 with 255 = nodata, probabilities float32 or None), in completion order;
+  e.g. `geodnn evaluate` builds a confusion matrix against labels from it.
+- `ModelPredictor(model)`: the batched callable tiles runs per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Bound GDAL's block cache (default: 5% of RAM) before the first raster I/O, so the writer's
+# memory does not grow with the scene.
+os.environ.setdefault("GDAL_CACHEMAX", "64")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from geodnn import ChainNet, Checkpoint, load_checkpoint  # noqa: E402
+from tiles.errors import RasterInputError  # noqa: E402
+from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
+from tiles.raster import SceneInfo, open_scene, warn_if_no_crs  # noqa: E402
+from tiles.stitch import (  # noqa: E402
+    AtomicOutputs,
+    ChunkPrediction,
+    PredictionWriter,
+    check_output,
+    stream_predictions,
+)
+from tiles.vectorize import VectorOptions, qml_path, vectorize_classes  # noqa: E402
+
+from .errors import PipelineError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelPredictor:
+    """Batched chunk model: float32 (n, bands, h+2r, w+2r), NaN = nodata -> softmax probabilities
+    float32 (n, classes, h, w). Picklable, so it ships to remote Dask workers."""
+
+    model: ChainNet
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = self.model.forward_valid(torch.from_numpy(np.ascontiguousarray(batch)))
+            return torch.softmax(logits, dim=1).numpy()
+
+
+@dataclass
+class PredictionSummary:
+    """What a prediction run wrote and how long it took."""
+
+    outputs: list[Path]
+    chunks: int
+    skipped: int
+    seconds: float
+    polygons: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
+    return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+
+
+def _check_scene(scene: SceneInfo, ckpt: Checkpoint) -> None:
+    if scene.count != ckpt.config.bands:
+        raise RasterInputError(
+            f"{scene.path}: has {scene.count} band(s) but the model expects "
+            f"{ckpt.config.bands}; pass a scene with the bands the model was trained on"
+        )
+
+
+def iter_predictions(
+    checkpoint: str | os.PathLike | Checkpoint,
+    scene: str | os.PathLike,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    batch: int = 1,
+    probabilities: bool = True,
+    scheduler: str | None = None,
+    progress: bool = False,
+) -> Iterator[ChunkPrediction]:
+    """Yield every chunk's prediction of `scene` (any order; together they cover each pixel
+    once). Validates the scene, band count and chunk size first (one-line errors)."""
+    ckpt = _checkpoint(checkpoint)
+    info = open_scene(scene)
+    _check_scene(info, ckpt)
+    halo = ckpt.model.receptive_radius
+    check_chunk_size(chunk, halo)
+    yield from stream_predictions(
+        info.path,
+        ModelPredictor(ckpt.model),
+        halo,
+        chunk=chunk,
+        batch=batch,
+        probabilities=probabilities,
+        scheduler=scheduler,
+        progress=progress,
+    )
+
+
+def predict_scene(
+    checkpoint: str | os.PathLike | Checkpoint,
+    scene: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    probabilities: str | os.PathLike | None = None,
+    vectors: str | os.PathLike | None = None,
+    cog: bool = False,
+    chunk: int = DEFAULT_CHUNK,
+    batch: int = 1,
+    scheduler: str | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> PredictionSummary:
+    """Predict `scene` into the class map `out` (+ probabilities, + GeoPackage polygons).
+
+    Everything is validated before any file is created; outputs appear only if the whole run
+    succeeds. An all-nodata scene gives an all-nodata map (and a warning); a scene without CRS
+    gives outputs without CRS (and a warning).
+    """
+    started = time.perf_counter()
+    if batch < 1:
+        raise PipelineError(f"--batch {batch}: pass 1 or more chunks per model call")
+    ckpt = _checkpoint(checkpoint)
+    info = open_scene(scene)
+    _check_scene(info, ckpt)
+    check_chunk_size(chunk, ckpt.model.receptive_radius)
+    targets = _check_outputs(info, out, probabilities, vectors, overwrite)
+    warn_if_no_crs(info)
+    counts = {"chunks": 0, "skipped": 0}
+    with AtomicOutputs() as outputs:
+        with PredictionWriter(
+            info,
+            outputs,
+            out,
+            ckpt.class_names,
+            ckpt.class_colors,
+            probabilities_path=probabilities,
+            chunk=chunk,
+        ) as writer:
+            for prediction in iter_predictions(
+                ckpt,
+                info.path,
+                chunk=chunk,
+                batch=batch,
+                probabilities=probabilities is not None,
+                scheduler=scheduler,
+                progress=progress,
+            ):
+                writer.write(prediction)
+                counts["chunks"] += 1
+                counts["skipped"] += prediction.skipped
+            writer.finish(cog=cog)
+        summary = PredictionSummary(targets, counts["chunks"], counts["skipped"], 0.0)
+        if counts["skipped"] == counts["chunks"]:
+            message = f"{info.path}: every pixel is nodata; the class map is all nodata (255)"
+            warnings.warn(message, stacklevel=2)
+            summary.warnings.append(message)
+        if vectors is not None:
+            summary.polygons = vectorize_classes(
+                writer.classes_tmp,
+                vectors,
+                ckpt.class_names,
+                ckpt.class_colors,
+                VectorOptions(min_area=min_area, simplify=simplify, window=chunk),
+                overwrite=overwrite,
+                outputs=outputs,
+            )
+        outputs.commit()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool) -> list[Path]:
+    paths = [Path(p) for p in (out, probabilities, vectors) if p is not None]
+    for path in paths:
+        check_output(path, overwrite)
+        if path.resolve() == info.path.resolve():
+            raise PipelineError(f"{path}: is the input scene; pick another output name")
+    if vectors is not None:
+        check_output(qml_path(vectors), overwrite)
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise PipelineError(f"{out}: outputs must be different files; give each its own name")
+    return paths
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `geodnn predict`."""
+    p = subparsers.add_parser(
+        "predict",
+        help="predict a GeoTIFF scene into a class map (GeoTIFF/COG) and polygons (GeoPackage)",
+        description=__doc__.split("\n\n")[1],
+    )
+    p.add_argument("checkpoint", help="model checkpoint (.pt) from `geodnn train`")
+    p.add_argument("scene", help="GeoTIFF scene to predict (any size, CRS, band dtype)")
+    p.add_argument("--out", required=True, help="class map GeoTIFF to write (uint8, 255=nodata)")
+    p.add_argument("--probabilities", help="also write class probabilities (float32 GeoTIFF)")
+    p.add_argument("--vectors", help="also write class polygons to this GeoPackage (+ .qml)")
+    p.add_argument("--cog", action="store_true", help="write Cloud-Optimized GeoTIFFs")
+    p.add_argument(
+        "--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels (default 512)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="chunks per model call (default 1)")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: local)")
+    p.add_argument(
+        "--min-area", type=float, default=0.0, help="drop smaller polygons (CRS units squared)"
+    )
+    p.add_argument("--simplify", type=float, default=0.0, help="simplify tolerance (CRS units)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = predict_scene(
+        args.checkpoint,
+        args.scene,
+        args.out,
+        probabilities=args.probabilities,
+        vectors=args.vectors,
+        cog=args.cog,
+        chunk=args.chunk,
+        batch=args.batch,
+        scheduler=args.scheduler,
+        min_area=args.min_area,
+        simplify=args.simplify,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    log.info(
+        "wrote %s (%d chunks, %d all-nodata skipped, %.1f s)",
+        ", ".join(str(p) for p in summary.outputs),
+        summary.chunks,
+        summary.skipped,
+        summary.seconds,
+    )
+    return 0

@@ -1,0 +1,285 @@
+import sqlite3
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import shapely
+import torch
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from geodnn import Checkpoint, build_model, save_checkpoint
+from pipelines.cli import main
+from pipelines.predict import ModelPredictor, iter_predictions, predict_scene
+from tiles.raster import read_window
+
+CLASSES = ["background", "road", "roof"]
+
+
+def small_model(bands: int = 1):
+    """Three classes, receptive radius 8 (dilations 1, 2, 4): fast, with a real halo."""
+    torch.manual_seed(0)
+    return build_model(bands, 3, depth=3, width=4, dilations=(1, 2, 4), init="kaiming", seed=1)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(small_model(), path, class_names=CLASSES)
+    return path
+
+
+def read_scene(path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return read_window(src, Window(0, 0, src.width, src.height))
+
+
+def whole_image(model, scene: np.ndarray) -> np.ndarray:
+    """The reference: the model on the whole reflect-padded scene, no chunks."""
+    r = model.receptive_radius
+    padded = np.pad(scene, ((0, 0), (r, r), (r, r)), mode="reflect")
+    return ModelPredictor(model)(padded[None])[0]
+
+
+def chunked(model, path, chunk, batch=1):
+    """Stitch the streamed chunk predictions in memory (test only)."""
+    with rasterio.open(path) as src:
+        h, w = src.height, src.width
+    classes = np.full((h, w), 254, dtype=np.uint8)
+    probs = np.full((3, h, w), -1.0, dtype=np.float32)
+    ckpt = Checkpoint(model, {"class_names": CLASSES})
+    for p in iter_predictions(ckpt, path, chunk=chunk, batch=batch):
+        rs = slice(p.window.row_off, p.window.row_off + p.window.height)
+        cs = slice(p.window.col_off, p.window.col_off + p.window.width)
+        classes[rs, cs] = p.classes
+        probs[:, rs, cs] = np.nan if p.probabilities is None else p.probabilities
+    return classes, probs
+
+
+def assert_seam_free(model, path, chunk, batch=1):
+    scene = read_scene(path)
+    model.set_normalization(np.nanmean(scene, axis=(1, 2)), np.nanstd(scene, axis=(1, 2)))
+    expected = whole_image(model, scene)
+    classes, probs = chunked(model, path, chunk, batch)
+    valid = ~np.isnan(scene).all(axis=0)
+    assert np.abs(probs[:, valid] - expected[:, valid]).max() <= 1e-5
+    assert np.array_equal(classes[valid], expected.argmax(0)[valid])
+    assert (classes[~valid] == 255).all() and np.isnan(probs[:, ~valid]).all()
+
+
+@pytest.mark.parametrize(
+    "scene, bands, chunk",
+    [
+        ("vegas-roads", 1, 512),
+        ("vegas-roads", 1, 333),
+        ("atlanta-buildings", 1, 256),
+        ("atlanta-buildings", 1, 97),
+        ("naip-4band", 4, 200),
+        ("naip-4band", 4, 1000),
+    ],
+)
+def test_chunked_equals_whole_image_on_real_scenes(data_dir, scene, bands, chunk):
+    assert_seam_free(small_model(bands), data_dir / scene / "image.tif", chunk, batch=2)
+
+
+@pytest.mark.parametrize(
+    "shape, chunk", [((1, 1), 8), ((1, 1), 512), ((7, 1000), 8), ((7, 1000), 100),
+                     ((1001, 999), 128), ((1001, 999), 512)]
+)  # fmt: skip
+def test_chunked_equals_whole_image_on_odd_scenes(make_geotiff, shape, chunk):
+    rng = np.random.default_rng(3)
+    scene = (rng.random((1, *shape)) * 1000).astype(np.uint16)
+    assert_seam_free(small_model(), make_geotiff(scene), chunk, batch=3)
+
+
+def test_nodata_is_honoured_and_empty_chunks_are_skipped(make_geotiff):
+    scene = np.random.default_rng(1).integers(1, 500, (1, 64, 64)).astype(np.uint16)
+    scene[:, :32, :32] = 0  # one whole chunk of nodata
+    scene[:, 40:45, 50:52] = 0
+    path = make_geotiff(scene, nodata=0)
+    ckpt = Checkpoint(small_model(), {"class_names": CLASSES})
+    predictions = list(iter_predictions(ckpt, path, chunk=32))
+    assert sum(p.skipped for p in predictions) == 1
+    assert_seam_free(small_model(), path, 32)
+
+
+def run_cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_cli_writes_georeferenced_outputs(checkpoint, data_dir, tmp_path, capsys):
+    scene = data_dir / "atlanta-buildings" / "image.tif"
+    out, probs, gpkg = tmp_path / "classes.tif", tmp_path / "probs.tif", tmp_path / "polys.gpkg"
+    argv = ["predict", checkpoint, scene, "--out", out, "--probabilities", probs]
+    code, err = run_cli([*argv, "--vectors", gpkg, "--chunk", "256", "--min-area", "2"], capsys)
+    assert code == 0, err
+    with rasterio.open(scene) as src, rasterio.open(out) as c, rasterio.open(probs) as p:
+        assert c.crs == src.crs == p.crs and c.transform == src.transform == p.transform
+        assert c.bounds == src.bounds == p.bounds
+        assert c.dtypes[0] == "uint8" and c.nodata == 255 and p.descriptions == tuple(CLASSES)
+        assert (c.read(1)[src.read(1) == 0] == 255).all()
+    info = pyogrio.read_info(gpkg, layer="classes")
+    assert CRS.from_user_input(info["crs"]) == CRS.from_epsg(32616) and info["features"] > 0
+    with sqlite3.connect(gpkg) as db:
+        assert db.execute("SELECT count(*) FROM layer_styles").fetchone()[0] == 1
+    assert gpkg.with_suffix(".qml").exists()
+    # Rerun without --overwrite is refused and leaves the outputs untouched.
+    before = out.read_bytes()
+    code, err = run_cli([*argv, "--chunk", "256"], capsys)
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == before
+    assert run_cli([*argv, "--overwrite", "--cog"], capsys)[0] == 0
+
+
+def threshold_model():
+    """Class 1 exactly where the input is 1 (and 0 where it is 0): a model with a known map."""
+    model = build_model(1, 2, depth=0, width=1, seed=0)
+    with torch.no_grad():
+        stem, head = model.layers[0].conv, model.layers[1].conv
+        stem.weight.zero_()
+        stem.weight[0, 0, 1, 1] = 1.0
+        stem.bias.zero_()
+        head.weight.copy_(torch.tensor([0.0, 10.0]).view(2, 1, 1, 1))
+        head.bias.copy_(torch.tensor([0.0, -5.0]))
+    return model
+
+
+def test_region_spanning_chunks_is_one_polygon_end_to_end(make_geotiff, tmp_path, capsys):
+    scene = np.zeros((1, 48, 48), dtype=np.uint8)
+    scene[0, 10:38, 6:40] = 1  # spans 3 x 3 chunks of 16 pixels
+    scene[0, 44:46, 44:46] = 1  # a 1 m2 speck, below --min-area
+    ckpt = tmp_path / "threshold.pt"
+    save_checkpoint(threshold_model(), ckpt, class_names=["background", "roof"])
+    gpkg = tmp_path / "v.gpkg"
+    argv = ["predict", ckpt, make_geotiff(scene), "--out", tmp_path / "c.tif", "--chunk", "16"]
+    code, err = run_cli([*argv, "--vectors", gpkg, "--min-area", "2"], capsys)
+    assert code == 0, err
+    with rasterio.open(tmp_path / "c.tif") as dst:
+        assert np.array_equal(dst.read(1), scene[0])
+    frame = gpd.read_file(gpkg, layer="classes")
+    assert len(frame) == 1 and frame.class_name.tolist() == ["roof"]
+    assert frame["area"].iloc[0] == pytest.approx(28 * 34 * 0.25)
+    assert frame.geometry.iloc[0].equals(shapely.box(733604.0, 3725120.0, 733621.0, 3725134.0))
+
+
+@pytest.mark.parametrize(
+    "crs", ["EPSG:4326", 'LOCAL_CS["custom grid",UNIT["metre",1]]', CRS.from_proj4(
+        "+proj=lcc +lat_1=45 +lat_2=50 +lat_0=47 +lon_0=10 +x_0=0 +y_0=0 +ellps=GRS80 +units=m"
+    ).to_wkt()],
+)  # fmt: skip
+def test_crs_and_transform_are_kept_exactly(checkpoint, make_geotiff, tmp_path, crs):
+    scene = np.random.default_rng(0).integers(0, 900, (1, 40, 50)).astype(np.uint16)
+    path = make_geotiff(scene, crs=crs)
+    predict_scene(checkpoint, path, tmp_path / "out.tif", chunk=16)
+    with rasterio.open(path) as src, rasterio.open(tmp_path / "out.tif") as dst:
+        assert dst.crs == src.crs and dst.crs.to_wkt() == src.crs.to_wkt()
+        assert dst.transform == src.transform
+
+
+def test_scene_without_crs_is_predicted_with_a_warning(checkpoint, make_geotiff, tmp_path):
+    path = make_geotiff(np.ones((1, 20, 30), dtype=np.float32), crs=None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        predict_scene(checkpoint, path, tmp_path / "out.tif")
+    with rasterio.open(tmp_path / "out.tif") as dst:
+        assert dst.crs is None and (dst.read(1) != 255).all()
+
+
+def test_all_nodata_scene_gives_all_nodata_output(checkpoint, make_geotiff, tmp_path):
+    path = make_geotiff(np.zeros((1, 70, 40), dtype=np.uint8), nodata=0)
+    probs = tmp_path / "probs.tif"
+    with pytest.warns(UserWarning, match="every pixel is nodata"):
+        summary = predict_scene(
+            checkpoint, path, tmp_path / "out.tif", probabilities=probs, chunk=32
+        )
+    assert summary.skipped == summary.chunks == 6
+    with rasterio.open(tmp_path / "out.tif") as dst, rasterio.open(probs) as p:
+        assert (dst.read(1) == 255).all() and np.isnan(p.read()).all()
+
+
+def _bad_inputs(tmp_path, make_geotiff):
+    good = make_geotiff(np.ones((1, 30, 30), dtype=np.uint8), name="good.tif")
+    text = tmp_path / "text.tif"
+    text.write_text("not a raster at all")
+    big = make_geotiff(np.random.default_rng(0).random((1, 300, 300), dtype=np.float32))
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    two_bands = make_geotiff(np.ones((2, 30, 30), dtype=np.uint8), name="two.tif")
+    exists = tmp_path / "exists.tif"
+    exists.write_bytes(b"old")
+    out = tmp_path / "out" / "classes.tif"
+    out.parent.mkdir()
+    return {
+        "missing": ([tmp_path / "nope.tif", "--out", out], "file not found"),
+        "not a raster": ([text, "--out", out], "not a readable raster"),
+        "truncated": ([truncated, "--out", out], "not a readable raster"),
+        "bands": ([two_bands, "--out", out], "expects 1"),
+        "no folder": ([good, "--out", tmp_path / "missing" / "c.tif"], "does not exist"),
+        "exists": ([good, "--out", exists], "--overwrite"),
+        "chunk": ([good, "--out", out, "--chunk", "4"], "--chunk 8"),
+        "probs exist": ([good, "--out", out, "--probabilities", exists], "--overwrite"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "not a raster", "truncated", "bands", "no folder", "exists", "chunk",
+     "probs exist"],
+)  # fmt: skip
+def test_bad_input_gives_one_line_error_and_no_output(
+    case, checkpoint, tmp_path, make_geotiff, capsys
+):
+    args, message = _bad_inputs(tmp_path, make_geotiff)[case]
+    code, err = run_cli(["predict", checkpoint, *args], capsys)
+    assert code == 2
+    assert err.startswith("geodnn: error:") and "\n" not in err and message in err
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.glob(".*")) == []
+    assert (tmp_path / "exists.tif").read_bytes() == b"old"
+
+
+def test_failure_mid_run_leaves_no_partial_output(checkpoint, data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def failing(self, batch):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("model failed")
+        return np.zeros((len(batch), 3, batch.shape[2] - 16, batch.shape[3] - 16), np.float32)
+
+    monkeypatch.setattr(ModelPredictor, "__call__", failing)
+    scene = data_dir / "atlanta-buildings" / "image.tif"
+    with pytest.raises(RuntimeError, match="model failed"):
+        predict_scene(
+            checkpoint, scene, tmp_path / "c.tif", probabilities=tmp_path / "p.tif", chunk=128
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_option_uses_an_existing_cluster(checkpoint, make_geotiff, tmp_path, capsys):
+    from distributed import LocalCluster
+
+    scene = np.random.default_rng(2).integers(0, 900, (1, 70, 90)).astype(np.uint16)
+    path = make_geotiff(scene)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--chunk", "32"]
+        code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
+    assert code == 0, err
+    expected = whole_image(small_model(), read_scene(path)).argmax(0)
+    with rasterio.open(tmp_path / "c.tif") as dst:
+        assert np.array_equal(dst.read(1), expected)
+
+
+def test_unreachable_scheduler_is_a_one_line_error(
+    checkpoint, make_geotiff, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr("tiles.stitch.SCHEDULER_TIMEOUT", "1s")
+    path = make_geotiff(np.ones((1, 20, 20), dtype=np.uint8))
+    argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif"]
+    code, err = run_cli([*argv, "--scheduler", "tcp://127.0.0.1:9"], capsys)
+    assert code == 2 and "Dask scheduler" in err and "\n" not in err
+    assert not (tmp_path / "c.tif").exists()

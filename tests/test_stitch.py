@@ -1,0 +1,175 @@
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+import rasterio
+from scipy.ndimage import uniform_filter
+
+from tiles.errors import OutputError, RasterInputError
+from tiles.grid import ChunkGrid
+from tiles.raster import open_scene
+from tiles.stitch import (
+    AtomicOutputs,
+    PredictionWriter,
+    batch_chunks,
+    block_size,
+    check_output,
+    stream_predictions,
+)
+
+NAMES = ["background", "water", "trees"]
+COLORS = [(0, 0, 0), (0, 0, 255), (0, 160, 0)]
+
+
+def box_predictor(batch: np.ndarray) -> np.ndarray:
+    """A numpy "model" with receptive radius 2: two 3x3 box means, then a 3-class softmax."""
+    x = np.nan_to_num(batch[:, 0], nan=0.0)
+    x = uniform_filter(uniform_filter(x, size=(1, 3, 3)), size=(1, 3, 3))[:, 2:-2, 2:-2]
+    logits = np.stack([np.zeros_like(x), x / 100.0, np.sin(x / 50.0)], axis=1)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def gdal_category_names(path) -> list[str]:
+    """Category names of band 1 as GDAL itself reports them (through rasterio's libgdal)."""
+    import rasterio as rio
+
+    [libpath] = glob.glob(os.path.join(os.path.dirname(rio.__file__), "..", "rasterio.libs",
+                                       "libgdal-*"))  # fmt: skip
+    lib = ctypes.CDLL(libpath)
+    lib.GDALAllRegister()
+    lib.GDALOpen.restype = ctypes.c_void_p
+    lib.GDALOpen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.GDALGetRasterBand.restype = ctypes.c_void_p
+    lib.GDALGetRasterBand.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.GDALGetMetadata.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.GDALGetRasterCategoryNames.restype = ctypes.POINTER(ctypes.c_char_p)
+    lib.GDALGetRasterCategoryNames.argtypes = [ctypes.c_void_p]
+    lib.GDALClose.argtypes = [ctypes.c_void_p]
+    dataset = lib.GDALOpen(str(path).encode(), 0)
+    assert dataset
+    band = lib.GDALGetRasterBand(dataset, 1)
+    lib.GDALGetMetadata(band, None)  # GTiff loads its PAM sidecar lazily
+    names, items = [], lib.GDALGetRasterCategoryNames(band)
+    while items and items[len(names)] is not None:
+        names.append(items[len(names)].decode())
+    lib.GDALClose(dataset)
+    return names
+
+
+def stitch(scene_path, out, probs=None, chunk=32, cog=False, batch=1):
+    scene = open_scene(scene_path)
+    with AtomicOutputs() as outputs:
+        with PredictionWriter(scene, outputs, out, NAMES, COLORS, probs, chunk) as writer:
+            for p in stream_predictions(scene_path, box_predictor, 2, chunk=chunk, batch=batch):
+                writer.write(p)
+            writer.finish(cog=cog)
+        outputs.commit()
+
+
+@pytest.mark.parametrize("chunk", [16, 24, 512])  # 24: writes straddle GeoTIFF blocks
+def test_streamed_chunks_equal_the_whole_image(make_geotiff, tmp_path, chunk):
+    scene = np.random.default_rng(0).integers(0, 1000, (1, 77, 90)).astype(np.float32)
+    path = make_geotiff(scene)
+    stitch(path, tmp_path / "c.tif", tmp_path / "p.tif", chunk=chunk, batch=4)
+    expected = box_predictor(np.pad(scene, ((0, 0), (2, 2), (2, 2)), mode="reflect")[None])[0]
+    with rasterio.open(tmp_path / "p.tif") as p, rasterio.open(tmp_path / "c.tif") as c:
+        assert np.abs(p.read() - expected).max() <= 1e-6
+        assert np.array_equal(c.read(1), expected.argmax(0))
+
+
+def test_class_map_has_color_table_names_and_georeferencing(make_geotiff, tmp_path):
+    path = make_geotiff(np.ones((1, 50, 60), dtype=np.uint16), crs="EPSG:4326")
+    stitch(path, tmp_path / "c.tif", tmp_path / "p.tif")
+    with rasterio.open(path) as src, rasterio.open(tmp_path / "c.tif") as c:
+        assert c.crs == src.crs and c.transform == src.transform
+        assert c.nodata == 255 and c.dtypes[0] == "uint8" and c.block_shapes[0] == (32, 32)
+        assert c.compression.value == "DEFLATE"
+        cmap = c.colormap(1)
+        assert [cmap[i][:3] for i in range(3)] == COLORS and cmap[255][3] == 0
+        assert c.descriptions == ("class",) and c.tags(1)["class_names"] == ",".join(NAMES)
+    with rasterio.open(tmp_path / "p.tif") as p:
+        assert p.descriptions == tuple(NAMES) and np.isnan(p.nodata) and p.dtypes[0] == "float32"
+    assert gdal_category_names(tmp_path / "c.tif") == NAMES
+
+
+def test_nodata_pixels_stay_nodata(make_geotiff, tmp_path):
+    scene = np.full((1, 40, 40), 7, dtype=np.int16)
+    scene[0, :16, :16] = -1
+    scene[0, 30, 5] = -1
+    stitch(make_geotiff(scene, nodata=-1), tmp_path / "c.tif", tmp_path / "p.tif", chunk=16)
+    with rasterio.open(tmp_path / "c.tif") as c, rasterio.open(tmp_path / "p.tif") as p:
+        classes, probs = c.read(1), p.read()
+    nodata = scene[0] == -1
+    assert (classes[nodata] == 255).all() and (classes[~nodata] != 255).all()
+    assert np.isnan(probs[:, nodata]).all() and not np.isnan(probs[:, ~nodata]).any()
+
+
+def test_all_nodata_chunks_are_not_predicted(make_geotiff):
+    scene = np.full((1, 64, 64), 3, dtype=np.uint8)
+    scene[0, 32:, :] = 0
+    seen = []
+
+    def counting(batch):
+        seen.append(len(batch))
+        return box_predictor(batch)
+
+    results = list(stream_predictions(make_geotiff(scene, nodata=0), counting, 2, chunk=32))
+    assert sum(seen) == 2 and sum(r.skipped for r in results) == 2
+    assert all((r.classes == 255).all() for r in results if r.skipped)
+
+
+def test_cog_output_is_tiled_with_overviews(make_geotiff, tmp_path):
+    scene = np.random.default_rng(1).integers(0, 1000, (1, 600, 700)).astype(np.uint16)
+    stitch(make_geotiff(scene), tmp_path / "c.tif", tmp_path / "p.tif", chunk=256, cog=True)
+    for name in ("c.tif", "p.tif"):
+        with rasterio.open(tmp_path / name) as dst:
+            assert dst.block_shapes[0] == (256, 256) and dst.overviews(1)
+            assert dst.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    assert gdal_category_names(tmp_path / "c.tif") == NAMES
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_batches_group_equal_shapes_only():
+    grid = ChunkGrid(50, 50, 20, halo=2)
+    groups = list(batch_chunks(grid, 4))
+    assert [c.index for g in groups for c in g] == [c.index for c in grid]
+    assert all(len({c.shape for c in g}) == 1 and len(g) <= 4 for g in groups)
+
+
+def test_block_size_divides_the_chunk():
+    assert block_size(512) == 512 and block_size(768) == 256 and block_size(48) == 16
+
+
+def test_atomic_outputs_commit_or_leave_nothing(tmp_path):
+    final = tmp_path / "a.tif"
+    with AtomicOutputs() as outputs:
+        outputs.reserve(final).write_bytes(b"partial")
+        assert final.exists() is False
+    assert list(tmp_path.iterdir()) == []
+    with AtomicOutputs() as outputs:
+        outputs.reserve(final).write_bytes(b"done")
+        outputs.commit()
+    assert final.read_bytes() == b"done" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_check_output_errors_name_the_fix(tmp_path):
+    (tmp_path / "x.tif").write_bytes(b"")
+    with pytest.raises(OutputError, match="--overwrite"):
+        check_output(tmp_path / "x.tif", overwrite=False)
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output(tmp_path / "no" / "x.tif", overwrite=True)
+    assert check_output(tmp_path / "x.tif", overwrite=True) == tmp_path / "x.tif"
+
+
+def test_unreadable_chunk_is_a_raster_input_error(make_geotiff, tmp_path):
+    from tiles.stitch import predict_chunks
+
+    path = make_geotiff(np.ones((1, 300, 300), dtype=np.float32))
+    [chunk] = list(ChunkGrid(300, 300, 512, 2))
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(RasterInputError, match="not a readable raster") as info:
+        predict_chunks(str(path), [chunk], box_predictor)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,130 @@
+import sqlite3
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from rasterio.transform import from_origin
+
+from tiles.errors import OutputError
+from tiles.vectorize import VectorOptions, qml_path, vectorize_classes
+
+NAMES = ["background", "building", "road"]
+COLORS = [(0, 0, 0), (230, 25, 75), (0, 130, 200)]
+TRANSFORM = from_origin(500000.0, 4000000.0, 0.5, 0.5)
+
+
+def class_map(make_geotiff, classes, **kwargs):
+    return make_geotiff(classes.astype(np.uint8), nodata=255, transform=TRANSFORM, **kwargs)
+
+
+def read(gpkg):
+    return gpd.read_file(gpkg, layer="classes")
+
+
+def test_square_spanning_four_windows_is_one_polygon(make_geotiff, tmp_path):
+    classes = np.zeros((64, 64), dtype=np.uint8)
+    classes[20:44, 10:50] = 1  # crosses the 32-pixel window borders in both directions
+    out = tmp_path / "v.gpkg"
+    n = vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS,
+                          VectorOptions(window=32))  # fmt: skip
+    frame = read(out)
+    assert n == len(frame) == 1
+    row = frame.iloc[0]
+    assert (row.class_id, row.class_name) == (1, "building")
+    assert row.area == pytest.approx(24 * 40 * 0.25)
+    assert row.geometry.equals(shapely.box(500005.0, 3999978.0, 500025.0, 3999990.0))
+    assert frame.crs.to_epsg() == 32616
+
+
+def test_windowed_polygons_equal_whole_scene_polygons(make_geotiff, tmp_path):
+    rng = np.random.default_rng(0)
+    classes = (rng.random((12, 12)) * 3).astype(np.uint8).repeat(6, 0).repeat(6, 1)[:70, :65]
+    classes[3:9, 60:65] = 255
+    path = class_map(make_geotiff, classes)
+    opts = dict(background=None)
+    vectorize_classes(path, tmp_path / "a.gpkg", NAMES, COLORS, VectorOptions(window=16, **opts))
+    vectorize_classes(path, tmp_path / "b.gpkg", NAMES, COLORS, VectorOptions(window=999, **opts))
+    a, b = read(tmp_path / "a.gpkg"), read(tmp_path / "b.gpkg")
+    assert len(a) == len(b)
+    key = ["class_id", "area"]
+    assert a.sort_values(key)[key].values.tolist() == b.sort_values(key)[key].values.tolist()
+    for cid in range(3):
+        ua = shapely.unary_union(a[a.class_id == cid].geometry.values)
+        ub = shapely.unary_union(b[b.class_id == cid].geometry.values)
+        assert ua.symmetric_difference(ub).area == pytest.approx(0.0)
+
+
+def test_ring_across_windows_keeps_its_hole(make_geotiff, tmp_path):
+    classes = np.zeros((40, 40), dtype=np.uint8)
+    classes[5:35, 5:35] = 2
+    classes[12:28, 12:28] = 0
+    out = tmp_path / "v.gpkg"
+    vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS,
+                      VectorOptions(window=20))  # fmt: skip
+    [geom] = read(out).geometry
+    assert len(geom.interiors) == 1 and geom.area == pytest.approx((900 - 256) * 0.25)
+
+
+def test_corner_touching_regions_stay_apart(make_geotiff, tmp_path):
+    classes = np.zeros((20, 20), dtype=np.uint8)
+    classes[5:10, 5:10] = 1
+    classes[10:15, 10:15] = 1  # meets the first only at a corner, on a window corner
+    out = tmp_path / "v.gpkg"
+    vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS,
+                      VectorOptions(window=10))  # fmt: skip
+    assert len(read(out)) == 2
+
+
+def test_min_area_simplify_background_and_nodata(make_geotiff, tmp_path):
+    classes = np.zeros((30, 30), dtype=np.uint8)
+    classes[2:4, 2:4] = 1  # 1 m2: dropped by min_area
+    classes[10:25, 10:25] = 2
+    classes[10, 10] = 0  # a notch that simplify may smooth away
+    classes[0:2, 20:30] = 255
+    out = tmp_path / "v.gpkg"
+    vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS,
+                      VectorOptions(min_area=2.0, simplify=0.6, window=16))  # fmt: skip
+    frame = read(out)
+    assert frame.class_id.tolist() == [2]
+    assert frame["area"].iloc[0] == pytest.approx((225 - 1) * 0.25)
+    assert len(frame.geometry.iloc[0].exterior.coords) <= 6
+
+
+def test_geographic_and_custom_crs_are_kept(make_geotiff, tmp_path):
+    classes = np.ones((10, 10), dtype=np.uint8)
+    wkt = 'LOCAL_CS["site grid",UNIT["metre",1]]'
+    for crs, name in (("EPSG:4326", "geo"), (wkt, "local")):
+        out = tmp_path / f"{name}.gpkg"
+        vectorize_classes(class_map(make_geotiff, classes, crs=crs), out, NAMES, COLORS)
+        frame = read(out)
+        assert len(frame) == 1
+        if name == "geo":
+            assert frame.crs.to_epsg() == 4326
+
+
+def test_style_is_embedded_and_written_beside(make_geotiff, tmp_path):
+    classes = np.zeros((10, 10), dtype=np.uint8)
+    out = tmp_path / "v.gpkg"
+    assert vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS) == 0
+    assert len(read(out)) == 0
+    qml = qml_path(out).read_text()
+    assert "230,25,75,255" in qml and "0,130,200,255" in qml and 'attr="class_id"' in qml
+    with sqlite3.connect(out) as db:
+        table, style, default = db.execute(
+            "SELECT f_table_name, styleQML, useAsDefault FROM layer_styles"
+        ).fetchone()
+        contents = [r[0] for r in db.execute("SELECT table_name FROM gpkg_contents")]
+    assert (table, style, default) == ("classes", qml, 1) and "layer_styles" in contents
+
+
+def test_existing_output_needs_overwrite_and_nothing_partial_remains(make_geotiff, tmp_path):
+    out = tmp_path / "v.gpkg"
+    out.write_bytes(b"old")
+    path = class_map(make_geotiff, np.ones((8, 8), dtype=np.uint8))
+    with pytest.raises(OutputError, match="--overwrite"):
+        vectorize_classes(path, out, NAMES, COLORS)
+    with pytest.raises(IndexError):  # class 1 has no name: fails while writing
+        vectorize_classes(path, out, NAMES[:1], COLORS[:1], overwrite=True)
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_0.tif", "v.gpkg"]

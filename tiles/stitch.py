@@ -1,0 +1,434 @@
+"""Streaming chunked prediction and stitching into georeferenced GeoTIFF/COG outputs.
+
+The model is any callable `predict(batch)` taking float32 (n, bands, h+2r, w+2r) with NaN for
+nodata and returning class probabilities float32 (n, classes, h, w). Chunks run as Dask tasks
+(local in-process cluster, or an existing `distributed` scheduler); the calling process is the
+single writer, consuming a bounded number of finished chunks and writing each through a windowed
+write, so memory does not grow with the scene. Outputs are written to temporary files in the
+target folder and renamed only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+from tqdm import tqdm
+
+from .errors import OutputError, RasterInputError, TilesError
+from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
+from .raster import SceneInfo
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+CLASS_NODATA = 255
+GDAL_CACHE_MB = 64
+SCHEDULER_TIMEOUT = "15s"
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk predictions as Dask tasks
+
+
+@dataclass
+class ChunkPrediction:
+    """Prediction of one chunk's core: classes uint8 (h, w) with 255 for nodata, and optional
+    probabilities float32 (classes, h, w) with NaN for nodata. `skipped` chunks were all nodata
+    and were not run through the model (their probabilities are None)."""
+
+    window: Window
+    classes: np.ndarray
+    probabilities: np.ndarray | None = None
+    skipped: bool = False
+
+
+def batch_chunks(grid: ChunkGrid, batch: int) -> Iterator[list[Chunk]]:
+    """Consecutive row-major chunks grouped by equal core shape, at most `batch` per group."""
+    group: list[Chunk] = []
+    for chunk in grid:
+        if group and (len(group) >= batch or chunk.shape != group[0].shape):
+            yield group
+            group = []
+        group.append(chunk)
+    if group:
+        yield group
+
+
+def _empty_prediction(chunk: Chunk) -> ChunkPrediction:
+    classes = np.full(chunk.shape, CLASS_NODATA, dtype=np.uint8)
+    return ChunkPrediction(chunk.window, classes, None, skipped=True)
+
+
+def _finish(chunk: Chunk, padded: np.ndarray, probs: np.ndarray, keep: bool) -> ChunkPrediction:
+    mask = nodata_mask(padded, chunk)
+    classes = probs.argmax(axis=0).astype(np.uint8)
+    classes[mask] = CLASS_NODATA
+    if not keep:
+        return ChunkPrediction(chunk.window, classes)
+    probs = np.array(probs, dtype=np.float32, copy=True)
+    probs[:, mask] = np.nan
+    return ChunkPrediction(chunk.window, classes, probs)
+
+
+def predict_chunks(
+    scene: str, chunks: Sequence[Chunk], predict: Predictor, probabilities: bool = True
+) -> list[ChunkPrediction]:
+    """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch."""
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(scene) as src:
+            arrays = [read_chunk(src, chunk) for chunk in chunks]
+    except RasterioIOError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "read error"
+        raise RasterInputError(
+            f"{scene}: not a readable raster at {chunks[0].window} ({reason}); "
+            "pass a valid GeoTIFF (re-download or re-export it)"
+        ) from None
+    live = [k for k, (c, a) in enumerate(zip(chunks, arrays)) if not core_is_empty(a, c)]
+    results: list[ChunkPrediction | None] = [None] * len(chunks)
+    if live:
+        probs = predict(np.stack([arrays[k] for k in live]))
+        for k, p in zip(live, probs):
+            results[k] = _finish(chunks[k], arrays[k], p, probabilities)
+    return [r if r is not None else _empty_prediction(c) for r, c in zip(results, chunks)]
+
+
+@contextmanager
+def dask_client(scheduler: str | None = None, workers: int = 1):
+    """A `distributed.Client`: connected to `scheduler` if given, else a local in-process one."""
+    from distributed import Client
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise TilesError(
+                f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
+                "one with `dask scheduler` or drop --scheduler to run locally"
+            ) from None
+    else:
+        client = Client(
+            processes=False, n_workers=1, threads_per_worker=workers, dashboard_address=None
+        )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def stream_predictions(
+    scene: str | os.PathLike,
+    predict: Predictor,
+    halo: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    batch: int = 1,
+    probabilities: bool = True,
+    scheduler: str | None = None,
+    client=None,
+    in_flight: int | None = None,
+    progress: bool = False,
+) -> Iterator[ChunkPrediction]:
+    """Yield the prediction of every chunk of `scene` (in completion order) as Dask tasks finish.
+
+    At most `in_flight` tasks (default 3x the cluster's threads, at least 2) are pending, so
+    memory stays bounded whatever the scene size. `client` reuses a `distributed.Client`;
+    otherwise one is connected to `scheduler` or started locally. The scene path must be
+    readable from the workers.
+    """
+    with rasterio.open(scene) as src:
+        height, width = src.height, src.width
+    grid = ChunkGrid(height, width, chunk, halo)
+    with dask_client(scheduler) if client is None else nullcontext(client) as active:
+        yield from _stream(
+            str(scene), grid, predict, batch, probabilities, active, in_flight, progress
+        )
+
+
+def _stream(scene, grid, predict, batch, probabilities, client, in_flight, progress):
+    """Keep `limit` chunk groups in flight; hand results over as they complete."""
+    from distributed import as_completed
+
+    threads = max(1, sum(client.nthreads().values()))
+    limit = in_flight or max(2, 3 * threads)
+    [model] = client.scatter([predict], broadcast=True, hash=False)
+    groups = batch_chunks(grid, max(1, batch))
+    pending = as_completed()
+    futures = set()
+
+    def submit() -> bool:
+        group = next(groups, None)
+        if group is None:
+            return False
+        fut = client.submit(predict_chunks, scene, group, model, probabilities, pure=False)
+        futures.add(fut)
+        pending.add(fut)
+        return True
+
+    bar = tqdm(total=len(grid), unit="chunk", disable=not progress or None, desc="predict")
+    try:
+        for _ in range(limit):
+            if not submit():
+                break
+        for fut in pending:
+            results = fut.result()
+            futures.discard(fut)
+            submit()
+            for result in results:
+                bar.update(1)
+                yield result
+    finally:
+        bar.close()
+        for fut in futures:
+            fut.cancel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic outputs
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output whose folder is missing, or that exists without `overwrite`."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; pass a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+    return path
+
+
+@dataclass
+class AtomicOutputs:
+    """Temporary files in each output's folder, renamed onto the outputs only by `commit`.
+
+    Used as a context manager: leaving it without `commit` (an error) removes every temporary
+    file, so no partial output is ever left behind.
+    """
+
+    pending: dict[Path, Path] = field(default_factory=dict)
+    scratch: list[Path] = field(default_factory=list)
+
+    def reserve(self, final: str | os.PathLike) -> Path:
+        """A fresh temporary path next to `final`, with the same suffix (drivers key on it)."""
+        final = Path(final)
+        self.pending[final] = temp_path(final)
+        return self.pending[final]
+
+    def swap(self, final: Path) -> tuple[Path, Path]:
+        """Give `final` a new temporary file; returns (old, new). The old one becomes scratch,
+        removed at the end (e.g. the tiled GeoTIFF a COG is made from)."""
+        old = self.pending[final]
+        self.scratch.append(old)
+        return old, self.reserve(final)
+
+    def commit(self) -> None:
+        for final, tmp in self.pending.items():
+            os.replace(tmp, final)
+            sidecar = final.with_name(final.name + ".aux.xml")
+            if final.suffix.lower() in (".tif", ".tiff") and sidecar not in self.pending:
+                _remove(sidecar)  # a stale PAM file would describe the old raster
+        self.pending.clear()
+        self.abort()
+
+    def abort(self) -> None:
+        """Remove every temporary and scratch file (after `commit`, only scratch is left)."""
+        for tmp in [*self.pending.values(), *self.scratch]:
+            _remove(tmp)
+            _remove(tmp.with_name(tmp.name + ".aux.xml"))
+        self.pending.clear()
+        self.scratch.clear()
+
+    def __enter__(self) -> AtomicOutputs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+def temp_path(final: Path) -> Path:
+    """An unused hidden file name in `final`'s folder ending like `final`."""
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
+    )
+    os.close(fd)
+    os.unlink(tmp)
+    return Path(tmp)
+
+
+def _remove(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# GeoTIFF writers
+
+
+def block_size(chunk: int) -> int:
+    """Largest GeoTIFF tile size (16..512) dividing the chunk, so writes touch whole blocks."""
+    for size in (512, 256, 128, 64, 32, 16):
+        if chunk % size == 0:
+            return size
+    return 256
+
+
+def _profile(scene: SceneInfo, count: int, dtype: str, nodata, block: int) -> dict:
+    profile = dict(
+        driver="GTiff",
+        width=scene.width,
+        height=scene.height,
+        count=count,
+        dtype=dtype,
+        nodata=nodata,
+        transform=scene.transform,
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+        compress="deflate",
+        BIGTIFF="IF_SAFER",
+    )
+    if scene.crs is not None:
+        profile["crs"] = scene.crs
+    return profile
+
+
+def category_names_xml(names: Sequence[str]) -> str:
+    """A GDAL PAM sidecar (.aux.xml) naming the categories of band 1 (GeoTIFF has no tag)."""
+    items = "".join(f"<Category>{escape(n)}</Category>" for n in names)
+    return (
+        '<PAMDataset>\n  <PAMRasterBand band="1">\n'
+        f"    <CategoryNames>{items}</CategoryNames>\n"
+        "  </PAMRasterBand>\n</PAMDataset>\n"
+    )
+
+
+class PredictionWriter:
+    """Single writer of the class map (and optional probabilities) through windowed writes.
+
+    Class map: uint8, nodata 255, tiled, deflate, color table, class names (band tag
+    `class_names`, GDAL category names in the .aux.xml sidecar). Probabilities: float32, one
+    band per class named after it, nodata NaN. Both carry exactly the scene's CRS and transform.
+    """
+
+    def __init__(
+        self,
+        scene: SceneInfo,
+        outputs: AtomicOutputs,
+        classes_path: str | os.PathLike,
+        class_names: Sequence[str],
+        class_colors: Sequence[tuple[int, int, int]],
+        probabilities_path: str | os.PathLike | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        if len(class_names) > CLASS_NODATA:
+            raise OutputError(f"{classes_path}: {len(class_names)} classes do not fit uint8")
+        self.scene, self.outputs = scene, outputs
+        self.names, self.colors = list(class_names), list(class_colors)
+        self.block = block_size(chunk)
+        self.classes_path = Path(classes_path)
+        self.probabilities_path = Path(probabilities_path) if probabilities_path else None
+        self.classes_tmp = outputs.reserve(self.classes_path)
+        self.probabilities_tmp = (
+            outputs.reserve(self.probabilities_path) if self.probabilities_path else None
+        )
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self._env.__enter__()
+        self._classes = self._probs = None
+        try:
+            self._classes = self._open_classes()
+            self._probs = self._open_probabilities() if self.probabilities_tmp else None
+        except Exception:
+            self.close()
+            raise
+
+    def _open_classes(self):
+        profile = _profile(self.scene, 1, "uint8", CLASS_NODATA, self.block)
+        dst = rasterio.open(self.classes_tmp, "w", **profile)
+        colormap = {i: (*self.colors[i % len(self.colors)], 255) for i in range(len(self.names))}
+        colormap[CLASS_NODATA] = (0, 0, 0, 0)
+        dst.write_colormap(1, colormap)
+        dst.set_band_description(1, "class")
+        dst.update_tags(1, class_names=",".join(self.names))
+        dst.update_tags(class_names=",".join(self.names))
+        return dst
+
+    def _open_probabilities(self):
+        profile = _profile(self.scene, len(self.names), "float32", float("nan"), self.block)
+        dst = rasterio.open(self.probabilities_tmp, "w", **profile)
+        for band, name in enumerate(self.names, start=1):
+            dst.set_band_description(band, name)
+        return dst
+
+    def write(self, prediction: ChunkPrediction) -> None:
+        """Write one chunk's core at its window (skipped chunks write nodata)."""
+        window = prediction.window
+        self._classes.write(prediction.classes, 1, window=window)
+        if self._probs is None:
+            return
+        probs = prediction.probabilities
+        if probs is None:
+            h, w = int(window.height), int(window.width)
+            probs = np.full((len(self.names), h, w), np.nan, dtype=np.float32)
+        self._probs.write(probs, window=window)
+
+    def close(self) -> None:
+        """Close the datasets (safe to call twice, also after an error)."""
+        for dst in (self._classes, self._probs):
+            if dst is not None and not dst.closed:
+                dst.close()
+        if self._env is not None:
+            self._env.__exit__(None, None, None)
+            self._env = None
+
+    def finish(self, cog: bool = False) -> None:
+        """Close, optionally convert to COG, and write the class map's category-name sidecar."""
+        self.close()
+        if cog:
+            self._to_cog()
+        aux = self.classes_path.with_name(self.classes_path.name + ".aux.xml")
+        self.outputs.reserve(aux).write_text(category_names_xml(self.names))
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _to_cog(self) -> None:
+        """Convert the finished tiled GeoTIFFs to Cloud-Optimized GeoTIFFs with overviews."""
+        targets = [(self.classes_path, self.classes_tmp, "NEAREST")]
+        if self.probabilities_path is not None:
+            targets.append((self.probabilities_path, self.probabilities_tmp, "AVERAGE"))
+        for final, _, resampling in targets:
+            tiled, cog = self.outputs.swap(final)
+            convert_to_cog(tiled, cog, resampling, self.block)
+        self.classes_tmp = self.outputs.pending[self.classes_path]
+        if self.probabilities_path is not None:
+            self.probabilities_tmp = self.outputs.pending[self.probabilities_path]
+
+
+def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> None:
+    """Copy a finished GeoTIFF to a COG with internal overviews (GDAL's COG driver)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        rasterio.shutil.copy(
+            src,
+            dst,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=max(block, 64),
+            OVERVIEW_RESAMPLING=resampling,
+            BIGTIFF="IF_SAFER",
+        )
