@@ -1,0 +1,148 @@
+"""`geodnn evaluate CHECKPOINT SCENE.tif --labels LABELS`: IoU per class, F1 and pixel accuracy.
+
+The scene is predicted chunk by chunk with the same seam-free path as `geodnn predict`, and each
+chunk is compared with the labels rasterized on that chunk's window, so memory stays bounded.
+`--split columns:0.7 --region validation` scores only the validation region of a spatial split
+(the region `geodnn tile` held out with the same options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geodnn import Checkpoint, load_checkpoint
+from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
+from tiles.grid import DEFAULT_CHUNK
+from tiles.labels import load_labels
+from tiles.raster import open_scene
+from tiles.split import Region, parse_split, split_regions
+
+from .errors import PipelineError
+from .predict import iter_predictions
+
+REGIONS = ("all", "train", "validation")
+
+
+@dataclass
+class Evaluation:
+    """Scores of a checkpoint on a labeled scene (or one region of it)."""
+
+    scores: SegmentationScores
+    class_names: list[str]
+    region: str
+
+    def to_dict(self) -> dict:
+        return {"region": self.region, **self.scores.to_dict(self.class_names)}
+
+    def table(self) -> str:
+        lines = [f"{'class':16s} {'IoU':>7s} {'F1':>7s}"]
+        for name, iou, f1 in zip(self.class_names, self.scores.iou, self.scores.f1):
+            lines.append(f"{name:16s} {iou:7.4f} {f1:7.4f}")
+        lines.append(
+            f"pixel accuracy {self.scores.pixel_accuracy:.4f} "
+            f"over {self.scores.pixels} labeled pixels ({self.region})"
+        )
+        return "\n".join(lines)
+
+
+def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str) -> Region | None:
+    """The rectangle to score, or None for the whole scene."""
+    if region == "all":
+        return None
+    if split is None:
+        raise PipelineError(f"--region {region} needs --split (e.g. --split columns:0.7)")
+    spec = parse_split(split, gap)
+    for box in split_regions(shape, spec):
+        if box.name == region or (region == "validation" and box.name.startswith("val")):
+            return box
+    raise PipelineError(f"the split {split} has no {region} region; use --region all")
+
+
+def clip(labels: np.ndarray, window, box: Region | None) -> np.ndarray:
+    """Mark label pixels outside `box` as ignored."""
+    if box is None:
+        return labels
+    rows = np.arange(window.row_off, window.row_off + window.height)
+    cols = np.arange(window.col_off, window.col_off + window.width)
+    inside = ((rows >= box.row0) & (rows < box.row1))[:, None] & (
+        (cols >= box.col0) & (cols < box.col1)
+    )[None, :]
+    return np.where(inside, labels, IGNORE_INDEX).astype(labels.dtype)
+
+
+def evaluate_scene(
+    checkpoint: str | os.PathLike | Checkpoint,
+    scene: str | os.PathLike,
+    labels: str | os.PathLike,
+    *,
+    class_attribute: str | None = None,
+    split: str | None = None,
+    gap: int = 32,
+    region: str = "all",
+    chunk: int = DEFAULT_CHUNK,
+    progress: bool = False,
+) -> Evaluation:
+    """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    info = open_scene(scene)
+    source = load_labels(labels, info, class_attribute=class_attribute)
+    classes = ckpt.config.classes
+    if source.classes > classes:
+        raise PipelineError(
+            f"{labels}: has {source.classes} classes but the model predicts {classes}; "
+            "pass labels with the classes the model was trained on (or --class-attribute)"
+        )
+    box = region_box(info.shape, split, gap, region)
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    for chunk_pred in iter_predictions(
+        ckpt, info.path, chunk=chunk, probabilities=False, progress=progress
+    ):
+        truth = clip(source.rasterize(chunk_pred.window), chunk_pred.window, box)
+        truth = np.where(chunk_pred.classes == IGNORE_INDEX, IGNORE_INDEX, truth)
+        confusion += confusion_matrix(
+            torch.from_numpy(chunk_pred.classes.astype(np.int64)),
+            torch.from_numpy(truth.astype(np.int64)),
+            classes,
+        )
+    return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a checkpoint against labels (IoU, F1, accuracy)",
+        description=__doc__,
+    )
+    p.add_argument("checkpoint", type=Path, help="model checkpoint (.pt) from `geodnn train`")
+    p.add_argument("scene", type=Path, help="GeoTIFF scene")
+    p.add_argument("--labels", type=Path, required=True, help="vector labels or a raster mask")
+    p.add_argument("--class-attribute", help="attribute holding the class of each feature")
+    p.add_argument("--split", help="spatial split used for tiling, e.g. columns:0.7")
+    p.add_argument("--gap", type=int, default=32, help="guard band of the split, in pixels")
+    p.add_argument("--region", choices=REGIONS, default="all", help="which part to score")
+    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate_scene(
+        args.checkpoint,
+        args.scene,
+        args.labels,
+        class_attribute=args.class_attribute,
+        split=args.split,
+        gap=args.gap,
+        region=args.region,
+        chunk=args.chunk,
+        progress=not args.json,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0

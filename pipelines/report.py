@@ -1,0 +1,247 @@
+"""The run report: metrics table, training curves, a prediction overlay and links to outputs.
+
+Written as report.md (reads well in a repository) and report.html (opens in a browser), with
+pictures as PNG files beside them. Reads rasters decimated, so it stays cheap for large scenes.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+from rasterio.enums import Resampling
+
+from .io import atomic_write_text, save_figure
+
+if TYPE_CHECKING:
+    from .run import Pipeline
+
+OVERVIEW_PIXELS = 1024
+
+
+def read_overview(path: Path, bands: list[int] | None = None) -> tuple[np.ndarray, rasterio.Affine]:
+    """A decimated read (longest side <= OVERVIEW_PIXELS) and its bounds-preserving scale."""
+    with rasterio.open(path) as src:
+        scale = max(src.width, src.height) / OVERVIEW_PIXELS
+        shape = (
+            max(1, round(src.height / max(scale, 1))),
+            max(1, round(src.width / max(scale, 1))),
+        )
+        data = src.read(
+            bands or list(range(1, min(src.count, 3) + 1)),
+            out_shape=(len(bands or range(min(src.count, 3))), *shape),
+            resampling=Resampling.nearest,
+            masked=True,
+        )
+        return data, src.bounds
+
+
+def stretch(image: np.ma.MaskedArray) -> np.ndarray:
+    """Per-band 2-98 % stretch to 0..1 for display; nodata shows black."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    for b, band in enumerate(image):
+        values = band.compressed()
+        if values.size == 0:
+            continue
+        lo, hi = np.percentile(values, [2, 98])
+        out[b] = np.clip((band.filled(lo) - lo) / max(hi - lo, 1e-6), 0, 1)
+    return out[0] if out.shape[0] == 1 else np.moveaxis(out, 0, -1)
+
+
+def overlay_png(p: Pipeline, path: Path) -> Path:
+    """Scene with the predicted classes on top, and the validation region outlined."""
+    from matplotlib.colors import ListedColormap
+
+    from geodnn import load_checkpoint
+
+    image, bounds = read_overview(p.input_path("image"))
+    classes, _ = read_overview(p.folder.classes, [1])
+    ckpt = load_checkpoint(p.folder.train_dir(p.config.solver) / "model.pt")
+    colors = np.array(ckpt.class_colors, dtype=float) / 255
+    extent = (bounds.left, bounds.right, bounds.bottom, bounds.top)
+    fig = Figure(figsize=(12, 6), layout="constrained")
+    ax_img, ax_map = fig.subplots(1, 2)
+    shown = stretch(image)
+    for ax in (ax_img, ax_map):
+        ax.imshow(shown, cmap="gray", extent=extent)
+        ax.ticklabel_format(useOffset=False, style="plain")
+        ax.tick_params(labelsize=7)
+    positive = np.ma.masked_where((classes[0] == 0) | np.ma.getmaskarray(classes[0]), classes[0])
+    ax_map.imshow(
+        positive,
+        cmap=ListedColormap(colors),
+        vmin=0,
+        vmax=len(colors) - 1,
+        extent=extent,
+        alpha=0.6,
+        interpolation="nearest",
+    )
+    outline_validation(ax_map, p, bounds)
+    ax_img.set_title("scene")
+    ax_map.set_title(f"predicted ({p.config.solver}); dashed: validation region")
+    save_figure(fig, path, dpi=110)
+    return path
+
+
+def outline_validation(ax, p: Pipeline, bounds) -> None:
+    from tiles.split import parse_split, split_regions
+
+    from .evaluate import region_box
+
+    tile = p.config["tile"]
+    with rasterio.open(p.input_path("image")) as src:
+        shape, transform = (src.height, src.width), src.transform
+    if len(split_regions(shape, parse_split(tile["split"], tile["gap"]))) < 2:
+        return
+    box = region_box(shape, tile["split"], tile["gap"], "validation")
+    x0, y0 = transform * (box.col0, box.row0)
+    x1, y1 = transform * (box.col1, box.row1)
+    ax.plot([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], "--", color="white", linewidth=1.5)
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    with path.open() as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def comparison_png(p: Pipeline, path: Path, positive: str) -> Path:
+    """Validation IoU of the positive class per solver, against iterations and against time."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_it, ax_t = fig.subplots(1, 2)
+    for solver in p.solvers:
+        rows = read_curve(p.folder.train_dir(solver) / "metrics.csv")
+        key = f"val_iou_{positive}"
+        ax_it.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
+        ax_t.plot([r["elapsed_s"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
+    ax_it.set(xlabel="iteration", ylabel=f"validation IoU ({positive})", title="per iteration")
+    ax_t.set(xlabel="seconds", ylabel=f"validation IoU ({positive})", title="per wall-clock time")
+    for ax in (ax_it, ax_t):
+        ax.legend()
+        ax.set_ylim(0, 1)
+    save_figure(fig, path)
+    return path
+
+
+def metrics_rows(p: Pipeline, evaluation: dict) -> list[list[str]]:
+    rows = []
+    for solver in p.solvers:
+        curve = read_curve(p.folder.train_dir(solver) / "metrics.csv")
+        last = curve[-1] if curve else {}
+        scores = evaluation[solver]
+        rows.append(
+            [solver]
+            + [f"{v:.3f}" for v in scores["iou"].values()]
+            + [
+                f"{list(scores['f1'].values())[-1]:.3f}",
+                f"{scores['pixel_accuracy']:.3f}",
+                f"{int(last.get('iteration', 0))}",
+                f"{last.get('elapsed_s', 0):.0f}",
+                f"{last.get('train_loss', float('nan')):.3f}",
+            ]
+        )
+    return rows
+
+
+def write_report(p: Pipeline) -> list[Path]:
+    root = p.folder.root
+    evaluation = json.loads(p.folder.evaluation.read_text())
+    names = list(evaluation[p.config.solver]["iou"])
+    overlay = overlay_png(p, root / "overlay.png")
+    comparison = comparison_png(p, root / "comparison.png", names[-1])
+    header = (
+        ["solver"]
+        + [f"IoU {n}" for n in names]
+        + [f"F1 {names[-1]}", "pixel accuracy", "iterations", "train seconds", "train loss"]
+    )
+    rows = metrics_rows(p, evaluation)
+    links = [
+        q
+        for q in (
+            p.folder.classes,
+            p.folder.probabilities,
+            p.folder.polygons,
+            p.folder.polygons.with_suffix(".qml"),
+        )
+        if q.exists()
+    ]
+    links += [p.folder.train_dir(s) / "model.pt" for s in p.solvers]
+    curves = [p.folder.train_dir(s) / "curves.png" for s in p.solvers]
+    rel = [str(q.relative_to(root)) for q in links]
+    md = markdown(
+        p,
+        header,
+        rows,
+        overlay.name,
+        comparison.name,
+        [str(c.relative_to(root)) for c in curves],
+        rel,
+    )
+    atomic_write_text(root / "report.md", md)
+    atomic_write_text(
+        root / "report.html",
+        to_html(p, header, rows, overlay.name, comparison.name, curves, rel, root),
+    )
+    return [root / "report.md", root / "report.html", overlay, comparison]
+
+
+def markdown(
+    p: Pipeline, header, rows, overlay: str, comparison: str, curves: list[str], links: list[str]
+) -> str:
+    lines = [
+        f"# geodnn run: {p.config.path.stem}",
+        "",
+        f"Scene `{p.input_path('image')}`; labels `{p.input_path('labels')}`; spatial split "
+        f"`{p.config['tile']['split']}` with a {p.config['tile']['gap']} px guard band. Scores are "
+        "on the validation region only (held out from training, halos included).",
+        "",
+        "## Validation metrics",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "## Prediction",
+        "",
+        f"![prediction overlay]({overlay})",
+        "",
+        "## Training curves",
+        "",
+        f"![validation IoU per solver]({comparison})",
+        "",
+        *(f"![{c}]({c})" for c in curves),
+        "",
+        "## Outputs",
+        "",
+        *(f"- [{q}]({q})" for q in links),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def to_html(p: Pipeline, header, rows, overlay, comparison, curves, links, root: Path) -> str:
+    esc = html.escape
+    table = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>\n"
+    table += "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>\n" for r in rows)
+    imgs = "".join(f'<img src="{esc(str(c.relative_to(root)))}" width="700">' for c in curves)
+    items = "".join(f'<li><a href="{esc(q)}">{esc(q)}</a></li>' for q in links)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>geodnn run: {esc(p.config.path.stem)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #bbb;padding:4px 8px;text-align:right}}
+</style></head><body>
+<h1>geodnn run: {esc(p.config.path.stem)}</h1>
+<p>Scene <code>{esc(str(p.input_path("image")))}</code>; split
+<code>{esc(p.config["tile"]["split"])}</code>, guard band {p.config["tile"]["gap"]} px.
+Scores are on the held-out validation region.</p>
+<h2>Validation metrics</h2><table>{table}</table>
+<h2>Prediction</h2><img src="{esc(overlay)}" width="1100">
+<h2>Training curves</h2><img src="{esc(comparison)}" width="900"><br>{imgs}
+<h2>Outputs</h2><ul>{items}</ul>
+</body></html>
+"""

@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+import geodnn
+from geodnn.metrics import confusion_matrix
+from pipelines.cli import main
+from pipelines.evaluate import evaluate_scene
+from tiles.labels import load_labels
+from tiles.raster import open_scene
+
+
+@pytest.fixture
+def atlanta(data_dir, tmp_path):
+    scene = data_dir / "atlanta-buildings" / "image.tif"
+    labels = data_dir / "atlanta-buildings" / "buildings.geojson"
+    model = geodnn.build_model(bands=1, classes=2, depth=2, width=4, seed=5, init="kaiming")
+    with rasterio.open(scene) as src:
+        image = src.read(1, masked=True)
+    model.set_normalization([float(image.mean())], [float(image.std())])
+    ckpt = tmp_path / "model.pt"
+    geodnn.save_checkpoint(model, ckpt, class_names=["background", "building"])
+    return scene, labels, ckpt, model
+
+
+def whole_scene_confusion(scene, labels, model, cols=None):
+    """Reference: whole-image prediction (reflect padded) against whole-scene labels."""
+    info = open_scene(scene)
+    with rasterio.open(scene) as src:
+        image = src.read(masked=True).astype("float32").filled(np.nan)
+    r = model.receptive_radius
+    padded = np.pad(image, ((0, 0), (r, r), (r, r)), mode="reflect")
+    with torch.no_grad():
+        pred = model.forward_valid(torch.from_numpy(padded)[None])[0].argmax(0)
+    truth = load_labels(labels, info).rasterize(Window(0, 0, info.width, info.height), image)
+    truth = torch.from_numpy(truth.astype(np.int64))
+    if cols is not None:
+        truth[:, : cols[0]] = 255
+        truth[:, cols[1] :] = 255
+    return confusion_matrix(pred, truth, 2)
+
+
+def test_streamed_confusion_equals_whole_scene_reference(atlanta):
+    scene, labels, ckpt, model = atlanta
+    result = evaluate_scene(ckpt, scene, labels, chunk=256)
+    assert torch.equal(result.scores.confusion, whole_scene_confusion(scene, labels, model))
+    assert result.scores.confusion[1].sum() > 0  # the buildings are there
+
+
+def test_validation_region_scores_only_held_out_columns(atlanta):
+    scene, labels, ckpt, model = atlanta
+    result = evaluate_scene(
+        ckpt, scene, labels, split="columns:0.7", gap=32, region="validation", chunk=300
+    )
+    # 900 columns: split at 630, guard band of 32 centred on it -> validation from column 646
+    reference = whole_scene_confusion(scene, labels, model, cols=(646, 900))
+    assert torch.equal(result.scores.confusion, reference)
+
+
+def test_cli_prints_json(atlanta, capsys):
+    scene, labels, ckpt, _ = atlanta
+    code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["iou"]) == {"background", "building"} and 0 <= out["pixel_accuracy"] <= 1
+
+
+def test_labels_with_more_classes_than_the_model_fail_clearly(atlanta, tmp_path, capsys):
+    scene, labels, ckpt, _ = atlanta
+    import geopandas as gpd
+
+    frame = gpd.read_file(labels)
+    frame["kind"] = [f"k{i % 3}" for i in range(len(frame))]
+    multi = tmp_path / "multi.gpkg"
+    frame.to_file(multi)
+    code = main(
+        ["evaluate", str(ckpt), str(scene), "--labels", str(multi), "--class-attribute", "kind"]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model predicts 2" in err and "\n" not in err
+
+
+def test_region_without_split_is_an_error(atlanta, capsys):
+    scene, labels, ckpt, _ = atlanta
+    code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--region", "train"])
+    assert code == 2 and "needs --split" in capsys.readouterr().err
