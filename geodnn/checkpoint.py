@@ -19,21 +19,6 @@ from .model import ChainConfig, ChainNet
 FORMAT = "geodnn.checkpoint"
 VERSION = 1
 
-# A palette that reads well on imagery: background transparent-grey, then strong distinct colors.
-DEFAULT_COLORS = [
-    (0, 0, 0),
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-]
-
 
 @dataclass
 class Checkpoint:
@@ -64,7 +49,10 @@ def default_class_names(classes: int) -> list[str]:
 
 
 def default_class_colors(classes: int) -> list[tuple[int, int, int]]:
-    return [DEFAULT_COLORS[i % len(DEFAULT_COLORS)] for i in range(classes)]
+    """A grey ramp, black to white: only for checkpoints saved without colors (training stores
+    the tile store's palette in every checkpoint)."""
+    steps = max(classes - 1, 1)
+    return [(round(255 * i / steps),) * 3 for i in range(classes)]
 
 
 def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
