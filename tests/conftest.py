@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
+from rasterio.windows import Window
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -54,5 +55,45 @@ def make_geotiff(tmp_path):
     def make(array: np.ndarray, name: str | None = None, **kwargs) -> Path:
         path = tmp_path / (name or f"scene_{next(counter)}.tif")
         return write_geotiff(path, array, **kwargs)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def store(data_dir, tmp_path_factory):
+    """A small tile store from a 320x320 crop of the Vegas roads scene (keeps tests fast)."""
+    from pipelines.tile import build_store
+
+    root = tmp_path_factory.mktemp("vegas")
+    paths = {}
+    for name in ("image", "roads"):
+        with rasterio.open(data_dir / "vegas-roads" / f"{name}.tif") as src:
+            window = Window(500, 600, 320, 320)
+            profile = src.profile | {
+                "width": 320,
+                "height": 320,
+                "transform": src.window_transform(window),
+            }
+            paths[name] = root / f"{name}.tif"
+            with rasterio.open(paths[name], "w", **profile) as dst:
+                dst.write(src.read(window=window))
+    return build_store(paths["image"], paths["roads"], root / "tiles.zarr", tile=64, gap=16)
+
+
+@pytest.fixture
+def train_config(tmp_path):
+    """Factory: a tiny training config (depth 2, width 4, epochs of 3 iterations) for a store."""
+
+    def make(store, solver="adam", iterations=6, extra=""):
+        from pipelines.config import load_config
+
+        path = tmp_path / f"job-{solver}.toml"
+        path.write_text(
+            f'[data]\nstore = "{store}"\ncrop = 32\nval_tiles = 4\n'
+            "[model]\ndepth = 2\nwidth = 4\ndilations = [1, 2]\n"
+            f'[train]\nsolver = "{solver}"\niterations = {iterations}\nepoch = 3\n'
+            "batch_size = 4\n" + extra
+        )
+        return load_config(path)
 
     return make

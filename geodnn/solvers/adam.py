@@ -1,0 +1,112 @@
+"""The accuracy reference: backpropagation with Adam on the same ChainNet, batches and loss."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from ..data import Batches
+from ..errors import GeodnnError
+from ..model import ChainNet
+from .admm import make_pool
+from .base import LossWatch
+from .subproblems import weighted_cross_entropy
+
+
+@dataclass
+class AdamSettings:
+    """Hyperparameters of the Adam baseline (the [adam] table of a training config)."""
+
+    batch_size: int = 16  # crops per step
+    lr: float = 3e-3  # Adam learning rate
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    slots: int = 4  # the same crop stream as ADMM's stem: CropPool(slots, refresh_every)
+    refresh_every: int = 0  # 0: auto, as ADMM (S R >= 2 x number of layers)
+    class_weights: list[float] | None = None  # per-class loss weights (None = equal)
+    max_iterations: int = 0  # stopping rule (0 = no limit)
+    patience: int = 0  # stop after this many steps without a new best loss (0 = never)
+    divergence_factor: float = 20.0  # DivergenceError when loss > factor x best loss so far
+    divergence_warmup: int = 10
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AdamSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GeodnnError(
+                f"unknown [adam] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        settings = cls(**values)
+        if settings.batch_size < 1 or not settings.lr > 0 or settings.slots < 1:
+            raise GeodnnError("invalid [adam] settings: batch_size >= 1, lr > 0, slots >= 1")
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdamSolver:
+    """Backprop + Adam; batch t is the crop pool's stem batch of iteration t, as in ADMM."""
+
+    def __init__(self, model: ChainNet, data: Batches, settings: AdamSettings, seed: int) -> None:
+        self.model = model
+        self.data = data
+        self.settings = settings
+        self.seed = int(seed)
+        self.pool = make_pool(settings, len(data), len(model.layers), self.seed)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(),
+            lr=settings.lr,
+            betas=(settings.beta1, settings.beta2),
+            weight_decay=settings.weight_decay,
+        )
+        cw = settings.class_weights
+        self._weights = torch.tensor(cw, dtype=torch.float32) if cw else None
+        self.iteration = 0
+        self.watch = LossWatch(
+            settings.divergence_factor,
+            settings.divergence_warmup,
+            settings.max_iterations,
+            settings.patience,
+        )
+
+    def step(self) -> dict[str, float]:
+        x, y = self.data.get(self.pool.batch_at(self.iteration))
+        device = self.model.band_mean.device
+        weights = None if self._weights is None else self._weights.to(device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = weighted_cross_entropy(self.model(x.to(device)), y.to(device), weights)
+        value = float(loss.detach())
+        self.watch.update(value, self.iteration, "Adam")
+        loss.backward()
+        self.optimizer.step()
+        self.iteration += 1
+        return {"loss": value}
+
+    def finished(self) -> str | None:
+        return self.watch.finished(self.iteration)
+
+    def state_dict(self) -> dict:
+        return {
+            "solver": "adam",
+            "iteration": self.iteration,
+            "seed": self.seed,
+            "settings": self.settings.to_dict(),
+            "model": {k: v.clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "watch": self.watch.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("solver") != "adam":
+            raise GeodnnError(
+                "checkpoint solver state is not Adam's; resume with the solver it was made by"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.watch.load_state_dict(state["watch"])

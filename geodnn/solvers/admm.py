@@ -1,0 +1,521 @@
+"""Gradient-free, layer-parallel training of a ChainNet: a pipelined local-solve ADMM over a
+crop pool.
+
+API notes for the runtime (geodnn.parallel) and the trainer; changes from the brief are listed.
+- `layer_step(state, below, above, pool, data, iteration, settings) -> StepResult` is pure: it
+  reads only its arguments, returns a NEW LayerState and never writes into the old one's tensors.
+- Messages: `up` is the layer's real activation relu(W p + b) for slot (t - l) mod S
+  (B, C_out, h, w); `down` is the input change dp it asks of its lower neighbour (B, C_in, h, w)
+  for the slot its upper neighbour's request was about. Both carry (slot, generation). The stem
+  sends no `down`, the head no `up`.
+- CHANGE: LayerState stores each slot's real INPUT (not the upper layer's request): a request is
+  used the iteration it arrives, on the stored input of its slot. The head updates on arrival.
+- CHANGE: build the pool with `make_pool(settings, len(data), num_layers, seed)` (refresh_every
+  0 = auto). `data` is read by the stem (images) and the head (labels) only.
+- The stem's state carries the model's band normalization; the head reads settings.class_weights.
+- `init_layer_states(model, settings, indices=None)`: `indices` builds only those layers' states
+  (a rank's block).
+- Beyond the Solver protocol, AdmmSolver.step() also returns max_layer_s (the ideal
+  layer-parallel time of the iteration), sum_layer_s (sequential), head_loss (the head's loss on
+  its pipelined input), max_rel_step and layers_updated; `layer_stats` holds each layer's stats.
+  "loss" is the real network's plain-forward loss on the stem's batch of iteration t (monitor =
+  true; with monitor = false it is head_loss and costs nothing extra). `finished()` applies the
+  stopping rule (max_iterations, patience).
+
+The schedule
+------------
+A pool of P = S x B crops sits in S slots. At iteration t every layer l, from the previous
+iteration's messages only (Jacobi; all layers at once), does two halves:
+- forward: takes the activation of slot (t - l) mod S that l - 1 computed at t - 1, stores it as
+  the slot's input and sends relu(W p + b) up. The network that is fed forward is the REAL one
+  (weights at most one iteration stale per layer, as in PipeDream); there is no relaxed copy of
+  the activations, hence no relaxation gap (the failure of probe 1).
+- backward: takes the request dq that l + 1 sent at t - 1 for some slot k, forms a target on the
+  stored input p_k of that slot, solves its local subproblems, and sends its own request down.
+The head does both halves on its fresh input. So requests travel down one layer per iteration
+and the crops of a slot must stay until they reach the stem: a slot's crops are replaced every
+R stem visits (generation + 1) with S R >= 2 L by default; a request for an older generation than
+the stored input is dropped (with the slot's dual).
+
+The local subproblems of one backward half (geodnn.solvers.subproblems), on slot input p:
+1. z0 = W p + b.
+2. Target z*. Head: per-pixel proximal step on class-weighted cross-entropy with the ignore
+   index, argmin CE(z; y) + head_nu/2 ||z - z0||^2 (Newton). Hidden: want = relu(z0) + dq;
+   q = (nu relu(z0) + u + rho want) / (nu + rho); then the closed-form ReLU z-step
+   argmin (z - z0)^2 + relu_fit (q - relu(z))^2 (it can switch an off unit on).
+3. W-step: ridge least squares dW = argmin mean||dW [x;1] - (z* - z0)||^2 + lam ||dW||^2 over the
+   slot's patches; the patch Gram is an exponentially decayed running mean across iterations (a
+   bounded mini-batch curvature estimate, subsampled by gram_stride), the step is capped to a
+   relative trust region max_rel_step.
+4. p-step: dp = argmin ||W dp - (z* - z0)||^2 + p_rho ||dp||^2 with the weights W of the previous
+   iterate (Jacobi; p_after_w: the residual z* - W_new p - b_new of the new weights instead) by
+   cg_steps CG iterations (conv2d and its adjoint conv_transpose2d), times p_damping: the request
+   sent down. With request_gain > 0 it is rescaled to request_gain x the incoming request's rms:
+   the ReLU mask and the q- and z-step gains shrink requests ~2-5x per layer otherwise, and layers
+   far from the head would barely move (1.0 diverged at depth 16; 0.7 is the default).
+5. Dual (switch `dual`): u += rho (want - q).
+
+Memory per layer (float32, resident), P = S B crops of h x w pixels, D = C_in k^2 + 1:
+    stored inputs   P h w C_in 4 bytes   (+ P h w C_out 4 bytes with the dual switched on)
+    patch Gram      D^2 4 bytes;   weights and bias  C_out D 4 bytes
+`layer_memory_formula` evaluates it and `layer_state_bytes` measures a state. Transient per step:
+one slot's output, target and request, about B h w (C_in + 3 C_out) 4 bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+from torch.nn import functional as F
+
+from ..data import Batches
+from ..errors import DivergenceError, GeodnnError
+from ..model import ChainNet
+from .base import LossWatch
+from .pool import CropPool, auto_refresh
+from .subproblems import (
+    cg_p_step,
+    head_prox,
+    patch_cross,
+    patch_gram,
+    relu_z_step,
+    ridge_w_step,
+    weighted_cross_entropy,
+)
+
+
+@dataclass
+class AdmmSettings:
+    """Hyperparameters of the ADMM solver (the [admm] table of a training config)."""
+
+    batch_size: int = 16  # B: crops per slot (mini-batch)
+    slots: int = 4  # S: slots in the crop pool; each layer revisits a slot every S iterations
+    refresh_every: int = 0  # stem visits of a slot before its crops change (0: auto, S R >= 2 L)
+    head_nu: float = 1.0  # head prox weight: larger = smaller per-pixel logit steps
+    head_nu_growth: float = 1.0  # continuation: head_nu is multiplied by this each iteration
+    head_nu_max: float = 1e6  # upper bound of the continuation
+    head_newton_steps: int = 4  # Newton iterations of the per-pixel head prox
+    nu: float = 1.0  # hidden q-step: pull of q towards relu(z0)
+    rho: float = 4.0  # hidden q-step: pull of q towards the requested output (and dual step)
+    relu_fit: float = 9.0  # ReLU z-step: weight of relu(z) ~ q against z ~ z0
+    dual: bool = False  # keep and update the dual u on each boundary (per slot)
+    lam: float = 0.01  # ridge pull of the W-step towards the old weights
+    gram_decay: float = 0.9  # running patch Gram: G <- decay G + (1 - decay) G_batch
+    gram_stride: int = 3  # Gram from every gram_stride-th pixel row/column (cost / stride^2)
+    max_rel_step: float = 0.05  # trust region: ||dW|| <= max_rel_step ||W|| (0 = no cap)
+    normalized_step: float = 0.0  # > 0: every W-step rescaled to this relative size (LARS-like)
+    cg_steps: int = 1  # CG iterations of the p-step
+    p_rho: float = 0.1  # Tikhonov weight of the p-step
+    p_damping: float = 1.0  # factor on the input change sent down
+    p_after_w: bool = False  # p-step on the residual left by the NEW weights (else: old, Jacobi)
+    request_gain: float = 0.7  # > 0: the request sent down gets this x the incoming one's rms
+    class_weights: list[float] | None = None  # per-class loss weights (None = equal)
+    max_iterations: int = 0  # stopping rule: stop after this many iterations (0 = no limit)
+    patience: int = 0  # stopping rule: stop after this many iterations without a new best loss
+    divergence_factor: float = 20.0  # DivergenceError when loss > factor x best loss so far
+    divergence_warmup: int = 10  # iterations before the loss-ratio check starts
+    monitor: bool = True  # measure the real network's loss every step (one plain forward)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> AdmmSettings:
+        """Settings from a config table; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GeodnnError(
+                f"unknown [admm] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        ints = ("batch_size", "slots", "gram_stride")
+        bad = [n for n in ints if int(getattr(self, n)) < 1]
+        bad += ["refresh_every"] if self.refresh_every < 0 else []
+        bad += [n for n in ("head_nu", "nu", "rho", "relu_fit") if not getattr(self, n) > 0]
+        bad += [n for n in ("lam", "p_rho") if not getattr(self, n) >= 0]
+        if not 0 <= self.gram_decay < 1:
+            bad.append("gram_decay")
+        if bad:
+            raise GeodnnError(
+                f"invalid [admm] setting(s) {', '.join(bad)}: counts >= 1, penalties > 0, "
+                "lam and p_rho >= 0, 0 <= gram_decay < 1"
+            )
+
+    def head_nu_at(self, iteration: int) -> float:
+        """Continuation of the head prox weight (a pure function of the iteration)."""
+        if self.head_nu_growth == 1.0:
+            return self.head_nu
+        grown = self.head_nu * math.exp(iteration * math.log(self.head_nu_growth))
+        return float(min(grown, self.head_nu_max))
+
+
+@dataclass
+class Message:
+    """A boundary tensor for one slot of the pool at one generation."""
+
+    slot: int
+    generation: int
+    tensor: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {"slot": self.slot, "generation": self.generation, "tensor": self.tensor}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Message | None:
+        return None if d is None else cls(int(d["slot"]), int(d["generation"]), d["tensor"])
+
+
+@dataclass
+class LayerState:
+    """Everything layer `index` owns: weights, running Gram, per-slot inputs and duals."""
+
+    index: int
+    num_layers: int
+    kernel_size: int
+    dilation: int
+    weight: torch.Tensor
+    bias: torch.Tensor
+    gram: torch.Tensor | None = None
+    inputs: list = field(default_factory=list)  # per slot: real input (B, C_in, h, w) or None
+    input_generation: list = field(default_factory=list)  # per slot: its generation or -1
+    duals: list = field(default_factory=list)  # per slot: Tensor (B, C_out, h, w) or None
+    band_mean: torch.Tensor | None = None  # stem only: per-band normalization
+    band_std: torch.Tensor | None = None
+    updates: int = 0  # W-steps taken
+
+    @property
+    def is_stem(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_head(self) -> bool:
+        return self.index == self.num_layers - 1
+
+    @property
+    def padding(self) -> int:
+        return self.dilation * (self.kernel_size - 1) // 2
+
+    def state_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["inputs"] = list(self.inputs)
+        d["input_generation"] = [int(g) for g in self.input_generation]
+        d["duals"] = list(self.duals)
+        return d
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> LayerState:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass
+class StepResult:
+    """What one layer step returns: its new state and the messages for its neighbours."""
+
+    state: LayerState
+    up: Message | None
+    down: Message | None
+    stats: dict[str, float]
+
+
+def init_layer_states(
+    model: ChainNet, settings: AdmmSettings, indices: Iterable[int] | None = None
+) -> list[LayerState]:
+    """One LayerState per layer of `model` (or per layer in `indices`), weights copied."""
+    layers = list(model.layers)
+    states = []
+    for i in range(len(layers)) if indices is None else indices:
+        layer = layers[i]
+        spec = layer.spec
+        states.append(
+            LayerState(
+                index=i,
+                num_layers=len(layers),
+                kernel_size=spec.kernel_size,
+                dilation=spec.dilation,
+                weight=layer.conv.weight.detach().clone(),
+                bias=layer.conv.bias.detach().clone(),
+                inputs=[None] * settings.slots,
+                input_generation=[-1] * settings.slots,
+                duals=[None] * settings.slots,
+                band_mean=model.band_mean.detach().clone() if i == 0 else None,
+                band_std=model.band_std.detach().clone() if i == 0 else None,
+            )
+        )
+    return states
+
+
+def make_pool(settings, size: int, num_layers: int, seed: int) -> CropPool:
+    """The crop pool of a run: `size` data crops, settings' slots, batch size and refresh."""
+    refresh = settings.refresh_every or auto_refresh(settings.slots, num_layers)
+    return CropPool(size, settings.slots, settings.batch_size, refresh, seed)
+
+
+def write_back(states: list[LayerState], model: ChainNet) -> None:
+    """Copy every state's weights into the real network."""
+    with torch.no_grad():
+        for state in states:
+            conv = model.layers[state.index].conv
+            conv.weight.copy_(state.weight)
+            conv.bias.copy_(state.bias)
+
+
+def layer_state_bytes(state: LayerState) -> int:
+    """Resident bytes of a layer's state (weights, Gram, stored inputs and duals)."""
+    tensors = [state.weight, state.bias, state.gram, *state.inputs, *state.duals]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def layer_memory_formula(
+    c_in: int, c_out: int, kernel_size: int, crops: int, h: int, w: int, dual: bool, head: bool
+) -> int:
+    """The documented resident memory of one layer in bytes (see the module docstring)."""
+    d = c_in * kernel_size**2 + 1
+    stored = crops * h * w * 4 * (c_in + (c_out if dual and not head else 0))
+    return stored + d * d * 4 + c_out * d * 4
+
+
+def _rms(t: torch.Tensor) -> float:
+    return float(t.pow(2).mean().sqrt())
+
+
+def _conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: LayerState):
+    return F.conv2d(p, weight, bias, padding=s.padding, dilation=s.dilation)
+
+
+def _stem_input(state: LayerState, pool: CropPool, data: Batches, slot: int, gen: int):
+    x, _ = data.get(pool.indices(slot, gen))
+    x = x.to(state.weight.device, torch.float32)
+    x = (x - state.band_mean.view(1, -1, 1, 1)) / state.band_std.view(1, -1, 1, 1)
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _hidden_target(state, z0, request, dual, settings: AdmmSettings):
+    """ReLU layer: q-step towards the request, then the closed-form z-step."""
+    act = torch.relu(z0)
+    want = act + request
+    u = dual if dual is not None else torch.zeros_like(z0)
+    q = (settings.nu * act + u + settings.rho * want) / (settings.nu + settings.rho)
+    z_star = relu_z_step(z0, q, settings.relu_fit)
+    new_dual = u + settings.rho * (want - q) if settings.dual else None
+    return z_star, new_dual
+
+
+def _head_target(state, z0, pool, data, slot, gen, iteration, settings, stats):
+    """Head: per-pixel proximal cross-entropy step towards the slot's labels."""
+    _, labels = data.get(pool.indices(slot, gen))
+    labels = labels.to(z0.device)
+    cw = settings.class_weights
+    weights = torch.tensor(cw, dtype=z0.dtype, device=z0.device) if cw else None
+    stats["head_loss"] = float(weighted_cross_entropy(z0, labels, weights))
+    nu = settings.head_nu_at(iteration)
+    return head_prox(z0, labels, weights, nu, settings.head_newton_steps)
+
+
+def _local_update(state, p, z0, z_star, settings, weight, bias, gram, stats):
+    """W-step (ridge on patches, running Gram) and p-step (CG) for one slot."""
+    dz = z_star - z0
+    old_weight = weight
+    g_batch = patch_gram(p, state.kernel_size, state.dilation, state.padding, settings.gram_stride)
+    decay = settings.gram_decay
+    gram = g_batch if gram is None else decay * gram + (1 - decay) * g_batch
+    cross = patch_cross(p, dz, weight.shape, state.dilation, state.padding)
+    try:
+        weight, bias, rel = ridge_w_step(
+            weight, bias, gram, cross, settings.lam, settings.max_rel_step, settings.normalized_step
+        )
+    except torch.linalg.LinAlgError:  # a singular Gram with lam = 0
+        weight = torch.full_like(weight, math.nan)
+        rel = math.nan
+    stats["rel_step"] = rel
+    stats["dz_rms"] = float(dz.pow(2).mean().sqrt())
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise DivergenceError(
+            f"ADMM diverged: layer {state.index} got non-finite weights; raise [admm] lam or "
+            "head_nu, or lower max_rel_step, and resume from the last checkpoint"
+        )
+    dp = None
+    if not state.is_stem:
+        if settings.p_after_w:
+            residual, op = z_star - _conv(p, weight, bias, state), weight
+        else:
+            residual, op = dz, old_weight
+        dp = cg_p_step(
+            residual, op, state.dilation, state.padding, settings.p_rho, settings.cg_steps
+        )
+        dp = dp * settings.p_damping
+    return weight, bias, gram, dp
+
+
+@torch.no_grad()
+def layer_step(
+    state: LayerState,
+    below: Message | None,
+    above: Message | None,
+    pool: CropPool,
+    data: Batches | None,
+    iteration: int,
+    settings: AdmmSettings,
+) -> StepResult:
+    """One update of one layer from its neighbours' messages of the previous iteration.
+
+    Backward half: the request `above` (for the slot l + 1 just updated) is turned into a target
+    on this layer's stored input for that slot: W-step, then the request `down` for l - 1.
+    Forward half: the fresh input for slot (t - l) mod S is stored and relu(W p + b) is sent up.
+    The head does both halves on its fresh input (it reads the slot's labels).
+    """
+    inputs, gens, duals = list(state.inputs), list(state.input_generation), list(state.duals)
+    weight, bias, gram, updates = state.weight, state.bias, state.gram, state.updates
+    stats: dict[str, float] = {}
+    down = None
+    if above is not None and not state.is_head and gens[above.slot] == above.generation:
+        k = above.slot
+        p = inputs[k]
+        z0 = _conv(p, weight, bias, state)
+        z_star, duals[k] = _hidden_target(state, z0, above.tensor, duals[k], settings)
+        weight, bias, gram, dp = _local_update(
+            state, p, z0, z_star, settings, weight, bias, gram, stats
+        )
+        updates += 1
+        if dp is not None and settings.request_gain > 0:
+            dp = dp * (settings.request_gain * _rms(above.tensor) / max(_rms(dp), 1e-30))
+        down = None if dp is None else Message(k, above.generation, dp)
+
+    slot = pool.slot_at(iteration, state.index)
+    gen = pool.generation(iteration, state.index)
+    up = None
+    if gen >= 0 and (state.is_stem or below is not None):
+        if state.is_stem:
+            p = _stem_input(state, pool, data, slot, gen)
+        else:
+            if below.slot != slot or below.generation != gen:
+                raise RuntimeError(
+                    f"layer {state.index} at iteration {iteration} expected slot {slot} "
+                    f"generation {gen} from below, got slot {below.slot} generation "
+                    f"{below.generation}"
+                )
+            p = below.tensor
+        if gens[slot] != gen:
+            duals[slot] = None
+        inputs[slot], gens[slot] = p, gen
+        if state.is_head:
+            z0 = _conv(p, weight, bias, state)
+            z_star = _head_target(state, z0, pool, data, slot, gen, iteration, settings, stats)
+            weight, bias, gram, dp = _local_update(
+                state, p, z0, z_star, settings, weight, bias, gram, stats
+            )
+            updates += 1
+            down = Message(slot, gen, dp)
+        else:
+            up = Message(slot, gen, torch.relu(_conv(p, weight, bias, state)))
+    new_state = replace(
+        state,
+        weight=weight,
+        bias=bias,
+        gram=gram,
+        updates=updates,
+        inputs=inputs,
+        input_generation=gens,
+        duals=duals,
+    )
+    return StepResult(new_state, up, down, stats)
+
+
+class AdmmSolver:
+    """Single-process driver: every iteration all layers step from the previous iteration's
+    messages (Jacobi), then the messages are delivered. The N-rank runtime must match it."""
+
+    def __init__(self, model: ChainNet, data: Batches, settings: AdmmSettings, seed: int) -> None:
+        self.model = model
+        self.data = data
+        self.settings = settings
+        self.seed = int(seed)
+        self.pool = make_pool(settings, len(data), len(model.layers), self.seed)
+        self.states = init_layer_states(model, settings)
+        n = len(self.states)
+        self.ups: list[Message | None] = [None] * n  # ups[l]: sent by l to l + 1
+        self.downs: list[Message | None] = [None] * n  # downs[l]: sent by l to l - 1
+        self.iteration = 0
+        self.layer_stats: list[dict[str, float]] = []  # per-layer stats of the last step
+        self.watch = LossWatch(
+            settings.divergence_factor,
+            settings.divergence_warmup,
+            settings.max_iterations,
+            settings.patience,
+        )
+        cw = settings.class_weights
+        self._weights = torch.tensor(cw, dtype=torch.float32) if cw else None
+
+    def step(self) -> dict[str, float]:
+        t, n = self.iteration, len(self.states)
+        results, times = [], []
+        for i, state in enumerate(self.states):
+            below = self.ups[i - 1] if i > 0 else None
+            above = self.downs[i + 1] if i + 1 < n else None
+            start = time.perf_counter()
+            results.append(layer_step(state, below, above, self.pool, self.data, t, self.settings))
+            times.append(time.perf_counter() - start)
+        self.states = [r.state for r in results]
+        self.ups = [r.up for r in results]
+        self.downs = [r.down for r in results]
+        self.layer_stats = [r.stats for r in results]
+        write_back(self.states, self.model)
+        stats = {"max_layer_s": max(times), "sum_layer_s": sum(times)}
+        rel = [r.stats["rel_step"] for r in results if "rel_step" in r.stats]
+        stats["max_rel_step"] = max(rel) if rel else 0.0
+        stats["layers_updated"] = float(len(rel))
+        head = results[-1].stats.get("head_loss")
+        if head is not None:
+            stats["head_loss"] = head
+        if self.settings.monitor:
+            stats["loss"] = self.batch_loss(t)
+        elif head is not None:
+            stats["loss"] = head
+        if "loss" in stats:
+            self.watch.update(stats["loss"], t, "ADMM")
+        self.iteration = t + 1
+        return stats
+
+    @torch.no_grad()
+    def batch_loss(self, iteration: int) -> float:
+        """The real network's (plain forward) loss on the stem's batch of `iteration`."""
+        x, y = self.data.get(self.pool.batch_at(iteration))
+        device = self.model.band_mean.device
+        weights = None if self._weights is None else self._weights.to(device)
+        return float(weighted_cross_entropy(self.model(x.to(device)), y.to(device), weights))
+
+    def finished(self) -> str | None:
+        return self.watch.finished(self.iteration)
+
+    def state_dict(self) -> dict:
+        return {
+            "solver": "admm",
+            "iteration": self.iteration,
+            "seed": self.seed,
+            "settings": self.settings.to_dict(),
+            "layers": [s.state_dict() for s in self.states],
+            "ups": [m.to_dict() if m else None for m in self.ups],
+            "downs": [m.to_dict() if m else None for m in self.downs],
+            "watch": self.watch.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("solver") != "admm" or len(state["layers"]) != len(self.states):
+            raise GeodnnError(
+                "checkpoint solver state does not match this ADMM model; resume with the same "
+                "solver and model, or start a new run folder"
+            )
+        self.iteration = int(state["iteration"])
+        self.states = [LayerState.from_state_dict(d) for d in state["layers"]]
+        self.ups = [Message.from_dict(d) for d in state["ups"]]
+        self.downs = [Message.from_dict(d) for d in state["downs"]]
+        self.watch.load_state_dict(state["watch"])
+        write_back(self.states, self.model)

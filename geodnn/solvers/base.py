@@ -1,0 +1,98 @@
+"""What every solver offers the trainer, and how one is built from a config table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..data import Batches
+from ..errors import DivergenceError, GeodnnError
+from ..model import ChainNet
+
+
+class Solver(Protocol):
+    """A training method for a ChainNet; `model` holds the current weights after every step."""
+
+    model: ChainNet
+    iteration: int
+
+    def step(self) -> dict[str, float]:
+        """One iteration; returns at least {"loss": the real network's loss on this batch}."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly (weights_only-loadable)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def finished(self) -> str | None:
+        """Why training should stop now (stopping rule), or None to go on."""
+        ...
+
+
+@dataclass
+class LossWatch:
+    """Best-loss bookkeeping on a smoothed loss: divergence detection and the stopping rule.
+
+    Per-batch losses vary a lot (a batch with few positives has a tiny loss), so the explosion
+    check and the no-improvement rule use an exponential moving average of the loss.
+    """
+
+    factor: float
+    warmup: int
+    max_iterations: int = 0
+    patience: int = 0
+    smoothing: float = 0.1
+    average: float = math.nan
+    best: float = math.inf
+    best_iteration: int = -1
+
+    def update(self, loss: float, iteration: int, solver: str) -> None:
+        """Record `loss`; raise DivergenceError when it is non-finite or explodes."""
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"{solver} diverged: the loss is {loss} at iteration {iteration}; lower the step "
+                "size (adam: lr; admm: raise head_nu or lam) and resume from the last checkpoint"
+            )
+        a = self.smoothing
+        self.average = loss if math.isnan(self.average) else (1 - a) * self.average + a * loss
+        if iteration >= self.warmup and self.average > self.factor * self.best:
+            raise DivergenceError(
+                f"{solver} diverged: smoothed loss {self.average:.4g} at iteration {iteration} is "
+                f"more than {self.factor:g}x its best {self.best:.4g}; lower the step size and "
+                "resume from the last checkpoint"
+            )
+        if self.average < self.best * (1 - 1e-4):
+            self.best, self.best_iteration = self.average, iteration
+
+    def finished(self, iteration: int) -> str | None:
+        """A reason to stop (max_iterations, or patience without a new best), else None."""
+        if self.max_iterations and iteration >= self.max_iterations:
+            return f"reached max_iterations={self.max_iterations}"
+        stale = iteration - self.best_iteration > self.patience
+        if self.patience and self.best_iteration >= 0 and stale:
+            return f"no new best loss for {self.patience} iterations"
+        return None
+
+    def state_dict(self) -> dict:
+        return {"average": self.average, "best": self.best, "best_iteration": self.best_iteration}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.average, self.best = float(d["average"]), float(d["best"])
+        self.best_iteration = int(d["best_iteration"])
+
+
+def make_solver(name: str, model: ChainNet, data: Batches, settings: dict, seed: int) -> Solver:
+    """Build the solver `name` ("admm" or "adam") from its config table (plus batch_size and
+    class_weights)."""
+    if name == "admm":
+        from .admm import AdmmSettings, AdmmSolver
+
+        return AdmmSolver(model, data, AdmmSettings.from_dict(dict(settings)), seed)
+    if name == "adam":
+        from .adam import AdamSettings, AdamSolver
+
+        return AdamSolver(model, data, AdamSettings.from_dict(dict(settings)), seed)
+    raise GeodnnError(f"unknown solver {name!r}; use 'admm' or 'adam'")

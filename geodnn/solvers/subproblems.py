@@ -1,0 +1,190 @@
+"""The local subproblems of one ADMM layer update, each solved without autograd.
+
+Every function here works on one layer's tensors only: a per-pixel proximal step on the
+class-weighted cross-entropy (head), the closed-form ReLU z-step (hidden layers), the ridge
+least-squares W-step on unfolded patches, and the conjugate-gradient p-step whose operator is a
+convolution and whose adjoint is a transposed convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
+
+from ..metrics import IGNORE_INDEX
+
+
+def weighted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Class-weighted mean cross-entropy ignoring IGNORE_INDEX; 0 when every pixel is ignored."""
+    if not bool((labels != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, weight=weights, ignore_index=IGNORE_INDEX)
+
+
+def head_prox(
+    z0: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None,
+    nu: float,
+    newton_steps: int = 4,
+) -> torch.Tensor:
+    """Per-pixel argmin_z  w_y * CE(z; y) + nu/2 ||z - z0||^2; ignored pixels stay at z0.
+
+    z0 is (B, C, H, W) logits. Damped Newton on each pixel's C-dimensional strictly convex problem
+    (Hessian w (diag s - s s^T) + nu I), solved for all pixels at once.
+    """
+    b, c, h, w = z0.shape
+    z0f = z0.permute(0, 2, 3, 1).reshape(-1, c)
+    y = labels.reshape(-1)
+    keep = y != IGNORE_INDEX
+    if not bool(keep.any()):
+        return z0.clone()
+    zk, yk = z0f[keep], y[keep]
+    wk = weights[yk] if weights is not None else torch.ones_like(zk[:, 0])
+    if c == 2:
+        z = _binary_prox(zk, yk, wk, nu, newton_steps)
+        out = z0f.clone()
+        out[keep] = z
+        return out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+    onehot = F.one_hot(yk, c).to(zk.dtype)
+    z = zk.clone()
+    eye = torch.eye(c, dtype=zk.dtype)
+    for _ in range(newton_steps):
+        s = torch.softmax(z, dim=1)
+        grad = wk[:, None] * (s - onehot) + nu * (z - zk)
+        hess = wk[:, None, None] * (torch.diag_embed(s) - s[:, :, None] * s[:, None, :])
+        hess = hess + nu * eye
+        z = z - torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+    out = z0f.clone()
+    out[keep] = z
+    return out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+def _binary_prox(z0, y, w, nu: float, steps: int) -> torch.Tensor:
+    """Two classes: CE depends on d = z1 - z0 only, so the prox is a scalar Newton on d.
+
+    With z = m (1, 1) + d/2 (-1, 1), ||z - z0||^2 = 2 (m - m0)^2 + (d - d0)^2 / 2: m stays, and
+    d solves min w softplus(-s d) + nu/4 (d - d0)^2 with s = +1 for class 1, -1 for class 0.
+    """
+    sign = y.to(z0.dtype) * 2 - 1
+    d0 = z0[:, 1] - z0[:, 0]
+    d = d0.clone()
+    for _ in range(steps):
+        sig = torch.sigmoid(-sign * d)  # probability of the wrong class
+        grad = -w * sign * sig + 0.5 * nu * (d - d0)
+        hess = w * sig * (1 - sig) + 0.5 * nu
+        d = d - grad / hess
+    shift = 0.5 * (d - d0)
+    return torch.stack([z0[:, 0] - shift, z0[:, 1] + shift], dim=1)
+
+
+def relu_z_step(z0: torch.Tensor, q: torch.Tensor, fit: float) -> torch.Tensor:
+    """Closed form of argmin_z (z - z0)^2 + fit * (q - relu(z))^2, element-wise.
+
+    Both branches (z <= 0 and z >= 0) are solved exactly and the cheaper one is kept, so a unit
+    that is off (z0 < 0) can be switched on when its target q is large enough.
+    """
+    z_neg = torch.clamp(z0, max=0.0)
+    cost_neg = (z_neg - z0) ** 2 + fit * q**2
+    z_pos = torch.clamp((z0 + fit * q) / (1.0 + fit), min=0.0)
+    cost_pos = (z_pos - z0) ** 2 + fit * (q - z_pos) ** 2
+    return torch.where(cost_pos < cost_neg, z_pos, z_neg)
+
+
+def patch_gram(
+    p: torch.Tensor, kernel_size: int, dilation: int, padding: int, stride: int
+) -> torch.Tensor:
+    """Mean outer product of unfolded patches with a trailing 1 (bias): (D, D), D = C k^2 + 1.
+
+    `stride` subsamples output pixels (every stride-th row and column) to make the Gram cheap; it
+    is a running curvature estimate, so a subsample is enough.
+    """
+    cols = F.unfold(p, kernel_size, dilation=dilation, padding=padding, stride=stride)
+    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    return x.T @ x / x.shape[0]
+
+
+def patch_cross(
+    p: torch.Tensor, dz: torch.Tensor, weight_shape: torch.Size, dilation: int, padding: int
+) -> torch.Tensor:
+    """Mean of patch x dz over pixels, (C_out, D): the least-squares right-hand side.
+
+    Computed as a convolution weight-gradient (no unfold of the full crop), plus a bias column.
+    """
+    n = dz.shape[0] * dz.shape[2] * dz.shape[3]
+    cross_w = conv2d_weight(p, weight_shape, dz, padding=padding, dilation=dilation)
+    cross_b = dz.sum(dim=(0, 2, 3))
+    return torch.cat([cross_w.reshape(weight_shape[0], -1), cross_b[:, None]], dim=1) / n
+
+
+def ridge_w_step(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    lam: float,
+    max_rel_step: float,
+    normalized: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ridge update: dW = argmin mean ||dW x - dz||^2 + lam ||dW||^2 = cross (gram + lam I)^-1.
+
+    This is the least-squares refit towards the target z* = z + dz with a pull (lam) to the old
+    weights. The step is capped to `max_rel_step` of the weights' norm (a trust region; 0 = off).
+    Returns the new weight, bias and the step's relative size.
+    """
+    d = gram.shape[0]
+    system = gram + lam * torch.eye(d, dtype=gram.dtype)
+    step = torch.linalg.solve(system, cross.T).T
+    old = torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
+    rel = float(step.norm() / old.norm().clamp(min=1e-12))
+    if normalized > 0 and rel > 0:
+        step = step * (normalized / rel)
+    elif max_rel_step > 0 and rel > max_rel_step:
+        step = step * (max_rel_step / rel)
+    new = old + step
+    return new[:, :-1].reshape(weight.shape).contiguous(), new[:, -1].contiguous(), rel
+
+
+def cg_p_step(
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    dilation: int,
+    padding: int,
+    rho: float,
+    steps: int,
+) -> torch.Tensor:
+    """Input change dp ~ argmin ||W * dp - r||^2 + rho ||dp||^2 by `steps` CG iterations from 0.
+
+    W * dp is the layer's (bias-free) convolution and its adjoint the transposed convolution, so
+    the normal equations (W^T W + rho I) dp = W^T r are never formed.
+    """
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, padding=padding, dilation=dilation)
+
+    def adjoint(y: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(y, weight, padding=padding, dilation=dilation)
+
+    def normal(x: torch.Tensor) -> torch.Tensor:
+        return adjoint(forward(x)) + rho * x
+
+    rhs = adjoint(residual)
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    d = r.clone()
+    rr = float((r * r).sum())
+    for _ in range(steps):
+        if rr <= 1e-30:
+            break
+        ad = normal(d)
+        alpha = rr / max(float((d * ad).sum()), 1e-30)
+        x = x + alpha * d
+        r = r - alpha * ad
+        rr_new = float((r * r).sum())
+        d = r + (rr_new / rr) * d
+        rr = rr_new
+    return x

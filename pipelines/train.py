@@ -1,0 +1,485 @@
+"""`geodnn train CONFIG`: train the chain network with ADMM, Adam or the pipeline baseline.
+
+The run folder holds everything: config.toml (the config as run), metrics.csv (one row per epoch),
+curves.png, last.pt (checkpoint of the latest epoch, usable by `geodnn predict`), state.pt (solver
+state for an exact `--resume`) and model.pt (the final checkpoint). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import geodnn
+from geodnn.checkpoint import atomic_torch_save
+from geodnn.data import Batches
+from geodnn.errors import DivergenceError
+from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
+
+from .config import SOLVERS, Config, load_config
+from .datasets import StoreBatches
+from .errors import PipelineError
+from .io import atomic_write_text, save_figure
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "geodnn.trainstate"
+
+
+@dataclass
+class EpochRecord:
+    """One row of metrics.csv: where training stands at the end of an epoch."""
+
+    iteration: int
+    elapsed_s: float
+    train_loss: float
+    val_loss: float
+    val_iou: list[float]
+    val_f1: list[float]
+    pixel_accuracy: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def row(self, class_names: list[str]) -> dict[str, float]:
+        row = {
+            "iteration": self.iteration,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "pixel_accuracy": self.pixel_accuracy,
+        }
+        row.update({f"val_iou_{n}": v for n, v in zip(class_names, self.val_iou)})
+        row.update({f"val_f1_{n}": v for n, v in zip(class_names, self.val_f1)})
+        row.update(self.extra)
+        return row
+
+
+@dataclass
+class TrainSetup:
+    """What a training run needs, built once from the config."""
+
+    config: Config
+    run_dir: Path
+    model: geodnn.ChainNet
+    train_data: StoreBatches
+    val_data: StoreBatches
+    class_weights: torch.Tensor
+    class_names: list[str]
+    class_colors: list
+
+    @property
+    def solver_name(self) -> str:
+        return self.config.solver
+
+
+def build_setup(config: Config, run_dir: Path) -> TrainSetup:
+    """Open the tile store, build the model with the store's normalization, weigh the classes."""
+    data, model_cfg, train = config["data"], config["model"], config["train"]
+    store = config.resolve(data["store"])
+    if store is None:
+        raise PipelineError(f"{config.path}: [data] store is not set; run `geodnn tile` first")
+    train_data = StoreBatches(store, split="train", crop=data["crop"], seed=train["seed"])
+    val_data = StoreBatches(store, split="val")
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise PipelineError(
+            f"{store}: the store has no training or no validation tiles; "
+            "re-tile with another --split"
+        )
+    model = geodnn.build_model(
+        bands=train_data.bands,
+        classes=len(train_data.class_names),
+        seed=train["seed"],
+        **model_cfg,
+    )
+    model.set_normalization(train_data.band_mean, train_data.band_std)
+    counts = torch.as_tensor(train_data.class_counts, dtype=torch.float64).clamp(min=1)
+    weights = (counts.sum() / counts) ** train["class_weight_power"]
+    return TrainSetup(
+        config=config,
+        run_dir=run_dir,
+        model=model,
+        train_data=train_data,
+        val_data=val_data,
+        class_weights=(weights / weights.mean()).float(),
+        class_names=list(train_data.class_names),
+        class_colors=[list(c) for c in train_data.class_colors],
+    )
+
+
+def solver_settings(setup: TrainSetup) -> dict:
+    config = setup.config
+    name = setup.solver_name
+    settings = dict(config[name]) if name in config.tables else {}
+    settings["batch_size"] = config["train"]["batch_size"]
+    settings["class_weights"] = setup.class_weights.tolist()
+    return settings
+
+
+@torch.no_grad()
+def validate(
+    model: geodnn.ChainNet, data: Batches, weights: torch.Tensor, limit: int, batch: int = 8
+) -> tuple[float, SegmentationScores]:
+    """Real-network loss and scores on validation tiles (plain forward pass, no solver state)."""
+    model.eval()
+    classes = model.config.classes
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    loss_sum, pixels = 0.0, 0
+    indices = list(range(min(len(data), limit)))
+    for start in range(0, len(indices), batch):
+        x, y = data.get(indices[start : start + batch])
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        valid = int((y != IGNORE_INDEX).sum())
+        loss_sum += float(loss)
+        pixels += valid
+        confusion += confusion_matrix(logits.argmax(1), y, classes)
+    return loss_sum / max(pixels, 1), SegmentationScores(confusion)
+
+
+def write_metrics(path: Path, records: list[EpochRecord], class_names: list[str]) -> None:
+    rows = [r.row(class_names) for r in records]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_curves(path: Path, records: list[EpochRecord], class_names: list[str], title: str) -> None:
+    """Training loss, validation loss and validation IoU per class against iterations."""
+    its = [r.iteration for r in records]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_loss, ax_iou = fig.subplots(1, 2)
+    ax_loss.plot(its, [r.train_loss for r in records], label="train (real network)")
+    ax_loss.plot(its, [r.val_loss for r in records], label="validation")
+    ax_loss.set(xlabel="iteration", ylabel="weighted cross-entropy", title=f"{title}: loss")
+    ax_loss.legend()
+    for c, name in enumerate(class_names):
+        ax_iou.plot(its, [r.val_iou[c] for r in records], label=name)
+    ax_iou.set(xlabel="iteration", ylabel="IoU", ylim=(0, 1), title=f"{title}: validation IoU")
+    ax_iou.legend()
+    save_figure(fig, path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    records: list[EpochRecord]
+
+
+def state_path(run_dir: Path) -> Path:
+    """Solver state of this process: one file per rank when layers are spread over ranks."""
+    if distributed_world() == 1:
+        return run_dir / "state.pt"
+    return run_dir / f"state-rank{os.environ.get('RANK', '0')}.pt"
+
+
+def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
+    state = {
+        "format": STATE_FORMAT,
+        "iteration": solver.iteration,
+        "elapsed_s": elapsed,
+        "solver": setup.solver_name,
+        "solver_state": solver.state_dict(),
+    }
+    atomic_torch_save(state, state_path(setup.run_dir))
+
+
+def save_epoch(setup: TrainSetup, solver, records: list[EpochRecord]) -> None:
+    """Checkpoint, then metrics and curves (the solver state is already saved)."""
+    run_dir = setup.run_dir
+    meta = {
+        "class_names": setup.class_names,
+        "class_colors": setup.class_colors,
+        "solver": setup.solver_name,
+        "iteration": solver.iteration,
+    }
+    geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
+    write_metrics(run_dir / "metrics.csv", records, setup.class_names)
+    plot_curves(run_dir / "curves.png", records, setup.class_names, setup.solver_name)
+
+
+def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRecord]:
+    """Rows of an earlier metrics.csv up to iteration `upto` (for an exact resume)."""
+    if not path.is_file():
+        return []
+    records = []
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            if int(row["iteration"]) > upto:
+                break
+            known = {"iteration", "elapsed_s", "train_loss", "val_loss", "pixel_accuracy"}
+            iou = [float(row[f"val_iou_{n}"]) for n in class_names]
+            f1 = [float(row[f"val_f1_{n}"]) for n in class_names]
+            known |= {f"val_iou_{n}" for n in class_names} | {f"val_f1_{n}" for n in class_names}
+            extra = {k: float(v) for k, v in row.items() if k not in known and v != ""}
+            records.append(
+                EpochRecord(
+                    int(row["iteration"]),
+                    float(row["elapsed_s"]),
+                    float(row["train_loss"]),
+                    float(row["val_loss"]),
+                    iou,
+                    f1,
+                    float(row["pixel_accuracy"]),
+                    extra,
+                )
+            )
+    return records
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    state = state_path(run_dir)
+    if resume:
+        if not state.is_file():
+            raise PipelineError(f"{run_dir}: nothing to resume (no state.pt); drop --resume")
+        return
+    if state.exists() or (run_dir / "model.pt").exists():
+        if not overwrite:
+            raise PipelineError(
+                f"{run_dir}: run folder already holds a run; pass --resume to continue it "
+                "or --overwrite to start again"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config.path.read_text())
+
+
+def load_state(run_dir: Path, solver_name: str) -> dict:
+    path = state_path(run_dir)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise PipelineError(f"{path}: not a geodnn training state; drop --resume")
+    if state["solver"] != solver_name:
+        raise PipelineError(
+            f"{run_dir}: was trained with solver '{state['solver']}', not '{solver_name}'; "
+            "resume with the same --solver"
+        )
+    return state
+
+
+def make_solver_for(setup: TrainSetup):
+    name = setup.solver_name
+    if name == "pipeline" or distributed_world() > 1:
+        from .distributed import make_rank_solver
+
+        return make_rank_solver(setup, solver_settings(setup))
+    from geodnn.solvers import make_solver
+
+    return make_solver(
+        name, setup.model, setup.train_data, solver_settings(setup), setup.config["train"]["seed"]
+    )
+
+
+def distributed_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_leader() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_divergence(loss: float, best: float, factor: float, iteration: int) -> None:
+    if not math.isfinite(loss) or (math.isfinite(best) and loss > factor * max(best, 1e-6)):
+        raise DivergenceError(
+            f"training diverged at iteration {iteration} (loss {loss:.4g}, best {best:.4g}); "
+            "the last good checkpoint is kept: lower the step sizes or raise the penalties"
+        )
+
+
+def train(
+    config: Config,
+    run_dir: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Run (or resume) training as the config says; returns where the final checkpoint is."""
+    train_cfg = config["train"]
+    torch.set_num_threads(train_cfg["threads"])
+    if is_leader():
+        prepare_run_dir(config, run_dir, resume, overwrite)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    setup = build_setup(config, run_dir)
+    solver = make_solver_for(setup)
+    records: list[EpochRecord] = []
+    elapsed0 = 0.0
+    if resume:
+        state = load_state(run_dir, setup.solver_name)
+        solver.load_state_dict(state["solver_state"])
+        elapsed0 = state["elapsed_s"]
+        records = read_metrics(run_dir / "metrics.csv", setup.class_names, state["iteration"])
+        log.info("resuming %s at iteration %d", run_dir, solver.iteration)
+    run_epochs(setup, solver, records, elapsed0, progress and is_leader())
+    final = run_dir / "model.pt"
+    if is_leader():
+        shutil.copyfile(run_dir / "last.pt", run_dir / ".model.pt.tmp")
+        os.replace(run_dir / ".model.pt.tmp", final)
+    return TrainResult(run_dir=run_dir, checkpoint=final, records=records)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
+    """A tqdm bar on stderr; redrawn sparsely when stderr is a log file, not a terminal."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        unit="it",
+        desc=desc,
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+
+
+def epoch_loss(losses: list[float]) -> float:
+    """Mean real-network loss of an epoch; NaN when no iteration reported one yet (a pipelined
+    solver reports none until the first batch has reached the head)."""
+    return sum(losses) / len(losses) if losses else math.nan
+
+
+def run_epochs(
+    setup: TrainSetup, solver, records: list[EpochRecord], elapsed0: float, progress: bool
+) -> None:
+    train_cfg = setup.config["train"]
+    total, epoch = train_cfg["iterations"], train_cfg["epoch"]
+    best = min((r.train_loss for r in records if math.isfinite(r.train_loss)), default=math.inf)
+    bar = progress_bar(total, solver.iteration, f"train {setup.solver_name}", progress)
+    start = time.perf_counter() - elapsed0
+    losses: list[float] = []
+    while solver.iteration < total:
+        stats = solver.step()
+        if "loss" in stats:
+            losses.append(float(stats["loss"]))
+            if not math.isfinite(losses[-1]):
+                check_divergence(losses[-1], best, 1.0, solver.iteration)
+        bar.update(1)
+        if solver.iteration % epoch and solver.iteration < total:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up")
+            continue
+        mean_loss = epoch_loss(losses)
+        if losses:
+            check_divergence(mean_loss, best, train_cfg["divergence_factor"], solver.iteration)
+            best = min(best, mean_loss)
+        losses = []
+        record = end_epoch(setup, solver, records, mean_loss, time.perf_counter() - start, stats)
+        if record is not None:
+            bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+    bar.close()
+
+
+def end_epoch(
+    setup: TrainSetup,
+    solver,
+    records: list[EpochRecord],
+    mean_loss: float,
+    elapsed: float,
+    stats: dict,
+) -> EpochRecord | None:
+    """Save every rank's solver state; on the leader also validate, checkpoint and log."""
+    if distributed_world() > 1:
+        solver.gather_model()  # collective: every rank calls it, rank 0 gets all weights
+    save_solver_state(setup, solver, elapsed)
+    if not is_leader():
+        return None
+    record = epoch_record(setup, solver, mean_loss, elapsed, stats)
+    records.append(record)
+    save_epoch(setup, solver, records)
+    return record
+
+
+def epoch_record(
+    setup: TrainSetup, solver, train_loss: float, elapsed: float, stats: dict
+) -> EpochRecord:
+    limit = setup.config["data"]["val_tiles"]
+    val_loss, s = validate(solver.model, setup.val_data, setup.class_weights, limit)
+    extra = {k: float(v) for k, v in stats.items() if k != "loss" and isinstance(v, int | float)}
+    return EpochRecord(
+        solver.iteration, elapsed, train_loss, val_loss, s.iou, s.f1, s.pixel_accuracy, extra
+    )
+
+
+def default_run_dir(config: Config) -> Path:
+    return Path("runs") / f"{config.path.stem}-{config.solver}"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a tile store (ADMM, Adam or pipeline)",
+        description=__doc__,
+    )
+    p.add_argument("config", type=Path, help="TOML config (see pipelines/configs/)")
+    p.add_argument("--solver", choices=SOLVERS, help="override [train] solver")
+    p.add_argument("--out", type=Path, help="run folder (default runs/<config>-<solver>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--iterations", type=int, help="override [train] iterations")
+    p.add_argument("--workers", type=int, help="ranks, each owning a block of layers")
+    p.add_argument("--compress-bits", type=int, help="quantize boundary messages (e.g. 8)")
+    p.set_defaults(func=run_command)
+
+
+def overrides_from(args: argparse.Namespace) -> dict:
+    return {
+        "train": {"solver": args.solver, "iterations": args.iterations},
+        "parallel": {"workers": args.workers, "compress_bits": args.compress_bits},
+    }
+
+
+def run_command(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides_from(args))
+    run_dir = args.out or default_run_dir(config)
+    workers = config["parallel"]["workers"]
+    if (workers > 1 or config.solver == "pipeline") and distributed_world() == 1:
+        from .distributed import launch_training
+
+        return launch_training(args, workers)
+    try:
+        result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    except DivergenceError as exc:
+        print(f"geodnn: error: {exc}", file=sys.stderr)
+        return 3
+    if is_leader():
+        last = result.records[-1] if result.records else None
+        iou = f", validation IoU {last.val_iou}" if last else ""
+        print(f"trained {config.solver}: {result.checkpoint}{iou}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `torchrun ... -m pipelines.train CONFIG [options]` (one process per rank)."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.train")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
+    logging.basicConfig(level=logging.INFO, format="geodnn: %(levelname)s: %(message)s")
+    from .cli import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"geodnn: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

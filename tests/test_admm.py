@@ -1,0 +1,203 @@
+"""The layer-parallel ADMM solver on real crops of the Vegas scene and on tiny fakes."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from geodnn.data import TensorBatches, class_weights
+from geodnn.errors import DivergenceError, GeodnnError
+from geodnn.metrics import scores
+from geodnn.model import build_model
+from geodnn.solvers import (
+    AdmmSettings,
+    AdmmSolver,
+    CropPool,
+    init_layer_states,
+    layer_step,
+    make_solver,
+)
+from geodnn.solvers.admm import layer_memory_formula, layer_state_bytes, make_pool
+from geodnn.solvers.subproblems import weighted_cross_entropy
+
+
+@pytest.fixture(scope="module")
+def vegas(data_dir):
+    """16 crops of 32x32 from the 128x128 block of the Vegas scene with the most road pixels."""
+    with rasterio.open(data_dir / "vegas-roads" / "roads.tif") as src:
+        roads = src.read(1) > 0
+    block = 128
+    sums = [
+        (roads[r : r + block, c : c + block].sum(), r, c)
+        for r in range(0, 1300 - block, 64)
+        for c in range(0, 1300 - block, 64)
+    ]
+    _, r, c = max(sums)
+    with rasterio.open(data_dir / "vegas-roads" / "image.tif") as src:
+        image = src.read(window=((r, r + block), (c, c + block))).astype(np.float32)
+    labels = roads[r : r + block, c : c + block].astype(np.int64)
+    x = torch.from_numpy(image).unfold(1, 32, 32).unfold(2, 32, 32)  # (1, 4, 4, 32, 32)
+    x = x.permute(1, 2, 0, 3, 4).reshape(16, 1, 32, 32)
+    y = torch.from_numpy(labels).unfold(0, 32, 32).unfold(1, 32, 32).reshape(16, 32, 32)
+    return TensorBatches(x.contiguous(), y.contiguous())
+
+
+def _model(data, depth=4, width=8, seed=0):
+    model = build_model(1, 2, depth=depth, width=width, seed=seed)
+    model.set_normalization(data.images.mean(), data.images.std())
+    return model
+
+
+def _settings(data, **overrides):
+    w = class_weights(data.labels, 2).tolist()
+    return AdmmSettings.from_dict({"batch_size": 4, "class_weights": w, **overrides})
+
+
+@pytest.mark.slow
+def test_admm_trains_the_real_network_on_real_crops(vegas):
+    torch.manual_seed(0)
+    model = _model(vegas)
+    settings = _settings(vegas)
+    solver = AdmmSolver(model, vegas, settings, seed=0)
+    w = torch.tensor(settings.class_weights)
+    x, y = vegas.get(range(16))
+    with torch.no_grad():
+        before = float(weighted_cross_entropy(model(x), y, w))
+    for _ in range(120):
+        solver.step()
+    with torch.no_grad():
+        logits = model(x)  # the plain forward of the REAL network
+    after = float(weighted_cross_entropy(logits, y, w))
+    iou = scores(logits.argmax(1), y, 2).iou[1]
+    assert after < 0.5 * before
+    assert iou > 0.3  # the all-background predictor scores 0 (measured: 0.75)
+
+
+def test_no_autograd_graph_and_layer_step_is_pure(vegas):
+    model = _model(vegas)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    settings = _settings(vegas)
+    solver = AdmmSolver(model, vegas, settings, seed=0)
+    with torch.enable_grad():
+        for _ in range(12):
+            solver.step()
+    tensors = [m.tensor for m in solver.ups + solver.downs if m is not None]
+    for s in solver.states:
+        tensors += [s.weight, s.bias, s.gram, *[t for t in s.inputs + s.duals if t is not None]]
+    assert tensors and all(not t.requires_grad and t.grad_fn is None for t in tensors)
+    # one layer step touches only its own state and returns a new one
+    state = solver.states[2]
+    snapshot = [t.clone() for t in (state.weight, state.bias, state.gram)]
+    inputs = list(state.inputs)
+    result = layer_step(
+        state, solver.ups[1], solver.downs[3], solver.pool, vegas, solver.iteration, settings
+    )
+    assert result.state is not state
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, (state.weight, state.bias, state.gram)))
+    assert state.inputs == inputs
+    assert not torch.equal(result.state.weight, state.weight)
+
+
+def test_resume_continues_exactly(vegas):
+    settings = _settings(vegas)
+    straight = AdmmSolver(_model(vegas), vegas, settings, seed=3)
+    for _ in range(14):
+        straight.step()
+    first = AdmmSolver(_model(vegas), vegas, settings, seed=3)
+    for _ in range(9):
+        first.step()
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = AdmmSolver(_model(vegas, seed=7), vegas, settings, seed=3)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for _ in range(5):
+        resumed.step()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(vegas):
+    runs = []
+    for seed in (1, 1, 2):
+        solver = AdmmSolver(_model(vegas), vegas, _settings(vegas), seed=seed)
+        for _ in range(10):
+            solver.step()
+        runs.append(torch.cat([p.reshape(-1) for p in solver.model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_absurd_settings_raise_divergence(vegas):
+    settings = _settings(vegas, head_nu=1e-12, lam=0.0, max_rel_step=0.0, p_damping=1e6)
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    with pytest.raises(DivergenceError, match="diverged"):
+        for _ in range(60):
+            solver.step()
+
+
+def test_memory_formula_matches_measured_state(vegas):
+    settings = _settings(vegas)
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    for _ in range(2 * len(solver.states) + solver.pool.slots):
+        solver.step()
+    crops = solver.pool.crops
+    for state, layer in zip(solver.states, solver.model.layers):
+        spec = layer.spec
+        expected = layer_memory_formula(
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel_size,
+            crops,
+            32,
+            32,
+            dual=False,
+            head=state.is_head,
+        )
+        assert layer_state_bytes(state) == expected
+
+
+def test_crop_pool_is_a_pure_function_of_its_key():
+    pool = CropPool(size=100, slots=3, batch_size=8, refresh_every=2, seed=5)
+    again = CropPool(size=100, slots=3, batch_size=8, refresh_every=2, seed=5)
+    assert pool.indices(1, 4) == again.indices(1, 4)
+    assert len(set(pool.indices(1, 4))) == 8 and max(pool.indices(1, 4)) < 100
+    assert pool.indices(1, 4) != pool.indices(2, 4) != pool.indices(1, 5)
+    assert [pool.slot_at(t, 2) for t in range(2, 6)] == [0, 1, 2, 0]
+    assert pool.generation(1, 2) == -1 and pool.generation(2 + 6, 2) == 1
+
+
+def test_auto_refresh_keeps_crops_until_requests_reach_the_stem(vegas):
+    settings = _settings(vegas)
+    pool = make_pool(settings, len(vegas), num_layers=6, seed=0)
+    assert pool.slots * pool.refresh_every >= 2 * 6
+
+
+def test_bad_settings_and_names_are_one_line_errors(vegas):
+    with pytest.raises(GeodnnError, match="unknown \\[admm\\] setting"):
+        AdmmSettings.from_dict({"nuu": 1.0})
+    with pytest.raises(GeodnnError, match="gram_decay"):
+        AdmmSettings.from_dict({"gram_decay": 1.5})
+    with pytest.raises(GeodnnError, match="unknown solver"):
+        make_solver("sgd", _model(vegas), vegas, {}, 0)
+
+
+def test_make_solver_builds_admm_from_a_config_table(vegas):
+    solver = make_solver("admm", _model(vegas), vegas, {"batch_size": 4, "slots": 2}, seed=0)
+    stats = solver.step()
+    assert isinstance(solver, AdmmSolver) and "loss" in stats and solver.iteration == 1
+
+
+def test_states_mirror_the_model(vegas):
+    model = _model(vegas)
+    states = init_layer_states(model, _settings(vegas))
+    assert [s.index for s in states] == list(range(len(model.layers)))
+    assert states[0].is_stem and states[-1].is_head and states[0].band_mean is not None
+    changed = replace(states[1], weight=states[1].weight + 1)
+    assert not torch.equal(changed.weight, states[1].weight)

@@ -1,0 +1,132 @@
+"""Each local ADMM subproblem's closed form or iterative solve against a brute-force answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from geodnn.metrics import IGNORE_INDEX
+from geodnn.solvers.subproblems import (
+    cg_p_step,
+    head_prox,
+    patch_cross,
+    patch_gram,
+    relu_z_step,
+    ridge_w_step,
+    weighted_cross_entropy,
+)
+
+
+def test_relu_z_step_matches_grid_search():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(400, generator=g, dtype=torch.float64) * 2
+    q = torch.randn(400, generator=g, dtype=torch.float64) * 2
+    fit = 3.0
+    grid = torch.linspace(-8, 8, 160001, dtype=torch.float64)
+    cost = (grid[None] - z0[:, None]) ** 2 + fit * (q[:, None] - torch.relu(grid[None])) ** 2
+    best = grid[cost.argmin(dim=1)]
+    assert torch.allclose(relu_z_step(z0, q, fit), best, atol=2e-4)
+
+
+def test_relu_z_step_switches_an_off_unit_on_only_when_worth_it():
+    z0 = torch.tensor([-0.1, -3.0])
+    z = relu_z_step(z0, torch.tensor([2.0, 0.1]), fit=9.0)
+    assert z[0] > 0  # a strong request revives a unit that is barely off
+    assert z[1] == -3.0  # a weak one leaves a far-off unit alone
+
+
+def _patches(p, k, dilation, padding):
+    cols = F.unfold(p, k, dilation=dilation, padding=padding)
+    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def test_ridge_w_step_equals_lstsq_on_unfolded_patches():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    dz = torch.randn(2, 4, 9, 9, generator=g, dtype=torch.float64)
+    lam = 0.3
+    gram = patch_gram(p, 3, 2, 2, stride=1)
+    cross = patch_cross(p, dz, weight.shape, 2, 2)
+    new_w, new_b, _ = ridge_w_step(weight, bias, gram, cross, lam, max_rel_step=0)
+    # brute force: min (1/n) ||X dW^T - dZ||^2 + lam ||dW||^2 as an augmented least squares
+    x = _patches(p, 3, 2, 2)
+    n = x.shape[0]
+    target = dz.permute(0, 2, 3, 1).reshape(-1, 4)
+    a = torch.cat([x / n**0.5, lam**0.5 * torch.eye(x.shape[1], dtype=x.dtype)])
+    b = torch.cat([target / n**0.5, torch.zeros(x.shape[1], 4, dtype=x.dtype)])
+    step = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(new_w - weight, step[:, :-1].reshape(weight.shape), atol=1e-9)
+    assert torch.allclose(new_b - bias, step[:, -1], atol=1e-9)
+
+
+def test_ridge_w_step_trust_region_caps_the_step():
+    weight, bias = torch.ones(2, 1, 1, 1), torch.zeros(2)
+    gram = torch.eye(2)
+    cross = torch.full((2, 2), 100.0)
+    new_w, new_b, rel = ridge_w_step(weight, bias, gram, cross, 0.0, max_rel_step=0.1)
+    old = torch.cat([weight.reshape(2, -1), bias[:, None]], 1)
+    new = torch.cat([new_w.reshape(2, -1), new_b[:, None]], 1)
+    assert rel > 0.1
+    assert torch.isclose((new - old).norm(), 0.1 * old.norm())
+
+
+def test_cg_p_step_converges_to_the_direct_solve():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64)
+    r = torch.randn(1, 3, 6, 6, generator=g, dtype=torch.float64)
+    rho, dilation, padding = 0.5, 2, 2
+    x = cg_p_step(r, weight, dilation, padding, rho, steps=72)
+    # the operator as an explicit matrix, column by column
+    n = 2 * 6 * 6
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, 2, 6, 6)
+    a = F.conv2d(basis, weight, padding=padding, dilation=dilation).reshape(n, -1).T
+    direct = torch.linalg.solve(a.T @ a + rho * torch.eye(n, dtype=a.dtype), a.T @ r.reshape(-1))
+    assert torch.allclose(x.reshape(-1), direct, atol=1e-8)
+
+    # and a few steps already reduce the objective from dp = 0
+    def objective(v):
+        return ((a @ v.reshape(-1) - r.reshape(-1)) ** 2).sum() + rho * (v**2).sum()
+
+    few = cg_p_step(r, weight, dilation, padding, rho, steps=2)
+    assert objective(few) < objective(torch.zeros_like(few))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_head_prox_matches_autograd_minimizer(classes):
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(2, classes, 4, 4, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, classes, (2, 4, 4), generator=g)
+    labels[0, 0, :2] = IGNORE_INDEX
+    weights = torch.linspace(0.5, 2.0, classes, dtype=torch.float64)
+    nu = 0.7
+    got = head_prox(z0, labels, weights, nu, newton_steps=12)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [z],
+        max_iter=400,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        line_search_fn="strong_wolfe",
+    )
+    w_pix = torch.where(labels == IGNORE_INDEX, 0.0, weights[labels.clamp(max=classes - 1)])
+
+    def closure():
+        opt.zero_grad()
+        ce = F.cross_entropy(z, labels, reduction="none", ignore_index=IGNORE_INDEX)
+        f = (w_pix * ce).sum() + nu / 2 * ((z - z0) ** 2).sum()
+        f.backward()
+        return f
+
+    opt.step(closure)
+    assert torch.allclose(got, z.detach(), atol=1e-6)
+    assert torch.equal(got[0, :, 0, :2], z0[0, :, 0, :2])  # ignored pixels do not move
+
+
+def test_weighted_cross_entropy_of_an_all_ignored_batch_is_zero():
+    logits = torch.randn(1, 2, 3, 3)
+    labels = torch.full((1, 3, 3), IGNORE_INDEX)
+    assert float(weighted_cross_entropy(logits, labels, torch.tensor([1.0, 2.0]))) == 0.0

@@ -1,0 +1,75 @@
+import csv
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+import geodnn
+from pipelines.cli import main
+from pipelines.train import train
+
+
+def weights(path):
+    return geodnn.load_checkpoint(path).model.state_dict()
+
+
+def test_run_folder_holds_checkpoints_metrics_and_curves(tmp_path, store, train_config):
+    result = train(train_config(store), tmp_path / "run", progress=False)
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.toml", "metrics.csv", "curves.png", "last.pt", "state.pt", "model.pt"} <= names
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [3, 6]
+    assert {"train_loss", "val_loss", "val_iou_roads", "val_f1_roads"} <= set(rows[0])
+    ckpt = geodnn.load_checkpoint(result.checkpoint)
+    assert ckpt.class_names == ["background", "roads"]
+    assert ckpt.metadata["iteration"] == 6
+
+
+@pytest.mark.parametrize("solver", ["adam", "admm"])
+def test_resume_continues_exactly(tmp_path, store, train_config, solver):
+    straight = train(train_config(store, solver), tmp_path / "a", progress=False)
+    train(train_config(store, solver, iterations=3), tmp_path / "b", progress=False)
+    resumed = train(train_config(store, solver), tmp_path / "b", resume=True, progress=False)
+    for key, value in weights(straight.checkpoint).items():
+        torch.testing.assert_close(weights(resumed.checkpoint)[key], value, rtol=0, atol=0)
+    assert [r.iteration for r in resumed.records] == [3, 6]
+    assert np.isclose(resumed.records[-1].train_loss, straight.records[-1].train_loss)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, store, train_config, capsys):
+    config = train_config(store)
+    train(config, tmp_path / "run", progress=False)
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
+    assert code == 2 and "--resume" in capsys.readouterr().err
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run"), "--overwrite"]) == 0
+
+
+def test_divergence_stops_and_keeps_last_good_checkpoint(
+    tmp_path, store, train_config, monkeypatch, capsys
+):
+    from geodnn.solvers import adam
+
+    real_step = adam.AdamSolver.step
+
+    def failing_step(self):
+        stats = real_step(self)
+        return stats if self.iteration <= 3 else {**stats, "loss": float("nan")}
+
+    monkeypatch.setattr(adam.AdamSolver, "step", failing_step)
+    config = train_config(store)
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
+    assert code == 3 and "diverged at iteration 4" in capsys.readouterr().err
+    assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_cli_train_then_predict(tmp_path, store, train_config, capsys):
+    config = train_config(store)
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 0
+    scene = store.parent / "image.tif"
+    out = tmp_path / "classes.tif"
+    assert main(["predict", str(tmp_path / "run" / "model.pt"), str(scene), "--out", str(out)]) == 0
+    with rasterio.open(out) as src:
+        assert src.shape == (320, 320) and src.dtypes[0] == "uint8"
