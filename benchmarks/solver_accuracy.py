@@ -253,6 +253,7 @@ def main(argv=None) -> int:
     admm_defaults.pop("class_weights")
     summary = {
         "quick": args.quick,
+        "scenes": scenes,  # the ratios below pool these scenes only
         "budget_s_per_solver": budget,
         "adam_lr": ADAM_LR,
         "admm_settings": admm_defaults,
