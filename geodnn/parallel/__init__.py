@@ -1,0 +1,44 @@
+"""Layer-partitioned model parallelism on torch.distributed.
+
+Each rank owns a contiguous block of layers and exchanges only boundary messages with its
+neighbours (`exchange`, optionally compressed: `compress`); blocks are balanced by measured cost
+(`partition`); `admm_rank` runs the gradient-free solver on N ranks, `pipeline` the backprop
+baseline (GPipe / 1F1B); `rankstate` saves and resumes per-rank state; `launch` starts ranks.
+"""
+
+from .admm_rank import RankAdmmSolver, plan_blocks, profile_admm_layers, single_process_state
+from .compress import CompressionSettings
+from .exchange import BoundaryExchange, ExchangeStats
+from .group import RankContext, RankFailureError, free_port, init_ranks, rank_group, shutdown
+from .launch import launch, spawn, torchrun_command
+from .partition import LayerCost, Plan, balance, even_blocks, profile_layers
+from .pipeline import PipelineSolver
+from .rankstate import latest_iteration, load_rank_checkpoint, save_rank_checkpoint
+
+__all__ = [
+    "BoundaryExchange",
+    "CompressionSettings",
+    "ExchangeStats",
+    "LayerCost",
+    "PipelineSolver",
+    "Plan",
+    "RankAdmmSolver",
+    "RankContext",
+    "RankFailureError",
+    "balance",
+    "even_blocks",
+    "free_port",
+    "init_ranks",
+    "launch",
+    "latest_iteration",
+    "load_rank_checkpoint",
+    "plan_blocks",
+    "profile_admm_layers",
+    "profile_layers",
+    "rank_group",
+    "save_rank_checkpoint",
+    "shutdown",
+    "single_process_state",
+    "spawn",
+    "torchrun_command",
+]

@@ -1,0 +1,146 @@
+"""Process-group set-up for the layer-parallel runtime, from the environment torchrun provides.
+
+gloo on CPU (one compute thread per rank by default, so N ranks on N cores do not fight), NCCL
+on CUDA with device cuda:LOCAL_RANK. Every collective and every wait carries a timeout: a rank that
+dies or hangs makes its neighbours fail with `RankFailureError` naming it, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import GeodnnError
+
+DEFAULT_TIMEOUT_S = 120.0
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RankFailureError(GeodnnError):
+    """A peer rank did not answer within the timeout: it died, hangs, or the link broke."""
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Who this process is in the job and where it computes."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def below(self) -> int | None:
+        """The rank owning the layers just below this rank's block (None for the first)."""
+        return self.rank - 1 if self.rank > 0 else None
+
+    @property
+    def above(self) -> int | None:
+        """The rank owning the layers just above this rank's block (None for the last)."""
+        return self.rank + 1 if self.rank + 1 < self.world_size else None
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_s)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host (for tests and single-machine runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env_int(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        missing = ", ".join(k for k in ENV_KEYS if k not in os.environ)
+        raise GeodnnError(
+            f"environment variable(s) {missing} not set: start multi-rank training with "
+            "`geodnn train CONFIG --workers N` or `torchrun --nproc-per-node N -m pipelines.train`"
+        )
+    return int(value)
+
+
+def init_ranks(
+    timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None, threads: int | None = 1
+) -> RankContext:
+    """Join the process group described by torchrun's environment variables.
+
+    `backend` defaults to nccl when CUDA is available, else gloo; `threads` (CPU only) sets
+    torch's intra-op threads per rank (None leaves torch's default).
+    """
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    _env_int("MASTER_PORT")
+    if not os.environ.get("MASTER_ADDR"):
+        _env_int("MASTER_ADDR")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if threads is not None:
+            torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return RankContext(rank, world_size, local_rank, backend, device, float(timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the process group if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def rank_group(
+    timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None, threads: int | None = 1
+) -> Iterator[RankContext]:
+    """`init_ranks` for the duration of a with-block, always leaving the group afterwards."""
+    ctx = init_ranks(timeout_s, backend, threads)
+    try:
+        yield ctx
+    finally:
+        shutdown()
+
+
+def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
+    """Wait for one communication; a timeout or a broken link raises, naming the peer rank
+    (`peer` None for a collective, where any rank may be the one missing)."""
+    try:
+        work.wait(timeout=ctx.timeout)
+    except RuntimeError as exc:
+        who = f"rank {peer}" if peer is not None else "another rank"
+        raise RankFailureError(
+            f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
+            f"({who} died, hangs, or the link broke): {str(exc).splitlines()[0][:200]}"
+        ) from exc
+
+
+def post_or_fail(op, tensor: torch.Tensor, peer: int, tag: int, ctx: RankContext, what: str):
+    """Post dist.isend / dist.irecv to `peer`; a broken link (peer gone) names the peer rank."""
+    try:
+        return op(tensor, peer, tag=tag)
+    except RuntimeError as exc:
+        raise RankFailureError(
+            f"rank {ctx.rank}: cannot exchange {what} with rank {peer} (rank {peer} died or the "
+            f"link broke): {str(exc).splitlines()[0][:200]}"
+        ) from exc

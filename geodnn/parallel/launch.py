@@ -1,0 +1,180 @@
+"""Starting N ranks: `launch` runs torchrun as a subprocess (the `--workers N` path of the CLI);
+`spawn` runs a function on N local processes (tests, benchmarks). Both enforce a timeout and name
+the rank that failed, so a dead or hung rank never hangs the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from .group import RankFailureError, free_port
+
+
+def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str]:
+    """The torchrun command line for one machine (`--standalone` picks a free rendezvous port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={workers}",
+        "-m",
+        module,
+        *argv,
+    ]
+
+
+def launch(
+    argv_for_module: list[str],
+    workers: int,
+    *,
+    module: str = "pipelines.train",
+    timeout_s: float | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run `module` on `workers` local ranks under torchrun; stream output; return the exit code.
+
+    torchrun stops every rank when one fails and names the failed rank in its summary. On
+    timeout the whole process group is killed and 124 is returned.
+    """
+    if workers < 1:
+        raise ValueError("workers must be >= 1")
+    command = torchrun_command(module, argv_for_module, workers)
+    child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    child_env.update(env or {})
+    process = subprocess.Popen(command, env=child_env, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        print(
+            f"geodnn: error: {workers}-rank job exceeded {timeout_s:g} s; stopping it",
+            file=sys.stderr,
+        )
+        _kill_group(process)
+        return 124
+    except KeyboardInterrupt:
+        _kill_group(process)
+        raise
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _rank_main(rank: int, fn: Callable, workers: int, port: int, args: tuple, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(workers),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        results.put((rank, True, _to_bytes(fn(*args))))
+    except BaseException as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        results.put((rank, False, message + "\n" + traceback.format_exc()[-2000:]))
+        raise
+
+
+def _to_bytes(value: Any) -> bytes:
+    """Serialize a rank's result by value (tensors shared by file descriptor would vanish when the
+    rank exits before the parent reads them)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    # Our own child's result, produced a moment ago: not an untrusted checkpoint.
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _collect(results, outcome: dict) -> None:
+    while not results.empty():
+        rank, ok, value = results.get()
+        outcome[rank] = (ok, value)
+
+
+def _dead(procs, outcome: dict) -> list[int]:
+    """Ranks whose process exited abnormally without reporting (killed, os._exit, crash)."""
+    return [
+        r for r, p in enumerate(procs.processes) if p.exitcode not in (None, 0) and r not in outcome
+    ]
+
+
+def _failures(procs, outcome: dict) -> bool:
+    return bool(_dead(procs, outcome)) or any(not ok for ok, _ in outcome.values())
+
+
+def _failure_message(procs, outcome: dict) -> str:
+    """Dead ranks first (the usual root cause), then the ranks that raised."""
+    parts = [
+        f"rank {r} died (exit code {procs.processes[r].exitcode})" for r in _dead(procs, outcome)
+    ]
+    parts += [f"rank {r} failed: {value}" for r, (ok, value) in sorted(outcome.items()) if not ok]
+    return "; ".join(parts)
+
+
+def spawn(fn: Callable[..., Any], workers: int, args: tuple = (), timeout_s: float = 60.0) -> list:
+    """Run `fn(*args)` on `workers` fresh processes wired as ranks; return each rank's result.
+
+    `fn` must be importable (module level). Raises RankFailureError naming the first rank that
+    raised, died or did not finish within `timeout_s`; all other ranks are stopped.
+    """
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = free_port()
+    procs = mp.start_processes(
+        _rank_main,
+        args=(fn, workers, port, args, results),
+        nprocs=workers,
+        join=False,
+        start_method="spawn",
+    )
+    outcome: dict[int, tuple[bool, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            _collect(results, outcome)
+            if _failures(procs, outcome):
+                time.sleep(0.5)  # let the other ranks report: the root cause may come second
+                _collect(results, outcome)
+                raise RankFailureError(_failure_message(procs, outcome))
+            if len(outcome) == workers and all(not p.is_alive() for p in procs.processes):
+                break
+            if time.monotonic() > deadline:
+                late = [r for r in range(workers) if r not in outcome]
+                raise RankFailureError(
+                    f"rank(s) {late} did not finish within {timeout_s:g} s (hung or deadlocked)"
+                )
+            time.sleep(0.02)
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in procs.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [_from_bytes(outcome[r][1]) for r in range(workers)]

@@ -1,0 +1,76 @@
+"""Per-rank checkpoints: every rank saves its own state; a checkpoint counts once all ranks did.
+
+Files in the run folder: `rank{r}-of-{N}-it{t}.pt` (one per rank, atomic) and `ranks-latest.txt`
+(written by rank 0 after a barrier, naming the last iteration every rank saved). A crash in the
+middle of a save leaves the previous complete checkpoint as the one resumed from.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint import atomic_torch_save
+from ..errors import CheckpointError
+from .group import RankContext
+
+LATEST = "ranks-latest.txt"
+
+
+def rank_file(folder: Path, rank: int, world_size: int, iteration: int) -> Path:
+    return Path(folder) / f"rank{rank}-of-{world_size}-it{iteration}.pt"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def latest_iteration(folder: str | os.PathLike) -> int | None:
+    """The last iteration saved by every rank, or None when the folder has no rank checkpoint."""
+    path = Path(folder) / LATEST
+    if not path.exists():
+        return None
+    fields = dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+    return int(fields["iteration"])
+
+
+def save_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext, state: dict) -> Path:
+    """Save this rank's `state` (must hold "iteration"); collective: every rank must call it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    iteration = int(state["iteration"])
+    previous = latest_iteration(folder)
+    path = rank_file(folder, ctx.rank, ctx.world_size, iteration)
+    atomic_torch_save(state, path)
+    dist.barrier()
+    if ctx.rank == 0:
+        _write_text_atomic(folder / LATEST, f"iteration={iteration}\nworld_size={ctx.world_size}\n")
+    dist.barrier()
+    if previous is not None and previous != iteration:
+        rank_file(folder, ctx.rank, ctx.world_size, previous).unlink(missing_ok=True)
+    return path
+
+
+def load_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext) -> dict | None:
+    """This rank's state from the last complete checkpoint in `folder` (None if there is none)."""
+    folder = Path(folder)
+    iteration = latest_iteration(folder)
+    if iteration is None:
+        return None
+    path = rank_file(folder, ctx.rank, ctx.world_size, iteration)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} is missing: resume with the same number of workers the run was started with "
+            f"(see {folder / LATEST})"
+        )
+    try:
+        return torch.load(path, map_location=ctx.device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise CheckpointError(f"cannot read {path} ({exc}); delete it to restart the run") from exc

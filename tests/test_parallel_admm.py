@@ -1,0 +1,175 @@
+"""ADMM on N ranks (gloo, CPU, spawned processes) reproduces the single-process solver."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from geodnn.data import TensorBatches
+from geodnn.model import build_model
+from geodnn.parallel.admm_rank import (
+    RankAdmmSolver,
+    _proxy_model,
+    plan_blocks,
+    profile_admm_layers,
+    reference_weights,
+    single_process_state,
+)
+from geodnn.parallel.compress import CompressionSettings
+from geodnn.parallel.group import init_ranks, shutdown
+from geodnn.parallel.launch import spawn
+from geodnn.parallel.partition import balance
+from geodnn.solvers.admm import AdmmSettings, AdmmSolver, layer_memory_formula
+
+DEPTH, WIDTH, CROP, SEED = 4, 8, 24, 7
+ITERATIONS = 9  # past the pipeline fill (depth + 2 layers) and a generation change
+SETTINGS = {"batch_size": 4, "slots": 2, "refresh_every": 2, "monitor": False}
+
+
+def vegas_batches(data_dir, count: int = 12) -> TensorBatches:
+    """`count` CROP x CROP crops of the Vegas scene with their road labels (0/1)."""
+    with rasterio.open(data_dir / "vegas-roads" / "image.tif") as src:
+        image = src.read(1, window=Window(0, 0, 600, 600)).astype(np.float32)
+    with rasterio.open(data_dir / "vegas-roads" / "roads.tif") as src:
+        roads = src.read(1, window=Window(0, 0, 600, 600)) > 0
+    rng = np.random.default_rng(0)
+    xs, ys = [], []
+    for _ in range(count):
+        r, c = rng.integers(0, 600 - CROP, size=2)
+        xs.append(image[None, r : r + CROP, c : c + CROP])
+        ys.append(roads[r : r + CROP, c : c + CROP].astype(np.int64))
+    return TensorBatches(torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys)))
+
+
+def _model():
+    model = build_model(1, 2, depth=DEPTH, width=WIDTH, seed=3)
+    model.set_normalization([300.0], [150.0])
+    return model
+
+
+def _weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _rank_runs(data, runs: list[dict]) -> list[dict]:
+    """Each run: {"balanced", "bits", "start" (a state or None)}; all in one process group."""
+    ctx = init_ranks(timeout_s=30)
+    try:
+        out = []
+        for run in runs:
+            model, settings = _model(), AdmmSettings.from_dict(SETTINGS)
+            plan = plan_blocks(ctx, model, data, settings, SEED) if run["balanced"] else None
+            compression = CompressionSettings(bits=run["bits"]) if run["bits"] else None
+            solver = RankAdmmSolver(ctx, model, data, settings, SEED, plan, compression)
+            if run["start"] is not None:
+                solver.load_state_dict(run["start"])
+            losses = [solver.step().get("loss") for _ in range(ITERATIONS - solver.iteration)]
+            gathered = solver.gather_model()
+            out.append(
+                {
+                    "weights": _weights(gathered) if gathered else None,
+                    "owned": list(solver.states),
+                    "losses": losses,
+                    "bytes": solver.exchange.stats.bytes_sent,
+                }
+            )
+        return out
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(data_dir) -> TensorBatches:
+    return vegas_batches(data_dir)
+
+
+@pytest.fixture(scope="module")
+def single(data) -> AdmmSolver:
+    """The single-process reference, stopped after 5 iterations (continued by the tests)."""
+    solver = AdmmSolver(_model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
+    for _ in range(5):
+        solver.step()
+    return solver
+
+
+@pytest.fixture(scope="module")
+def expected(data) -> list[torch.Tensor]:
+    return reference_weights(_model(), data, AdmmSettings.from_dict(SETTINGS), SEED, ITERATIONS)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, single) -> list[list[dict]]:
+    runs = [
+        {"balanced": False, "bits": None, "start": None},
+        {"balanced": False, "bits": 8, "start": None},
+        {"balanced": False, "bits": None, "start": single_process_state(single.state_dict())},
+    ]
+    return spawn(_rank_runs, 2, args=(data, runs), timeout_s=120)
+
+
+def _check_equal(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(got, _weights(_model())))  # it trained
+
+
+def test_two_ranks_match_single_process_solver(two_ranks, expected):
+    _check_equal(two_ranks[0][0]["weights"], expected)
+    owned = [rank[0]["owned"] for rank in two_ranks]
+    assert owned == [[0, 1, 2], [3, 4, 5]]  # each rank holds only its own layers' states
+    losses = [rank[0]["losses"] for rank in two_ranks]
+    assert losses[0] == losses[1] and losses[0][-1] is not None  # same head loss everywhere
+
+
+def test_three_ranks_balanced_match_single_process_solver(data, expected):
+    runs = [{"balanced": True, "bits": None, "start": None}]
+    results = spawn(_rank_runs, 3, args=(data, runs), timeout_s=120)
+    _check_equal(results[0][0]["weights"], expected)
+    owned = [r[0]["owned"] for r in results]
+    assert sorted(sum(owned, [])) == list(range(DEPTH + 2)) and all(owned)
+
+
+def test_single_process_state_continues_on_two_ranks(two_ranks, single):
+    for _ in range(ITERATIONS - single.iteration):
+        single.step()
+    _check_equal(two_ranks[0][2]["weights"], _weights(single.model))
+
+
+def test_compressed_exchange_stays_close_and_sends_less(two_ranks):
+    plain, packed = two_ranks[0][0], two_ranks[0][1]
+    assert packed["bytes"] < 0.35 * plain["bytes"]
+    init = _weights(_model())
+
+    def distance(xs, ys) -> float:
+        return float(sum((x - y).pow(2).sum() for x, y in zip(xs, ys)).sqrt())
+
+    # 8-bit messages move the weights by far less than training moved them
+    gap = distance(packed["weights"], plain["weights"])
+    assert 0 < gap < 0.1 * distance(plain["weights"], init)
+    assert packed["losses"][-1] == pytest.approx(plain["losses"][-1], rel=0.05)
+
+
+def test_proxy_chain_has_one_layer_per_kind():
+    model = build_model(1, 2, depth=10, width=8, seed=0)  # dilations 1, 2, 4, 8 cycled
+    proxy, mapping = _proxy_model(model)
+    assert len(proxy.layers) == 6
+    assert mapping == [0, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5]
+    for layer, rep in zip(model.layers, mapping):
+        assert layer.spec == proxy.layers[rep].spec
+
+
+def test_profile_reports_formula_memory_and_balances(data):
+    torch.set_num_threads(1)
+    settings = AdmmSettings.from_dict(SETTINGS)
+    costs = profile_admm_layers(_model(), data, settings, seed=SEED, repeats=1)
+    assert len(costs) == DEPTH + 2 and all(c.seconds > 0 for c in costs)
+    crops = settings.slots * settings.batch_size
+    stem = layer_memory_formula(1, WIDTH, 3, crops, CROP, CROP, False, False)
+    head = layer_memory_formula(WIDTH, 2, 1, crops, CROP, CROP, False, True)
+    assert costs[0].memory_bytes == stem and costs[-1].memory_bytes == head
+    plan = balance(costs, 3)
+    assert len(plan.blocks) == 3 and plan.blocks[-1][1] == DEPTH + 2

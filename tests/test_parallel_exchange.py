@@ -1,0 +1,77 @@
+"""Boundary exchange and the block schedule on toy layers: N ranks equal one process exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from geodnn.parallel.blocks import JacobiBlock, boundary_first_order, jacobi_reference
+from geodnn.parallel.compress import CompressionSettings
+from geodnn.parallel.exchange import HEADER_LEN, BoundaryExchange
+from geodnn.parallel.group import init_ranks, shutdown
+from geodnn.parallel.launch import spawn
+from geodnn.parallel.partition import even_blocks
+from geodnn.parallel.selfcheck import SHAPE, ToyChain
+
+LAYERS = 6
+ITERATIONS = 7
+
+
+def _toy_rank(runs: list[int | None]) -> list[dict]:
+    """One toy run per entry of `runs` (None: float32 messages, else bits), in one group."""
+    ctx = init_ranks(timeout_s=20)
+    try:
+        start, stop = even_blocks(LAYERS, ctx.world_size)[ctx.rank]
+        results = []
+        for bits in runs:
+            chain = ToyChain(range(start, stop), LAYERS)
+            compression = CompressionSettings(bits=bits) if bits else None
+            exchange = BoundaryExchange(ctx, compression)
+            block = JacobiBlock(start, stop, chain.step, exchange)
+            for _ in range(ITERATIONS):
+                block.iterate()
+            results.append({"state": chain.state, "bytes": exchange.stats.per_iteration()})
+        return results
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    chain = ToyChain(range(LAYERS), LAYERS)
+    jacobi_reference(chain.step, LAYERS, ITERATIONS)
+    return chain.state
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[list[dict]]:
+    return spawn(_toy_rank, 2, args=([None, 8],), timeout_s=60)
+
+
+def _merged(results, run: int) -> dict:
+    return {k: v for rank in results for k, v in rank[run]["state"].items()}
+
+
+def test_boundary_layers_come_first():
+    assert boundary_first_order(3, 7) == ([3, 6], [4, 5])
+    assert boundary_first_order(2, 3) == ([2], [])
+
+
+def test_two_ranks_reproduce_single_process_exactly(two_ranks, reference):
+    merged = _merged(two_ranks, 0)
+    assert sorted(merged) == list(range(LAYERS))
+    for layer in range(LAYERS):
+        assert torch.equal(merged[layer], reference[layer]), layer
+
+
+def test_bytes_counted_and_compression_shrinks_them(two_ranks, reference):
+    numel = torch.Size(SHAPE).numel()
+    for rank in two_ranks:  # one message each way per iteration: header + float32 payload
+        assert rank[0]["bytes"]["bytes_sent"] == HEADER_LEN * 8 + 4 * numel
+        assert rank[0]["bytes"]["bytes_received"] == HEADER_LEN * 8 + 4 * numel
+    packed = two_ranks[0][1]["bytes"]["bytes_sent"] - HEADER_LEN * 8
+    assert 3.0 < (4 * numel) / packed <= 4.0
+    merged = _merged(two_ranks, 1)  # compressed runs stay close (quantization noise only)
+    for layer in range(LAYERS):
+        assert torch.allclose(merged[layer], reference[layer], atol=0.05)
+    assert any(not torch.equal(merged[i], reference[i]) for i in range(LAYERS))

@@ -1,0 +1,110 @@
+"""Faults: a rank that dies or hangs fails the job within the timeout, naming the rank; a run
+killed after a checkpoint resumes to exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from geodnn.errors import CheckpointError, GeodnnError
+from geodnn.parallel.admm_rank import RankAdmmSolver, reference_weights
+from geodnn.parallel.group import RankContext, RankFailureError, init_ranks, shutdown
+from geodnn.parallel.launch import launch, spawn
+from geodnn.parallel.rankstate import (
+    latest_iteration,
+    load_rank_checkpoint,
+    save_rank_checkpoint,
+)
+from geodnn.parallel.selfcheck import run_rank
+from geodnn.solvers.admm import AdmmSettings
+
+try:  # tests/ may or may not be a package
+    from .test_parallel_admm import SETTINGS, _model, vegas_batches
+except ImportError:
+    from test_parallel_admm import SETTINGS, _model, vegas_batches
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_dead_or_hung_rank_fails_fast_and_is_named(mode):
+    tic = time.monotonic()
+    with pytest.raises(RankFailureError, match="rank 1") as info:
+        spawn(run_rank, 2, args=(6, 20, None, 4.0, 1, mode, 2), timeout_s=40)
+    assert time.monotonic() - tic < 30
+    if mode == "hang":
+        assert "did not complete" in str(info.value)
+
+
+def test_torchrun_job_with_a_dead_rank_exits_nonzero():
+    argv = ["--fail-rank", "1", "--fail-mode", "die", "--timeout", "4"]
+    code = launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=60)
+    assert code not in (0, 124)
+
+
+@pytest.mark.slow
+def test_launch_timeout_stops_the_whole_job():
+    argv = ["--fail-rank", "1", "--fail-mode", "hang", "--timeout", "120"]
+    tic = time.monotonic()
+    code = launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=6)
+    assert code == 124 and time.monotonic() - tic < 25
+
+
+def test_launch_runs_the_selfcheck():
+    assert launch([], 2, module="geodnn.parallel.selfcheck", timeout_s=60) == 0
+
+
+def _admm_segment(data, folder: str, stop_at: int, crash_after_save: bool) -> dict:
+    """Run (resuming from `folder` if it holds a checkpoint) to `stop_at`, saving every 3."""
+    ctx = init_ranks(timeout_s=20)
+    try:
+        solver = RankAdmmSolver(ctx, _model(), data, AdmmSettings.from_dict(SETTINGS), 7)
+        state = load_rank_checkpoint(folder, ctx)
+        if state is not None:
+            solver.load_state_dict(state)
+        while solver.iteration < stop_at:
+            solver.step()
+            if solver.iteration % 3 == 0:
+                save_rank_checkpoint(folder, ctx, solver.state_dict())
+                if crash_after_save and solver.iteration == 6 and ctx.rank == 1:
+                    os._exit(9)  # killed right after the checkpoint
+        model = solver.gather_model()
+        return {"weights": [p.detach().clone() for p in model.parameters()] if model else None}
+    finally:
+        shutdown()
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted_run(data_dir, tmp_path):
+    data = vegas_batches(data_dir)
+    with pytest.raises(RankFailureError, match="rank 1"):
+        spawn(_admm_segment, 2, args=(data, str(tmp_path), 10, True), timeout_s=90)
+    assert latest_iteration(tmp_path) == 6
+    resumed = spawn(_admm_segment, 2, args=(data, str(tmp_path), 10, False), timeout_s=90)
+    # the uninterrupted run: N ranks equal one process (test_parallel_admm), so compare to that
+    straight = reference_weights(_model(), data, AdmmSettings.from_dict(SETTINGS), 7, 10)
+    for a, b in zip(resumed[0]["weights"], straight):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert latest_iteration(tmp_path) == 9
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [
+        "rank0-of-2-it9.pt",
+        "rank1-of-2-it9.pt",
+    ]
+
+
+def test_resume_with_other_worker_count_is_a_user_error(tmp_path):
+    (tmp_path / "ranks-latest.txt").write_text("iteration=3\nworld_size=2\n")
+    (tmp_path / "rank0-of-2-it3.pt").write_bytes(b"")
+    ctx = RankContext(0, 3, 0, "gloo", torch.device("cpu"), 5.0)
+    with pytest.raises(CheckpointError, match="same number of workers"):
+        load_rank_checkpoint(tmp_path, ctx)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_rank_checkpoint(tmp_path, RankContext(0, 2, 0, "gloo", torch.device("cpu"), 5.0))
+
+
+def test_missing_torchrun_environment_is_a_user_error(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(GeodnnError, match="RANK, WORLD_SIZE.*--workers N"):
+        init_ranks(timeout_s=5)
