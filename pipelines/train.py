@@ -372,7 +372,10 @@ def run_epochs(
             if not math.isfinite(losses[-1]):
                 check_divergence(losses[-1], best, 1.0, solver.iteration)
         bar.update(1)
-        if solver.iteration % epoch and solver.iteration < total:
+        stop = solver.finished() if hasattr(solver, "finished") else None
+        if stop:
+            log.info("stopping at iteration %d: %s", solver.iteration, stop)
+        if solver.iteration % epoch and solver.iteration < total and not stop:
             bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up")
             continue
         mean_loss = epoch_loss(losses)
@@ -383,6 +386,8 @@ def run_epochs(
         record = end_epoch(setup, solver, records, mean_loss, time.perf_counter() - start, stats)
         if record is not None:
             bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+        if stop:
+            break
     bar.close()
 
 

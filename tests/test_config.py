@@ -2,7 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from geodnn.solvers.adam import AdamSettings
+from geodnn.solvers.admm import AdmmSettings
 from pipelines.config import DEFAULTS, load_config
+from pipelines.distributed import PIPELINE_ONLY
 from pipelines.errors import PipelineError
 
 
@@ -55,6 +58,10 @@ SHIPPED = sorted((Path(__file__).resolve().parent.parent / "pipelines" / "config
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_shipped_configs_load_and_point_at_shipped_data(path):
     config = load_config(path)
+    AdmmSettings.from_dict(config["admm"])
+    AdamSettings.from_dict(config["adam"])
+    pipeline = {k: v for k, v in config["pipeline"].items() if k not in PIPELINE_ONLY}
+    AdamSettings.from_dict(pipeline)
     for key in ("image", "labels"):
         value = config["scene"][key]
         if value is not None:

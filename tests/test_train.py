@@ -73,3 +73,10 @@ def test_cli_train_then_predict(tmp_path, store, train_config, capsys):
     assert main(["predict", str(tmp_path / "run" / "model.pt"), str(scene), "--out", str(out)]) == 0
     with rasterio.open(out) as src:
         assert src.shape == (320, 320) and src.dtypes[0] == "uint8"
+
+
+def test_solver_stopping_rule_ends_training_with_a_checkpoint(tmp_path, store, train_config):
+    config = train_config(store, iterations=30, extra="[adam]\nmax_iterations = 4\n")
+    result = train(config, tmp_path / "run", progress=False)
+    assert [r.iteration for r in result.records] == [3, 4]
+    assert geodnn.load_checkpoint(result.checkpoint).metadata["iteration"] == 4
