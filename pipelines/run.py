@@ -235,6 +235,7 @@ ACTIONS = {
 
 def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> Pipeline:
     """Run every step that is not already up to date; return the finished pipeline."""
+    run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
