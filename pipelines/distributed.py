@@ -14,9 +14,11 @@ from pathlib import Path
 from geodnn.parallel import (
     CompressionSettings,
     PipelineSolver,
+    Plan,
     RankAdmmSolver,
     init_ranks,
     launch,
+    load_rank_checkpoint,
     plan_blocks,
 )
 from geodnn.solvers.adam import AdamSettings
@@ -30,35 +32,21 @@ log = logging.getLogger(__name__)
 PIPELINE_ONLY = ("schedule", "microbatches")
 
 
-def make_rank_solver(setup, settings: dict):
-    """This rank's solver for the run described by `setup` (a pipelines.train.TrainSetup)."""
+def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[object, dict | None]:
+    """This rank's solver for the run described by `setup` (a pipelines.train.TrainSetup), and,
+    with `resume`, this rank's state from the last checkpoint every rank completed."""
     config = setup.config
     parallel, train = config["parallel"], config["train"]
     ctx = init_ranks(timeout_s=parallel["timeout_s"], threads=train["threads"])
+    state = load_rank_checkpoint(setup.run_dir, ctx) if resume else None
+    blocks = state["solver_state"]["blocks"] if state else None
     seed = train["seed"]
     if setup.solver_name == "admm":
-        admm = AdmmSettings.from_dict(settings)
-        plan = None
-        if parallel["balance"] and ctx.world_size > 1:
-            plan = plan_blocks(ctx, setup.model, setup.train_data, admm, seed)
-            if ctx.rank == 0:
-                log.info("layer blocks by measured cost:\n%s", plan.describe())
-        bits = parallel["compress_bits"]
-        compression = CompressionSettings(bits=bits) if bits else None
-        return RankAdmmSolver(
-            ctx,
-            setup.model,
-            setup.train_data,
-            admm,
-            seed,
-            plan,
-            compression,
-            log_every=train["epoch"],
-        )
+        return admm_rank_solver(ctx, setup, AdmmSettings.from_dict(settings), seed, blocks), state
     if setup.solver_name == "pipeline":
         options = {k: v for k, v in settings.items() if k not in PIPELINE_ONLY}
         table = config["pipeline"]
-        return PipelineSolver(
+        solver = PipelineSolver(
             ctx,
             setup.model,
             setup.train_data,
@@ -66,10 +54,36 @@ def make_rank_solver(setup, settings: dict):
             seed,
             schedule=table["schedule"],
             microbatches=table["microbatches"],
+            blocks=[tuple(b) for b in blocks] if blocks else None,
         )
+        return solver, state
     raise PipelineError(
         f"{config.path}: solver '{setup.solver_name}' runs in one process; use --solver admm "
         "(layer-parallel) or --solver pipeline (GPipe / 1F1B) with several workers"
+    )
+
+
+def admm_rank_solver(ctx, setup, admm: AdmmSettings, seed: int, blocks) -> RankAdmmSolver:
+    """ADMM on this rank; layer blocks from a checkpoint (resume), by measured cost, or even."""
+    parallel = setup.config["parallel"]
+    plan = None
+    if blocks:
+        plan = Plan([tuple(b) for b in blocks], [0.0] * len(blocks), [0.0] * len(blocks))
+    elif parallel["balance"] and ctx.world_size > 1:
+        plan = plan_blocks(ctx, setup.model, setup.train_data, admm, seed)
+        if ctx.rank == 0:
+            log.info("layer blocks by measured cost:\n%s", plan.describe())
+    bits = parallel["compress_bits"]
+    compression = CompressionSettings(bits=bits) if bits else None
+    return RankAdmmSolver(
+        ctx,
+        setup.model,
+        setup.train_data,
+        admm,
+        seed,
+        plan,
+        compression,
+        log_every=setup.config["train"]["epoch"],
     )
 
 

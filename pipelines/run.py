@@ -164,12 +164,12 @@ def training_config(p: Pipeline, solver: str) -> Config:
 
 
 def step_train(p: Pipeline) -> list[Path]:
-    from .train import train
+    from .train import has_state, train
 
     outputs = []
     for solver in p.solvers:
         run_dir = p.folder.train_dir(solver)
-        resume = (run_dir / "state.pt").is_file() and not (run_dir / "model.pt").is_file()
+        resume = has_state(run_dir) and not (run_dir / "model.pt").is_file()
         result = train(training_config(p, solver), run_dir, resume=resume, overwrite=not resume)
         outputs.append(result.checkpoint)
     return outputs
@@ -233,11 +233,36 @@ ACTIONS = {
 }
 
 
+RUN_OUTPUTS = (
+    "tiles.zarr",
+    "train-*",
+    "map",
+    "evaluation.json",
+    "overlay.png",
+    "comparison.png",
+    "report.md",
+    "report.html",
+    "steps.json",
+)
+
+
+def clear_run_folder(folder: RunFolder) -> None:
+    """Remove what an earlier `geodnn run` wrote; refuse a folder that is not a run folder."""
+    if not folder.steps.is_file() and any(folder.root.iterdir()):
+        raise PipelineError(
+            f"{folder.root}: not a geodnn run folder (no steps.json); --force only clears run "
+            "folders: pick another --out"
+        )
+    for pattern in RUN_OUTPUTS:
+        for path in folder.root.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> Pipeline:
     """Run every step that is not already up to date; return the finished pipeline."""
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     if force and run_dir.exists():
-        shutil.rmtree(run_dir)
+        clear_run_folder(RunFolder(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(config, RunFolder(run_dir))
     pipeline.input_path("image")

@@ -28,6 +28,7 @@ from geodnn.checkpoint import atomic_torch_save
 from geodnn.data import Batches
 from geodnn.errors import DivergenceError
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
+from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
 
 from .config import SOLVERS, Config, load_config
 from .datasets import StoreBatches
@@ -185,14 +186,21 @@ class TrainResult:
     records: list[EpochRecord]
 
 
-def state_path(run_dir: Path) -> Path:
-    """Solver state of this process: one file per rank when layers are spread over ranks."""
-    if distributed_world() == 1:
-        return run_dir / "state.pt"
-    return run_dir / f"state-rank{os.environ.get('RANK', '0')}.pt"
+RUN_FILES = ("config.toml", "metrics.csv", "curves.png", "last.pt", "model.pt", "state.pt")
+RANK_FILES = (LATEST, "rank*-of-*-it*.pt")
+
+
+def ranked(solver) -> bool:
+    """True for a solver that is one rank of a torch.distributed job."""
+    return hasattr(solver, "ctx")
+
+
+def has_state(run_dir: Path) -> bool:
+    return (run_dir / "state.pt").is_file() or latest_iteration(run_dir) is not None
 
 
 def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
+    """One state.pt, or one file per rank plus a marker written once every rank has saved."""
     state = {
         "format": STATE_FORMAT,
         "iteration": solver.iteration,
@@ -200,7 +208,10 @@ def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
         "solver": setup.solver_name,
         "solver_state": solver.state_dict(),
     }
-    atomic_torch_save(state, state_path(setup.run_dir))
+    if ranked(solver):
+        save_rank_checkpoint(setup.run_dir, solver.ctx, state)
+    else:
+        atomic_torch_save(state, setup.run_dir / "state.pt")
 
 
 def save_epoch(setup: TrainSetup, solver, records: list[EpochRecord]) -> None:
@@ -246,47 +257,58 @@ def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRec
     return records
 
 
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what an earlier run wrote (and nothing else a user keeps in the folder)."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for pattern in RANK_FILES:
+        for path in run_dir.glob(pattern):
+            path.unlink()
+
+
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    state = state_path(run_dir)
     if resume:
-        if not state.is_file():
-            raise PipelineError(f"{run_dir}: nothing to resume (no state.pt); drop --resume")
+        if not has_state(run_dir):
+            raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
         return
-    if state.exists() or (run_dir / "model.pt").exists():
+    if has_state(run_dir) or (run_dir / "model.pt").exists():
         if not overwrite:
             raise PipelineError(
                 f"{run_dir}: run folder already holds a run; pass --resume to continue it "
                 "or --overwrite to start again"
             )
-        shutil.rmtree(run_dir)
+        clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config.path.read_text())
 
 
-def load_state(run_dir: Path, solver_name: str) -> dict:
-    path = state_path(run_dir)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
+def check_state(state: dict | None, path: Path, solver_name: str) -> dict:
+    if state is None or state.get("format") != STATE_FORMAT:
         raise PipelineError(f"{path}: not a geodnn training state; drop --resume")
     if state["solver"] != solver_name:
         raise PipelineError(
-            f"{run_dir}: was trained with solver '{state['solver']}', not '{solver_name}'; "
+            f"{path}: was trained with solver '{state['solver']}', not '{solver_name}'; "
             "resume with the same --solver"
         )
     return state
 
 
-def make_solver_for(setup: TrainSetup):
+def make_solver_for(setup: TrainSetup, resume: bool) -> tuple[object, dict | None]:
+    """The solver for this process, and its saved state when resuming."""
     name = setup.solver_name
     if name == "pipeline" or distributed_world() > 1:
         from .distributed import make_rank_solver
 
-        return make_rank_solver(setup, solver_settings(setup))
-    from geodnn.solvers import make_solver
+        solver, state = make_rank_solver(setup, solver_settings(setup), resume)
+        path = setup.run_dir / LATEST
+    else:
+        from geodnn.solvers import make_solver
 
-    return make_solver(
-        name, setup.model, setup.train_data, solver_settings(setup), setup.config["train"]["seed"]
-    )
+        seed = setup.config["train"]["seed"]
+        solver = make_solver(name, setup.model, setup.train_data, solver_settings(setup), seed)
+        path = setup.run_dir / "state.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True) if resume else None
+    return solver, (check_state(state, path, name) if resume else None)
 
 
 def distributed_world() -> int:
@@ -320,11 +342,10 @@ def train(
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
     setup = build_setup(config, run_dir)
-    solver = make_solver_for(setup)
+    solver, state = make_solver_for(setup, resume)
     records: list[EpochRecord] = []
     elapsed0 = 0.0
-    if resume:
-        state = load_state(run_dir, setup.solver_name)
+    if state is not None:
         solver.load_state_dict(state["solver_state"])
         elapsed0 = state["elapsed_s"]
         records = read_metrics(run_dir / "metrics.csv", setup.class_names, state["iteration"])

@@ -9,6 +9,14 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
+def test_the_notebooks_are_there():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_explore_scene.ipynb",
+        "02_train_admm_vs_adam.ipynb",
+        "03_predict_and_export.ipynb",
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_and_plots(path, monkeypatch, tmp_path):

@@ -72,11 +72,23 @@ def test_pipeline_runs_end_to_end_and_reruns_are_idempotent(pipeline_config, tmp
     assert main(["run", str(pipeline_config), "--out", str(run_dir)]) == 0
     again = steps(run_dir)
     assert again["train"] == first["train"] and again["tile"] == first["tile"]
-    assert again["predict"]["finished"] >= first["predict"]["finished"]
     assert again["predict"]["fingerprint"] != first["predict"]["fingerprint"]
 
+    sentinel = run_dir / "map" / "classes.tif"
+    sentinel.write_bytes(b"stale")
+    keep = run_dir / "notes.txt"
+    keep.write_text("the user's own file")
     assert main(["run", str(pipeline_config), "--out", str(run_dir), "--force"]) == 0
-    assert steps(run_dir)["tile"]["fingerprint"] == first["tile"]["fingerprint"]
+    with rasterio.open(sentinel) as src:  # redone, not the stale bytes
+        assert src.count == 1
+    assert keep.read_text() == "the user's own file"
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(pipeline_config, tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert main(["run", str(pipeline_config), "--out", str(tmp_path), "--force"]) == 2
+    assert "not a geodnn run folder" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").exists()
 
 
 def test_missing_labels_is_a_clear_error(tmp_path, capsys):

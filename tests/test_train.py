@@ -43,7 +43,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, store, train_config, c
     train(config, tmp_path / "run", progress=False)
     code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
     assert code == 2 and "--resume" in capsys.readouterr().err
+    (tmp_path / "run" / "notes.txt").write_text("kept")
     assert main(["train", str(config.path), "--out", str(tmp_path / "run"), "--overwrite"]) == 0
+    assert (tmp_path / "run" / "notes.txt").read_text() == "kept"
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(
