@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def evaluate_scene(
         raise PipelineError(
             f"{labels}: has {source.classes} classes but the model predicts {classes}; "
             "pass labels with the classes the model was trained on (or --class-attribute)"
+        )
+    if source.class_names != ckpt.class_names[: source.classes]:
+        warnings.warn(
+            f"{labels}: classes {source.class_names} do not match the model's "
+            f"{ckpt.class_names}; scores compare ids, check --class-attribute",
+            stacklevel=2,
         )
     box = region_box(info.shape, split, gap, region)
     confusion = torch.zeros(classes, classes, dtype=torch.long)

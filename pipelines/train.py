@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         **model_cfg,
     )
     model.set_normalization(train_data.band_mean, train_data.band_std)
+    warn_if_halo_crosses_split(store, train_data.store.attrs, model.receptive_radius)
     counts = torch.as_tensor(train_data.class_counts, dtype=torch.float64).clamp(min=1)
     weights = (counts.sum() / counts) ** train["class_weight_power"]
     return TrainSetup(
@@ -117,6 +119,18 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
     )
+
+
+def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
+    """The guard band must be at least the receptive radius, or validation sees training pixels."""
+    gap = int(attrs.get("split", {}).get("gap", radius))
+    if gap < radius:
+        warnings.warn(
+            f"{store}: the split's guard band ({gap} px) is narrower than the model's receptive "
+            f"radius ({radius} px), so validation pixels see training pixels; re-tile with "
+            f"--gap {radius} or more for an honest validation score",
+            stacklevel=2,
+        )
 
 
 def solver_settings(setup: TrainSetup) -> dict:

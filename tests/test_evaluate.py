@@ -88,3 +88,9 @@ def test_region_without_split_is_an_error(atlanta, capsys):
     scene, labels, ckpt, _ = atlanta
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--region", "train"])
     assert code == 2 and "needs --split" in capsys.readouterr().err
+
+
+def test_label_classes_that_differ_from_the_model_warn(atlanta):
+    scene, labels, ckpt, _ = atlanta  # the labels call their class "buildings"
+    with pytest.warns(UserWarning, match="do not match the model"):
+        evaluate_scene(ckpt, scene, labels, chunk=512)

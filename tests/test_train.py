@@ -82,3 +82,10 @@ def test_solver_stopping_rule_ends_training_with_a_checkpoint(tmp_path, store, t
     result = train(config, tmp_path / "run", progress=False)
     assert [r.iteration for r in result.records] == [3, 4]
     assert geodnn.load_checkpoint(result.checkpoint).metadata["iteration"] == 4
+
+
+def test_guard_band_narrower_than_the_halo_warns(tmp_path):
+    from pipelines.train import warn_if_halo_crosses_split
+
+    with pytest.warns(UserWarning, match="--gap 40"):
+        warn_if_halo_crosses_split(tmp_path / "s.zarr", {"split": {"gap": 16}}, radius=40)

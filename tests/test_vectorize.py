@@ -3,6 +3,7 @@ import sqlite3
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import shapely
 from rasterio.transform import from_origin
 
@@ -128,3 +129,18 @@ def test_existing_output_needs_overwrite_and_nothing_partial_remains(make_geotif
         vectorize_classes(path, out, NAMES[:1], COLORS[:1], overwrite=True)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_0.tif", "v.gpkg"]
+
+
+def test_geographic_crs_warns_that_areas_are_in_degrees(tmp_path):
+    classes = np.zeros((1, 32, 32), dtype="uint8")
+    classes[0, 8:16, 8:16] = 1
+    path = tmp_path / "classes.tif"
+    profile = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint8"}
+    transform = from_origin(-115.2, 36.1, 1e-5, 1e-5)
+    with rasterio.open(path, "w", crs="EPSG:4326", transform=transform, **profile) as dst:
+        dst.write(classes)
+    with pytest.warns(UserWarning, match="squared degrees"):
+        n = vectorize_classes(
+            path, tmp_path / "p.gpkg", ["bg", "roof"], [(0, 0, 0), (255, 0, 0)], VectorOptions()
+        )
+    assert n == 1

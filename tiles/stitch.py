@@ -147,6 +147,7 @@ def stream_predictions(
     otherwise one is connected to `scheduler` or started locally. The scene path must be
     readable from the workers.
     """
+    scene = Path(scene).resolve()  # remote Dask workers do not share our working folder
     with rasterio.open(scene) as src:
         height, width = src.height, src.width
     grid = ChunkGrid(height, width, chunk, halo)

@@ -39,6 +39,7 @@ from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 
 FORMAT = "geodnn.tilestore"
 VERSION = 1
+TABLE_ROWS = 4096
 ARRAYS = ("images", "labels", "windows", "transforms", "split")
 
 
@@ -119,12 +120,15 @@ def _tile_rows(tiles: Sequence[Tile], transform: Affine) -> dict[str, np.ndarray
 
 
 def _create_arrays(group, capacity: int, bands: int, size: int) -> dict:
+    # small per-tile tables in chunks of TABLE_ROWS rows: each batch of tiles rewrites one chunk,
+    # not a chunk the size of the whole table (which would make building a big store quadratic)
+    rows = max(1, min(capacity, TABLE_ROWS))
     shapes = {
         "images": ((capacity, bands, size, size), (1, bands, size, size), "float32", np.nan),
         "labels": ((capacity, size, size), (1, size, size), "uint8", IGNORE_INDEX),
-        "windows": ((capacity, 4), (max(capacity, 1), 4), "int64", 0),
-        "transforms": ((capacity, 6), (max(capacity, 1), 6), "float64", 0.0),
-        "split": ((capacity,), (max(capacity, 1),), "uint8", 0),
+        "windows": ((capacity, 4), (rows, 4), "int64", 0),
+        "transforms": ((capacity, 6), (rows, 6), "float64", 0.0),
+        "split": ((capacity,), (rows,), "uint8", 0),
     }
     create = getattr(group, "create_array", None) or group.create_dataset  # zarr 3, else zarr 2
     return {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,12 @@ def write_class_polygons(
     number of polygons. Adds the QGIS style to the GeoPackage and a sidecar `.qml` next to it."""
     gpkg = Path(gpkg)
     with rasterio.open(class_map) as src:
+        if src.crs is not None and src.crs.is_geographic:
+            warnings.warn(
+                f"{gpkg}: CRS {src.crs.to_string()} is geographic, so 'area' and min_area "
+                "are in squared degrees; reproject the scene to a projected CRS for areas in m2",
+                stacklevel=2,
+            )
         layer = _Layer(gpkg, src.crs, class_names, src.transform, options, [])
         border: dict[int, list[shapely.Geometry]] = defaultdict(list)
         grid = ChunkGrid(src.height, src.width, options.window, 0)
