@@ -16,10 +16,12 @@ import os
 import shutil
 import sys
 import time
+import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
 import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
@@ -284,6 +286,8 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
+        check_resume_config(config, run_dir)
+        atomic_write_text(run_dir / "config.toml", config_as_run(config))
         return
     if has_state(run_dir) or (run_dir / "model.pt").exists():
         if not overwrite:
@@ -293,7 +297,49 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
             )
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", config.path.read_text())
+    atomic_write_text(run_dir / "config.toml", config_as_run(config))
+
+
+# settings a resumed run may change: how long it runs, how often it reports, how long it waits
+RESUME_MAY_CHANGE = {
+    ("train", "iterations"),
+    ("train", "epoch"),
+    ("data", "val_tiles"),
+    ("parallel", "timeout_s"),
+}
+
+
+def config_as_run(config: Config) -> str:
+    """The merged config (defaults, file, command-line overrides) as TOML, paths made absolute."""
+    tables = {}
+    for name, values in config.tables.items():
+        table = {k: v for k, v in values.items() if v is not None}
+        for key in ("store", "image", "labels"):
+            if key in table and name in ("data", "scene"):
+                table[key] = str(config.resolve(table[key]))
+        tables[name] = table
+    return tomli_w.dumps(tables)
+
+
+def check_resume_config(config: Config, run_dir: Path) -> None:
+    """Resuming with other hyperparameters would not continue the same run: refuse it."""
+    saved_path = run_dir / "config.toml"
+    if not saved_path.is_file():
+        return
+    saved = tomllib.loads(saved_path.read_text())
+    current = tomllib.loads(config_as_run(config))
+    ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
+    changed = sorted(
+        f"[{t}] {k}"
+        for t in (set(saved) | set(current)) - ignored
+        for k in set(saved.get(t, {})) | set(current.get(t, {}))
+        if saved.get(t, {}).get(k) != current.get(t, {}).get(k) and (t, k) not in RESUME_MAY_CHANGE
+    )
+    if changed:
+        raise PipelineError(
+            f"{saved_path}: the run was started with other settings ({', '.join(changed)}); "
+            "resume with the same config, or start a new run with --out"
+        )
 
 
 def check_state(state: dict | None, path: Path, solver_name: str) -> dict:

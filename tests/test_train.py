@@ -1,4 +1,5 @@
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,3 +90,23 @@ def test_guard_band_narrower_than_the_halo_warns(tmp_path):
 
     with pytest.warns(UserWarning, match="--gap 40"):
         warn_if_halo_crosses_split(tmp_path / "s.zarr", {"split": {"gap": 16}}, radius=40)
+
+
+def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
+    tmp_path, store, train_config, capsys
+):
+    import tomllib
+
+    config = train_config(store, iterations=3)
+    run = tmp_path / "run"
+    assert main(["train", str(config.path), "--out", str(run), "--solver", "admm"]) == 0
+    saved = tomllib.loads((run / "config.toml").read_text())
+    assert saved["train"]["solver"] == "admm"  # the override, not the file's "adam"
+    assert saved["data"]["store"] == str(store.resolve())
+    changed = train_config(store, iterations=6, extra="[adam]\nlr = 0.1\n")
+    code = main(["train", str(changed.path), "--out", str(run), "--resume", "--solver", "admm"])
+    assert code == 0  # more iterations (and another solver's table) may change
+    wider = str(changed.path).replace(".toml", "-wide.toml")
+    Path(wider).write_text(Path(changed.path).read_text().replace("width = 4", "width = 8"))
+    code = main(["train", wider, "--out", str(run), "--resume", "--solver", "admm"])
+    assert code == 2 and "[model] width" in capsys.readouterr().err
