@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 from geodnn.errors import GeodnnError
 from tiles.errors import TilesError
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings read like errors: one line naming the file and the fix, no source location."""
+    return str(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         format="geodnn: %(levelname)s: %(message)s",
     )
     logging.captureWarnings(True)
+    warnings.formatwarning = one_line_warning
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:

@@ -457,7 +457,7 @@ def run_epochs(
         if stop:
             log.info("stopping at iteration %d: %s", solver.iteration, stop)
         if solver.iteration % epoch and solver.iteration < total and not stop:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up", refresh=False)
             continue
         mean_loss = epoch_loss(losses)
         if losses:

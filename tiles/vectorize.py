@@ -159,12 +159,6 @@ def write_class_polygons(
     number of polygons. Adds the QGIS style to the GeoPackage and a sidecar `.qml` next to it."""
     gpkg = Path(gpkg)
     with rasterio.open(class_map) as src:
-        if src.crs is not None and src.crs.is_geographic:
-            warnings.warn(
-                f"{gpkg}: CRS {src.crs.to_string()} is geographic, so 'area' and min_area "
-                "are in squared degrees; reproject the scene to a projected CRS for areas in m2",
-                stacklevel=2,
-            )
         layer = _Layer(gpkg, src.crs, class_names, src.transform, options, [])
         border: dict[int, list[shapely.Geometry]] = defaultdict(list)
         grid = ChunkGrid(src.height, src.width, options.window, 0)
@@ -202,6 +196,18 @@ def qml_path(gpkg: str | os.PathLike) -> Path:
     return Path(gpkg).with_suffix(".qml")
 
 
+def warn_if_geographic(class_map: str | os.PathLike, out: Path) -> None:
+    """Areas (and min_area) are in the CRS's units: squared degrees for a geographic CRS."""
+    with rasterio.open(class_map) as src:
+        crs = src.crs
+    if crs is not None and crs.is_geographic:
+        warnings.warn(
+            f"{out}: CRS {crs.to_string()} is geographic, so 'area' and min_area are in squared "
+            "degrees; reproject the scene to a projected CRS for areas in m2",
+            stacklevel=3,
+        )
+
+
 def vectorize_classes(
     class_map: str | os.PathLike,
     out: str | os.PathLike,
@@ -220,6 +226,7 @@ def vectorize_classes(
     own = outputs is None
     outputs = outputs or AtomicOutputs()
     try:
+        warn_if_geographic(class_map, out)
         tmp = outputs.reserve(out)
         count = write_class_polygons(class_map, tmp, class_names, class_colors, options)
         ids = [i for i in range(len(class_names)) if i != options.background]
