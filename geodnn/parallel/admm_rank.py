@@ -170,12 +170,7 @@ class RankAdmmSolver:
         self.exchange = BoundaryExchange(ctx, compression, make_message=Message)
         self.block = JacobiBlock(self.start, self.stop, self._step_layer, self.exchange)
         self.iteration = 0
-        self.watch = LossWatch(
-            settings.divergence_factor,
-            settings.divergence_warmup,
-            settings.max_iterations,
-            settings.patience,
-        )
+        self.watch = LossWatch.from_settings(settings)
         self._layer_stats: dict[int, dict[str, float]] = {}
         self._measured_s = [0.0] * ctx.world_size
         self._measured_n = 0

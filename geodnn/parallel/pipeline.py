@@ -93,12 +93,7 @@ class PipelineSolver:
             betas=(settings.beta1, settings.beta2),
             weight_decay=settings.weight_decay,
         )
-        self.watch = LossWatch(
-            settings.divergence_factor,
-            settings.divergence_warmup,
-            settings.max_iterations,
-            settings.patience,
-        )
+        self.watch = LossWatch.from_settings(settings)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return weighted_cross_entropy(logits, labels, self._weights)

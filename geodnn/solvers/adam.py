@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -10,7 +10,7 @@ from ..data import Batches
 from ..errors import GeodnnError
 from ..model import ChainNet
 from .admm import make_pool
-from .base import LossWatch
+from .base import LossWatch, settings_from_dict
 from .subproblems import weighted_cross_entropy
 
 
@@ -33,13 +33,7 @@ class AdamSettings:
 
     @classmethod
     def from_dict(cls, values: dict) -> AdamSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GeodnnError(
-                f"unknown [adam] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        settings = cls(**values)
+        settings = settings_from_dict(cls, values, "adam")
         if settings.batch_size < 1 or not settings.lr > 0 or settings.slots < 1:
             raise GeodnnError("invalid [adam] settings: batch_size >= 1, lr > 0, slots >= 1")
         return settings
@@ -66,12 +60,7 @@ class AdamSolver:
         cw = settings.class_weights
         self._weights = torch.tensor(cw, dtype=torch.float32) if cw else None
         self.iteration = 0
-        self.watch = LossWatch(
-            settings.divergence_factor,
-            settings.divergence_warmup,
-            settings.max_iterations,
-            settings.patience,
-        )
+        self.watch = LossWatch.from_settings(settings)
 
     def step(self) -> dict[str, float]:
         x, y = self.data.get(self.pool.batch_at(self.iteration))

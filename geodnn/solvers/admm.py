@@ -75,7 +75,7 @@ from torch.nn import functional as F
 from ..data import Batches
 from ..errors import DivergenceError, GeodnnError
 from ..model import ChainNet
-from .base import LossWatch
+from .base import LossWatch, settings_from_dict
 from .pool import CropPool, auto_refresh
 from .subproblems import (
     cg_p_step,
@@ -123,13 +123,7 @@ class AdmmSettings:
     @classmethod
     def from_dict(cls, values: dict) -> AdmmSettings:
         """Settings from a config table; unknown keys are an error that names them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GeodnnError(
-                f"unknown [admm] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        settings = cls(**values)
+        settings = settings_from_dict(cls, values, "admm")
         settings.check()
         return settings
 
@@ -445,12 +439,7 @@ class AdmmSolver:
         self.downs: list[Message | None] = [None] * n  # downs[l]: sent by l to l - 1
         self.iteration = 0
         self.layer_stats: list[dict[str, float]] = []  # per-layer stats of the last step
-        self.watch = LossWatch(
-            settings.divergence_factor,
-            settings.divergence_warmup,
-            settings.max_iterations,
-            settings.patience,
-        )
+        self.watch = LossWatch.from_settings(settings)
         cw = settings.class_weights
         self._weights = torch.tensor(cw, dtype=torch.float32) if cw else None
 

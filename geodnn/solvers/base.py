@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from ..data import Batches
@@ -32,6 +32,17 @@ class Solver(Protocol):
         ...
 
 
+def settings_from_dict(cls, values: dict, table: str):
+    """A settings dataclass from a config table; unknown keys are an error that names them."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise GeodnnError(
+            f"unknown [{table}] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
 @dataclass
 class LossWatch:
     """Best-loss bookkeeping on a smoothed loss: divergence detection and the stopping rule.
@@ -48,6 +59,16 @@ class LossWatch:
     average: float = math.nan
     best: float = math.inf
     best_iteration: int = -1
+
+    @classmethod
+    def from_settings(cls, settings) -> LossWatch:
+        """The watch a solver's settings ask for (divergence factor, warm-up, stopping rule)."""
+        return cls(
+            settings.divergence_factor,
+            settings.divergence_warmup,
+            settings.max_iterations,
+            settings.patience,
+        )
 
     def update(self, loss: float, iteration: int, solver: str) -> None:
         """Record `loss`; raise DivergenceError when it is non-finite or explodes."""
