@@ -57,11 +57,30 @@ class ModelPredictor:
     float32 (n, classes, h, w). Picklable, so it ships to remote Dask workers."""
 
     model: ChainNet
+    device: str = "cpu"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        device = torch.device(self.device)
+        if self.model.band_mean.device != device:  # moved where it runs (e.g. a Dask worker)
+            self.model.to(device)
         with torch.no_grad():
-            logits = self.model.forward_valid(torch.from_numpy(np.ascontiguousarray(batch)))
-            return torch.softmax(logits, dim=1).numpy()
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            logits = self.model.forward_valid(x)
+            return torch.softmax(logits, dim=1).cpu().numpy()
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is the GPU when PyTorch sees one, else the CPU; 'cuda' without a GPU is an error."""
+    if device not in DEVICES:
+        raise PipelineError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: PyTorch sees no GPU here; use --device cpu")
+    return device
 
 
 @dataclass
@@ -97,6 +116,7 @@ def iter_predictions(
     probabilities: bool = True,
     scheduler: str | None = None,
     progress: bool = False,
+    device: str = "auto",
 ) -> Iterator[ChunkPrediction]:
     """Yield every chunk's prediction of `scene` (any order; together they cover each pixel
     once). Validates the scene, band count and chunk size first (one-line errors)."""
@@ -107,7 +127,7 @@ def iter_predictions(
     check_chunk_size(chunk, halo)
     yield from stream_predictions(
         info.path,
-        ModelPredictor(ckpt.model),
+        ModelPredictor(ckpt.model, resolve_device(device)),
         halo,
         chunk=chunk,
         batch=batch,
@@ -128,6 +148,7 @@ def predict_scene(
     chunk: int = DEFAULT_CHUNK,
     batch: int = 1,
     scheduler: str | None = None,
+    device: str = "auto",
     min_area: float = 0.0,
     simplify: float = 0.0,
     overwrite: bool = False,
@@ -146,6 +167,7 @@ def predict_scene(
     info = open_scene(scene)
     _check_scene(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)
+    device = resolve_device(device)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
     warn_if_no_crs(info)
     counts = {"chunks": 0, "skipped": 0}
@@ -166,6 +188,7 @@ def predict_scene(
                 batch=batch,
                 probabilities=probabilities is not None,
                 scheduler=scheduler,
+                device=device,
                 progress=progress,
             ):
                 writer.write(prediction)
@@ -224,6 +247,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="chunks per model call (default 1)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: local)")
     p.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where the model runs (auto: GPU if any)"
+    )
+    p.add_argument(
         "--min-area", type=float, default=0.0, help="drop smaller polygons (CRS units squared)"
     )
     p.add_argument("--simplify", type=float, default=0.0, help="simplify tolerance (CRS units)")
@@ -242,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         batch=args.batch,
         scheduler=args.scheduler,
+        device=args.device,
         min_area=args.min_area,
         simplify=args.simplify,
         overwrite=args.overwrite,

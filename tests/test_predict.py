@@ -283,3 +283,23 @@ def test_unreachable_scheduler_is_a_one_line_error(
     code, err = run_cli([*argv, "--scheduler", "tcp://127.0.0.1:9"], capsys)
     assert code == 2 and "Dask scheduler" in err and "\n" not in err
     assert not (tmp_path / "c.tif").exists()
+
+
+def test_device_option(checkpoint, make_geotiff, tmp_path, capsys):
+    scene = make_geotiff(np.random.default_rng(3).random((1, 40, 50), dtype=np.float32))
+    cpu, auto = tmp_path / "cpu.tif", tmp_path / "auto.tif"
+    assert (
+        run_cli(
+            ["predict", str(checkpoint), str(scene), "--out", str(cpu), "--device", "cpu"], capsys
+        )[0]
+        == 0
+    )
+    assert run_cli(["predict", str(checkpoint), str(scene), "--out", str(auto)], capsys)[0] == 0
+    with rasterio.open(cpu) as a, rasterio.open(auto) as b:
+        assert np.array_equal(a.read(), b.read())
+    if not torch.cuda.is_available():
+        out = tmp_path / "gpu.tif"
+        code, err = run_cli(
+            ["predict", str(checkpoint), str(scene), "--out", str(out), "--device", "cuda"], capsys
+        )
+        assert code == 2 and "no GPU" in err and not out.exists()
