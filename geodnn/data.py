@@ -43,6 +43,11 @@ class TensorBatches:
 def class_weights(labels: torch.Tensor, classes: int, power: float = 0.5) -> torch.Tensor:
     """Inverse-frequency class weights (softened by `power`), normalized to mean 1."""
     valid = labels[(labels != IGNORE_INDEX) & (labels >= 0)]
-    counts = torch.bincount(valid.reshape(-1), minlength=classes).double().clamp(min=1)
+    return weights_from_counts(torch.bincount(valid.reshape(-1), minlength=classes), power)
+
+
+def weights_from_counts(counts, power: float = 0.5) -> torch.Tensor:
+    """Class weights (total / count) ** power from labeled-pixel counts, normalized to mean 1."""
+    counts = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
     weights = (counts.sum() / counts) ** power
     return (weights / weights.mean()).float()

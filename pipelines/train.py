@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import geodnn
 from geodnn.checkpoint import atomic_torch_save
-from geodnn.data import Batches
+from geodnn.data import Batches, weights_from_counts
 from geodnn.errors import DivergenceError
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
@@ -109,15 +109,14 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     )
     model.set_normalization(train_data.band_mean, train_data.band_std)
     warn_if_halo_crosses_split(store, train_data.store.attrs, model.receptive_radius)
-    counts = torch.as_tensor(train_data.class_counts, dtype=torch.float64).clamp(min=1)
-    weights = (counts.sum() / counts) ** train["class_weight_power"]
+    weights = weights_from_counts(train_data.class_counts, train["class_weight_power"])
     return TrainSetup(
         config=config,
         run_dir=run_dir,
         model=model,
         train_data=train_data,
         val_data=val_data,
-        class_weights=(weights / weights.mean()).float(),
+        class_weights=weights,
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
     )
