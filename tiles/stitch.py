@@ -10,6 +10,7 @@ target folder and renamed only when everything succeeded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -362,8 +363,9 @@ class PredictionWriter:
         colormap[CLASS_NODATA] = (0, 0, 0, 0)
         dst.write_colormap(1, colormap)
         dst.set_band_description(1, "class")
-        dst.update_tags(1, class_names=",".join(self.names))
-        dst.update_tags(class_names=",".join(self.names))
+        names = json.dumps(list(self.names))  # JSON: a class name may contain a comma
+        dst.update_tags(1, class_names=names)
+        dst.update_tags(class_names=names)
         return dst
 
     def _open_probabilities(self):
