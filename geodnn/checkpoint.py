@@ -6,13 +6,13 @@ Files hold only tensors and plain Python values so they load with `torch.load(we
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 from .model import ChainConfig, ChainNet
 
@@ -60,21 +60,8 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -> None:

@@ -8,12 +8,12 @@ middle of a save leaves the previous complete checkpoint as the one resumed from
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write_text
 from ..checkpoint import atomic_torch_save
 from ..errors import CheckpointError
 from .group import RankContext
@@ -23,13 +23,6 @@ LATEST = "ranks-latest.txt"
 
 def rank_file(folder: Path, rank: int, world_size: int, iteration: int) -> Path:
     return Path(folder) / f"rank{rank}-of-{world_size}-it{iteration}.pt"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 def latest_iteration(folder: str | os.PathLike) -> int | None:
@@ -51,7 +44,7 @@ def save_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext, state: dic
     atomic_torch_save(state, path)
     dist.barrier()
     if ctx.rank == 0:
-        _write_text_atomic(folder / LATEST, f"iteration={iteration}\nworld_size={ctx.world_size}\n")
+        atomic_write_text(folder / LATEST, f"iteration={iteration}\nworld_size={ctx.world_size}\n")
     dist.barrier()
     if previous is not None and previous != iteration:
         rank_file(folder, ctx.rank, ctx.world_size, previous).unlink(missing_ok=True)
