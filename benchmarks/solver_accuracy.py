@@ -154,9 +154,9 @@ def loss_at(curve, iteration=None, seconds=None, window=10):
     return sum(seg) / len(seg)
 
 
-def compare(scene, region_train, region_val, weights, depth, budget, seed):
+def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=64):
     """Both solvers on one scene and depth with the same compute budget."""
-    data = RandomCrops(*region_train, 64, 4096, seed)
+    data = RandomCrops(*region_train, crop, 4096, seed)
     out, at_equal = {}, {}
     for kind in ("admm", "adam"):
         model = make_model(region_train[0], depth, 16, seed)
@@ -187,8 +187,8 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed):
                 16,
                 layer.spec.kernel_size,
                 solver.pool.crops,
-                64,
-                64,
+                crop,
+                crop,
                 solver.settings.dual,
                 head=False,
             )
@@ -198,6 +198,7 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed):
     row = {
         "scene": scene,
         "depth": depth,
+        "crop": crop,
         "budget_s": budget,
         "val_iou_adam": round(a["val_iou"], 4),
         "val_iou_admm": round(m["val_iou"], 4),
@@ -232,6 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="Vegas, depth 16 only (~1 minute)")
     parser.add_argument("--budget", type=float, help="seconds of training per solver and run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crop", type=int, help="training crop size (default 64; quick: 32)")
     parser.add_argument("--scenes", nargs="+", help="subset of vegas-roads atlanta-buildings")
     parser.add_argument("--depths", nargs="+", type=int, help="subset of depths (default 8 16 32)")
     args = parser.parse_args(argv)
@@ -242,6 +244,7 @@ def main(argv=None) -> int:
     )
     depths = args.depths or ([16] if args.quick else [8, 16, 32])
     budget = args.budget or (40.0 if args.quick else 120.0)
+    crop = args.crop or (32 if args.quick else 64)
     rows = []
     for scene in scenes:
         image, labels = load_scene(scene)
@@ -251,13 +254,14 @@ def main(argv=None) -> int:
         # ~100 steps instead of 150-700 with the softened power 0.5
         weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
         for depth in depths:
-            rows.append(compare(scene, train, val, weights, depth, budget, args.seed))
+            rows.append(compare(scene, train, val, weights, depth, budget, args.seed, crop))
     admm_defaults = AdmmSettings().to_dict()
     admm_defaults.pop("class_weights")
     summary = {
         "quick": args.quick,
         "scenes": scenes,  # the ratios below pool these scenes only
         "budget_s_per_solver": budget,
+        "crop": crop,
         "adam_lr": ADAM_LR,
         "admm_settings": admm_defaults,
         "runs": rows,
