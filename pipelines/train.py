@@ -2,7 +2,8 @@
 
 The run folder holds everything: config.toml (the config as run), metrics.csv (one row per epoch),
 curves.png, last.pt (checkpoint of the latest epoch, usable by `geodnn predict`), state.pt (solver
-state for an exact `--resume`) and model.pt (the final checkpoint). Files are written atomically.
+state for an exact `--resume`; with --workers one rank*-of-N-it*.pt per rank and ranks-latest.txt)
+and model.pt (the final checkpoint). Files are written atomically.
 """
 
 from __future__ import annotations
