@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from geodnn import Checkpoint, load_checkpoint
+from geodnn import Checkpoint
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import load_labels
@@ -26,7 +26,7 @@ from tiles.raster import open_scene
 from tiles.split import Region, parse_split, split_regions
 
 from .errors import PipelineError
-from .predict import iter_predictions
+from .predict import as_checkpoint, iter_predictions
 
 REGIONS = ("all", "train", "validation")
 
@@ -91,7 +91,7 @@ def evaluate_scene(
     progress: bool = False,
 ) -> Evaluation:
     """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk."""
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute=class_attribute)
     classes = ckpt.config.classes

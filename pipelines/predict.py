@@ -95,7 +95,8 @@ class PredictionSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-def _checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
+def as_checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """A loaded Checkpoint as is, or the one a path names."""
     return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
 
 
@@ -120,7 +121,7 @@ def iter_predictions(
 ) -> Iterator[ChunkPrediction]:
     """Yield every chunk's prediction of `scene` (any order; together they cover each pixel
     once). Validates the scene, band count and chunk size first (one-line errors)."""
-    ckpt = _checkpoint(checkpoint)
+    ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     _check_scene(info, ckpt)
     halo = ckpt.model.receptive_radius
@@ -163,7 +164,7 @@ def predict_scene(
     started = time.perf_counter()
     if batch < 1:
         raise PipelineError(f"--batch {batch}: pass 1 or more chunks per model call")
-    ckpt = _checkpoint(checkpoint)
+    ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     _check_scene(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)

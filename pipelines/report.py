@@ -82,24 +82,25 @@ def overlay_png(p: Pipeline, path: Path) -> Path:
         alpha=0.6,
         interpolation="nearest",
     )
-    outline_validation(ax_map, p, bounds)
+    outline_validation(ax_map, p)
     ax_img.set_title("scene")
     ax_map.set_title(f"predicted ({p.config.solver}); dashed: validation region")
     save_figure(fig, path, dpi=110)
     return path
 
 
-def outline_validation(ax, p: Pipeline, bounds) -> None:
-    from tiles.split import parse_split, split_regions
-
+def outline_validation(ax, p: Pipeline) -> None:
+    """Dashed outline of the held-out region (nothing when the split keeps no validation)."""
+    from .errors import PipelineError
     from .evaluate import region_box
 
     tile = p.config["tile"]
     with rasterio.open(p.input_path("image")) as src:
         shape, transform = (src.height, src.width), src.transform
-    if len(split_regions(shape, parse_split(tile["split"], tile["gap"]))) < 2:
+    try:
+        box = region_box(shape, tile["split"], tile["gap"], "validation")
+    except PipelineError:
         return
-    box = region_box(shape, tile["split"], tile["gap"], "validation")
     x0, y0 = transform * (box.col0, box.row0)
     x1, y1 = transform * (box.col1, box.row1)
     ax.plot([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], "--", color="white", linewidth=1.5)
@@ -110,12 +111,11 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def comparison_png(p: Pipeline, path: Path, positive: str) -> Path:
+def comparison_png(curves: dict[str, list[dict]], path: Path, positive: str) -> Path:
     """Validation IoU of the positive class per solver, against iterations and against time."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_it, ax_t = fig.subplots(1, 2)
-    for solver in p.solvers:
-        rows = read_curve(p.folder.train_dir(solver) / "metrics.csv")
+    for solver, rows in curves.items():
         key = f"val_iou_{positive}"
         ax_it.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
         ax_t.plot([r["elapsed_s"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
@@ -128,10 +128,9 @@ def comparison_png(p: Pipeline, path: Path, positive: str) -> Path:
     return path
 
 
-def metrics_rows(p: Pipeline, evaluation: dict) -> list[list[str]]:
+def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[str]]:
     rows = []
-    for solver in p.solvers:
-        curve = read_curve(p.folder.train_dir(solver) / "metrics.csv")
+    for solver, curve in curves.items():
         last = curve[-1] if curve else {}
         scores = evaluation[solver]
         rows.append(
@@ -153,13 +152,14 @@ def write_report(p: Pipeline) -> list[Path]:
     evaluation = json.loads(p.folder.evaluation.read_text())
     names = list(evaluation[p.config.solver]["iou"])
     overlay = overlay_png(p, root / "overlay.png")
-    comparison = comparison_png(p, root / "comparison.png", names[-1])
+    curves = {s: read_curve(p.folder.train_dir(s) / "metrics.csv") for s in p.solvers}
+    comparison = comparison_png(curves, root / "comparison.png", names[-1])
     header = (
         ["solver"]
         + [f"IoU {n}" for n in names]
         + [f"F1 {names[-1]}", "pixel accuracy", "iterations", "train seconds", "train loss"]
     )
-    rows = metrics_rows(p, evaluation)
+    rows = metrics_rows(curves, evaluation)
     links = [
         q
         for q in (
@@ -171,7 +171,7 @@ def write_report(p: Pipeline) -> list[Path]:
         if q.exists()
     ]
     links += [p.folder.train_dir(s) / "model.pt" for s in p.solvers]
-    curves = [p.folder.train_dir(s) / "curves.png" for s in p.solvers]
+    curve_pngs = [p.folder.train_dir(s) / "curves.png" for s in p.solvers]
     rel = [str(q.relative_to(root)) for q in links]
     md = markdown(
         p,
@@ -179,13 +179,13 @@ def write_report(p: Pipeline) -> list[Path]:
         rows,
         overlay.name,
         comparison.name,
-        [str(c.relative_to(root)) for c in curves],
+        [str(c.relative_to(root)) for c in curve_pngs],
         rel,
     )
     atomic_write_text(root / "report.md", md)
     atomic_write_text(
         root / "report.html",
-        to_html(p, header, rows, overlay.name, comparison.name, curves, rel, root),
+        to_html(p, header, rows, overlay.name, comparison.name, curve_pngs, rel, root),
     )
     return [root / "report.md", root / "report.html", overlay, comparison]
 

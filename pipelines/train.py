@@ -248,15 +248,15 @@ def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRec
     """Rows of an earlier metrics.csv up to iteration `upto` (for an exact resume)."""
     if not path.is_file():
         return []
+    known = {"iteration", "elapsed_s", "train_loss", "val_loss", "pixel_accuracy"}
+    known |= {f"val_iou_{n}" for n in class_names} | {f"val_f1_{n}" for n in class_names}
     records = []
     with path.open() as f:
         for row in csv.DictReader(f):
             if int(row["iteration"]) > upto:
                 break
-            known = {"iteration", "elapsed_s", "train_loss", "val_loss", "pixel_accuracy"}
             iou = [float(row[f"val_iou_{n}"]) for n in class_names]
             f1 = [float(row[f"val_f1_{n}"]) for n in class_names]
-            known |= {f"val_iou_{n}" for n in class_names} | {f"val_f1_{n}" for n in class_names}
             extra = {k: float(v) for k, v in row.items() if k not in known and v != ""}
             records.append(
                 EpochRecord(
