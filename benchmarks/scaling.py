@@ -493,7 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     crops = admm_settings.slots * admm_settings.batch_size
     hidden_bytes = layer_memory_formula(
-        args.width, args.width, 3, crops, args.crop, args.crop, admm_settings.dual, False
+        args.width,
+        args.width,
+        3,
+        crops,
+        args.crop,
+        args.crop,
+        admm_settings.dual,
+        False,
+        admm_settings.keep_retired,
     )
     memory_vs_depth = [
         {

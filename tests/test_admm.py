@@ -142,12 +142,15 @@ def test_absurd_settings_raise_divergence(vegas):
             solver.step()
 
 
-def test_memory_formula_matches_measured_state(vegas):
-    settings = _settings(vegas)
+@pytest.mark.parametrize("retired", [False, True])
+def test_memory_formula_matches_measured_state(vegas, retired):
+    settings = _settings(vegas, keep_retired=retired)
     solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
-    for _ in range(2 * len(solver.states) + solver.pool.slots):
+    pool = solver.pool
+    # every layer has seen its slots change generation once (current and retired both held)
+    for _ in range(pool.slots * pool.refresh_every + len(solver.states) + pool.slots):
         solver.step()
-    crops = solver.pool.crops
+    crops = pool.crops
     for state, layer in zip(solver.states, solver.model.layers):
         spec = layer.spec
         expected = layer_memory_formula(
@@ -159,6 +162,7 @@ def test_memory_formula_matches_measured_state(vegas):
             32,
             dual=False,
             head=state.is_head,
+            retired=retired,
         )
         assert layer_state_bytes(state) == expected
 
@@ -201,3 +205,21 @@ def test_states_mirror_the_model(vegas):
     assert states[0].is_stem and states[-1].is_head and states[0].band_mean is not None
     changed = replace(states[1], weight=states[1].weight + 1)
     assert not torch.equal(changed.weight, states[1].weight)
+
+
+def test_keep_retired_gives_every_layer_every_update_once_the_pipeline_is_full(vegas):
+    """With keep_retired, requests about a slot's previous generation still find its input, so
+    no layer loses updates when a slot's crops change; without it the low layers lose most."""
+    updates = {}
+    for retired in (False, True):
+        settings = _settings(vegas, monitor=False, keep_retired=retired)
+        solver = AdmmSolver(_model(vegas, depth=6), vegas, settings, seed=0)
+        layers, cycle = len(solver.states), solver.pool.slots * solver.pool.refresh_every
+        for _ in range(2 * layers):  # fill: the first request reaches the stem
+            solver.step()
+        before = [s.updates for s in solver.states]
+        for _ in range(2 * cycle):  # two generation changes of every slot
+            solver.step()
+        updates[retired] = [s.updates - b for s, b in zip(solver.states, before)]
+    assert updates[True] == [2 * cycle] * layers
+    assert updates[False][0] < cycle and updates[False][-1] == 2 * cycle

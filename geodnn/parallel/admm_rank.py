@@ -111,6 +111,7 @@ def profile_admm_layers(
             w,
             settings.dual,
             head,
+            settings.keep_retired,
         )
         costs.append(LayerCost(mean[mapping[index]], float(memory)))
     return costs

@@ -87,11 +87,14 @@ def relu_z_step(z0: torch.Tensor, q: torch.Tensor, fit: float) -> torch.Tensor:
     Both branches (z <= 0 and z >= 0) are solved exactly and the cheaper one is kept, so a unit
     that is off (z0 < 0) can be switched on when its target q is large enough.
     """
-    z_neg = torch.clamp(z0, max=0.0)
-    cost_neg = (z_neg - z0) ** 2 + fit * q**2
-    z_pos = torch.clamp((z0 + fit * q) / (1.0 + fit), min=0.0)
-    cost_pos = (z_pos - z0) ** 2 + fit * (q - z_pos) ** 2
-    return torch.where(cost_pos < cost_neg, z_pos, z_neg)
+    # z >= 0 branch: z = (z0 + fit q) / (1 + fit), cost fit / (1 + fit) (q - z0)^2 (when the
+    # unclamped z is negative, its clamped cost z0^2 + fit q^2 never beats the other branch);
+    # z <= 0 branch: z = min(z0, 0), cost relu(z0)^2 + fit q^2
+    z_pos = (z0 + fit * q) / (1.0 + fit)
+    cost_pos = (q - z0).square_().mul_(fit / (1.0 + fit))
+    cost_neg = torch.relu(z0).square_().add_(q.square(), alpha=fit)
+    take_pos = (z_pos >= 0) & (cost_pos < cost_neg)
+    return torch.where(take_pos, z_pos, torch.clamp(z0, max=0.0))
 
 
 def patch_gram(
