@@ -84,8 +84,9 @@ def make_model(depth: int, width: int, data: TensorBatches):
 
 def settings_for(args, data) -> tuple[AdmmSettings, AdamSettings]:
     weights = class_weights(data.labels, 2).tolist()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.admm)}
     admm = AdmmSettings.from_dict(
-        {"batch_size": args.batch, "class_weights": weights, "monitor": False}
+        {"batch_size": args.batch, "class_weights": weights, "monitor": False, **overrides}
     )
     adam = AdamSettings.from_dict({"batch_size": args.batch, "class_weights": weights})
     return admm, adam
@@ -408,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-iou", type=float, default=0.05, help="full mode race target")
     parser.add_argument("--race-s", type=float, default=240.0, help="full mode race budget")
     parser.add_argument("--race-only", action="store_true", help="only the time-to-IoU race")
+    parser.add_argument(
+        "--admm",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override [admm] settings, e.g. --admm keep_retired=true",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     depth = args.depth or (8 if args.quick else 16)
@@ -522,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "crop": args.crop,
         "microbatches": args.microbatches,
+        "admm_overrides": args.admm,
         "timing": f"ADMM: mean over one refresh cycle ({cycle} iterations) from one warm state, "
         f"2-rank variants stepped in rotation, 1 rank best of before/after; Adam/pipeline: "
         f"mean of {timed} steps, schedules in rotation, 1 process best of before/after",

@@ -106,7 +106,7 @@ class AdmmSettings:
     batch_size: int = 16  # B: crops per slot (mini-batch)
     slots: int = 4  # S: slots in the crop pool; each layer revisits a slot every S iterations
     refresh_every: int = 0  # stem visits of a slot before its crops change (0: auto, S R >= 2 L)
-    head_nu: float = 1.0  # head prox weight: larger = smaller per-pixel logit steps
+    head_nu: float = 2.0  # head prox weight: larger = smaller per-pixel logit steps
     head_nu_growth: float = 1.0  # continuation: head_nu is multiplied by this each iteration
     head_nu_max: float = 1e6  # upper bound of the continuation
     head_newton_steps: int = 4  # Newton iterations of the per-pixel head prox
