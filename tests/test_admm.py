@@ -223,3 +223,21 @@ def test_keep_retired_gives_every_layer_every_update_once_the_pipeline_is_full(v
         updates[retired] = [s.updates - b for s, b in zip(solver.states, before)]
     assert updates[True] == [2 * cycle] * layers
     assert updates[False][0] < cycle and updates[False][-1] == 2 * cycle
+
+
+def test_step_scale_shrinks_hidden_steps_and_leaves_the_head_alone(vegas):
+    """The first update of the layer below the head fits step_scale of its target change; the
+    head's own step (same labels, same input) is untouched."""
+    rel = {}
+    for scale in (1.0, 0.5):
+        settings = _settings(vegas, monitor=False, step_scale=scale, max_rel_step=0.0)
+        solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+        below_head = len(solver.states) - 2
+        while solver.states[below_head].updates == 0:
+            solver.step()
+        rel[scale] = (
+            solver.layer_stats[below_head]["rel_step"],
+            solver.layer_stats[-1]["rel_step"],
+        )
+    assert rel[0.5][0] == pytest.approx(0.5 * rel[1.0][0], rel=1e-4)
+    assert rel[0.5][1] == pytest.approx(rel[1.0][1], rel=1e-6)
