@@ -22,7 +22,7 @@ from geodnn.solvers import (
     layer_step,
     make_solver,
 )
-from geodnn.solvers.admm import layer_memory_formula, layer_state_bytes, make_pool
+from geodnn.solvers.admm import LayerState, layer_memory_formula, layer_state_bytes, make_pool
 from geodnn.solvers.subproblems import weighted_cross_entropy
 
 
@@ -241,3 +241,26 @@ def test_step_scale_shrinks_hidden_steps_and_leaves_the_head_alone(vegas):
         )
     assert rel[0.5][0] == pytest.approx(0.5 * rel[1.0][0], rel=1e-4)
     assert rel[0.5][1] == pytest.approx(rel[1.0][1], rel=1e-6)
+
+
+def test_layer_state_of_the_previous_format_loads(vegas):
+    """A LayerState saved before pre-activations and retired inputs existed loads, and its
+    stored inputs serve the requests that arrive next (z0 is recomputed for them)."""
+    solver = AdmmSolver(_model(vegas), vegas, _settings(vegas, monitor=False), seed=0)
+    twin = AdmmSolver(_model(vegas), vegas, _settings(vegas, monitor=False), seed=0)
+    for _ in range(2 * len(solver.states) + solver.settings.slots):
+        solver.step()
+        twin.step()
+    new = ("pre_activations", "retired_inputs", "retired_pre_activations", "retired_generation")
+    slots = solver.settings.slots
+    before = [s.updates for s in solver.states]
+    solver.states = [
+        LayerState.from_state_dict({k: v for k, v in s.state_dict().items() if k not in new})
+        for s in solver.states
+    ]
+    assert solver.states[1].pre_activations == [None] * slots
+    assert solver.states[1].retired_generation == [-1] * slots
+    solver.step()  # every request that arrives is about an input stored before the swap
+    twin.step()
+    updated = [s.updates - b for s, b in zip(solver.states, before)]
+    assert updated == [s.updates - b for s, b in zip(twin.states, before)] and sum(updated) >= 3

@@ -461,6 +461,8 @@ def layer_step(
     if stored is not None:
         k = above.slot
         p, z0, current = stored  # z0 from the weights of the forward half (saves a conv)
+        if z0 is None:  # a state saved before pre-activations were stored
+            z0 = _conv(p, weight, bias, state)
         dual = duals[k] if current else None
         z_star, dual = _hidden_target(state, z0, above.tensor, dual, settings)
         if current:
