@@ -43,6 +43,7 @@ from geodnn.parallel.group import init_ranks, shutdown
 from geodnn.parallel.launch import spawn
 from geodnn.parallel.partition import LayerCost, Plan, balance, even_blocks
 from geodnn.parallel.pipeline import PipelineSolver
+from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.adam import AdamSettings, AdamSolver
 from geodnn.solvers.admm import (
     AdmmSettings,
@@ -126,8 +127,11 @@ def admm_warm_state(model, data, settings: AdmmSettings, warmup: int) -> dict:
 
 
 def admm_single_process(model, data, settings: AdmmSettings, warm: dict, timed: int) -> dict:
-    """One process, one thread: from the warm state, 1 untimed then `timed` timed iterations
-    (the same iterations the ranks time); seconds per iteration and per layer."""
+    """One process, one thread: from the warm state, `timed` untimed then `timed` timed
+    iterations (the same iterations the ranks time); seconds per iteration and per layer.
+
+    The untimed cycle matters: until every slot's stored tensors were replaced once, each step
+    still faults fresh pages in (states handed to a rank arrive in shared memory)."""
     pool = make_pool(settings, len(data), len(model.layers), SEED)
     states = [LayerState.from_state_dict(d) for d in warm["layers"]]
     clock = {"t": warm["iteration"]}
@@ -141,8 +145,9 @@ def admm_single_process(model, data, settings: AdmmSettings, warm: dict, timed: 
     block.inbox.below = {int(k): Message.from_dict(v) for k, v in warm["below"].items()}
     block.inbox.above = {int(k): Message.from_dict(v) for k, v in warm["above"].items()}
     per_layer = np.zeros(len(states))
-    block.iterate()
-    clock["t"] += 1
+    for _ in range(timed):  # one untimed cycle: every slot's tensors become this process's own
+        block.iterate()
+        clock["t"] += 1
     tic, cpu = time.perf_counter(), time.process_time()
     for _ in range(timed):
         times = block.iterate()
@@ -175,6 +180,7 @@ def _whole_chain_state(states, block, iteration: int, settings: AdmmSettings) ->
 def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
     """All variants live at once and step in rotation, so background load hits them alike."""
     ctx = init_ranks(timeout_s=120)
+    retain_freed_memory()
     try:
         solvers = {}
         for name, (blocks, predicted, bits) in plans.items():
@@ -183,7 +189,8 @@ def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
             compression = CompressionSettings(bits=bits) if bits else None
             solvers[name] = RankAdmmSolver(ctx, model, data, settings, SEED, plan, compression)
             solvers[name].load_state_dict(state)
-            solvers[name].step()  # first exchange, allocations
+            for _ in range(timed):  # one untimed cycle, as in one process
+                solvers[name].step()
         totals = {name: {"wall": 0.0, "cpu": 0.0, "compute": 0.0, "wait": 0.0} for name in plans}
         sent0 = {name: solver.exchange.stats.bytes_sent for name, solver in solvers.items()}
         last = {}
@@ -233,6 +240,7 @@ def adam_single_process(model, data, settings: AdamSettings, timed: int) -> dict
 def _pipeline_ranks(depth, width, data, settings, microbatches, timed) -> dict:
     """GPipe and 1F1B solvers step in rotation (background load hits both alike)."""
     ctx = init_ranks(timeout_s=120)
+    retain_freed_memory()
     try:
         solvers = {}
         for schedule in ("gpipe", "1f1b"):
@@ -271,6 +279,7 @@ def conv_loop(repeats: int) -> float:
 
 def _conv_ranks(repeats: int) -> float:
     init_ranks(timeout_s=120)
+    retain_freed_memory()
     try:
         conv_loop(3)
         dist.barrier()  # both ranks start together (not while the other still imports)
@@ -348,6 +357,7 @@ def _race(kind, depth, width, data, val, settings, budget_s, every, target) -> d
     """2 ranks train for `budget_s`; rank 0 snapshots weights every `every` iterations and
     evaluates them afterwards (evaluation time not counted)."""
     ctx = init_ranks(timeout_s=120)
+    retain_freed_memory()
     try:
         model = make_model(depth, width, data)
         if kind == "admm":
@@ -418,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    retained = retain_freed_memory()  # as `geodnn train` does (GEODNN_RETAIN_FREED_MEMORY=0: off)
     depth = args.depth or (8 if args.quick else 16)
     if args.race_only:
         data = load_crops(args.crop, 128, validation=False, seed=1)
@@ -531,10 +542,12 @@ def main(argv: list[str] | None = None) -> int:
         "crop": args.crop,
         "microbatches": args.microbatches,
         "admm_overrides": args.admm,
-        "timing": f"ADMM: mean over one refresh cycle ({cycle} iterations) from one warm state, "
+        "timing": f"ADMM: mean over one refresh cycle ({cycle} iterations) after one untimed "
+        "cycle, from one warm state, "
         f"2-rank variants stepped in rotation, 1 rank best of before/after; Adam/pipeline: "
         f"mean of {timed} steps, schedules in rotation, 1 process best of before/after",
         "load_average_at_start": load_at_start,
+        "allocator_retains_freed_memory": retained,
         "admm_iteration_s_1": round(single["iteration_s"], 4),
         "admm_iteration_s_2": {k: round(v, 4) for k, v in admm_2.items()},
         "admm_speedup_2": round(single["iteration_s"] / admm_2["balanced"], 3),

@@ -33,6 +33,7 @@ from geodnn.data import Batches, weights_from_counts
 from geodnn.errors import DivergenceError
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
+from geodnn.runtime import retain_freed_memory
 
 from .config import SOLVERS, Config, load_config
 from .datasets import StoreBatches
@@ -397,6 +398,7 @@ def train(
     """Run (or resume) training as the config says; returns where the final checkpoint is."""
     train_cfg = config["train"]
     torch.set_num_threads(train_cfg["threads"])
+    retain_freed_memory()  # every layer step reallocates MBs of tensors: reuse, don't refault
     if is_leader():
         prepare_run_dir(config, run_dir, resume, overwrite)
     else:

@@ -1,0 +1,64 @@
+"""Process-wide settings for long CPU training loops.
+
+A layer step allocates and frees tensors of a few MB many times per iteration. glibc's malloc
+serves such blocks with mmap or hands the freed top of its heap back to the kernel, so the next
+allocation faults fresh, kernel-zeroed pages in again. Measured on a 2-core VM (depth-8 chain,
+batch 16 of 64 px crops): 7,000 page faults and up to 30 % of an ADMM iteration spent in the
+kernel zeroing pages. `retain_freed_memory` makes malloc keep freed memory for reuse instead; the
+resident set then stays at its peak, which a training loop reaches within its first iterations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+MIB = 1 << 20
+# glibc refuses an mmap threshold above 32 MiB on 64-bit; blocks beyond it stay mmapped
+MMAP_THRESHOLD = 32 * MIB
+TRIM_THRESHOLD = 2**31 - 1  # a C int: at most 2 GiB of free heap top is kept
+TOP_PAD = 64 * MIB
+OPT_OUT = "GEODNN_RETAIN_FREED_MEMORY"
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def retain_freed_memory() -> bool:
+    """Ask glibc to keep freed heap memory (no mmap for blocks up to 32 MiB, no trimming).
+
+    Returns whether the settings took effect: False off Linux/glibc, when mallopt refuses, or
+    when the environment sets GEODNN_RETAIN_FREED_MEMORY=0. Irreversible for the process.
+    """
+    if os.environ.get(OPT_OUT, "1").strip() in {"0", "false", "no", "off"}:
+        return False
+    libc = _libc()
+    if libc is None:
+        return False
+    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    settings += ((M_TOP_PAD, TOP_PAD),)
+    applied = all(libc.mallopt(ctypes.c_int(p), ctypes.c_int(v)) == 1 for p, v in settings)
+    if not applied:
+        log.debug("mallopt refused the allocator settings; freed memory may be returned")
+    return applied
+
+
+__all__ = ["OPT_OUT", "retain_freed_memory"]
