@@ -7,7 +7,7 @@ import torch
 
 from geodnn.parallel.blocks import JacobiBlock, boundary_first_order, jacobi_reference
 from geodnn.parallel.compress import CompressionSettings
-from geodnn.parallel.exchange import HEADER_LEN, BoundaryExchange
+from geodnn.parallel.exchange import HEADER_LEN, BoundaryExchange, BoundaryMessage
 from geodnn.parallel.group import init_ranks, shutdown
 from geodnn.parallel.launch import spawn
 from geodnn.parallel.partition import even_blocks
@@ -17,14 +17,40 @@ LAYERS = 6
 ITERATIONS = 7
 
 
-def _toy_rank(runs: list[int | None]) -> list[dict]:
+class ResizingChain(ToyChain):
+    """The toy chain, but its messages skip some iterations and change size on others, so the
+    pre-posted payload receives meet fillers and resized payloads."""
+
+    def step(self, layer: int, below, above):
+        below, above = (self._restore(m) for m in (below, above))
+        up, down = super().step(layer, below, above)
+        t = self.calls[layer] - 1
+        return self._reshape(up, t), self._reshape(down, t + 1)
+
+    @staticmethod
+    def _reshape(message, t: int):
+        if message is None or t % 5 == 3:
+            return None
+        if t % 4 == 1:  # a different size: one row more, zero-padded
+            padded = torch.nn.functional.pad(message.tensor, (0, 0, 0, 1))
+            return BoundaryMessage(message.slot, message.generation, padded)
+        return message
+
+    @staticmethod
+    def _restore(message):
+        if message is None or tuple(message.tensor.shape) == SHAPE:
+            return message
+        return BoundaryMessage(message.slot, message.generation, message.tensor[:, :, :-1])
+
+
+def _toy_rank(runs: list[int | None], chain_type: type = ToyChain) -> list[dict]:
     """One toy run per entry of `runs` (None: float32 messages, else bits), in one group."""
     ctx = init_ranks(timeout_s=20)
     try:
         start, stop = even_blocks(LAYERS, ctx.world_size)[ctx.rank]
         results = []
         for bits in runs:
-            chain = ToyChain(range(start, stop), LAYERS)
+            chain = chain_type(range(start, stop), LAYERS)
             compression = CompressionSettings(bits=bits) if bits else None
             exchange = BoundaryExchange(ctx, compression)
             block = JacobiBlock(start, stop, chain.step, exchange)
@@ -75,3 +101,15 @@ def test_bytes_counted_and_compression_shrinks_them(two_ranks, reference):
     for layer in range(LAYERS):
         assert torch.allclose(merged[layer], reference[layer], atol=0.05)
     assert any(not torch.equal(merged[i], reference[i]) for i in range(LAYERS))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_messages_that_vanish_or_change_size_arrive_intact(workers):
+    chain = ResizingChain(range(LAYERS), LAYERS)
+    jacobi_reference(chain.step, LAYERS, ITERATIONS)
+    results = spawn(_toy_rank, workers, args=([None, 8], ResizingChain), timeout_s=60)
+    exact = _merged(results, 0)
+    assert sorted(exact) == list(range(LAYERS))
+    for layer in range(LAYERS):
+        assert torch.equal(exact[layer], chain.state[layer]), layer
+        assert torch.allclose(_merged(results, 1)[layer], chain.state[layer], atol=0.05)

@@ -3,9 +3,17 @@
 Rank r talks only to r-1 and r+1. Each iteration it sends one message up (the activation of its top
 layer) and one down (the input its bottom layer would like), and receives one of each from its
 neighbours, for use at the next iteration (Jacobi). A message travels as a fixed-size int64 header
-(present, slot, generation, payload bytes, ndim, shape) then its payload (float32, or uint8 when
-compressed); the receiver's header receive is posted at the start of the iteration, so nothing is
-negotiated. Plain isend/irecv pairs only: batched send/recv on gloo has hung before.
+(present, slot, generation, payload bytes, ndim, filler flag, shape) then its payload as bytes
+(float32, or uint8 when compressed). Plain isend/irecv pairs only: batched send/recv on gloo has
+hung before.
+
+Both receives are posted at the start of the iteration so the payload flows while the layers
+compute: gloo moves an unbound buffer only once the receiver has posted it, and a payload receive
+posted after the header arrived made every 4 MB message wait for the end of the iteration. The
+payload receive is posted with the size of the channel's previous payload, which both ends
+track. When a message's size differs (pipeline fill, no message), the sender satisfies the posted
+receive with a filler of the old size, flags it in the header, and sends the real payload under a
+second tag.
 
 Use per iteration: `post_receives()`, compute the boundary layers, `send_up`/`send_down`, compute
 the interior layers while the messages travel, then `finish()` -> the messages for next iteration.
@@ -25,9 +33,10 @@ from .compress import CompressionSettings, ErrorFeedbackEncoder, decode
 from .group import RankContext, RankFailureError, post_or_fail, wait_or_fail
 
 HEADER_LEN = 12
-MAX_DIMS = HEADER_LEN - 5
+MAX_DIMS = HEADER_LEN - 6
 UP, DOWN = 0, 1  # direction of travel: up = towards higher ranks (activations)
-TAGS = {UP: (11, 12), DOWN: (21, 22)}  # (header tag, payload tag) per direction
+# (header, payload of the expected size, payload of a new size) tags per direction
+TAGS = {UP: (11, 12, 13), DOWN: (21, 22, 23)}
 
 
 @dataclass
@@ -64,6 +73,8 @@ class _Incoming:
     direction: int
     header: torch.Tensor
     work: Any
+    payload: torch.Tensor | None = None  # pre-posted, the channel's previous payload size
+    payload_work: Any = None
 
 
 @dataclass
@@ -77,9 +88,13 @@ class BoundaryExchange:
     _incoming: list[_Incoming] = field(default_factory=list)
     _outgoing: list[tuple[Any, int, str, torch.Tensor]] = field(default_factory=list)
     _encoders: dict[int, ErrorFeedbackEncoder] = field(default_factory=dict)
+    # payload bytes of each channel's previous message: what the receiver pre-posts
+    _sent_bytes: dict[int, int] = field(default_factory=dict)
+    _received_bytes: dict[int, int] = field(default_factory=dict)
 
     def post_receives(self) -> None:
-        """Post the header receives for this iteration's messages from both neighbours."""
+        """Post this iteration's header and (expected-size) payload receives from both
+        neighbours, so the messages travel while the layers compute."""
         if self._incoming:
             raise RuntimeError("post_receives called twice without finish()")
         for peer, direction in ((self.ctx.below, UP), (self.ctx.above, DOWN)):
@@ -88,7 +103,14 @@ class BoundaryExchange:
             header = torch.zeros(HEADER_LEN, dtype=torch.int64, device=self.ctx.device)
             what = "the boundary message header"
             work = post_or_fail(dist.irecv, header, peer, TAGS[direction][0], self.ctx, what)
-            self._incoming.append(_Incoming(peer, direction, header, work))
+            incoming = _Incoming(peer, direction, header, work)
+            expected = self._received_bytes.get(direction, 0)
+            if expected:
+                incoming.payload = torch.empty(expected, dtype=torch.uint8, device=self.ctx.device)
+                incoming.payload_work = post_or_fail(
+                    dist.irecv, incoming.payload, peer, TAGS[direction][1], self.ctx, what
+                )
+            self._incoming.append(incoming)
 
     def send_up(self, message: Any | None) -> None:
         """Send the top layer's message to rank+1 (no-op on the last rank)."""
@@ -118,33 +140,42 @@ class BoundaryExchange:
             self._encoders[direction] = ErrorFeedbackEncoder(self.compression)
         return self._encoders[direction]
 
+    def _payload(self, direction: int, message: Any) -> torch.Tensor:
+        """The message's tensor as the flat bytes that travel (float32, or b-bit encoded)."""
+        tensor = message.tensor.detach()
+        if tensor.dim() > MAX_DIMS:
+            raise ValueError(f"boundary tensors have at most {MAX_DIMS} dims, got {tensor.dim()}")
+        if self.compression is None:
+            payload = tensor.to(self.ctx.device, torch.float32).contiguous()
+        else:
+            enc = self._encoder(direction).encode(tensor, message.slot, message.generation)
+            payload = enc.to(self.ctx.device).contiguous()
+        return payload.reshape(-1).view(torch.uint8)
+
     def _send(self, peer: int, direction: int, message: Any | None) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        payload = None
+        payload = None if message is None else self._payload(direction, message)
+        nbytes = 0 if payload is None else payload.numel()
+        expected = self._sent_bytes.get(direction, 0)
+        filler = expected > 0 and nbytes != expected
         if message is not None:
-            tensor = message.tensor.detach()
-            if tensor.dim() > MAX_DIMS:
-                raise ValueError(
-                    f"boundary tensors have at most {MAX_DIMS} dims, got {tensor.dim()}"
-                )
-            if self.compression is None:
-                payload = tensor.to(self.ctx.device, torch.float32).contiguous()
-            else:
-                enc = self._encoder(direction).encode(tensor, message.slot, message.generation)
-                payload = enc.to(self.ctx.device)
-            nbytes = payload.numel() * payload.element_size()
-            header[:5] = torch.tensor([1, message.slot, message.generation, nbytes, tensor.dim()])
-            header[5 : 5 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-        header_tag, payload_tag = TAGS[direction]
-        header = header.to(self.ctx.device)
+            shape = message.tensor.shape
+            header[:6] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape), 0])
+            header[6 : 6 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+        header[5] = int(filler)
         what = f"the {'up' if direction == UP else 'down'} boundary message"
-        work = post_or_fail(dist.isend, header, peer, header_tag, self.ctx, what)
-        self._outgoing.append((work, peer, what, header))
-        self.stats.bytes_sent += header.numel() * 8
+        header_tag, expected_tag, resized_tag = TAGS[direction]
+        parts = [(header.to(self.ctx.device), header_tag)]
+        if filler:
+            zeros = torch.zeros(expected, dtype=torch.uint8, device=self.ctx.device)
+            parts.append((zeros, expected_tag))
         if payload is not None:
-            work = post_or_fail(dist.isend, payload, peer, payload_tag, self.ctx, what)
-            self._outgoing.append((work, peer, what, payload))
-            self.stats.bytes_sent += payload.numel() * payload.element_size()
+            parts.append((payload, expected_tag if nbytes == expected else resized_tag))
+        for tensor, tag in parts:
+            work = post_or_fail(dist.isend, tensor, peer, tag, self.ctx, what)
+            self._outgoing.append((work, peer, what, tensor))
+            self.stats.bytes_sent += tensor.numel() * tensor.element_size()
+        self._sent_bytes[direction] = nbytes
         self.stats.messages_sent += 1
 
     def _receive(self, incoming: _Incoming) -> Any | None:
@@ -152,21 +183,25 @@ class BoundaryExchange:
         wait_or_fail(incoming.work, self.ctx, incoming.peer, f"the {kind} boundary message")
         header = incoming.header.cpu()
         self.stats.bytes_received += HEADER_LEN * 8
-        present, slot, generation, nbytes, ndim = (int(v) for v in header[:5])
+        present, slot, generation, nbytes, ndim, filler = (int(v) for v in header[:6])
+        payload = incoming.payload
+        if payload is not None:  # the pre-posted receive: the payload, or a filler to drop
+            wait_or_fail(incoming.payload_work, self.ctx, incoming.peer, f"the {kind} payload")
+            self.stats.bytes_received += payload.numel()
+            payload = None if filler else payload
+        if payload is None and nbytes:
+            payload = torch.empty(nbytes, dtype=torch.uint8, device=self.ctx.device)
+            tag = TAGS[incoming.direction][2]
+            what = f"the {kind} boundary payload"
+            work = post_or_fail(dist.irecv, payload, incoming.peer, tag, self.ctx, what)
+            wait_or_fail(work, self.ctx, incoming.peer, what)
+            self.stats.bytes_received += nbytes
+        self._received_bytes[incoming.direction] = nbytes
         if not present:
             return None
-        shape = torch.Size(int(v) for v in header[5 : 5 + ndim])
-        dtype = torch.float32 if self.compression is None else torch.uint8
-        payload = torch.empty(nbytes // (4 if dtype == torch.float32 else 1), dtype=dtype)
-        payload = payload.to(self.ctx.device)
-        tag = TAGS[incoming.direction][1]
-        work = post_or_fail(
-            dist.irecv, payload, incoming.peer, tag, self.ctx, f"the {kind} payload"
-        )
-        wait_or_fail(work, self.ctx, incoming.peer, f"the {kind} boundary payload")
-        self.stats.bytes_received += nbytes
+        shape = torch.Size(int(v) for v in header[6 : 6 + ndim])
         if self.compression is None:
-            tensor = payload.reshape(shape)
+            tensor = payload.view(torch.float32).reshape(shape)
         else:
             tensor = decode(payload.cpu(), shape, self.compression).to(self.ctx.device)
         return self.make_message(slot, generation, tensor)
