@@ -29,6 +29,7 @@ from rasterio.features import rasterize
 from geodnn.data import class_weights
 from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
+from geodnn.runtime import retain_freed_memory
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
 from geodnn.solvers.admm import layer_memory_formula, layer_state_bytes
 
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     admm = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.admm)}
     torch.set_num_threads(1)
+    retain_freed_memory()  # as `geodnn train` does
     torch.set_flush_denormal(True)
     scenes = args.scenes or (
         ["vegas-roads"] if args.quick else ["vegas-roads", "atlanta-buildings"]
