@@ -144,7 +144,7 @@ def admm_single_process(model, data, settings: AdmmSettings, warm: dict, timed: 
     block = JacobiBlock(0, len(states), step)
     block.inbox.below = {int(k): Message.from_dict(v) for k, v in warm["below"].items()}
     block.inbox.above = {int(k): Message.from_dict(v) for k, v in warm["above"].items()}
-    per_layer = np.zeros(len(states))
+    rows = []
     for _ in range(timed):  # one untimed cycle: every slot's tensors become this process's own
         block.iterate()
         clock["t"] += 1
@@ -152,10 +152,25 @@ def admm_single_process(model, data, settings: AdmmSettings, warm: dict, timed: 
     for _ in range(timed):
         times = block.iterate()
         clock["t"] += 1
-        per_layer += [times.per_layer_s[i] for i in range(len(states))]
+        rows.append([times.per_layer_s[i] for i in range(len(states))])
     seconds = (time.perf_counter() - tic) / timed
     cpu = (time.process_time() - cpu) / timed
-    return {"iteration_s": seconds, "cpu_s": cpu, "per_layer_s": (per_layer / timed).tolist()}
+    per_layer = np.mean(rows, axis=0).tolist()
+    return {"iteration_s": seconds, "cpu_s": cpu, "per_layer_s": per_layer, "rows": rows}
+
+
+def ideal_speedups(rows: list[list[float]], blocks: list) -> dict:
+    """What the measured one-process layer times allow a block split at best: from the mean
+    layer times, and in lockstep (each iteration lasts as long as its busiest rank then). A
+    layer's work varies over the refresh cycle (it skips its update while its requests are
+    stale), and the lower layers skip together, so the two differ."""
+    times = np.asarray(rows)
+    total = times.sum(axis=1).mean()
+    per_rank = np.stack([times[:, a:b].sum(axis=1) for a, b in blocks], axis=1)
+    return {
+        "from_mean_layer_times": round(float(total / per_rank.mean(axis=0).max()), 3),
+        "lockstep_per_iteration": round(float(total / per_rank.max(axis=1).mean()), 3),
+    }
 
 
 def _whole_chain_state(states, block, iteration: int, settings: AdmmSettings) -> dict:
@@ -178,7 +193,8 @@ def _whole_chain_state(states, block, iteration: int, settings: AdmmSettings) ->
 
 # ----------------------------------------------------------------------------- ADMM, N ranks
 def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
-    """All variants live at once and step in rotation, so background load hits them alike."""
+    """All variants live at once and take turns, half a refresh cycle each, twice, so
+    background load hits them alike (turns of one step would run every variant cache-cold)."""
     ctx = init_ranks(timeout_s=120)
     retain_freed_memory()
     try:
@@ -195,8 +211,9 @@ def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
         sent0 = {name: solver.exchange.stats.bytes_sent for name, solver in solvers.items()}
         last = {}
         dist.barrier()
-        for _ in range(timed):
-            for name, solver in solvers.items():
+        halves = (timed // 2, timed - timed // 2)
+        for name, solver, steps in [(n, s, h) for h in halves for n, s in solvers.items()]:
+            for _ in range(steps):
                 tic, cpu = time.perf_counter(), time.process_time()
                 last[name] = solver.step()
                 totals[name]["wall"] += time.perf_counter() - tic
@@ -574,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             "1f1b": round(adam["cpu_s"] / pipe_cpu["1f1b"], 3),
         },
         "admm_iteration_over_adam_step_2ranks": round(admm_2["balanced"] / best_pipe, 3),
+        "admm_ideal_speedup_2": ideal_speedups(single["rows"], plan.blocks),
         "balance": {
             "blocks": plan.blocks,
             "predicted_s": [round(s, 4) for s in plan.predicted_s],
