@@ -22,6 +22,7 @@ from geodnn.solvers import (
     layer_step,
     make_solver,
 )
+from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import LayerState, layer_memory_formula, layer_state_bytes, make_pool
 from geodnn.solvers.subproblems import weighted_cross_entropy
 
@@ -178,9 +179,33 @@ def test_crop_pool_is_a_pure_function_of_its_key():
 
 
 def test_auto_refresh_keeps_crops_until_requests_reach_the_stem(vegas):
-    settings = _settings(vegas)
-    pool = make_pool(settings, len(vegas), num_layers=6, seed=0)
-    assert pool.slots * pool.refresh_every >= 2 * 6
+    pool = make_pool(_settings(vegas), len(vegas), num_layers=6, seed=0)
+    assert (pool.slots, pool.refresh_every) == (4, 3)  # S R = 12 >= 2 x 6 layers
+    pool = make_pool(_settings(vegas, refresh_margin=2.0), len(vegas), num_layers=6, seed=0)
+    assert pool.refresh_every == 6
+    adam = make_pool(AdamSettings(), len(vegas), num_layers=6, seed=0)
+    assert adam.refresh_every == 3
+
+
+def test_a_checkpoint_keeps_its_crop_pool(vegas):
+    """A state resumes on the pool it was saved with, whatever the config's refresh_margin, and
+    one saved before refresh_margin existed resumes with margin 1."""
+    model = _model(vegas)
+    first = AdmmSolver(model, vegas, _settings(vegas, refresh_margin=2.0, monitor=False), seed=3)
+    for _ in range(14):
+        first.step()
+    resumed = AdmmSolver(_model(vegas), vegas, _settings(vegas, monitor=False), seed=3)
+    assert resumed.pool.refresh_every == 3
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.pool.refresh_every == 6
+    for _ in range(6):  # the forward halves check every message's slot and generation
+        first.step(), resumed.step()
+    for a, b in zip(first.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    old = first.state_dict()
+    del old["settings"]["refresh_margin"]
+    resumed.load_state_dict(old)
+    assert resumed.pool.refresh_every == 3
 
 
 def test_bad_settings_and_names_are_one_line_errors(vegas):

@@ -36,6 +36,7 @@ from ..solvers.admm import (
     layer_state_bytes,
     layer_step,
     make_pool,
+    saved_pool,
     write_back,
 )
 from ..solvers.base import LossWatch
@@ -290,6 +291,7 @@ class RankAdmmSolver:
             )
         mine = range(self.start, self.stop)
         self.iteration = int(state["iteration"])
+        self.pool = saved_pool(state["settings"], self.pool, len(self.model.layers))
         self.states = {i: LayerState.from_state_dict(layers[i]) for i in mine}
         below, above = state["below"], state["above"]
         self.block.inbox = Inbox(

@@ -6,15 +6,18 @@ agree on the crops of every slot without talking, so the choice is a pure functi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 
-def auto_refresh(slots: int, num_layers: int) -> int:
-    """Smallest refresh period R with S R >= 2 L: a slot keeps its crops long enough for the
-    head's request to travel down to the stem (one layer per iteration) before they change."""
-    return max(1, -(-2 * num_layers // slots))
+def auto_refresh(slots: int, num_layers: int, margin: float = 1.0) -> int:
+    """Smallest refresh period R with S R >= margin x 2 L. With margin 1 a slot keeps its crops
+    just long enough for the head's request to travel down to the stem (one layer per iteration)
+    before they change, so the low layers drop most requests (they arrive for crops already
+    gone); margin 2 lets the stem use about half of them."""
+    return max(1, math.ceil(margin * 2 * num_layers / slots - 1e-9))
 
 
 @dataclass(frozen=True)
