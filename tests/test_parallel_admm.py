@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+from math import nan
+
 import numpy as np
 import pytest
 import rasterio
@@ -9,6 +13,7 @@ import torch
 from rasterio.windows import Window
 
 from geodnn.data import TensorBatches
+from geodnn.errors import DivergenceError
 from geodnn.model import build_model
 from geodnn.parallel.admm_rank import (
     RankAdmmSolver,
@@ -173,3 +178,37 @@ def test_profile_reports_formula_memory_and_balances(data):
     assert costs[0].memory_bytes == stem and costs[-1].memory_bytes == head
     plan = balance(costs, 3)
     assert len(plan.blocks) == 3 and plan.blocks[-1][1] == DEPTH + 2
+
+
+def _diverging_rank(data, poisoned_layer: int) -> dict:
+    """Two ranks; the rank that owns `poisoned_layer` has NaN weights there, so that layer's
+    first update diverges (a boundary layer: before its messages are sent)."""
+    ctx = init_ranks(timeout_s=20)
+    try:
+        solver = RankAdmmSolver(ctx, _model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
+        if poisoned_layer in solver.states:
+            state = solver.states[poisoned_layer]
+            nans = torch.full_like(state.weight, nan)
+            solver.states[poisoned_layer] = replace(state, weight=nans)
+        tic = time.perf_counter()
+        error, message = None, ""
+        try:
+            for _ in range(3 * ITERATIONS):
+                solver.step()
+        except DivergenceError as exc:
+            error, message = "divergence", str(exc)
+        except Exception as exc:  # noqa: BLE001 - the test reports what else happened
+            error, message = type(exc).__name__, str(exc)
+        return {"error": error, "message": message, "s": time.perf_counter() - tic}
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("poisoned_layer", [2, 3])  # rank 0's top layer; rank 1's bottom one
+def test_divergence_on_one_rank_stops_every_rank_promptly(data_dir, poisoned_layer):
+    data = vegas_batches(data_dir)
+    results = spawn(_diverging_rank, 2, args=(data, poisoned_layer), timeout_s=90)
+    for rank, result in enumerate(results):
+        assert result["error"] == "divergence", (rank, result)
+        assert "resume from the last checkpoint" in result["message"]
+        assert result["s"] < 15, result  # well inside the 20 s rank timeout: nobody waited on it

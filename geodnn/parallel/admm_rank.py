@@ -176,34 +176,40 @@ class RankAdmmSolver:
         self._layer_stats: dict[int, dict[str, float]] = {}
         self._measured_s = [0.0] * ctx.world_size
         self._measured_n = 0
+        self._failure: DivergenceError | None = None
 
     @property
     def owns_head(self) -> bool:
         return self.stop == len(self.model.layers)
 
     def _step_layer(self, layer: int, below: Message | None, above: Message | None):
-        result = layer_step(
-            self.states[layer], below, above, self.pool, self.data, self.iteration, self.settings
-        )
+        """One layer's update; after a divergence on this rank the rest of the iteration sends
+        empty messages, so the neighbours finish it and learn of the failure from the
+        all-reduce instead of waiting for messages that would never come."""
+        if self._failure is not None:
+            return None, None
+        state, t = self.states[layer], self.iteration
+        try:
+            result = layer_step(state, below, above, self.pool, self.data, t, self.settings)
+        except DivergenceError as exc:
+            self._failure = exc
+            return None, None
         self.states[layer] = result.state
         self._layer_stats[layer] = result.stats
         return result.up, result.down
 
     def step(self) -> dict[str, float]:
         """One Jacobi iteration of this rank's block, then the loss/time all-reduce."""
-        self._layer_stats = {}
-        failure = None
-        try:
-            times = self.block.iterate()
-        except DivergenceError as exc:  # tell the other ranks before failing
-            failure, times = exc, None
+        self._layer_stats, self._failure = {}, None
+        times = self.block.iterate()
+        failure = self._failure  # told to the other ranks before failing
         write_back(list(self.states.values()), self.model)
         head = self._layer_stats.get(len(self.model.layers) - 1, {}).get("head_loss")
         shared = torch.zeros(3 + self.ctx.world_size, dtype=torch.float64)
         if head is not None:
             shared[0], shared[1] = head, 1.0
         shared[2] = 1.0 if failure is not None else 0.0
-        shared[3 + self.ctx.rank] = times.compute_s if times else 0.0
+        shared[3 + self.ctx.rank] = times.compute_s
         shared = shared.to(self.ctx.device)
         wait_or_fail(dist.all_reduce(shared, async_op=True), self.ctx, None, "the loss all-reduce")
         shared = shared.cpu()
