@@ -101,6 +101,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def join_ranks():
+    """A benchmark rank: join the group and keep freed memory, as `geodnn train` does."""
+    ctx = init_ranks(timeout_s=120)
+    retain_freed_memory()
+    return ctx
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2]
@@ -195,8 +202,7 @@ def _whole_chain_state(states, block, iteration: int, settings: AdmmSettings) ->
 def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
     """All variants live at once and take turns, half a refresh cycle each, twice, so
     background load hits them alike (turns of one step would run every variant cache-cold)."""
-    ctx = init_ranks(timeout_s=120)
-    retain_freed_memory()
+    ctx = join_ranks()
     try:
         solvers = {}
         for name, (blocks, predicted, bits) in plans.items():
@@ -256,8 +262,7 @@ def adam_single_process(model, data, settings: AdamSettings, timed: int) -> dict
 
 def _pipeline_ranks(depth, width, data, settings, microbatches, timed) -> dict:
     """GPipe and 1F1B solvers step in rotation (background load hits both alike)."""
-    ctx = init_ranks(timeout_s=120)
-    retain_freed_memory()
+    ctx = join_ranks()
     try:
         solvers = {}
         for schedule in ("gpipe", "1f1b"):
@@ -295,8 +300,7 @@ def conv_loop(repeats: int) -> float:
 
 
 def _conv_ranks(repeats: int) -> float:
-    init_ranks(timeout_s=120)
-    retain_freed_memory()
+    join_ranks()
     try:
         conv_loop(3)
         dist.barrier()  # both ranks start together (not while the other still imports)
@@ -373,8 +377,7 @@ def _iou(model, val: TensorBatches) -> float:
 def _race(kind, depth, width, data, val, settings, budget_s, every, target) -> dict:
     """2 ranks train for `budget_s`; rank 0 snapshots weights every `every` iterations and
     evaluates them afterwards (evaluation time not counted)."""
-    ctx = init_ranks(timeout_s=120)
-    retain_freed_memory()
+    ctx = join_ranks()
     try:
         model = make_model(depth, width, data)
         if kind == "admm":
@@ -561,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         "admm_overrides": args.admm,
         "timing": f"ADMM: mean over one refresh cycle ({cycle} iterations) after one untimed "
         "cycle, from one warm state, "
-        f"2-rank variants stepped in rotation, 1 rank best of before/after; Adam/pipeline: "
+        f"2-rank variants in turns of half a cycle, 1 rank best of before/after; Adam/pipeline: "
         f"mean of {timed} steps, schedules in rotation, 1 process best of before/after",
         "load_average_at_start": load_at_start,
         "allocator_retains_freed_memory": retained,

@@ -53,8 +53,11 @@ def retain_freed_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    settings += ((M_TOP_PAD, TOP_PAD),)
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (M_TOP_PAD, TOP_PAD),
+    )
     applied = all(libc.mallopt(ctypes.c_int(p), ctypes.c_int(v)) == 1 for p, v in settings)
     if not applied:
         log.debug("mallopt refused the allocator settings; freed memory may be returned")

@@ -152,8 +152,8 @@ class AdmmSettings:
         ints = ("batch_size", "slots", "gram_stride")
         bad = [n for n in ints if int(getattr(self, n)) < 1]
         bad += ["refresh_every"] if self.refresh_every < 0 else []
-        bad += [] if self.refresh_margin > 0 else ["refresh_margin"]
-        bad += [n for n in ("head_nu", "nu", "rho", "relu_fit") if not getattr(self, n) > 0]
+        positive = ("head_nu", "nu", "rho", "relu_fit", "refresh_margin")
+        bad += [n for n in positive if not getattr(self, n) > 0]
         bad += [n for n in ("lam", "p_rho") if not getattr(self, n) >= 0]
         if not 0 <= self.gram_decay < 1:
             bad.append("gram_decay")
@@ -296,10 +296,8 @@ def make_pool(settings, size: int, num_layers: int, seed: int) -> CropPool:
 def saved_pool(saved_settings: dict, pool: CropPool, num_layers: int) -> CropPool:
     """The pool a checkpointed run used: its slots and generations must go on unchanged even
     when the config's refresh settings differ (before refresh_margin existed: margin 1)."""
-    saved = {"refresh_margin": 1.0, **saved_settings}
-    refresh = int(saved.get("refresh_every", 0)) or auto_refresh(
-        int(saved.get("slots", pool.slots)), num_layers, float(saved["refresh_margin"])
-    )
+    saved = AdmmSettings.from_dict({"refresh_margin": 1.0, **saved_settings})
+    refresh = make_pool(saved, pool.size, num_layers, pool.seed).refresh_every
     return replace(pool, refresh_every=refresh)
 
 
