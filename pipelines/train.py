@@ -140,7 +140,7 @@ def solver_settings(setup: TrainSetup) -> dict:
     config = setup.config
     name = setup.solver_name
     settings = dict(config[name]) if name in config.tables else {}
-    settings["batch_size"] = config["train"]["batch_size"]
+    settings.setdefault("batch_size", config["train"]["batch_size"])  # a solver's own, if set
     settings["class_weights"] = setup.class_weights.tolist()
     return settings
 
@@ -461,6 +461,7 @@ def run_epochs(
         if solver.iteration % epoch and solver.iteration < total and not stop:
             bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up", refresh=False)
             continue
+        stats = settle(solver, stats, losses)
         mean_loss = epoch_loss(losses)
         if losses:
             check_divergence(mean_loss, best, train_cfg["divergence_factor"], solver.iteration)
@@ -472,6 +473,17 @@ def run_epochs(
         if stop:
             break
     bar.close()
+
+
+def settle(solver, stats: dict, losses: list[float]) -> dict:
+    """Before a checkpoint: the stats a solver still has in flight (N-rank ADMM reports each
+    iteration's one step late); raises if that iteration diverged, so no checkpoint holds it."""
+    settled = solver.settle() if hasattr(solver, "settle") else None
+    if not settled:
+        return stats
+    if "loss" in settled:
+        losses.append(float(settled["loss"]))
+    return settled
 
 
 def end_epoch(

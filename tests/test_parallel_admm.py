@@ -60,7 +60,8 @@ def _weights(model) -> list[torch.Tensor]:
 
 
 def _rank_runs(data, runs: list[dict]) -> list[dict]:
-    """Each run: {"balanced", "bits", "start" (a state or None)}; all in one process group."""
+    """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged"}; all in one
+    process group. "losses": each step's loss, then the one settle() returns."""
     ctx = init_ranks(timeout_s=30)
     try:
         out = []
@@ -68,10 +69,14 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
             model, settings = _model(), AdmmSettings.from_dict(SETTINGS)
             plan = plan_blocks(ctx, model, data, settings, SEED) if run["balanced"] else None
             compression = CompressionSettings(bits=run["bits"]) if run["bits"] else None
-            solver = RankAdmmSolver(ctx, model, data, settings, SEED, plan, compression)
+            lagged = run.get("lagged", True)
+            solver = RankAdmmSolver(
+                ctx, model, data, settings, SEED, plan, compression, lagged_stats=lagged
+            )
             if run["start"] is not None:
                 solver.load_state_dict(run["start"])
             losses = [solver.step().get("loss") for _ in range(ITERATIONS - solver.iteration)]
+            losses.append((solver.settle() or {}).get("loss"))
             gathered = solver.gather_model()
             out.append(
                 {
@@ -111,6 +116,7 @@ def two_ranks(data, single) -> list[list[dict]]:
         {"balanced": False, "bits": None, "start": None},
         {"balanced": False, "bits": 8, "start": None},
         {"balanced": False, "bits": None, "start": single_process_state(single.state_dict())},
+        {"balanced": False, "bits": None, "start": None, "lagged": False},
     ]
     return spawn(_rank_runs, 2, args=(data, runs), timeout_s=120)
 
@@ -128,6 +134,15 @@ def test_two_ranks_match_single_process_solver(two_ranks, expected):
     assert owned == [[0, 1, 2], [3, 4, 5]]  # each rank holds only its own layers' states
     losses = [rank[0]["losses"] for rank in two_ranks]
     assert losses[0] == losses[1] and losses[0][-1] is not None  # same head loss everywhere
+
+
+def test_lagged_stats_are_the_blocking_ones_one_step_late(two_ranks, expected):
+    lagged, blocking = two_ranks[0][0], two_ranks[0][3]
+    _check_equal(blocking["weights"], expected)  # the reduce's timing leaves the math alone
+    # lagged: the first step has no shared stats yet and settle() gives the last iteration's
+    assert lagged["losses"][0] is None and blocking["losses"][-1] is None
+    assert lagged["losses"][1:] == blocking["losses"][:-1]
+    assert sum(loss is not None for loss in blocking["losses"]) >= 3
 
 
 def test_three_ranks_balanced_match_single_process_solver(data, expected):
@@ -180,12 +195,13 @@ def test_profile_reports_formula_memory_and_balances(data):
     assert len(plan.blocks) == 3 and plan.blocks[-1][1] == DEPTH + 2
 
 
-def _diverging_rank(data, poisoned_layer: int) -> dict:
+def _diverging_rank(data, poisoned_layer: int, lagged: bool) -> dict:
     """Two ranks; the rank that owns `poisoned_layer` has NaN weights there, so that layer's
     first update diverges (a boundary layer: before its messages are sent)."""
     ctx = init_ranks(timeout_s=20)
     try:
-        solver = RankAdmmSolver(ctx, _model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
+        settings = AdmmSettings.from_dict(SETTINGS)
+        solver = RankAdmmSolver(ctx, _model(), data, settings, SEED, lagged_stats=lagged)
         if poisoned_layer in solver.states:
             state = solver.states[poisoned_layer]
             nans = torch.full_like(state.weight, nan)
@@ -204,10 +220,12 @@ def _diverging_rank(data, poisoned_layer: int) -> dict:
         shutdown()
 
 
-@pytest.mark.parametrize("poisoned_layer", [2, 3])  # rank 0's top layer; rank 1's bottom one
-def test_divergence_on_one_rank_stops_every_rank_promptly(data_dir, poisoned_layer):
+@pytest.mark.parametrize(
+    "poisoned_layer, lagged", [(2, True), (3, True), (3, False)]
+)  # rank 0's top layer; rank 1's bottom one; stats waited for at once or one iteration late
+def test_divergence_on_one_rank_stops_every_rank_promptly(data_dir, poisoned_layer, lagged):
     data = vegas_batches(data_dir)
-    results = spawn(_diverging_rank, 2, args=(data, poisoned_layer), timeout_s=90)
+    results = spawn(_diverging_rank, 2, args=(data, poisoned_layer, lagged), timeout_s=90)
     for rank, result in enumerate(results):
         assert result["error"] == "divergence", (rank, result)
         assert "resume from the last checkpoint" in result["message"]

@@ -5,7 +5,14 @@ Every iteration every owned layer runs `layer_step` from the previous iteration'
 the block's boundary messages cross ranks (see `blocks.JacobiBlock`). The stem's rank reads images
 and the head's rank reads labels, each through the deterministic `CropPool`, without talking.
 One small all-reduce per iteration shares the head's loss, a divergence flag and each rank's
-compute time (for the predicted-vs-measured balance log).
+compute time (for the predicted-vs-measured balance log). By default (`lagged_stats`) it is
+waited for one iteration late: a blocking all-reduce would hold every rank to the slowest one at
+the end of every iteration, while the boundary messages alone let a rank run up to about one
+iteration ahead of its neighbours, which absorbs the load that alternates between iterations
+(a layer whose request was dropped does only its cheap forward half). So step() returns the
+stats of the iteration before (the first returns none), a divergence stops every rank one
+iteration later (the failed rank sends empty messages meanwhile), and `settle()` waits for the
+last iteration's stats; the trainer calls it before every checkpoint.
 
 Memory: every rank builds the ChainNet from the config and seed (its weights are small, C_out x
 (C_in k^2 + 1) floats a layer), but LayerStates, the part that grows with the crop pool (stored
@@ -19,7 +26,7 @@ that batch, with each lower layer's weights up to one iteration per layer older 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -40,13 +47,25 @@ from ..solvers.admm import (
     write_back,
 )
 from ..solvers.base import LossWatch
-from .blocks import Inbox, JacobiBlock
+from .blocks import BlockTimes, Inbox, JacobiBlock
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange
 from .group import RankContext, post_or_fail, wait_or_fail
 from .partition import LayerCost, Plan, balance, even_blocks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _StatsReduce:
+    """An iteration's stats all-reduce in flight, with what its settling needs."""
+
+    work: object
+    shared: torch.Tensor
+    times: BlockTimes
+    layer_stats: dict[int, dict[str, float]]
+    iteration: int
+    failure: DivergenceError | None
 
 
 def _message_to_dict(message: Message | None) -> dict | None:
@@ -155,6 +174,7 @@ class RankAdmmSolver:
         plan: Plan | None = None,
         compression: CompressionSettings | None = None,
         log_every: int = 0,
+        lagged_stats: bool = True,
     ) -> None:
         layers = len(model.layers)
         if plan is None:
@@ -177,6 +197,8 @@ class RankAdmmSolver:
         self._measured_s = [0.0] * ctx.world_size
         self._measured_n = 0
         self._failure: DivergenceError | None = None
+        self.lagged_stats = lagged_stats
+        self._pending: _StatsReduce | None = None
 
     @property
     def owns_head(self) -> bool:
@@ -199,56 +221,78 @@ class RankAdmmSolver:
         return result.up, result.down
 
     def step(self) -> dict[str, float]:
-        """One Jacobi iteration of this rank's block, then the loss/time all-reduce."""
-        self._layer_stats, self._failure = {}, None
+        """One Jacobi iteration of this rank's block and its stats all-reduce; returns the stats
+        of this iteration, or with `lagged_stats` those of the one before (see the module)."""
+        self._layer_stats = {}
         times = self.block.iterate()
-        failure = self._failure  # told to the other ranks before failing
         write_back(list(self.states.values()), self.model)
+        reduce = self._post_stats(times)
+        self.iteration += 1
+        if not self.lagged_stats:
+            return self._settle(reduce)
+        previous, self._pending = self._pending, reduce
+        return self._partial_stats(times) if previous is None else self._settle(previous)
+
+    def settle(self) -> dict[str, float] | None:
+        """Collective: wait for the stats all-reduce still in flight (with `lagged_stats`) and
+        return its stats; raises DivergenceError if any rank diverged. Call on every rank before
+        a checkpoint, so that no checkpoint holds an iteration that diverged."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else self._settle(pending)
+
+    def _post_stats(self, times: BlockTimes) -> _StatsReduce:
         head = self._layer_stats.get(len(self.model.layers) - 1, {}).get("head_loss")
         shared = torch.zeros(3 + self.ctx.world_size, dtype=torch.float64)
         if head is not None:
             shared[0], shared[1] = head, 1.0
-        shared[2] = 1.0 if failure is not None else 0.0
+        shared[2] = 1.0 if self._failure is not None else 0.0
         shared[3 + self.ctx.rank] = times.compute_s
         shared = shared.to(self.ctx.device)
-        wait_or_fail(dist.all_reduce(shared, async_op=True), self.ctx, None, "the loss all-reduce")
-        shared = shared.cpu()
-        if failure is not None:
-            raise failure
+        work = dist.all_reduce(shared, async_op=True)
+        return _StatsReduce(work, shared, times, self._layer_stats, self.iteration, self._failure)
+
+    def _settle(self, reduce: _StatsReduce) -> dict[str, float]:
+        what = f"the stats all-reduce of iteration {reduce.iteration}"
+        wait_or_fail(reduce.work, self.ctx, None, what)
+        shared = reduce.shared.cpu()
+        if reduce.failure is not None:
+            raise reduce.failure
         if shared[2] > 0:
             raise DivergenceError(
-                f"ADMM diverged on another rank at iteration {self.iteration}; raise [admm] lam "
-                "or head_nu, or lower max_rel_step, and resume from the last checkpoint"
+                f"ADMM diverged on another rank at iteration {reduce.iteration}; raise [admm] "
+                "lam or head_nu, or lower max_rel_step, and resume from the last checkpoint"
             )
-        stats = self._stats(times, shared)
+        stats = self._stats(reduce.times, reduce.layer_stats, shared)
         if "loss" in stats:
-            self.watch.update(stats["loss"], self.iteration, "ADMM")
-        self.iteration += 1
-        self._log_balance(shared[3:].tolist())
+            self.watch.update(stats["loss"], reduce.iteration, "ADMM")
+        self._log_balance(shared[3:].tolist(), reduce.iteration + 1)
         return stats
 
-    def _stats(self, times, shared: torch.Tensor) -> dict[str, float]:
-        per_iteration = self.exchange.stats
-        stats = {
+    def _partial_stats(self, times: BlockTimes) -> dict[str, float]:
+        """This rank's own figures of an iteration whose shared stats are still in flight."""
+        return {
             "compute_s": times.compute_s,
             "wait_s": times.wait_s,
             "max_layer_s": max(times.per_layer_s.values()),
-            "bytes_sent": float(per_iteration.bytes_sent),
-            "slowest_rank_s": float(shared[3:].max()),
+            "bytes_sent": float(self.exchange.stats.bytes_sent),
         }
-        rel = [s["rel_step"] for s in self._layer_stats.values() if "rel_step" in s]
+
+    def _stats(self, times, layer_stats, shared: torch.Tensor) -> dict[str, float]:
+        stats = self._partial_stats(times)
+        stats["slowest_rank_s"] = float(shared[3:].max())
+        rel = [s["rel_step"] for s in layer_stats.values() if "rel_step" in s]
         stats["max_rel_step"] = max(rel) if rel else 0.0
         stats["layers_updated"] = float(len(rel))
         if shared[1] > 0:
             stats["loss"] = stats["head_loss"] = float(shared[0])
         return stats
 
-    def _log_balance(self, compute_s: list[float]) -> None:
+    def _log_balance(self, compute_s: list[float], iteration: int) -> None:
         self._measured_s = [a + b for a, b in zip(self._measured_s, compute_s)]
         self._measured_n += 1
-        if self.log_every and self.ctx.rank == 0 and self.iteration % self.log_every == 0:
+        if self.log_every and self.ctx.rank == 0 and iteration % self.log_every == 0:
             mean = [s / self._measured_n for s in self._measured_s]
-            log.info("work balance, iteration %d:\n%s", self.iteration, self.plan.describe(mean))
+            log.info("work balance, iteration %d:\n%s", iteration, self.plan.describe(mean))
 
     def measured_rank_seconds(self) -> list[float]:
         """Mean compute seconds per iteration of every rank so far."""
