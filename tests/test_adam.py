@@ -52,11 +52,13 @@ def test_adam_resume_continues_exactly():
 def test_adam_sees_the_admm_stem_stream():
     data = _data()
     model = build_model(2, 2, depth=2, width=8)
-    adam = AdamSolver(model, data, AdamSettings(batch_size=8), seed=4)
-    admm = AdmmSettings(batch_size=8)
+    adam = AdamSolver(model, data, AdamSettings(batch_size=8, slots=8), seed=4)
+    admm = AdmmSettings(batch_size=8, slots=8)
     stem = make_pool(admm, len(data), len(model.layers), seed=4)
     assert [adam.pool.batch_at(t) for t in range(12)] == [stem.batch_at(t) for t in range(12)]
-    admm = AdmmSettings(batch_size=8, refresh_every=5)
-    adam = AdamSolver(model, data, AdamSettings(batch_size=8, refresh_every=5), seed=4)
+    admm = AdmmSettings(batch_size=8, slots=4, refresh_every=5, stagger_refresh=False)
+    adam = AdamSolver(
+        model, data, AdamSettings(batch_size=8, refresh_every=5, stagger_refresh=False), seed=4
+    )
     stem = make_pool(admm, len(data), len(model.layers), seed=4)
     assert [adam.pool.batch_at(t) for t in range(40)] == [stem.batch_at(t) for t in range(40)]

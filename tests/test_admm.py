@@ -56,7 +56,7 @@ def _model(data, depth=4, width=8, seed=0):
 
 def _settings(data, **overrides):
     w = class_weights(data.labels, 2).tolist()
-    return AdmmSettings.from_dict({"batch_size": 4, "class_weights": w, **overrides})
+    return AdmmSettings.from_dict({"batch_size": 4, "slots": 4, "class_weights": w, **overrides})
 
 
 @pytest.mark.slow
@@ -178,6 +178,23 @@ def test_crop_pool_is_a_pure_function_of_its_key():
     assert pool.generation(1, 2) == -1 and pool.generation(2 + 6, 2) == 1
 
 
+def test_staggered_pool_spreads_the_crop_changes_over_the_cycle():
+    together = CropPool(size=100, slots=4, batch_size=2, refresh_every=5, seed=0)
+    spread = replace(together, stagger=True)
+
+    def changes(pool: CropPool) -> list[int]:  # stem iterations where a slot gets new crops
+        return [t for t in range(4, 60) if pool.generation(t) != pool.generation(t - 4)]
+
+    assert changes(together) == [20, 21, 22, 23, 40, 41, 42, 43]
+    assert changes(spread) == [7, 10, 17, 20, 27, 30, 37, 40, 47, 50, 57]
+    for pool in (together, spread):  # every slot starts at generation 0 and keeps R visits
+        assert [pool.generation(t) for t in range(4)] == [0, 0, 0, 0]
+        for slot in range(4):
+            gens = [pool.generation(t) for t in range(slot, 200, 4)]
+            assert gens == sorted(gens) and max(gens.count(g) for g in set(gens)) == 5
+    assert spread.generation(9, layer=2) == spread.generation(7) == 1  # the wavefront
+
+
 def test_auto_refresh_keeps_crops_until_requests_reach_the_stem(vegas):
     pool = make_pool(_settings(vegas), len(vegas), num_layers=6, seed=0)
     assert (pool.slots, pool.refresh_every) == (4, 3)  # S R = 12 >= 2 x 6 layers
@@ -188,24 +205,26 @@ def test_auto_refresh_keeps_crops_until_requests_reach_the_stem(vegas):
 
 
 def test_a_checkpoint_keeps_its_crop_pool(vegas):
-    """A state resumes on the pool it was saved with, whatever the config's refresh_margin, and
-    one saved before refresh_margin existed resumes with margin 1."""
+    """A state resumes on the pool it was saved with, whatever the config's refresh_margin and
+    stagger_refresh; one saved before those existed resumes with margin 1, unstaggered."""
     model = _model(vegas)
-    first = AdmmSolver(model, vegas, _settings(vegas, refresh_margin=2.0, monitor=False), seed=3)
+    saved_with = _settings(vegas, refresh_margin=2.0, stagger_refresh=False, monitor=False)
+    first = AdmmSolver(model, vegas, saved_with, seed=3)
     for _ in range(14):
         first.step()
     resumed = AdmmSolver(_model(vegas), vegas, _settings(vegas, monitor=False), seed=3)
-    assert resumed.pool.refresh_every == 3
+    assert resumed.pool.refresh_every == 3 and resumed.pool.stagger
     resumed.load_state_dict(first.state_dict())
-    assert resumed.pool.refresh_every == 6
+    assert resumed.pool.refresh_every == 6 and not resumed.pool.stagger
     for _ in range(6):  # the forward halves check every message's slot and generation
         first.step(), resumed.step()
     for a, b in zip(first.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
     old = first.state_dict()
-    del old["settings"]["refresh_margin"]
+    del old["settings"]["refresh_margin"], old["settings"]["stagger_refresh"]
+    resumed = AdmmSolver(_model(vegas), vegas, _settings(vegas, monitor=False), seed=3)
     resumed.load_state_dict(old)
-    assert resumed.pool.refresh_every == 3
+    assert resumed.pool.refresh_every == 3 and not resumed.pool.stagger
 
 
 def test_bad_settings_and_names_are_one_line_errors(vegas):

@@ -1,5 +1,6 @@
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import torch
 
 import geodnn
 from pipelines.cli import main
-from pipelines.train import train
+from pipelines.config import load_config
+from pipelines.train import solver_settings, train
 
 
 def weights(path):
@@ -110,3 +112,12 @@ def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
     Path(wider).write_text(Path(changed.path).read_text().replace("width = 4", "width = 8"))
     code = main(["train", wider, "--out", str(run), "--resume", "--solver", "admm"])
     assert code == 2 and "[model] width" in capsys.readouterr().err
+
+
+def test_a_solver_table_may_set_its_own_batch():
+    config_file = Path(__file__).resolve().parent.parent / "pipelines/configs/vegas-roads.toml"
+    config = load_config(config_file, {"admm": {"batch_size": 8}})
+    setup = SimpleNamespace(config=config, solver_name="admm", class_weights=torch.ones(2))
+    assert solver_settings(setup)["batch_size"] == 8
+    setup.solver_name = "adam"  # the others take [train] batch_size
+    assert solver_settings(setup)["batch_size"] == config["train"]["batch_size"] == 16

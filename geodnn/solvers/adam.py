@@ -25,6 +25,7 @@ class AdamSettings:
     weight_decay: float = 0.0
     slots: int = 4  # the same crop stream as ADMM's stem: CropPool(slots, refresh_every)
     refresh_every: int = 0  # 0: auto, S R >= 2 x number of layers (ADMM's default rule)
+    stagger_refresh: bool = True  # as ADMM's: slots change crops at evenly spread times
     class_weights: list[float] | None = None  # per-class loss weights (None = equal)
     max_iterations: int = 0  # stopping rule (0 = no limit)
     patience: int = 0  # stop after this many steps without a new best loss (0 = never)

@@ -34,18 +34,25 @@ iteration's messages only (Jacobi; all layers at once), does two halves:
   stored input p_k of that slot, solves its local subproblems, and sends its own request down.
 The head does both halves on its fresh input. So requests travel down one layer per iteration,
 2 (L - 1 - l) iterations from the head's forward to layer l. A slot's crops are replaced every R
-stem visits (generation + 1); by default R is the smallest with S R >= refresh_margin x 2 L. A
-request that arrives after its slot changed is dropped (with the slot's dual): with margin 1 (the
-default) at depth 16 the stem keeps ~10 % of its updates, the mid layers ~50 %, the top ones all;
-margin 2 lets the stem keep about half, at the price of more work per iteration and each crop
-reused twice as long. Measured (both scenes, 60 s per solver, one seed; IoU ratio ADMM / Adam):
-depth 16 0.66 -> 0.85 and 0.96 in two runs, but depth 8 0.62 -> 0.49 and depth 32 0.79 -> 0.61,
-a wash over the depths, so the default stays 1. With keep_retired each layer keeps the previous
-generation of every slot (input and pre-activation) until the next change, so no request is
-dropped and every layer updates every iteration. Measured (Vegas, depth 16, 32 px crops, 400
-iterations, two seeds): training loss the same within 2 %, validation IoU +0.01, 20 % more time
-per iteration, twice the stored memory; so it is off by default. Requests reach the low layers
-scaled by request_gain^distance, so with the default gain those layers take tiny steps either way.
+stem visits (generation + 1); by default R is the smallest with S R >= refresh_margin x 2 L, and
+(stagger_refresh) slot k changes k R iterations early, so the S changes are spread over the
+cycle of S R iterations instead of falling in S consecutive ones. A request that arrives after
+its slot changed is dropped (with the slot's dual): with margin 1 (the default) at depth 16 the
+stem keeps ~10 % of its updates, the mid layers ~50 %, the top ones all; margin 2 lets the stem
+keep about half, at the price of more work per iteration and each crop reused twice as long.
+Measured (both scenes, 60 s per solver, one seed; IoU ratio ADMM / Adam): depth 16 0.66 -> 0.85
+and 0.96 in two runs, but depth 8 0.62 -> 0.49 and depth 32 0.79 -> 0.61, a wash over the
+depths, so the default stays 1. With keep_retired each layer keeps the previous generation of
+every slot (input and pre- activation) until the next change, so no request is dropped and every
+layer updates every iteration. Measured (Vegas, depth 16, 32 px crops, 400 iterations, two
+seeds): training loss the same within 2 %, validation IoU +0.01, 20 % more time per iteration,
+twice the stored memory; so it is off by default. Dropped requests make a layer's work uneven (a
+full update ~5x its forward half); unstaggered, the drops after the simultaneous changes leave
+the low layers nearly idle for several iterations in a row while the top ones are not, which on
+N ranks (each a contiguous block) made the low blocks wait: measured (depth 8, 2 ranks, 4 runs
+each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80 staggered. Requests reach the low layers
+scaled by request_gain^distance, so with the default gain those layers take tiny steps either
+way.
 
 The local subproblems of one backward half (geodnn.solvers.subproblems), on slot input p:
 1. z0 = W p + b, stored by the forward half with p (the weights of that moment: a conv saved).
@@ -107,10 +114,11 @@ from .subproblems import (
 class AdmmSettings:
     """Hyperparameters of the ADMM solver (the [admm] table of a training config)."""
 
-    batch_size: int = 16  # B: crops per slot (mini-batch)
-    slots: int = 4  # S: slots in the crop pool; each layer revisits a slot every S iterations
+    batch_size: int = 8  # B: crops per slot (mini-batch)
+    slots: int = 8  # S: slots in the crop pool; each layer revisits a slot every S iterations
     refresh_every: int = 0  # stem visits of a slot before its crops change (0: auto)
     refresh_margin: float = 1.0  # auto refresh: S R >= refresh_margin x 2 L (head-stem trip)
+    stagger_refresh: bool = True  # slots change crops at evenly spread times, not all at once
     head_nu: float = 2.0  # head prox weight: larger = smaller per-pixel logit steps
     head_nu_growth: float = 1.0  # continuation: head_nu is multiplied by this each iteration
     head_nu_max: float = 1e6  # upper bound of the continuation
@@ -290,15 +298,18 @@ def make_pool(settings, size: int, num_layers: int, seed: int) -> CropPool:
     Adam's settings have no refresh_margin: its auto refresh is ADMM's default, margin 1."""
     margin = getattr(settings, "refresh_margin", 1.0)
     refresh = settings.refresh_every or auto_refresh(settings.slots, num_layers, margin)
-    return CropPool(size, settings.slots, settings.batch_size, refresh, seed)
+    stagger = getattr(settings, "stagger_refresh", False)
+    return CropPool(size, settings.slots, settings.batch_size, refresh, seed, stagger)
 
 
 def saved_pool(saved_settings: dict, pool: CropPool, num_layers: int) -> CropPool:
     """The pool a checkpointed run used: its slots and generations must go on unchanged even
-    when the config's refresh settings differ (before refresh_margin existed: margin 1)."""
-    saved = AdmmSettings.from_dict({"refresh_margin": 1.0, **saved_settings})
-    refresh = make_pool(saved, pool.size, num_layers, pool.seed).refresh_every
-    return replace(pool, refresh_every=refresh)
+    when the config's refresh settings differ (states saved before refresh_margin and
+    stagger_refresh existed: margin 1, all slots refreshed together)."""
+    defaults = {"refresh_margin": 1.0, "stagger_refresh": False}
+    saved = AdmmSettings.from_dict({**defaults, **saved_settings})
+    used = make_pool(saved, pool.size, num_layers, pool.seed)
+    return replace(pool, refresh_every=used.refresh_every, stagger=used.stagger)
 
 
 def write_back(states: list[LayerState], model: ChainNet) -> None:

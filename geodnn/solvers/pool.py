@@ -25,7 +25,8 @@ class CropPool:
     """`slots` mini-batches of `batch_size` crops each, drawn from `size` data indices.
 
     A slot's crops change every `refresh_every` visits of the stem (its generation goes up by
-    one); see `generation`. Indices within a slot are distinct (when `size` allows).
+    one), all slots at once or, with `stagger`, at evenly spread times; see `generation`.
+    Indices within a slot are distinct (when `size` allows).
     """
 
     size: int
@@ -33,6 +34,7 @@ class CropPool:
     batch_size: int
     refresh_every: int
     seed: int
+    stagger: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.slots < 1 or self.batch_size < 1 or self.refresh_every < 1:
@@ -48,11 +50,20 @@ class CropPool:
         return (iteration - layer) % self.slots
 
     def generation(self, iteration: int, layer: int = 0) -> int:
-        """Generation of the slot that layer `layer` works on at `iteration` (-1: not yet)."""
+        """Generation of the slot that layer `layer` works on at `iteration` (-1: not yet).
+
+        A generation lasts `refresh_every` stem visits. Unstaggered, all slots change crops in
+        the same S iterations; staggered, slot k changes k R iterations early, so the changes
+        are spread over the cycle of S R iterations (and so is the work the low layers skip
+        when the requests about changed crops arrive: see `AdmmSettings.stagger_refresh`)."""
         t = iteration - layer
         if t < 0:
             return -1
-        return (t // self.slots) // self.refresh_every
+        if not self.stagger:
+            return (t // self.slots) // self.refresh_every
+        slot, cycle = t % self.slots, self.slots * self.refresh_every
+        shift = slot * self.refresh_every
+        return (t + shift) // cycle - (slot + shift) // cycle
 
     def indices(self, slot: int, generation: int) -> list[int]:
         """The data indices in `slot` at `generation`: a pure function of (seed, slot, gen)."""
