@@ -70,6 +70,26 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_checkpoint_waits_for_stats_in_flight(tmp_path, store, train_config, monkeypatch, capsys):
+    """A solver that reports an iteration late (N-rank ADMM) is settled before each checkpoint:
+    its late loss counts in the epoch, and a divergence found then keeps the last checkpoint."""
+    from geodnn.errors import DivergenceError
+    from geodnn.solvers.admm import AdmmSolver
+
+    def settle(self):
+        if self.iteration >= 6:
+            raise DivergenceError(f"ADMM diverged on another rank at iteration {self.iteration}")
+        return {"loss": 0.5}
+
+    monkeypatch.setattr(AdmmSolver, "settle", settle, raising=False)
+    config = train_config(store, solver="admm", iterations=9)
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
+    assert code == 3 and "diverged on another rank at iteration 6" in capsys.readouterr().err
+    assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["iteration"]) for r in rows] == [3]
+
+
 def test_cli_train_then_predict(tmp_path, store, train_config, capsys):
     config = train_config(store)
     assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 0
