@@ -86,8 +86,8 @@ def test_checkpoint_waits_for_stats_in_flight(tmp_path, store, train_config, mon
     code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
     assert code == 3 and "diverged on another rank at iteration 6" in capsys.readouterr().err
     assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
-    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
-    assert [int(r["iteration"]) for r in rows] == [3]
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [3]
 
 
 def test_cli_train_then_predict(tmp_path, store, train_config, capsys):
