@@ -43,13 +43,13 @@ keep about half, at the price of more work per iteration and each crop reused tw
 Measured (both scenes, 60 s per solver, one seed; IoU ratio ADMM / Adam): depth 16 0.66 -> 0.85
 and 0.96 in two runs, but depth 8 0.62 -> 0.49 and depth 32 0.79 -> 0.61, a wash over the
 depths, so the default stays 1. With keep_retired each layer keeps the previous generation of
-every slot (input and pre- activation) until the next change, so no request is dropped and every
+every slot (input and pre-activation) until the next change, so no request is dropped and every
 layer updates every iteration. Measured (Vegas, depth 16, 32 px crops, 400 iterations, two
 seeds): training loss the same within 2 %, validation IoU +0.01, 20 % more time per iteration,
 twice the stored memory; so it is off by default. Dropped requests make a layer's work uneven (a
 full update ~5x its forward half); unstaggered, the drops after the simultaneous changes leave
 the low layers nearly idle for several iterations in a row while the top ones are not, which on
-N ranks (each a contiguous block) made the low blocks wait: measured (depth 8, 2 ranks, 4 runs
+N ranks (each a contiguous block) made the low blocks wait: measured (depth 8, 2 ranks, 3 runs
 each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80 staggered. Requests reach the low layers
 scaled by request_gain^distance, so with the default gain those layers take tiny steps either
 way.
