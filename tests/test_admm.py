@@ -232,6 +232,9 @@ def test_bad_settings_and_names_are_one_line_errors(vegas):
         AdmmSettings.from_dict({"nuu": 1.0})
     with pytest.raises(GeodnnError, match="gram_decay"):
         AdmmSettings.from_dict({"gram_decay": 1.5})
+    bad = {"step_scale": 0.0, "cg_steps": 0, "request_gain": -0.7, "patience": -1}
+    with pytest.raises(GeodnnError, match="cg_steps, patience, step_scale, request_gain: counts"):
+        AdmmSettings.from_dict(bad)
     with pytest.raises(GeodnnError, match="unknown solver"):
         make_solver("sgd", _model(vegas), vegas, {}, 0)
 

@@ -157,18 +157,22 @@ class AdmmSettings:
         return asdict(self)
 
     def check(self) -> None:
-        ints = ("batch_size", "slots", "gram_stride")
-        bad = [n for n in ints if int(getattr(self, n)) < 1]
-        bad += ["refresh_every"] if self.refresh_every < 0 else []
-        positive = ("head_nu", "nu", "rho", "relu_fit", "refresh_margin")
+        counts = ("batch_size", "slots", "gram_stride", "cg_steps", "head_newton_steps")
+        bad = [n for n in counts if int(getattr(self, n)) < 1]
+        limits = ("refresh_every", "max_iterations", "patience", "divergence_warmup")
+        bad += [n for n in limits if int(getattr(self, n)) < 0]
+        positive = ("head_nu", "nu", "rho", "relu_fit", "refresh_margin", "step_scale")
+        positive += ("head_nu_growth", "head_nu_max", "divergence_factor")
         bad += [n for n in positive if not getattr(self, n) > 0]
-        bad += [n for n in ("lam", "p_rho") if not getattr(self, n) >= 0]
+        nonnegative = ("lam", "p_rho", "request_gain", "p_damping", "max_rel_step")
+        bad += [n for n in (*nonnegative, "normalized_step") if not getattr(self, n) >= 0]
         if not 0 <= self.gram_decay < 1:
             bad.append("gram_decay")
         if bad:
             raise GeodnnError(
-                f"invalid [admm] setting(s) {', '.join(bad)}: counts >= 1, penalties and "
-                "refresh_margin > 0, lam and p_rho >= 0, 0 <= gram_decay < 1"
+                f"invalid [admm] setting(s) {', '.join(bad)}: counts >= 1, limits >= 0, "
+                "penalties, scales and factors > 0, lam, p_rho, gains, damping and step sizes "
+                ">= 0, 0 <= gram_decay < 1"
             )
 
     def head_nu_at(self, iteration: int) -> float:
