@@ -302,7 +302,7 @@ def make_pool(settings, size: int, num_layers: int, seed: int) -> CropPool:
     Adam's settings have no refresh_margin: its auto refresh is ADMM's default, margin 1."""
     margin = getattr(settings, "refresh_margin", 1.0)
     refresh = settings.refresh_every or auto_refresh(settings.slots, num_layers, margin)
-    stagger = getattr(settings, "stagger_refresh", False)
+    stagger = settings.stagger_refresh
     return CropPool(size, settings.slots, settings.batch_size, refresh, seed, stagger)
 
 
