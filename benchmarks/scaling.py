@@ -206,53 +206,44 @@ def _whole_chain_state(states, block, iteration: int, settings: AdmmSettings) ->
 
 
 # ----------------------------------------------------------------------------- ADMM, N ranks
-def _admm_ranks(depth, width, data, settings, state, plans, timed: int) -> dict:
-    """The variants in `plans` live at once and take turns, half a refresh cycle each, twice
-    (turns of one step would run every variant cache-cold); admm_variants passes one at a time."""
+def _admm_ranks(depth, width, data, settings, state, variant: tuple, timed: int) -> dict:
+    """One 2-rank variant (blocks, predicted seconds, bits, lagged stats) from the warm state:
+    one untimed refresh cycle, as in one process, then `timed` timed iterations."""
     ctx = join_ranks()
     try:
-        solvers = {}
-        for name, (blocks, predicted, bits, lagged) in plans.items():
-            model = make_model(depth, width, data)
-            plan = Plan([tuple(b) for b in blocks], predicted, [0.0] * len(blocks))
-            compression = CompressionSettings(bits=bits) if bits else None
-            solvers[name] = RankAdmmSolver(
-                ctx, model, data, settings, SEED, plan, compression, lagged_stats=lagged
-            )
-            solvers[name].load_state_dict(state)
-            for _ in range(timed):  # one untimed cycle, as in one process
-                solvers[name].step()
-        totals = {name: {"wall": 0.0, "cpu": 0.0, "compute": 0.0, "wait": 0.0} for name in plans}
-        sent0 = {name: solver.exchange.stats.bytes_sent for name, solver in solvers.items()}
-        last = {}
+        blocks, predicted, bits, lagged = variant
+        plan = Plan([tuple(b) for b in blocks], predicted, [0.0] * len(blocks))
+        compression = CompressionSettings(bits=bits) if bits else None
+        solver = RankAdmmSolver(
+            ctx, make_model(depth, width, data), data, settings, SEED, plan, compression,
+            lagged_stats=lagged,
+        )  # fmt: skip
+        solver.load_state_dict(state)
+        for _ in range(timed):
+            solver.step()
+        totals = {"wall": 0.0, "cpu": 0.0, "compute": 0.0, "wait": 0.0}
+        sent0 = solver.exchange.stats.bytes_sent
         dist.barrier()
-        halves = (timed // 2, timed - timed // 2)
-        for name, solver, steps in [(n, s, h) for h in halves for n, s in solvers.items()]:
-            for _ in range(steps):
-                tic, cpu = time.perf_counter(), time.process_time()
-                last[name] = solver.step()
-                totals[name]["wall"] += time.perf_counter() - tic
-                totals[name]["cpu"] += time.process_time() - cpu
-                totals[name]["compute"] += last[name]["compute_s"]
-                totals[name]["wait"] += last[name]["wait_s"]
-        for name, solver in solvers.items():  # the last iteration's (lagged) stats
-            last[name] = solver.settle() or last[name]
+        for _ in range(timed):
+            tic, cpu = time.perf_counter(), time.process_time()
+            last = solver.step()
+            totals["wall"] += time.perf_counter() - tic
+            totals["cpu"] += time.process_time() - cpu
+            totals["compute"] += last["compute_s"]
+            totals["wait"] += last["wait_s"]
+        last = solver.settle() or last  # the last iteration's (lagged) stats
         dist.barrier()
-        out = {}
-        for name, solver in solvers.items():
-            t = totals[name]
-            out[name] = {
-                "iteration_s": t["wall"] / timed,
-                "cpu_s": t["cpu"] / timed,
-                "compute_s": t["compute"] / timed,
-                "wait_s": t["wait"] / timed,
-                "bytes_sent": (solver.exchange.stats.bytes_sent - sent0[name]) / timed,
-                "state_bytes": solver.state_bytes(),
-                "layers": [solver.start, solver.stop],
-                "loss": last[name].get("loss"),
-            }
-        out["peak_rss_mib"] = peak_rss_mib()
-        return out
+        return {
+            "iteration_s": totals["wall"] / timed,
+            "cpu_s": totals["cpu"] / timed,
+            "compute_s": totals["compute"] / timed,
+            "wait_s": totals["wait"] / timed,
+            "bytes_sent": (solver.exchange.stats.bytes_sent - sent0) / timed,
+            "state_bytes": solver.state_bytes(),
+            "layers": [solver.start, solver.stop],
+            "loss": last.get("loss"),
+            "peak_rss_mib": peak_rss_mib(),
+        }
     finally:
         shutdown()
 
@@ -271,16 +262,16 @@ def admm_variants(
         run = spawn(
             _admm_ranks,
             2,
-            args=(depth, width, data, settings, warm, {name: plans[name]}, cycle),
+            args=(depth, width, data, settings, warm, plans[name], cycle),
             timeout_s=600,
         )
-        slower = max(r[name]["iteration_s"] for r in run)
+        slower = max(r["iteration_s"] for r in run)
         if name == "balanced":
             headline.append(slower)
         if name in ranks[0] and max(r[name]["iteration_s"] for r in ranks) <= slower:
             continue
         for mine, got in zip(ranks, run):
-            mine[name] = got[name]
+            mine[name] = got
             if name == "balanced":
                 mine["peak_rss_mib"] = got["peak_rss_mib"]
     return ranks, headline
