@@ -8,9 +8,10 @@ training loss at equal iterations and at equal time, time per iteration, ADMM's 
 layer-parallel time per iteration (its slowest layer step) and memory per layer.
 
 Each solver runs at its own default batch: ADMM 8 crops in 8 slots (an ADMM iteration then costs
-about half an Adam step, and requests make twice the round trips per second), Adam 16 (ADAM_BATCH
-changes it; at depth 16 Adam with batch 8 scored 0.092 / 0.214 against 0.127-0.147 / 0.19-0.22
-with 16, Vegas / Atlanta). "Equal iterations" therefore means equal updates, not equal crops.
+0.5-0.9x an Adam step, from depth 32 to 8, and requests make more round trips per second), Adam
+16 (ADAM_BATCH changes it; at depth 16 Adam with batch 8 scored 0.092 / 0.214 against
+0.127-0.153 / 0.18-0.22 with 16, Vegas / Atlanta). "Equal iterations" therefore means equal
+updates, not equal crops.
 
     python benchmarks/solver_accuracy.py            # full: depths 8, 16, 32, both scenes
     python benchmarks/solver_accuracy.py --quick    # about a minute
