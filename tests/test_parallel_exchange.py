@@ -83,6 +83,14 @@ def test_boundary_layers_come_first():
     assert boundary_first_order(2, 3) == ([2], [])
 
 
+def test_chain_ends_are_not_boundaries():
+    # the first rank sends only up, the last only down: the stem and head step after the send
+    assert boundary_first_order(0, 4, remote_below=False) == ([3], [0, 1, 2])
+    assert boundary_first_order(4, 9, remote_above=False) == ([4], [5, 6, 7, 8])
+    assert boundary_first_order(0, 5, False, False) == ([], [0, 1, 2, 3, 4])
+    assert boundary_first_order(4, 5, True, True) == ([4], [])
+
+
 def test_two_ranks_reproduce_single_process_exactly(two_ranks, reference):
     merged = _merged(two_ranks, 0)
     assert sorted(merged) == list(range(LAYERS))
@@ -113,3 +121,38 @@ def test_messages_that_vanish_or_change_size_arrive_intact(workers):
     for layer in range(LAYERS):
         assert torch.equal(exact[layer], chain.state[layer]), layer
         assert torch.allclose(_merged(results, 1)[layer], chain.state[layer], atol=0.05)
+
+
+class _RecordingExchange:
+    """A stand-in exchange for the last of several ranks: records when the block sends."""
+
+    has_below, has_above = True, False
+
+    def __init__(self, events: list) -> None:
+        self.events = events
+
+    def post_receives(self) -> None:
+        self.events.append("post")
+
+    def send_up(self, message) -> None:
+        self.events.append("send up")
+
+    def send_down(self, message) -> None:
+        self.events.append(f"send down {message}")
+
+    def finish(self):
+        self.events.append("finish")
+        return "from below", None
+
+
+def test_last_rank_sends_down_before_the_head_steps():
+    events: list = []
+
+    def step(layer, below, above):
+        events.append(f"step {layer}")
+        return f"up {layer}", f"down {layer}"
+
+    block = JacobiBlock(4, 7, step, _RecordingExchange(events))
+    block.iterate()
+    assert events == ["post", "step 4", "send down down 4", "step 5", "step 6", "finish"]
+    assert block.inbox.below[4] == "from below" and block.inbox.above[6] is None

@@ -3,9 +3,12 @@
 Every iteration each owned layer steps from the messages its neighbours sent at the previous
 iteration: `below` (sent up by layer l-1) and `above` (sent down by layer l+1). Messages between
 two owned layers are handed over in memory; only the block's two boundary layers talk to other
-ranks. Order per iteration: post receives, step the boundary layers, post their sends, step the
-interior layers while the messages travel, then wait. Layer steps are opaque callables here, so
-the schedule is tested with toy layers and reused by the ADMM runtime.
+ranks. Order per iteration: post receives, step the boundary layers (those with a neighbour on
+another rank), post their sends, step the other layers while the messages travel, then wait. The
+chain's ends are not boundaries: the head's update (the costliest step) would only delay the
+request the last rank sends down, and with it the moment its lower neighbour may go on. Layer
+steps are opaque callables here, so the schedule is tested with toy layers and reused by the
+ADMM runtime.
 """
 
 from __future__ import annotations
@@ -43,10 +46,15 @@ class BlockTimes:
         return self.boundary_s + self.interior_s
 
 
-def boundary_first_order(start: int, stop: int) -> tuple[list[int], list[int]]:
-    """(boundary layers, interior layers) of the block [start, stop)."""
-    boundary = [start] if stop - start == 1 else [start, stop - 1]
-    return boundary, list(range(start + 1, stop - 1))
+def boundary_first_order(
+    start: int, stop: int, remote_below: bool = True, remote_above: bool = True
+) -> tuple[list[int], list[int]]:
+    """(boundary layers, the other layers) of the block [start, stop): a boundary layer has a
+    neighbour on another rank (`remote_below`: a rank below this one; `remote_above`: above)."""
+    boundary = [start] if remote_below else []
+    if remote_above and stop - 1 not in boundary:
+        boundary.append(stop - 1)
+    return boundary, [i for i in range(start, stop) if i not in boundary]
 
 
 @dataclass
@@ -61,17 +69,19 @@ class JacobiBlock:
 
     def iterate(self) -> BlockTimes:
         """One Jacobi iteration of every owned layer; fills the inbox for the next one."""
-        times = BlockTimes()
-        if self.exchange is not None:
-            self.exchange.post_receives()
-        boundary, interior = boundary_first_order(self.start, self.stop)
+        times, exchange = BlockTimes(), self.exchange
+        if exchange is not None:
+            exchange.post_receives()
+        remote = (exchange.has_below, exchange.has_above) if exchange else (False, False)
+        boundary, interior = boundary_first_order(self.start, self.stop, *remote)
         out: dict[int, tuple[Any, Any]] = {}
         tic = time.perf_counter()
         for layer in boundary:
             out[layer] = self._step(layer, times)
-        if self.exchange is not None:
-            self.exchange.send_up(out[self.stop - 1][0])
-            self.exchange.send_down(out[self.start][1])
+        if remote[1]:
+            exchange.send_up(out[self.stop - 1][0])
+        if remote[0]:
+            exchange.send_down(out[self.start][1])
         times.boundary_s = time.perf_counter() - tic
         tic = time.perf_counter()
         for layer in interior:
@@ -79,8 +89,8 @@ class JacobiBlock:
         times.interior_s = time.perf_counter() - tic
         from_below = from_above = None
         tic = time.perf_counter()
-        if self.exchange is not None:
-            from_below, from_above = self.exchange.finish()
+        if exchange is not None:
+            from_below, from_above = exchange.finish()
         times.wait_s = time.perf_counter() - tic
         self._deliver(out, from_below, from_above)
         return times

@@ -92,6 +92,16 @@ class BoundaryExchange:
     _sent_bytes: dict[int, int] = field(default_factory=dict)
     _received_bytes: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def has_below(self) -> bool:
+        """Whether a rank below (rank - 1) exists to talk to."""
+        return self.ctx.below is not None
+
+    @property
+    def has_above(self) -> bool:
+        """Whether a rank above (rank + 1) exists to talk to."""
+        return self.ctx.above is not None
+
     def post_receives(self) -> None:
         """Post this iteration's header and (expected-size) payload receives from both
         neighbours, so the messages travel while the layers compute."""
