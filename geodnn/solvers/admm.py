@@ -354,7 +354,8 @@ def layer_memory_formula(
 
 
 def _rms(t: torch.Tensor) -> float:
-    return float(t.pow(2).mean().sqrt())
+    """Root mean square in one pass (no squared temporary)."""
+    return float(torch.linalg.vector_norm(t)) / math.sqrt(max(t.numel(), 1))
 
 
 def _conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: LayerState):
@@ -411,7 +412,7 @@ def _local_update(state, p, z0, z_star, settings, weight, bias, gram, stats):
         weight = torch.full_like(weight, math.nan)
         rel = math.nan
     stats["rel_step"] = rel
-    stats["dz_rms"] = float(dz.pow(2).mean().sqrt())
+    stats["dz_rms"] = _rms(dz)
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise DivergenceError(
             f"ADMM diverged: layer {state.index} got non-finite weights; raise [admm] lam or "
@@ -430,7 +431,8 @@ def _local_update(state, p, z0, z_star, settings, weight, bias, gram, stats):
             dp = cg_p_step(
                 residual, op, state.dilation, state.padding, settings.p_rho, settings.cg_steps
             )
-        dp = dp * settings.p_damping
+        if settings.p_damping != 1.0:
+            dp.mul_(settings.p_damping)  # dp is this step's own new tensor
     return weight, bias, gram, dp
 
 
@@ -504,7 +506,7 @@ def layer_step(
         )
         updates += 1
         if dp is not None and settings.request_gain > 0:
-            dp = dp * (settings.request_gain * _rms(above.tensor) / max(_rms(dp), 1e-30))
+            dp.mul_(settings.request_gain * _rms(above.tensor) / max(_rms(dp), 1e-30))
         down = None if dp is None else Message(k, above.generation, dp)
 
     slot = pool.slot_at(iteration, state.index)

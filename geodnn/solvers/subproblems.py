@@ -8,6 +8,8 @@ convolution and whose adjoint is a transposed convolution.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
@@ -87,14 +89,17 @@ def relu_z_step(z0: torch.Tensor, q: torch.Tensor, fit: float) -> torch.Tensor:
     Both branches (z <= 0 and z >= 0) are solved exactly and the cheaper one is kept, so a unit
     that is off (z0 < 0) can be switched on when its target q is large enough.
     """
-    # z >= 0 branch: z = (z0 + fit q) / (1 + fit), cost fit / (1 + fit) (q - z0)^2 (when the
-    # unclamped z is negative, its clamped cost z0^2 + fit q^2 never beats the other branch);
-    # z <= 0 branch: z = min(z0, 0), cost relu(z0)^2 + fit q^2
-    z_pos = (z0 + fit * q) / (1.0 + fit)
-    cost_pos = (q - z0).square_().mul_(fit / (1.0 + fit))
-    cost_neg = torch.relu(z0).square_().add_(q.square(), alpha=fit)
-    take_pos = (z_pos >= 0) & (cost_pos < cost_neg)
-    return torch.where(take_pos, z_pos, torch.clamp(z0, max=0.0))
+    # z >= 0 branch: z = s / (1 + fit) with s = z0 + fit q, cost fit / (1 + fit) (q - z0)^2;
+    # z <= 0 branch: z = min(z0, 0), cost relu(z0)^2 + fit q^2. Their cost difference times
+    # (1 + fit) is s^2 for z0 >= 0 and fit (fit q^2 + 2 q z0 - z0^2) for z0 < 0, so the z >= 0
+    # branch wins exactly where s > sqrt(1 + fit) relu(-z0): one comparison instead of both
+    # costs (these are the solver's most frequent full-size passes, and memory-bound).
+    s = torch.add(z0, q, alpha=fit)
+    off = torch.clamp(z0, max=0.0)
+    # the branch choice as a 0/1 float mask and a blend: torch.where and bool comparisons are
+    # several times slower than these arithmetic passes on CPU
+    take_pos = torch.add(s, off, alpha=math.sqrt(1.0 + fit)).sign_().clamp_(min=0.0)
+    return torch.addcmul(off, take_pos, s.div_(1.0 + fit).sub_(off))
 
 
 def patch_gram(
