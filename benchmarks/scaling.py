@@ -568,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         admm_settings.dual,
         False,
         admm_settings.keep_retired,
+        admm_settings.average_decay > 0,
     )
     memory_vs_depth = [
         {

@@ -124,22 +124,56 @@ def make_model(image, depth: int, width: int, seed: int):
 TAIL = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # budget fractions of the validation snapshots
 
 
+class WeightAverage:
+    """Adam's weights averaged as ADMM averages each layer's (bias-corrected EMA, same decay),
+    so that both solvers' averaged networks are compared too."""
+
+    def __init__(self, model, decay: float) -> None:
+        self.model, self.decay, self.count = model, decay, 0
+        self.average = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        n, decay = self.count, self.decay
+        d = decay * (1 - decay**n) / (1 - decay ** (n + 1))
+        for a, p in zip(self.average, self.model.parameters()):
+            a.lerp_(p.detach(), 1 - d)
+        self.count = n + 1
+
+
+@torch.no_grad()
+def iou_with(model, parameters: list, region) -> float:
+    """Validation IoU of `model` with other values of its parameters (restored after)."""
+    kept = [p.detach().clone() for p in model.parameters()]
+    for p, value in zip(model.parameters(), parameters, strict=True):
+        p.copy_(value)
+    iou = validation_iou(model, region)
+    for p, value in zip(model.parameters(), kept):
+        p.copy_(value)
+    return iou
+
+
 def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=None, probe=None):
     """Train for `budget` seconds; returns the loss curve [(iteration, seconds, loss)], the
-    validation IoU snapshots at the TAIL fractions of the budget, and ADMM's layer times.
+    validation IoU snapshots at the TAIL fractions of the budget (for Adam also those of its
+    averaged weights), and ADMM's layer times.
 
-    Both solvers' IoU swings by +-0.1 from one snapshot to the next (the class-weighted loss
-    moves the decision threshold), so one end-of-budget snapshot is mostly noise; the mean over
-    the last quarter is the figure compared. `probe` = (iteration, callback): callback(model)
-    runs once when that iteration is reached. Neither counts in the budget."""
+    The raw iterate's IoU swings by up to +-0.1 from one snapshot to the next (the
+    class-weighted loss moves the decision threshold), so one end-of-budget snapshot is mostly
+    noise; the mean over the last quarter is the figure compared. ADMM's model holds its
+    averaged weights (average_decay), which swing 2-6x less. `probe` = (iteration, callback):
+    callback(model) runs once when that iteration is reached. Neither counts in the budget."""
     common = {"class_weights": weights}  # each solver at its own default batch (module notes)
+    average = None
     if kind == "admm":
         settings = AdmmSettings.from_dict({**common, **(admm_overrides or {})})
         solver = AdmmSolver(model, data, settings, seed)
     else:
         settings = AdamSettings.from_dict({**common, "batch_size": ADAM_BATCH, "lr": ADAM_LR})
         solver = AdamSolver(model, data, settings, seed)
-    curve, compute, max_layer, sum_layer, tail = [], 0.0, 0.0, 0.0, []
+        decay = AdmmSettings().average_decay
+        average = WeightAverage(model, decay) if decay > 0 else None
+    curve, compute, max_layer, sum_layer, tail, tail_other = [], 0.0, 0.0, 0.0, [], []
     while compute < budget:
         start = time.perf_counter()
         stats = solver.step()
@@ -149,12 +183,19 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
             max_layer += stats["max_layer_s"]
             sum_layer += stats["sum_layer_s"]
         compute += elapsed
+        if average is not None:  # not counted: Adam's own figure is the raw one
+            average.update()
         curve.append((solver.iteration, compute, stats["loss"]))
         if probe is not None and solver.iteration == probe[0]:
             probe[1](model)
         if len(tail) < len(TAIL) and compute >= TAIL[len(tail)] * budget:
             tail.append(validation_iou(model, val))
-    return solver, curve, tail, max_layer, sum_layer
+            if average is not None:  # Adam: its averaged weights as well
+                tail_other.append(iou_with(model, average.average, val))
+            elif kind == "admm" and solver.settings.average_decay > 0:  # ADMM: its raw iterate
+                raw = [t for s in solver.states for t in (s.weight, s.bias)]
+                tail_other.append(iou_with(model, raw, val))
+    return solver, curve, (tail, tail_other), max_layer, sum_layer
 
 
 def loss_at(curve, iteration=None, seconds=None, window=10):
@@ -179,7 +220,7 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=
                 out["admm"]["iterations"],
                 lambda m: at_equal.setdefault("iou", validation_iou(m, region_val)),
             )
-        solver, curve, tail, max_layer, sum_layer = run_solver(
+        solver, curve, (tail, other), max_layer, sum_layer = run_solver(
             kind, model, data, weights, budget, seed, region_val, admm, probe=probe
         )
         n = len(curve)
@@ -189,6 +230,8 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=
             "curve": curve,
             "val_iou": sum(tail) / len(tail),
             "val_iou_snapshots": [round(v, 4) for v in tail],
+            # Adam: its averaged weights; ADMM (averaging on): its raw iterate
+            "val_iou_other": sum(other) / len(other) if other else None,
             "s_per_iter": curve[-1][1] / n,
             "batch": solver.settings.batch_size,
         }
@@ -207,8 +250,11 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=
                 solver.settings.dual,
                 head=False,
                 retired=solver.settings.keep_retired,
+                averaged=solver.settings.average_decay > 0,
             )
     a, m = out["adam"], out["admm"]
+    # Adam's figure is the better of its raw and its averaged weights (ADMM has only its own)
+    adam_best = max(a["val_iou"], a["val_iou_other"] or 0.0)
     n_eq = min(a["iterations"], m["iterations"])
     t_eq = min(a["seconds"], m["seconds"])
     row = {
@@ -216,14 +262,15 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=
         "depth": depth,
         "crop": crop,
         "budget_s": budget,
-        "val_iou_adam": round(a["val_iou"], 4),
+        "val_iou_adam": round(adam_best, 4),
         "val_iou_admm": round(m["val_iou"], 4),
+        "val_iou_adam_raw": round(a["val_iou"], 4),
+        "val_iou_adam_averaged": round(a["val_iou_other"] or 0.0, 4),
+        "val_iou_admm_raw_iterate": m["val_iou_other"] and round(m["val_iou_other"], 4),
         "val_iou_snapshots_adam": a["val_iou_snapshots"],
         "val_iou_snapshots_admm": m["val_iou_snapshots"],
         "val_iou_adam_at_admm_iterations": round(at_equal["iou"], 4) if at_equal else None,
-        "iou_ratio_admm_vs_adam": round(m["val_iou"] / a["val_iou"], 3)
-        if a["val_iou"] > 0
-        else None,
+        "iou_ratio_admm_vs_adam": round(m["val_iou"] / adam_best, 3) if adam_best > 0 else None,
         "batch_adam": a["batch"],
         "batch_admm": m["batch"],
         "iterations_adam": a["iterations"],

@@ -143,9 +143,9 @@ def test_absurd_settings_raise_divergence(vegas):
             solver.step()
 
 
-@pytest.mark.parametrize("retired", [False, True])
-def test_memory_formula_matches_measured_state(vegas, retired):
-    settings = _settings(vegas, keep_retired=retired)
+@pytest.mark.parametrize(("retired", "decay"), [(False, 0.99), (True, 0.99), (False, 0.0)])
+def test_memory_formula_matches_measured_state(vegas, retired, decay):
+    settings = _settings(vegas, keep_retired=retired, average_decay=decay)
     solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
     pool = solver.pool
     # every layer has seen its slots change generation once (current and retired both held)
@@ -164,6 +164,7 @@ def test_memory_formula_matches_measured_state(vegas, retired):
             dual=False,
             head=state.is_head,
             retired=retired,
+            averaged=decay > 0,
         )
         assert layer_state_bytes(state) == expected
 
@@ -311,3 +312,37 @@ def test_layer_state_of_the_previous_format_loads(vegas):
     twin.step()
     updated = [s.updates - b for s, b in zip(solver.states, before)]
     assert updated == [s.updates - b for s, b in zip(twin.states, before)] and sum(updated) >= 3
+
+
+def test_the_network_users_get_is_the_bias_corrected_average_of_the_iterates(vegas):
+    """With average_decay d every layer holds sum_i d^(n-i) w_i / sum_i d^(n-i) of its raw
+    weights after each step, and the model (what is evaluated, saved and predicted) holds that
+    average; the iteration itself goes on from the raw weights."""
+    decay = 0.8
+    settings = _settings(vegas, monitor=False, average_decay=decay)
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    raw = []
+    for _ in range(12):
+        solver.step()
+        raw.append([(s.weight, s.bias) for s in solver.states])
+    coef = [decay ** (len(raw) - 1 - i) for i in range(len(raw))]
+    for layer, state in enumerate(solver.states):
+        weight = sum(c * r[layer][0] for c, r in zip(coef, raw)) / sum(coef)
+        bias = sum(c * r[layer][1] for c, r in zip(coef, raw)) / sum(coef)
+        assert torch.allclose(state.average_weight, weight, atol=1e-6)
+        assert torch.allclose(state.average_bias, bias, atol=1e-6)
+        conv = solver.model.layers[layer].conv
+        assert torch.equal(conv.weight, state.average_weight)
+        assert torch.equal(conv.bias, state.average_bias)
+    head = solver.states[-1]
+    assert head.averaged == 12 and not torch.equal(head.average_weight, head.weight)
+
+
+def test_without_averaging_the_model_holds_the_raw_iterate(vegas):
+    settings = _settings(vegas, monitor=False, average_decay=0.0)
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    for _ in range(4):
+        solver.step()
+    for state, layer in zip(solver.states, solver.model.layers):
+        assert state.average_weight is None and state.averaged == 0
+        assert torch.equal(layer.conv.weight, state.weight)

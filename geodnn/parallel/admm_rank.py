@@ -132,6 +132,7 @@ def profile_admm_layers(
             settings.dual,
             head,
             settings.keep_retired,
+            settings.average_decay > 0,
         )
         costs.append(LayerCost(mean[mapping[index]], float(memory)))
     return costs
@@ -359,7 +360,7 @@ class RankAdmmSolver:
         if self.ctx.rank != 0:
             works = []
             for i in range(self.start, self.stop):
-                for tensor in (self.states[i].weight, self.states[i].bias):
+                for tensor in self.states[i].output_weights():
                     t = tensor.contiguous().to(self.ctx.device)
                     works.append((post_or_fail(dist.isend, t, 0, 900 + i, self.ctx, "weights"), t))
             for work, _ in works:
