@@ -160,9 +160,11 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
 
     The raw iterate's IoU swings by up to +-0.1 from one snapshot to the next (the
     class-weighted loss moves the decision threshold), so one end-of-budget snapshot is mostly
-    noise; the mean over the last quarter is the figure compared. ADMM's model holds its
-    averaged weights (average_decay), which swing 2-6x less. `probe` = (iteration, callback):
-    callback(model) runs once when that iteration is reached. Neither counts in the budget."""
+    noise; the mean over the last quarter is the figure compared. With --admm average_decay=D
+    ADMM's model holds its averaged weights (which swing 2-6x less), its raw iterate and Adam's
+    weights averaged alike are scored too, and Adam's better figure is compared. `probe` =
+    (iteration, callback): callback(model) runs once when that iteration is reached. Neither
+    counts in the budget."""
     common = {"class_weights": weights}  # each solver at its own default batch (module notes)
     average = None
     if kind == "admm":
@@ -171,7 +173,7 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
     else:
         settings = AdamSettings.from_dict({**common, "batch_size": ADAM_BATCH, "lr": ADAM_LR})
         solver = AdamSolver(model, data, settings, seed)
-        decay = AdmmSettings().average_decay
+        decay = AdmmSettings.from_dict(admm_overrides or {}).average_decay  # as ADMM's
         average = WeightAverage(model, decay) if decay > 0 else None
     curve, compute, max_layer, sum_layer, tail, tail_other = [], 0.0, 0.0, 0.0, [], []
     while compute < budget:

@@ -60,13 +60,15 @@ def _weights(model) -> list[torch.Tensor]:
 
 
 def _rank_runs(data, runs: list[dict]) -> list[dict]:
-    """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged"}; all in one
-    process group. "losses": each step's loss, then the one settle() returns."""
+    """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged" and
+    "settings" (overrides)}; all in one process group. "losses": each step's loss, then the one
+    settle() returns."""
     ctx = init_ranks(timeout_s=30)
     try:
         out = []
         for run in runs:
-            model, settings = _model(), AdmmSettings.from_dict(SETTINGS)
+            model = _model()
+            settings = AdmmSettings.from_dict({**SETTINGS, **run.get("settings", {})})
             plan = plan_blocks(ctx, model, data, settings, SEED) if run["balanced"] else None
             compression = CompressionSettings(bits=run["bits"]) if run["bits"] else None
             lagged = run.get("lagged", True)
@@ -117,6 +119,7 @@ def two_ranks(data, single) -> list[list[dict]]:
         {"balanced": False, "bits": 8, "start": None},
         {"balanced": False, "bits": None, "start": single_process_state(single.state_dict())},
         {"balanced": False, "bits": None, "start": None, "lagged": False},
+        {"balanced": False, "bits": None, "start": None, "settings": {"average_decay": 0.8}},
     ]
     return spawn(_rank_runs, 2, args=(data, runs), timeout_s=120)
 
@@ -143,6 +146,13 @@ def test_lagged_stats_are_the_blocking_ones_one_step_late(two_ranks, expected):
     assert lagged["losses"][0] is None and blocking["losses"][-1] is None
     assert lagged["losses"][1:] == blocking["losses"][:-1]
     assert sum(loss is not None for loss in blocking["losses"]) >= 3
+
+
+def test_two_ranks_gather_the_same_averaged_network(two_ranks, data, expected):
+    settings = AdmmSettings.from_dict({**SETTINGS, "average_decay": 0.8})
+    averaged = reference_weights(_model(), data, settings, SEED, ITERATIONS)
+    _check_equal(two_ranks[0][4]["weights"], averaged)
+    assert not all(torch.allclose(a, b) for a, b in zip(averaged, expected))
 
 
 def test_three_ranks_balanced_match_single_process_solver(data, expected):

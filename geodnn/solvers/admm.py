@@ -54,18 +54,20 @@ each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80 staggered. Requests reach 
 scaled by request_gain^distance, so with the default gain those layers take tiny steps either
 way.
 
-Iterate averaging (average_decay, default 0.99): every layer keeps a bias-corrected exponential
-moving average of its own weights over ~1 / (1 - decay) iterations, a layer-local addition (no
-message), and that average is the network users get: write_back puts it in the model (so the
-monitored loss, validation, checkpoints' model and predictions use it; gather_model sends it),
-while the iteration goes on from the raw weights. ADMM's convergence guarantees are stated for
-averaged (ergodic) iterates, and here the raw iterate's validation IoU swings by up to +-0.1
-between snapshots as the head's decision threshold moves. Measured (both scenes, 60 s, one seed
-a run, IoU over the last quarter of the budget): the spread of the averaged network's IoU over
-the six snapshots was 2-6x smaller than the raw iterate's in every run (std 0.003-0.010 against
-0.008-0.049); its mean moved by +0.006 on average over eight scene x depth runs (-0.013 to
-+0.039), so averaging is about steadiness of the result, not a higher IoU. Adam's weights
-averaged the same way scored lower at this stage of training (its raw figure is compared).
+Iterate averaging (average_decay > 0, e.g. 0.99; off by default): every layer keeps a
+bias-corrected exponential moving average of its own weights over ~1 / (1 - decay) iterations, a
+layer-local addition (no message), and that average is the network users get: write_back puts it
+in the model (so the monitored loss, validation, checkpoints' model and predictions use it;
+gather_model sends it), while the iteration goes on from the raw weights. ADMM's convergence
+guarantees are stated for averaged (ergodic) iterates, and here the raw iterate's validation IoU
+swings by up to +-0.1 between snapshots as the head's decision threshold moves. Measured (both
+scenes, 60 s, one seed a run, IoU over the last quarter of the budget): the spread of the
+averaged network's IoU over the six snapshots was 2-6x smaller than the raw iterate's in every
+run (std 0.003-0.010 against 0.008-0.049); its mean moved by +0.006 on average over eight scene
+x depth runs (-0.013 to +0.039), and in the shipped `geodnn run` (600 iterations, still
+improving fast) the average, ~50 iterations behind, scored 0.206 road IoU against the raw
+iterate's 0.230. So averaging buys steadiness for long runs, not a higher IoU, and is off by
+default. Adam's weights averaged the same way also scored lower at this stage of training.
 
 The local subproblems of one backward half (geodnn.solvers.subproblems), on slot input p:
 1. z0 = W p + b, stored by the forward half with p (the weights of that moment: a conv saved).
@@ -153,7 +155,7 @@ class AdmmSettings:
     request_gain: float = 0.7  # > 0: the request sent down gets this x the incoming one's rms
     step_scale: float = 1.0  # below the head: each W-step fits this share of its target change
     keep_retired: bool = False  # keep each slot's previous generation too: no request dropped
-    average_decay: float = 0.99  # EMA of each layer's weights, the network users get (0: off)
+    average_decay: float = 0.0  # > 0: EMA of each layer's weights is the network users get
     class_weights: list[float] | None = None  # per-class loss weights (None = equal)
     max_iterations: int = 0  # stopping rule: stop after this many iterations (0 = no limit)
     patience: int = 0  # stopping rule: stop after this many iterations without a new best loss
