@@ -37,7 +37,7 @@ from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
-from geodnn.solvers.admm import layer_memory_formula, layer_state_bytes
+from geodnn.solvers.admm import average_step_decay, layer_memory_formula, layer_state_bytes
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ADAM_LR = float(__import__("os").environ.get("ADAM_LR", "3e-3"))
@@ -134,11 +134,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self) -> None:
-        n, decay = self.count, self.decay
-        d = decay * (1 - decay**n) / (1 - decay ** (n + 1))
+        d = average_step_decay(self.decay, self.count)
         for a, p in zip(self.average, self.model.parameters()):
             a.lerp_(p.detach(), 1 - d)
-        self.count = n + 1
+        self.count += 1
 
 
 @torch.no_grad()

@@ -498,17 +498,23 @@ def _stored(state: LayerState, above: Message, retired: _Retired):
     return None
 
 
+def average_step_decay(decay: float, count: int) -> float:
+    """The weight on the old average when value count + 1 joins a bias-corrected exponential
+    moving average (as Adam corrects its moments): the average stays sum_i d^(n-i) w_i /
+    sum_i d^(n-i), so it spans ~1 / (1 - decay) steps from the first on and holds nothing of
+    what came before it (0 for the first value)."""
+    return decay * (1 - decay**count) / (1 - decay ** (count + 1))
+
+
 def _averaged(state: LayerState, weight, bias, decay: float):
-    """(weight, bias, count) of the layer's running average after this step, or (None, None, 0)
-    with averaging off: the bias-corrected exponential moving average (as Adam corrects its
-    moments), sum_i d^(n-i) w_i / sum_i d^(n-i), so it spans ~1 / (1 - decay) steps from the first
-    step on and holds nothing of the initial weights."""
+    """(weight, bias, count) of the layer's running average after this step (see
+    `average_step_decay`), or (None, None, 0) with averaging off."""
     if decay <= 0:
         return None, None, 0
     n = state.averaged if state.average_weight is not None else 0
     if n == 0:
         return weight, bias, 1
-    d = decay * (1 - decay**n) / (1 - decay ** (n + 1))
+    d = average_step_decay(decay, n)
     w = torch.lerp(weight, state.average_weight, d)
     return w, torch.lerp(bias, state.average_bias, d), n + 1
 
