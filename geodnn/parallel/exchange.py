@@ -124,12 +124,12 @@ class BoundaryExchange:
 
     def send_up(self, message: Any | None) -> None:
         """Send the top layer's message to rank+1 (no-op on the last rank)."""
-        if self.ctx.above is not None:
+        if self.has_above:
             self._send(self.ctx.above, UP, message)
 
     def send_down(self, message: Any | None) -> None:
         """Send the bottom layer's message to rank-1 (no-op on the first rank)."""
-        if self.ctx.below is not None:
+        if self.has_below:
             self._send(self.ctx.below, DOWN, message)
 
     def finish(self) -> tuple[Any | None, Any | None]:
