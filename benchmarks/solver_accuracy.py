@@ -199,6 +199,10 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
     return solver, curve, (tail, tail_other), max_layer, sum_layer
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
 def loss_at(curve, iteration=None, seconds=None, window=10):
     """Mean training loss over the `window` iterations ending at an iteration or a time."""
     if iteration is not None:
@@ -266,8 +270,9 @@ def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=
         "val_iou_adam": round(adam_best, 4),
         "val_iou_admm": round(m["val_iou"], 4),
         "val_iou_adam_raw": round(a["val_iou"], 4),
-        "val_iou_adam_averaged": round(a["val_iou_other"] or 0.0, 4),
-        "val_iou_admm_raw_iterate": m["val_iou_other"] and round(m["val_iou_other"], 4),
+        # null when averaging is off (--admm average_decay=D turns it on for both)
+        "val_iou_adam_averaged": _rounded(a["val_iou_other"]),
+        "val_iou_admm_raw_iterate": _rounded(m["val_iou_other"]),
         "val_iou_snapshots_adam": a["val_iou_snapshots"],
         "val_iou_snapshots_admm": m["val_iou_snapshots"],
         "val_iou_adam_at_admm_iterations": round(at_equal["iou"], 4) if at_equal else None,
