@@ -148,5 +148,6 @@ class ErrorFeedbackEncoder:
 
     def load_state_dict(self, state: dict) -> None:
         self.residuals = {
-            int(slot): _Residual(int(r["generation"]), r["error"]) for slot, r in state.items()
+            int(slot): _Residual(int(r["generation"]), r["error"].cpu())  # encoding runs on CPU
+            for slot, r in state.items()
         }

@@ -53,7 +53,7 @@ def head_prox(
         return out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
     onehot = F.one_hot(yk, c).to(zk.dtype)
     z = zk.clone()
-    eye = torch.eye(c, dtype=zk.dtype)
+    eye = torch.eye(c, dtype=zk.dtype, device=zk.device)
     for _ in range(newton_steps):
         s = torch.softmax(z, dim=1)
         grad = wk[:, None] * (s - onehot) + nu * (z - zk)
@@ -112,7 +112,7 @@ def patch_gram(
     """
     cols = F.unfold(p, kernel_size, dilation=dilation, padding=padding, stride=stride)
     x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
     return x.T @ x / x.shape[0]
 
 
@@ -145,7 +145,7 @@ def ridge_w_step(
     Returns the new weight, bias and the step's relative size.
     """
     d = gram.shape[0]
-    system = gram + lam * torch.eye(d, dtype=gram.dtype)
+    system = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
     step = torch.linalg.solve(system, cross.T).T
     old = torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
     rel = float(step.norm() / old.norm().clamp(min=1e-12))
