@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .device import DEVICES
 from .errors import PipelineError
 
 SOLVERS = ("admm", "adam", "pipeline")
@@ -40,7 +41,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "epoch": 100,  # iterations between validation, checkpoint and a metrics.csv row
         "batch_size": 16,
         "seed": 0,
-        "threads": 1,  # torch compute threads per process
+        "threads": 1,  # torch compute threads per process (on CPU)
+        "device": "auto",  # auto (the GPU when PyTorch sees one) | cpu | cuda; ranks: nccl on GPUs
         "class_weight_power": 0.5,  # class weight = (pixel frequency) ** -power, mean 1
         "divergence_factor": 20.0,  # stop when the loss exceeds this x its best
     },
@@ -116,6 +118,10 @@ def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
     for key in ("iterations", "epoch", "batch_size", "threads"):
         if not isinstance(train[key], int) or train[key] < 1:
             raise PipelineError(f"{path}: [train] {key} must be a whole number >= 1")
+    if train["device"] not in DEVICES:
+        raise PipelineError(
+            f"{path}: [train] device = '{train['device']}' is unknown; use one of {DEVICES}"
+        )
     if tables["parallel"]["workers"] < 1:
         raise PipelineError(f"{path}: [parallel] workers must be >= 1")
 

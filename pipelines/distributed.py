@@ -37,7 +37,8 @@ def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[objec
     with `resume`, this rank's state from the last checkpoint every rank completed."""
     config = setup.config
     parallel, train = config["parallel"], config["train"]
-    ctx = init_ranks(timeout_s=parallel["timeout_s"], threads=train["threads"])
+    backend = "nccl" if setup.device == "cuda" else "gloo"
+    ctx = init_ranks(timeout_s=parallel["timeout_s"], backend=backend, threads=train["threads"])
     state = load_rank_checkpoint(setup.run_dir, ctx) if resume else None
     blocks = state["solver_state"]["blocks"] if state else None
     seed = train["seed"]

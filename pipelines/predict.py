@@ -46,6 +46,7 @@ from tiles.stitch import (  # noqa: E402
 )
 from tiles.vectorize import VectorOptions, qml_path, vectorize_classes  # noqa: E402
 
+from .device import DEVICES, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -67,20 +68,6 @@ class ModelPredictor:
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             logits = self.model.forward_valid(x)
             return torch.softmax(logits, dim=1).cpu().numpy()
-
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' is the GPU when PyTorch sees one, else the CPU; 'cuda' without a GPU is an error."""
-    if device not in DEVICES:
-        raise PipelineError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: PyTorch sees no GPU here; use --device cpu")
-    return device
 
 
 @dataclass

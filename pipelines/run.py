@@ -212,6 +212,7 @@ def step_predict(p: Pipeline) -> list[Path]:
         batch=opts["batch"],
         min_area=opts["min_area"],
         simplify=opts["simplify"],
+        device=p.config["train"]["device"],
         overwrite=True,
         progress=True,
     )

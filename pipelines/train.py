@@ -34,9 +34,11 @@ from geodnn.errors import DivergenceError
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
 from geodnn.runtime import retain_freed_memory
+from geodnn.solvers.base import exploded
 
 from .config import SOLVERS, Config, load_config
 from .datasets import StoreBatches
+from .device import training_device
 from .errors import PipelineError
 from .io import atomic_write_text, save_figure
 
@@ -84,6 +86,7 @@ class TrainSetup:
     class_weights: torch.Tensor
     class_names: list[str]
     class_colors: list
+    device: str = "cpu"  # where this process computes: "cpu" or "cuda" (resolved, never "auto")
 
     @property
     def solver_name(self) -> str:
@@ -112,6 +115,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     model.set_normalization(train_data.band_mean, train_data.band_std)
     warn_if_halo_crosses_split(store, train_data.store.attrs, model.receptive_radius)
     weights = weights_from_counts(train_data.class_counts, train["class_weight_power"])
+    device = training_device(train["device"], f"{config.path}: [train] device")
     return TrainSetup(
         config=config,
         run_dir=run_dir,
@@ -121,6 +125,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         class_weights=weights,
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
+        device=device,
     )
 
 
@@ -149,14 +154,18 @@ def solver_settings(setup: TrainSetup) -> dict:
 def validate(
     model: geodnn.ChainNet, data: Batches, weights: torch.Tensor, limit: int, batch: int = 8
 ) -> tuple[float, SegmentationScores]:
-    """Real-network loss and scores on validation tiles (plain forward pass, no solver state)."""
+    """Real-network loss and scores on validation tiles (plain forward pass, no solver state),
+    computed where the model lives; the confusion matrix is summed on the CPU."""
     model.eval()
+    device = model.band_mean.device
+    weights = weights.to(device)
     classes = model.config.classes
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, pixels = 0.0, 0
     indices = list(range(min(len(data), limit)))
     for start in range(0, len(indices), batch):
         x, y = data.get(indices[start : start + batch])
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         loss = torch.nn.functional.cross_entropy(
             logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
@@ -164,7 +173,7 @@ def validate(
         valid = int((y != IGNORE_INDEX).sum())
         loss_sum += float(loss)
         pixels += valid
-        confusion += confusion_matrix(logits.argmax(1), y, classes)
+        confusion += confusion_matrix(logits.argmax(1), y, classes).cpu()
     return loss_sum / max(pixels, 1), SegmentationScores(confusion)
 
 
@@ -366,9 +375,10 @@ def make_solver_for(setup: TrainSetup, resume: bool) -> tuple[object, dict | Non
         from geodnn.solvers import make_solver
 
         seed = setup.config["train"]["seed"]
+        setup.model.to(setup.device)
         solver = make_solver(name, setup.model, setup.train_data, solver_settings(setup), seed)
         path = setup.run_dir / "state.pt"
-        state = torch.load(path, map_location="cpu", weights_only=True) if resume else None
+        state = torch.load(path, map_location=setup.device, weights_only=True) if resume else None
     return solver, (check_state(state, path, name) if resume else None)
 
 
@@ -380,8 +390,11 @@ def is_leader() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def check_divergence(loss: float, best: float, factor: float, iteration: int) -> None:
-    if not math.isfinite(loss) or (math.isfinite(best) and loss > factor * max(best, 1e-6)):
+def check_divergence(
+    loss: float, best: float, factor: float, iteration: int, first: float = math.nan
+) -> None:
+    """Non-finite, or over `factor` x the best epoch and over the first epoch's loss."""
+    if not math.isfinite(loss) or (math.isfinite(best) and exploded(loss, best, first, factor)):
         raise DivergenceError(
             f"training diverged at iteration {iteration} (loss {loss:.4g}, best {best:.4g}); "
             "the last good checkpoint is kept: lower the step sizes or raise the penalties"
@@ -444,7 +457,8 @@ def run_epochs(
 ) -> None:
     train_cfg = setup.config["train"]
     total, epoch = train_cfg["iterations"], train_cfg["epoch"]
-    best = min((r.train_loss for r in records if math.isfinite(r.train_loss)), default=math.inf)
+    finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
+    best, first = min(finite, default=math.inf), (finite or [math.nan])[0]
     bar = progress_bar(total, solver.iteration, f"train {setup.solver_name}", progress)
     start = time.perf_counter() - elapsed0
     losses: list[float] = []
@@ -464,8 +478,10 @@ def run_epochs(
         stats = settle(solver, stats, losses)
         mean_loss = epoch_loss(losses)
         if losses:
-            check_divergence(mean_loss, best, train_cfg["divergence_factor"], solver.iteration)
+            factor = train_cfg["divergence_factor"]
+            check_divergence(mean_loss, best, factor, solver.iteration, first)
             best = min(best, mean_loss)
+            first = mean_loss if math.isnan(first) else first
         losses = []
         record = end_epoch(setup, solver, records, mean_loss, time.perf_counter() - start, stats)
         if record is not None:

@@ -71,13 +71,21 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
+def default_backend(world_size: int) -> str:
+    """nccl when each of this machine's ranks (LOCAL_WORLD_SIZE) has a GPU of its own, else gloo:
+    two ranks cannot share one GPU under NCCL."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return "nccl" if 0 < local_ranks <= torch.cuda.device_count() else "gloo"
+
+
 def init_ranks(
     timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None, threads: int | None = 1
 ) -> RankContext:
     """Join the process group described by torchrun's environment variables.
 
-    `backend` defaults to nccl when CUDA is available, else gloo; `threads` (CPU only) sets
-    torch's intra-op threads per rank (None leaves torch's default).
+    `backend` defaults to nccl when this machine has a GPU for each of its ranks (rank r takes
+    cuda:LOCAL_RANK), else gloo on the CPU; `threads` (CPU only) sets torch's intra-op threads
+    per rank (None leaves torch's default).
     """
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -85,7 +93,7 @@ def init_ranks(
     if not os.environ.get("MASTER_ADDR"):
         _env_int("MASTER_ADDR")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = default_backend(world_size)
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -1,0 +1,48 @@
+"""Where a command's tensors live: 'auto' (the GPU when PyTorch sees one), 'cpu' or 'cuda'."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .errors import PipelineError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str, source: str = "--device") -> str:
+    """'auto' becomes 'cuda' or 'cpu'; an unknown name, or 'cuda' without a GPU, is an error
+    naming `source` (the option or the config key the value came from)."""
+    if device not in DEVICES:
+        raise PipelineError(f"{source} {device!r} is unknown; use one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{source} 'cuda': PyTorch sees no GPU here; use 'cpu' or 'auto'")
+    return device
+
+
+def local_ranks() -> int:
+    """Ranks of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def training_device(device: str, source: str) -> str:
+    """Where this training process computes. Each rank on a machine needs a GPU of its own
+    (rank r takes cuda:LOCAL_RANK), so with fewer GPUs than ranks 'auto' is the CPU (gloo) and
+    'cuda' is an error; a single process takes the GPU whenever 'auto' sees one."""
+    ranks, gpus = local_ranks(), torch.cuda.device_count()
+    if device == "auto" and 0 < gpus < ranks:
+        log.warning("%d ranks on this machine, %d GPU(s): the ranks train on the CPU", ranks, gpus)
+        return "cpu"
+    resolved = resolve_device(device, source)
+    if resolved == "cuda" and gpus < ranks:
+        raise PipelineError(
+            f"{source} 'cuda': {ranks} ranks on this machine need a GPU each and PyTorch sees "
+            f"{gpus}; run fewer workers per machine, or use 'cpu'"
+        )
+    return resolved

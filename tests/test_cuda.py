@@ -1,0 +1,101 @@
+"""The GPU paths: solvers, boundary compression and `train` on CUDA agree with the CPU.
+
+Skipped where PyTorch sees no GPU (CI has none); run on a GPU machine with
+`python -m pytest tests/test_cuda.py`. TF32 is switched off so that CUDA's float32 matches the
+CPU's to rounding; what remains (other summation orders in cuDNN and cuBLAS) is covered by the
+tolerances below."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import geodnn
+from geodnn.data import TensorBatches, class_weights
+from geodnn.model import build_model
+from geodnn.parallel.compress import CompressionSettings, ErrorFeedbackEncoder
+from geodnn.solvers import make_solver
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+
+
+def _data() -> TensorBatches:
+    """Two bands of smooth noise; the positive class is where their blend is high."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool2d(torch.randn(32, 2, 36, 36, generator=g), 5, 1)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0.3).long()
+    y[:, :2, :] = 255  # an unlabeled strip: the ignore index on the GPU too
+    return TensorBatches(x, y)
+
+
+def _trained(solver_name: str, device: str, iterations: int) -> dict[str, torch.Tensor]:
+    data = _data()
+    model = build_model(2, 2, depth=4, width=8, seed=0)
+    model.set_normalization(data.images.mean((0, 2, 3)), data.images.std((0, 2, 3)))
+    model.to(device)
+    weights = class_weights(data.labels, 2).tolist()
+    settings = {"batch_size": 4, "slots": 4, "class_weights": weights}
+    solver = make_solver(solver_name, model, data, settings, seed=0)
+    losses = [solver.step()["loss"] for _ in range(iterations)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _relative_gap(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-12)) for k in b)
+
+
+@pytest.mark.parametrize("solver", ["admm", "adam"])
+def test_solver_on_the_gpu_matches_the_cpu(solver):
+    on_gpu = _trained(solver, "cuda", 12)
+    on_cpu = _trained(solver, "cpu", 12)
+    moved = _relative_gap(on_cpu, _trained(solver, "cpu", 0))
+    assert moved > 1e-3  # training moved the weights ...
+    assert _relative_gap(on_gpu, on_cpu) < 1e-3  # ... the same way on both devices
+
+
+def test_compression_with_error_feedback_on_gpu_tensors_and_after_a_restart():
+    settings = CompressionSettings(bits=8)
+    g = torch.Generator().manual_seed(1)
+    messages = [torch.randn(2, 8, 12, 12, generator=g) for _ in range(3)]
+    on_cpu = ErrorFeedbackEncoder(settings)
+    expected = [on_cpu.encode(m, slot=0, generation=0) for m in messages]
+    sender = ErrorFeedbackEncoder(settings)
+    first = sender.encode(messages[0].cuda(), slot=0, generation=0)
+    saved = {s: {**r, "error": r["error"].cuda()} for s, r in sender.state_dict().items()}
+    restarted = ErrorFeedbackEncoder(settings)  # a rank's checkpoint loads onto its GPU
+    restarted.load_state_dict(saved)
+    rest = [restarted.encode(m.cuda(), slot=0, generation=0) for m in messages[1:]]
+    for got, want in zip([first, *rest], expected):
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("solver", ["admm", "adam"])
+def test_train_on_the_gpu_resumes_and_matches_the_cpu(tmp_path, store, train_config, solver):
+    from pipelines.train import train
+
+    def run(device: str, folder: str, iterations: int = 6, resume: bool = False):
+        config = train_config(store, solver, iterations, f'device = "{device}"\n')
+        return train(config, tmp_path / folder, resume=resume, progress=False)
+
+    gpu = run("cuda", "g")
+    run("cuda", "r", iterations=3)
+    resumed = run("cuda", "r", resume=True)
+    cpu = run("cpu", "c")
+
+    def weights(result):
+        return geodnn.load_checkpoint(result.checkpoint).model.state_dict()
+
+    assert _relative_gap(weights(resumed), weights(gpu)) < 1e-5
+    assert _relative_gap(weights(gpu), weights(cpu)) < 1e-3
+    assert [r.iteration for r in resumed.records] == [3, 6]
+    assert abs(gpu.records[-1].val_loss - cpu.records[-1].val_loss) < 1e-3
+    assert all(str(t.device) == "cpu" for t in weights(gpu).values())  # checkpoints load anywhere
