@@ -22,7 +22,6 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
-import pyogrio
 import rasterio
 import shapely
 from affine import Affine
@@ -91,6 +90,8 @@ class _Layer:
             },
             geometry=gpd.GeoSeries(geoms, crs=self.crs),
         )
+        import pyogrio  # here, not at import: predicting without --vectors never needs it
+
         pyogrio.write_dataframe(
             frame,
             self.path,
