@@ -36,6 +36,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="about a minute")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1)")
     p.add_argument("--chunk", type=int, default=512)
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the model runs, on both sides (the README's figures are on the CPU)",
+    )
     return p.parse_args()
 
 
@@ -86,11 +92,15 @@ def throughput_model(quick: bool):
 
 
 def bare_forward_seconds(model, chunks: list[np.ndarray]) -> float:
-    """model.forward_valid over the pipeline's chunks, already in memory."""
+    """model.forward_valid over the pipeline's chunks, already in memory (on a GPU: copied
+    there, as the pipeline's are, and waited for)."""
+    device = model.band_mean.device
     start = time.perf_counter()
     with torch.no_grad():
         for x in chunks:
-            model.forward_valid(torch.from_numpy(x[None]))
+            model.forward_valid(torch.from_numpy(x[None]).to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -105,13 +115,15 @@ def measure_throughput(tmp: Path, quick: bool, chunk: int) -> dict:
         grid = ChunkGrid(src.height, src.width, chunk, model.receptive_radius)
         chunks = [read_chunk(src, c) for c in grid]
     warm = write_synthetic(tmp / "warm.tif", 96)  # imports, Dask start, allocator, kernels
-    predict_scene(ckpt_path, warm, tmp / "warm_classes.tif", chunk=chunk, overwrite=True)
+    predict = {"chunk": chunk, "overwrite": True, "device": args.device}
+    predict_scene(ckpt_path, warm, tmp / "warm_classes.tif", **predict)
+    model.to(args.device)
     bare_forward_seconds(model, chunks[:1])
     bare, pipeline = [], []
     for _ in range(repeats):
         bare.append(bare_forward_seconds(model, chunks))
         start = time.perf_counter()
-        predict_scene(ckpt_path, scene, tmp / "classes.tif", chunk=chunk, overwrite=True)
+        predict_scene(ckpt_path, scene, tmp / "classes.tif", **predict)
         pipeline.append(time.perf_counter() - start)
     mpx = size * size / 1e6
     return {
@@ -133,7 +145,8 @@ import torch
 torch.set_num_threads(int(sys.argv[4]))
 from pipelines.predict import predict_scene
 start = time.perf_counter()
-predict_scene(sys.argv[1], sys.argv[2], sys.argv[3], chunk=int(sys.argv[5]), overwrite=True)
+predict_scene(sys.argv[1], sys.argv[2], sys.argv[3], chunk=int(sys.argv[5]), overwrite=True,
+              device=sys.argv[6])
 import psutil
 print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "end_rss_mb": psutil.Process().memory_info().rss / 2**20,
@@ -151,7 +164,7 @@ def measure_memory(tmp: Path, chunk: int, threads: int) -> dict:
         scene = write_synthetic(tmp / f"scene_{size}.tif", size, seed=size)
         out = subprocess.run(
             [sys.executable, "-c", CHILD, str(ckpt), str(scene), str(tmp / "rss.tif"),
-             str(threads), str(chunk)],
+             str(threads), str(chunk), args.device],
             capture_output=True, text=True, cwd=ROOT, check=True,
         )  # fmt: skip
         child = json.loads(out.stdout.strip().splitlines()[-1])
@@ -168,10 +181,10 @@ def measure_seams() -> dict:
     model.set_normalization(np.nanmean(scene, axis=(1, 2)), np.nanstd(scene, axis=(1, 2)))
     r = model.receptive_radius
     padded = np.pad(scene, ((0, 0), (r, r), (r, r)), mode="reflect")
-    whole = ModelPredictor(model)(padded[None])[0]
+    whole = ModelPredictor(model, args.device)(padded[None])[0]
     valid = ~np.isnan(scene).all(axis=0)
     worst, mismatches = 0.0, 0
-    for p in iter_predictions(Checkpoint(model), path, chunk=128):
+    for p in iter_predictions(Checkpoint(model), path, chunk=128, device=args.device):
         w = p.window
         rs, cs = slice(w.row_off, w.row_off + w.height), slice(w.col_off, w.col_off + w.width)
         ok = valid[rs, cs]
@@ -197,6 +210,7 @@ def main() -> None:
         "mode": "quick" if args.quick else "full",
         "threads": args.threads,
         "chunk": args.chunk,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpu_count": os.cpu_count(),
         **throughput,
         "memory_model": {"depth": 0, "width": 2, "receptive_radius": 1},

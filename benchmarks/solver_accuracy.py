@@ -26,7 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import rasterio
 import torch
@@ -56,6 +55,8 @@ def load_scene(name: str) -> tuple[np.ndarray, np.ndarray]:
         with rasterio.open(folder / "roads.tif") as src:
             labels = (src.read(1) > 0).astype(np.int64)
     else:
+        import geopandas as gpd  # only this scene's labels are vectors
+
         shapes = gpd.read_file(folder / "buildings.geojson").to_crs(crs).geometry
         labels = rasterize(
             ((g, 1) for g in shapes if g is not None),
@@ -105,20 +106,27 @@ def validation_iou(model, region) -> float:
     One forward over the region (not tiles): zero padding at tile edges would touch most pixels
     of a small tile once the receptive radius (61 px at depth 16) nears the tile size."""
     image, labels = region
+    device = model.band_mean.device
     with torch.no_grad():
-        pred = model(torch.from_numpy(np.ascontiguousarray(image[None]))).argmax(1)
-    conf = confusion_matrix(pred, torch.from_numpy(labels[None]), 2)
+        pred = model(torch.from_numpy(np.ascontiguousarray(image[None])).to(device)).argmax(1)
+    conf = confusion_matrix(pred.cpu(), torch.from_numpy(labels[None]), 2)
     tp = conf[1, 1].item()
     union = conf[1, :].sum().item() + conf[:, 1].sum().item() - tp
     return tp / union if union else 0.0
 
 
-def make_model(image, depth: int, width: int, seed: int):
+def make_model(image, depth: int, width: int, seed: int, device: str = "cpu"):
     model = build_model(image.shape[0], 2, depth=depth, width=width, seed=seed)
     mean = np.nanmean(image.reshape(image.shape[0], -1), axis=1)
     std = np.nanstd(image.reshape(image.shape[0], -1), axis=1)
     model.set_normalization(mean, std)
-    return model
+    return model.to(device)
+
+
+def synchronize(model) -> None:
+    """Wait for the GPU's queued work, so that a step's wall time is its whole cost."""
+    if model.band_mean.is_cuda:
+        torch.cuda.synchronize()
 
 
 TAIL = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # budget fractions of the validation snapshots
@@ -178,6 +186,7 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
     while compute < budget:
         start = time.perf_counter()
         stats = solver.step()
+        synchronize(model)
         elapsed = time.perf_counter() - start
         if kind == "admm":  # the monitoring forward is not part of the method's cost
             elapsed = stats["sum_layer_s"]
@@ -213,12 +222,14 @@ def loss_at(curve, iteration=None, seconds=None, window=10):
     return sum(seg) / len(seg)
 
 
-def compare(scene, region_train, region_val, weights, depth, budget, seed, crop=64, admm=None):
+def compare(
+    scene, region_train, region_val, weights, depth, budget, seed, crop=64, admm=None, device="cpu"
+):
     """Both solvers on one scene and depth with the same compute budget."""
     data = RandomCrops(*region_train, crop, 4096, seed)
     out, at_equal = {}, {}
     for kind in ("admm", "adam"):
-        model = make_model(region_train[0], depth, 16, seed)
+        model = make_model(region_train[0], depth, 16, seed, device)
         probe = None
         if kind == "adam":  # Adam's validation IoU after as many iterations as ADMM made
             probe = (
@@ -316,7 +327,15 @@ def main(argv=None) -> int:
         metavar="KEY=VALUE",
         help="override [admm] settings, e.g. --admm request_gain=0.9 step_scale=0.3",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where both solvers compute (the figures in README are on the CPU)",
+    )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no GPU here; use --device cpu")
     admm = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.admm)}
     torch.set_num_threads(1)
     retain_freed_memory()  # as `geodnn train` does
@@ -336,11 +355,15 @@ def main(argv=None) -> int:
         # ~100 steps instead of 150-700 with the softened power 0.5
         weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
         for depth in depths:
-            rows.append(compare(scene, train, val, weights, depth, budget, args.seed, crop, admm))
+            row = compare(
+                scene, train, val, weights, depth, budget, args.seed, crop, admm, args.device
+            )
+            rows.append(row)
     admm_defaults = AdmmSettings.from_dict(admm).to_dict()
     admm_defaults.pop("class_weights")
     summary = {
         "quick": args.quick,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "scenes": scenes,  # the ratios below pool these scenes only
         "budget_s_per_solver": budget,
         "crop": crop,
