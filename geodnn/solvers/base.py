@@ -48,7 +48,9 @@ class LossWatch:
     """Best-loss bookkeeping on a smoothed loss: divergence detection and the stopping rule.
 
     Per-batch losses vary a lot (a batch with few positives has a tiny loss), so the explosion
-    check and the no-improvement rule use an exponential moving average of the loss.
+    check and the no-improvement rule use an exponential moving average of the loss. A loss
+    diverges when it exceeds `factor` x its best AND the untrained network's (the first loss):
+    once the best is tiny (a well-fit run, 0.02), a swing to 20x is still a trained network.
     """
 
     factor: float
@@ -59,6 +61,7 @@ class LossWatch:
     average: float = math.nan
     best: float = math.inf
     best_iteration: int = -1
+    start: float = math.nan  # the first loss seen (the untrained network's)
 
     @classmethod
     def from_settings(cls, settings) -> LossWatch:
@@ -79,10 +82,12 @@ class LossWatch:
             )
         a = self.smoothing
         self.average = loss if math.isnan(self.average) else (1 - a) * self.average + a * loss
-        if iteration >= self.warmup and self.average > self.factor * self.best:
+        self.start = loss if math.isnan(self.start) else self.start
+        if iteration >= self.warmup and exploded(self.average, self.best, self.start, self.factor):
             raise DivergenceError(
                 f"{solver} diverged: smoothed loss {self.average:.4g} at iteration {iteration} is "
-                f"more than {self.factor:g}x its best {self.best:.4g}; lower the step size and "
+                f"more than {self.factor:g}x its best {self.best:.4g} and above its first "
+                f"{self.start:.4g}; lower the step size and "
                 "resume from the last checkpoint"
             )
         if self.average < self.best * (1 - 1e-4):
@@ -98,11 +103,23 @@ class LossWatch:
         return None
 
     def state_dict(self) -> dict:
-        return {"average": self.average, "best": self.best, "best_iteration": self.best_iteration}
+        return {
+            "average": self.average,
+            "best": self.best,
+            "best_iteration": self.best_iteration,
+            "start": self.start,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         self.average, self.best = float(d["average"]), float(d["best"])
         self.best_iteration = int(d["best_iteration"])
+        self.start = float(d.get("start", math.nan))  # states saved before it was kept
+
+
+def exploded(loss: float, best: float, start: float, factor: float) -> bool:
+    """`loss` is over `factor` x `best` and over `start` (an unknown start, NaN, counts as
+    passed): the divergence test of LossWatch and of the training loop's epochs."""
+    return loss > factor * max(best, 1e-6) and not loss <= start
 
 
 def make_solver(name: str, model: ChainNet, data: Batches, settings: dict, seed: int) -> Solver:

@@ -1,0 +1,57 @@
+"""LossWatch: when a loss counts as diverged, and the stopping rule's state across a resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from geodnn.errors import DivergenceError
+from geodnn.solvers.base import LossWatch
+from pipelines.train import check_divergence
+
+
+def _watch() -> LossWatch:
+    return LossWatch(factor=20.0, warmup=2, smoothing=1.0)  # smoothing 1: the raw loss
+
+
+def test_a_swing_of_a_well_fit_run_is_not_a_divergence():
+    """Seen on a GPU: Adam's best smoothed loss reached 0.018 after ~3900 steps, then swung to
+    0.37 (20x), still below the untrained network's 0.7: training went on as it should."""
+    watch = _watch()
+    for i, loss in enumerate([0.7, 0.3, 0.05, 0.018, 0.37, 0.2]):
+        watch.update(loss, i, "Adam")
+    assert watch.best == pytest.approx(0.018)
+    with pytest.raises(DivergenceError, match="above its first 0.7"):
+        watch.update(5.0, 6, "Adam")
+
+
+def test_non_finite_loss_is_a_divergence_at_once():
+    with pytest.raises(DivergenceError, match="the loss is nan at iteration 0"):
+        _watch().update(math.nan, 0, "ADMM")
+
+
+def test_the_first_loss_survives_a_resume():
+    watch = _watch()
+    for i, loss in enumerate([0.7, 0.01]):
+        watch.update(loss, i, "Adam")
+    resumed = _watch()
+    resumed.load_state_dict(watch.state_dict())
+    resumed.update(0.4, 2, "Adam")  # 40x best, below the first: goes on
+    with pytest.raises(DivergenceError, match="above its first 0.7"):
+        resumed.update(0.9, 3, "Adam")
+    old = _watch()  # a state saved before the first loss was kept: the first after the resume
+    old.load_state_dict({k: v for k, v in watch.state_dict().items() if k != "start"})
+    old.update(0.3, 2, "Adam")
+    with pytest.raises(DivergenceError, match="above its first 0.3"):
+        old.update(0.4, 3, "Adam")
+
+
+def test_epoch_check_uses_the_first_epoch_as_the_floor():
+    check_divergence(0.4, 0.01, 20.0, 700, first=0.7)
+    with pytest.raises(DivergenceError, match="diverged at iteration 700"):
+        check_divergence(0.8, 0.01, 20.0, 700, first=0.7)
+    with pytest.raises(DivergenceError):
+        check_divergence(0.4, 0.01, 20.0, 700)  # no first epoch known: factor x best alone
+    with pytest.raises(DivergenceError):
+        check_divergence(math.inf, 0.01, 20.0, 700, first=0.7)
