@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +66,32 @@ class ModelPredictor:
         device = torch.device(self.device)
         if self.model.band_mean.device != device:  # moved where it runs (e.g. a Dask worker)
             self.model.to(device)
-        with torch.no_grad():
+        with torch.no_grad(), full_float32(device):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             logits = self.model.forward_valid(x)
             return torch.softmax(logits, dim=1).cpu().numpy()
+
+
+_GPU_CALLS = threading.Lock()
+
+
+@contextmanager
+def full_float32(device: torch.device) -> Iterator[None]:
+    """On a GPU, convolutions in full float32 rather than cuDNN's default TF32 (10-bit
+    mantissa), which moved probabilities by ~1e-3 between a chunk and the whole scene and
+    flipped 331 of 810k pixels (H200, benchmarks/predict.py); prediction is I/O-bound there, so
+    it costs nothing seen. The flag is process-wide: set and restored under a lock, so the Dask
+    threads' GPU calls take turns (they share the one device anyway)."""
+    if device.type != "cuda":
+        yield
+        return
+    with _GPU_CALLS:
+        kept = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = kept
 
 
 @dataclass

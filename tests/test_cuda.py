@@ -99,3 +99,32 @@ def test_train_on_the_gpu_resumes_and_matches_the_cpu(tmp_path, store, train_con
     assert [r.iteration for r in resumed.records] == [3, 6]
     assert abs(gpu.records[-1].val_loss - cpu.records[-1].val_loss) < 1e-3
     assert all(str(t.device) == "cpu" for t in weights(gpu).values())  # checkpoints load anywhere
+
+
+def test_prediction_on_the_gpu_is_seam_free_and_matches_the_cpu(data_dir):
+    """Chunks on the GPU against one whole-scene forward on the CPU: TF32 convolutions moved
+    probabilities by ~1e-3 and flipped pixels near 0.5; prediction runs in full float32."""
+    import numpy as np
+    import rasterio
+
+    from pipelines.predict import ModelPredictor, iter_predictions
+
+    torch.backends.cudnn.allow_tf32 = True  # the default a user has; predict must not use it
+    path = data_dir / "atlanta-buildings" / "image.tif"
+    with rasterio.open(path) as src:
+        scene = src.read(masked=True).astype(np.float32).filled(np.nan)
+    model = build_model(scene.shape[0], 2, depth=8, width=16, seed=0)
+    model.set_normalization(np.nanmean(scene, axis=(1, 2)), np.nanstd(scene, axis=(1, 2)))
+    r = model.receptive_radius
+    padded = np.pad(scene, ((0, 0), (r, r), (r, r)), mode="reflect")
+    whole = ModelPredictor(model, "cpu")(padded[None])[0]
+    valid = ~np.isnan(scene).all(axis=0)
+    gap, flipped = 0.0, 0
+    for p in iter_predictions(geodnn.Checkpoint(model), path, chunk=128, device="cuda"):
+        w = p.window
+        rows, cols = slice(w.row_off, w.row_off + w.height), slice(w.col_off, w.col_off + w.width)
+        ok = valid[rows, cols]
+        gap = max(gap, float(np.abs(p.probabilities - whole[:, rows, cols])[:, ok].max()))
+        flipped += int((p.classes != whole[:, rows, cols].argmax(0))[ok].sum())
+    assert torch.backends.cudnn.allow_tf32  # the user's setting is given back
+    assert gap < 1e-5 and flipped == 0, (gap, flipped)
