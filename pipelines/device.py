@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from geodnn.parallel.group import gpu_per_rank, local_world_size
 
 from .errors import PipelineError
 
@@ -26,23 +27,18 @@ def resolve_device(device: str, source: str = "--device") -> str:
     return device
 
 
-def local_ranks() -> int:
-    """Ranks of this job on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-
-
 def training_device(device: str, source: str) -> str:
-    """Where this training process computes. Each rank on a machine needs a GPU of its own
-    (rank r takes cuda:LOCAL_RANK), so with fewer GPUs than ranks 'auto' is the CPU (gloo) and
-    'cuda' is an error; a single process takes the GPU whenever 'auto' sees one."""
-    ranks, gpus = local_ranks(), torch.cuda.device_count()
-    if device == "auto" and 0 < gpus < ranks:
+    """Where this training process computes. Each rank on a machine needs a GPU of its own, so
+    with fewer GPUs than ranks 'auto' is the CPU (gloo) and 'cuda' is an error; a single process
+    takes the GPU whenever 'auto' sees one."""
+    resolved = resolve_device(device, source)
+    if resolved == "cpu" or gpu_per_rank():
+        return resolved
+    ranks, gpus = local_world_size(), torch.cuda.device_count()
+    if device == "auto":
         log.warning("%d ranks on this machine, %d GPU(s): the ranks train on the CPU", ranks, gpus)
         return "cpu"
-    resolved = resolve_device(device, source)
-    if resolved == "cuda" and gpus < ranks:
-        raise PipelineError(
-            f"{source} 'cuda': {ranks} ranks on this machine need a GPU each and PyTorch sees "
-            f"{gpus}; run fewer workers per machine, or use 'cpu'"
-        )
-    return resolved
+    raise PipelineError(
+        f"{source} 'cuda': {ranks} ranks on this machine need a GPU each and PyTorch sees "
+        f"{gpus}; run fewer workers per machine, or use 'cpu'"
+    )

@@ -74,10 +74,12 @@ def test_ranks_take_nccl_only_with_a_gpu_each(gpus, monkeypatch):
     from geodnn.parallel.group import default_backend
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
     gpus(1)
-    assert default_backend(world_size=1) == "nccl"
-    assert default_backend(world_size=2) == "gloo"  # two ranks cannot share the one GPU
+    assert default_backend() == "nccl"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert default_backend() == "gloo"  # two ranks cannot share the one GPU
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one rank per machine, on two machines
-    assert default_backend(world_size=2) == "nccl"
+    assert default_backend() == "nccl"
     gpus(0)
-    assert default_backend(world_size=1) == "gloo"
+    assert default_backend() == "gloo"

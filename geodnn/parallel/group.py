@@ -71,11 +71,20 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
-def default_backend(world_size: int) -> str:
-    """nccl when each of this machine's ranks (LOCAL_WORLD_SIZE) has a GPU of its own, else gloo:
-    two ranks cannot share one GPU under NCCL."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return "nccl" if 0 < local_ranks <= torch.cuda.device_count() else "gloo"
+def local_world_size() -> int:
+    """Ranks of this job on this machine: torchrun's LOCAL_WORLD_SIZE (else WORLD_SIZE, else 1)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def gpu_per_rank() -> bool:
+    """Whether each of this machine's ranks can have a GPU of its own (rank r takes
+    cuda:LOCAL_RANK; two ranks cannot share one GPU under NCCL)."""
+    return 0 < local_world_size() <= torch.cuda.device_count()
+
+
+def default_backend() -> str:
+    """nccl with a GPU per rank, else gloo on the CPU."""
+    return "nccl" if gpu_per_rank() else "gloo"
 
 
 def init_ranks(
@@ -93,7 +102,7 @@ def init_ranks(
     if not os.environ.get("MASTER_ADDR"):
         _env_int("MASTER_ADDR")
     if backend is None:
-        backend = default_backend(world_size)
+        backend = default_backend()
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
