@@ -55,7 +55,7 @@ from geodnn.solvers.admm import (
     layer_step,
     make_pool,
 )
-from geodnn.solvers.base import LossWatch
+from geodnn.solvers.base import LossWatch, settings_overrides
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "vegas-roads"
 SEED = 0
@@ -86,7 +86,7 @@ def make_model(depth: int, width: int, data: TensorBatches):
 
 def settings_for(args, data) -> tuple[AdmmSettings, AdamSettings]:
     weights = class_weights(data.labels, 2).tolist()
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.admm)}
+    overrides = settings_overrides(args.admm, "admm")
     admm = AdmmSettings.from_dict(
         {
             "batch_size": args.batch,

@@ -32,11 +32,13 @@ import torch
 from rasterio.features import rasterize
 
 from geodnn.data import class_weights
+from geodnn.errors import GeodnnError
 from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
 from geodnn.solvers.admm import average_step_decay, layer_memory_formula, layer_state_bytes
+from geodnn.solvers.base import settings_overrides
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ADAM_LR = float(__import__("os").environ.get("ADAM_LR", "3e-3"))
@@ -336,7 +338,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: PyTorch sees no GPU here; use --device cpu")
-    admm = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.admm)}
+    try:
+        admm = settings_overrides(args.admm, "admm")
+    except GeodnnError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(1)
     retain_freed_memory()  # as `geodnn train` does
     torch.set_flush_denormal(True)

@@ -55,3 +55,18 @@ def test_epoch_check_uses_the_first_epoch_as_the_floor():
         check_divergence(0.4, 0.01, 20.0, 700)  # no first epoch known: factor x best alone
     with pytest.raises(DivergenceError):
         check_divergence(math.inf, 0.01, 20.0, 700, first=0.7)
+
+
+def test_key_value_overrides_read_json_values_and_name_a_malformed_item():
+    from geodnn.errors import GeodnnError
+    from geodnn.solvers.base import settings_overrides
+
+    items = ["lam=0.02", "keep_retired=true", "dilations=[1, 2]", "schedule=1f1b"]
+    assert settings_overrides(items, "admm") == {
+        "lam": 0.02,
+        "keep_retired": True,
+        "dilations": [1, 2],
+        "schedule": "1f1b",
+    }
+    with pytest.raises(GeodnnError, match=r"\[admm\] override 'lam' is not KEY=VALUE"):
+        settings_overrides(["lam"], "admm")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -41,6 +43,21 @@ def settings_from_dict(cls, values: dict, table: str):
             f"unknown [{table}] setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     return cls(**values)
+
+
+def settings_overrides(items: Iterable[str], table: str) -> dict:
+    """KEY=VALUE strings (the benchmarks' --admm) as a settings dict: each value read as JSON
+    (0.5, true, [1, 2]), else kept as text; an item without '=' is an error naming it."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GeodnnError(f"[{table}] override {item!r} is not KEY=VALUE (e.g. lam=0.02)")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 @dataclass
