@@ -56,6 +56,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from geodnn import Checkpoint, build_model, save_checkpoint  # noqa: E402
+from geodnn.runtime import wait_for_device  # noqa: E402
 from pipelines.predict import ModelPredictor, iter_predictions, predict_scene  # noqa: E402
 from tiles.grid import ChunkGrid, read_chunk  # noqa: E402
 from tiles.raster import read_window  # noqa: E402
@@ -99,8 +100,7 @@ def bare_forward_seconds(model, chunks: list[np.ndarray]) -> float:
     with torch.no_grad():
         for x in chunks:
             model.forward_valid(torch.from_numpy(x[None]).to(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    wait_for_device(device)
     return time.perf_counter() - start
 
 

@@ -35,7 +35,7 @@ from geodnn.data import class_weights
 from geodnn.errors import GeodnnError
 from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
-from geodnn.runtime import retain_freed_memory
+from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
 from geodnn.solvers.admm import average_step_decay, layer_memory_formula, layer_state_bytes
 from geodnn.solvers.base import settings_overrides
@@ -125,12 +125,6 @@ def make_model(image, depth: int, width: int, seed: int, device: str = "cpu"):
     return model.to(device)
 
 
-def synchronize(model) -> None:
-    """Wait for the GPU's queued work, so that a step's wall time is its whole cost."""
-    if model.band_mean.is_cuda:
-        torch.cuda.synchronize()
-
-
 TAIL = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0)  # budget fractions of the validation snapshots
 
 
@@ -188,7 +182,7 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
     while compute < budget:
         start = time.perf_counter()
         stats = solver.step()
-        synchronize(model)
+        wait_for_device(model.band_mean.device)  # a GPU step's queued work is its cost too
         elapsed = time.perf_counter() - start
         if kind == "admm":  # the monitoring forward is not part of the method's cost
             elapsed = stats["sum_layer_s"]

@@ -1,4 +1,4 @@
-"""Process-wide settings for long CPU training loops.
+"""Process-wide settings for long training loops, and waiting for a GPU before a timing.
 
 A layer step allocates and frees tensors of a few MB many times per iteration. glibc's malloc
 serves such blocks with mmap or hands the freed top of its heap back to the kernel, so the next
@@ -15,6 +15,8 @@ import ctypes.util
 import logging
 import os
 import sys
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -64,4 +66,11 @@ def retain_freed_memory() -> bool:
     return applied
 
 
-__all__ = ["OPT_OUT", "retain_freed_memory"]
+def wait_for_device(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a wall-clock timing covers it (the CPU runs
+    each call to its end, so nothing to wait for there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+__all__ = ["OPT_OUT", "retain_freed_memory", "wait_for_device"]

@@ -113,6 +113,7 @@ from torch.nn import functional as F
 from ..data import Batches
 from ..errors import DivergenceError, GeodnnError
 from ..model import ChainNet
+from ..runtime import wait_for_device
 from .base import LossWatch, settings_from_dict
 from .pool import CropPool, auto_refresh
 from .subproblems import (
@@ -611,11 +612,6 @@ def layer_step(
     return StepResult(new_state, up, down, stats)
 
 
-def _synchronize(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
-
-
 class AdmmSolver:
     """Single-process driver: every iteration all layers step from the previous iteration's
     messages (Jacobi), then the messages are delivered. The N-rank runtime must match it."""
@@ -644,7 +640,7 @@ class AdmmSolver:
             above = self.downs[i + 1] if i + 1 < n else None
             start = time.perf_counter()
             results.append(layer_step(state, below, above, self.pool, self.data, t, self.settings))
-            _synchronize(state.weight)  # on a GPU, the layer's queued kernels are its time too
+            wait_for_device(state.weight.device)  # a layer's queued GPU kernels are its time too
             times.append(time.perf_counter() - start)
         self.states = [r.state for r in results]
         self.ups = [r.up for r in results]
