@@ -512,7 +512,7 @@ def _averaged(state: LayerState, weight, bias, decay: float):
     `average_step_decay`), or (None, None, 0) with averaging off."""
     if decay <= 0:
         return None, None, 0
-    n = state.averaged if state.average_weight is not None else 0
+    n = state.averaged  # 0 until the first average (and in states saved without one)
     if n == 0:
         return weight, bias, 1
     d = average_step_decay(decay, n)
