@@ -83,6 +83,20 @@ class ChainConfig:
         return d
 
 
+def activation_format(device: torch.device | str) -> torch.memory_format:
+    """Memory layout of 4-D activations: channels_last (NHWC) on the CPU, where oneDNN runs these
+    convolutions 1.6-4x faster than on NCHW (16 x 16 x 64 x 64 measured); NCHW elsewhere."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def as_activation(x: torch.Tensor) -> torch.Tensor:
+    """`x` in its device's activation layout (`x` itself when it already is, or not 4-D).
+
+    Needed after a conv whose input is ambiguous (one band: NCHW and NHWC strides coincide),
+    whose output would otherwise fall back to NCHW for the rest of the chain."""
+    return x.contiguous(memory_format=activation_format(x.device)) if x.dim() == 4 else x
+
+
 class ConvLayer(nn.Module):
     """One link of the chain: a conv, then ReLU unless it is the head."""
 
@@ -96,9 +110,10 @@ class ConvLayer(nn.Module):
     def preactivation(self, x: torch.Tensor, same: bool = True) -> torch.Tensor:
         """W * x + b; `same` zero-pads to keep the size, otherwise a valid (shrinking) conv."""
         padding = self.spec.radius if same else 0
-        return F.conv2d(
+        z = F.conv2d(
             x, self.conv.weight, self.conv.bias, padding=padding, dilation=self.spec.dilation
         )
+        return as_activation(z)
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
         return torch.relu(z) if self.spec.activation else z

@@ -69,7 +69,8 @@ class ModelPredictor:
         with torch.no_grad(), full_float32(device):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             logits = self.model.forward_valid(x)
-            return torch.softmax(logits, dim=1).cpu().numpy()
+            # C-order for the stitcher (on the CPU the logits are channels_last)
+            return torch.softmax(logits, dim=1).contiguous().cpu().numpy()
 
 
 _GPU_CALLS = threading.Lock()

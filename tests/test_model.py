@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.nn import functional as F
 
 import geodnn
 from geodnn.model import ChainConfig
@@ -66,3 +67,26 @@ def test_bad_options_raise_clear_error(options):
     kwargs = {"bands": 1, "classes": 2, **options}
     with pytest.raises(ValueError, match="invalid model option"):
         geodnn.build_model(**kwargs)
+
+
+def test_cpu_activations_are_channels_last_and_equal_the_nchw_chain():
+    """On the CPU every 4-D activation is channels_last (oneDNN's fast layout), even after a
+    one-band input whose layout is ambiguous; the logits equal a plain NCHW evaluation."""
+    torch.manual_seed(0)
+    model = geodnn.build_model(bands=1, classes=2, depth=3, width=8)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    x = torch.randn(2, 1, 24, 24)
+    logits = model(x)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
+    assert not seen[0].is_contiguous()  # really NHWC, not an ambiguous shape
+    ref = model.normalize(x)
+    for layer in model.layers:
+        conv = layer.conv
+        pad = layer.spec.radius
+        ref = F.conv2d(
+            ref.contiguous(), conv.weight, conv.bias, padding=pad, dilation=conv.dilation
+        )
+        ref = layer.activate(ref)
+    assert torch.allclose(logits, ref, atol=1e-5)

@@ -156,3 +156,34 @@ def test_last_rank_sends_down_before_the_head_steps():
     block.iterate()
     assert events == ["post", "step 4", "send down down 4", "step 5", "step 6", "finish"]
     assert block.inbox.below[4] == "from below" and block.inbox.above[6] is None
+
+
+def _layout_rank() -> list[tuple[bool, bool]]:
+    """Rank 0 sends an NCHW and then a channels_last tensor up; rank 1 reports what came."""
+    ctx = init_ranks(timeout_s=20)
+    try:
+        exchange = BoundaryExchange(ctx)
+        seen = []
+        for channels_last in (False, True):
+            sent = torch.arange(2 * 3 * 5 * 4, dtype=torch.float32).reshape(2, 3, 5, 4)
+            if channels_last:
+                sent = sent.contiguous(memory_format=torch.channels_last)
+            exchange.post_receives()
+            exchange.send_up(BoundaryMessage(0, 0, sent))
+            exchange.send_down(None)  # every boundary carries a header each iteration
+            below, _ = exchange.finish()
+            if below is not None:
+                got = below.tensor
+                seen.append(
+                    (torch.equal(got, sent), got.is_contiguous(memory_format=torch.channels_last))
+                )
+        return seen
+    finally:
+        shutdown()
+
+
+def test_messages_arrive_equal_and_in_the_cpu_activation_layout():
+    """4-D messages travel in NHWC order: whatever layout was sent, the receiver gets the same
+    values as a channels_last tensor (the CPU's activation layout, no copy on either side)."""
+    results = spawn(_layout_rank, 2, timeout_s=60)
+    assert results[1] == [(True, True), (True, True)]

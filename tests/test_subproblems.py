@@ -42,6 +42,20 @@ def _patches(p, k, dilation, padding):
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
+@pytest.mark.parametrize("dilation, stride", [(1, 1), (2, 3), (4, 2), (3, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patch_gram_equals_the_gram_of_unfolded_patches(dilation, stride, channels_last):
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64)
+    cols = F.unfold(p, 3, dilation=dilation, padding=dilation, stride=stride)
+    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+    if channels_last:
+        p = p.contiguous(memory_format=torch.channels_last)
+    gram = patch_gram(p, 3, dilation, dilation, stride)
+    assert torch.allclose(gram, x.T @ x / x.shape[0], atol=1e-12)
+
+
 def test_ridge_w_step_equals_lstsq_on_unfolded_patches():
     g = torch.Generator().manual_seed(1)
     p = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
@@ -130,3 +144,17 @@ def test_weighted_cross_entropy_of_an_all_ignored_batch_is_zero():
     logits = torch.randn(1, 2, 3, 3)
     labels = torch.full((1, 3, 3), IGNORE_INDEX)
     assert float(weighted_cross_entropy(logits, labels, torch.tensor([1.0, 2.0]))) == 0.0
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_head_prox_returns_the_layout_of_its_input(classes):
+    """The prox output meets z0 in element-wise passes: it keeps z0's layout (NCHW or
+    channels_last) and its values do not depend on it."""
+    g = torch.Generator().manual_seed(4)
+    z0 = torch.randn(2, classes, 6, 7, generator=g)
+    labels = torch.randint(0, classes, (2, 6, 7), generator=g)
+    plain = head_prox(z0, labels, None, nu=1.0)
+    last = head_prox(z0.contiguous(memory_format=torch.channels_last), labels, None, nu=1.0)
+    assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
+    assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+    assert torch.allclose(plain, last, atol=1e-6)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..model import as_activation
 from .compress import CompressionSettings, ErrorFeedbackEncoder, decode
 from .group import RankContext, RankFailureError, post_or_fail, wait_or_fail
 
@@ -75,6 +76,20 @@ class _Incoming:
     work: Any
     payload: torch.Tensor | None = None  # pre-posted, the channel's previous payload size
     payload_work: Any = None
+
+
+def _wire_order(tensor: torch.Tensor) -> torch.Tensor:
+    """Plain 4-D messages travel in NHWC order: the CPU's channels_last activations then go
+    out and come in without a layout copy on either side."""
+    return tensor.permute(0, 2, 3, 1) if tensor.dim() == 4 else tensor
+
+
+def _from_wire(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The (N, C, H, W) tensor of `shape` from its NHWC wire order (a channels_last view)."""
+    if len(shape) != 4:
+        return flat.reshape(shape)
+    n, c, h, w = shape
+    return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -156,7 +171,7 @@ class BoundaryExchange:
         if tensor.dim() > MAX_DIMS:
             raise ValueError(f"boundary tensors have at most {MAX_DIMS} dims, got {tensor.dim()}")
         if self.compression is None:
-            payload = tensor.to(self.ctx.device, torch.float32).contiguous()
+            payload = _wire_order(tensor).to(self.ctx.device, torch.float32).contiguous()
         else:
             enc = self._encoder(direction).encode(tensor, message.slot, message.generation)
             payload = enc.to(self.ctx.device).contiguous()
@@ -211,10 +226,10 @@ class BoundaryExchange:
             return None
         shape = torch.Size(int(v) for v in header[6 : 6 + ndim])
         if self.compression is None:
-            tensor = payload.view(torch.float32).reshape(shape)
+            tensor = _from_wire(payload.view(torch.float32), shape)
         else:
             tensor = decode(payload.cpu(), shape, self.compression).to(self.ctx.device)
-        return self.make_message(slot, generation, tensor)
+        return self.make_message(slot, generation, as_activation(tensor))
 
     def state_dict(self) -> dict:
         """Error-feedback residuals (the only state that must survive a restart)."""

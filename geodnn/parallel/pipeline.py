@@ -19,7 +19,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from ..data import Batches
 from ..errors import GeodnnError
-from ..model import ChainNet
+from ..model import ChainNet, as_activation
 from ..solvers.adam import AdamSettings
 from ..solvers.admm import make_pool
 from ..solvers.base import LossWatch
@@ -45,9 +45,10 @@ class StageModule(nn.Module):
         if self.first:
             x = (x - self.band_mean.view(1, -1, 1, 1)) / self.band_std.view(1, -1, 1, 1)
             x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        x = as_activation(x)
         for layer in self.layers:
             x = layer(x, same=True)
-        return x
+        return x.contiguous()  # point-to-point sends take NCHW-contiguous tensors only
 
 
 class PipelineSolver:

@@ -112,7 +112,7 @@ from torch.nn import functional as F
 
 from ..data import Batches
 from ..errors import DivergenceError, GeodnnError
-from ..model import ChainNet
+from ..model import ChainNet, as_activation
 from ..runtime import wait_for_device
 from .base import LossWatch, settings_from_dict
 from .pool import CropPool, auto_refresh
@@ -390,14 +390,14 @@ def _rms(t: torch.Tensor) -> float:
 
 
 def _conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: LayerState):
-    return F.conv2d(p, weight, bias, padding=s.padding, dilation=s.dilation)
+    return as_activation(F.conv2d(p, weight, bias, padding=s.padding, dilation=s.dilation))
 
 
 def _stem_input(state: LayerState, pool: CropPool, data: Batches, slot: int, gen: int):
     x, _ = data.get(pool.indices(slot, gen))
     x = x.to(state.weight.device, torch.float32)
     x = (x - state.band_mean.view(1, -1, 1, 1)) / state.band_std.view(1, -1, 1, 1)
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return as_activation(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0))
 
 
 def _hidden_target(state, z0, request, dual, settings: AdmmSettings):

@@ -50,7 +50,7 @@ def head_prox(
         z = _binary_prox(zk, yk, wk, nu, newton_steps)
         out = z0f.clone()
         out[keep] = z
-        return out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return _like(out.reshape(b, h, w, c).permute(0, 3, 1, 2), z0)
     onehot = F.one_hot(yk, c).to(zk.dtype)
     z = zk.clone()
     eye = torch.eye(c, dtype=zk.dtype, device=zk.device)
@@ -62,7 +62,14 @@ def head_prox(
         z = z - torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
     out = z0f.clone()
     out[keep] = z
-    return out.reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
+    return _like(out.reshape(b, h, w, c).permute(0, 3, 1, 2), z0)
+
+
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`x` in `ref`'s memory layout (NCHW or channels_last), so later element-wise passes
+    over both stay on the fast same-layout path."""
+    last = ref.dim() == 4 and ref.is_contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last if last else torch.contiguous_format)
 
 
 def _binary_prox(z0, y, w, nu: float, steps: int) -> torch.Tensor:
@@ -105,15 +112,32 @@ def relu_z_step(z0: torch.Tensor, q: torch.Tensor, fit: float) -> torch.Tensor:
 def patch_gram(
     p: torch.Tensor, kernel_size: int, dilation: int, padding: int, stride: int
 ) -> torch.Tensor:
-    """Mean outer product of unfolded patches with a trailing 1 (bias): (D, D), D = C k^2 + 1.
+    """Mean outer product of unfolded patches with a trailing 1 (bias): (D, D), D = C k^2 + 1,
+    indexed as the flattened conv weight (channel-major, then kernel row and column).
 
     `stride` subsamples output pixels (every stride-th row and column) to make the Gram cheap; it
-    is a running curvature estimate, so a subsample is enough.
+    is a running curvature estimate, so a subsample is enough. The patch rows are gathered
+    tap by tap from strided NHWC views straight into one matrix (tap-major): no unfold, which is
+    slow on channels_last input, and no separate reshape and bias-column copies.
     """
-    cols = F.unfold(p, kernel_size, dilation=dilation, padding=padding, stride=stride)
-    x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-    return x.T @ x / x.shape[0]
+    b, c, h, w = p.shape
+    k, d = kernel_size, dilation
+    x = F.pad(p, (padding,) * 4).permute(0, 2, 3, 1)
+    ho = (h + 2 * padding - d * (k - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - d * (k - 1) - 1) // stride + 1
+    cols = torch.empty(b, ho, wo, k * k * c + 1, dtype=p.dtype, device=p.device)
+    for tap in range(k * k):
+        i, j = divmod(tap, k)
+        rows = slice(i * d, i * d + (ho - 1) * stride + 1, stride)
+        columns = slice(j * d, j * d + (wo - 1) * stride + 1, stride)
+        cols[..., tap * c : (tap + 1) * c] = x[:, rows, columns]
+    cols[..., -1] = 1.0
+    cols = cols.reshape(-1, cols.shape[-1])
+    gram = cols.T @ cols / cols.shape[0]
+    # tap-major (tap * C + channel) -> the weight's channel-major order (channel * k^2 + tap)
+    order = torch.arange(k * k * c + 1, device=p.device)
+    order[:-1] = order[:-1].reshape(k * k, c).T.reshape(-1)
+    return gram[order][:, order]
 
 
 def patch_cross(
