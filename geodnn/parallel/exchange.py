@@ -185,7 +185,7 @@ class BoundaryExchange:
         filler = expected > 0 and nbytes != expected
         if message is not None:
             shape = message.tensor.shape
-            header[:6] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape), 0])
+            header[:5] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape)])
             header[6 : 6 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
         header[5] = int(filler)
         what = f"the {'up' if direction == UP else 'down'} boundary message"
