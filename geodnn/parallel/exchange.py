@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..model import as_activation
+from ..model import activation_format, as_activation
 from .compress import CompressionSettings, ErrorFeedbackEncoder, decode
 from .group import RankContext, RankFailureError, post_or_fail, wait_or_fail
 
@@ -78,15 +78,22 @@ class _Incoming:
     payload_work: Any = None
 
 
-def _wire_order(tensor: torch.Tensor) -> torch.Tensor:
-    """Plain 4-D messages travel in NHWC order: the CPU's channels_last activations then go
-    out and come in without a layout copy on either side."""
-    return tensor.permute(0, 2, 3, 1) if tensor.dim() == 4 else tensor
+def _nhwc_wire(device: torch.device, ndim: int) -> bool:
+    """Whether a message travels in NHWC order: 4-D ones where the ranks' activations are
+    channels_last (the CPU), so they go out and come in without a layout copy on either side;
+    on GPUs activations are NCHW and travel as they are. All ranks of a job share one backend,
+    hence one device type, so both sides agree."""
+    return ndim == 4 and activation_format(device) == torch.channels_last
 
 
-def _from_wire(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The (N, C, H, W) tensor of `shape` from its NHWC wire order (a channels_last view)."""
-    if len(shape) != 4:
+def _wire_order(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` as a view in its wire order (see `_nhwc_wire`)."""
+    return tensor.permute(0, 2, 3, 1) if _nhwc_wire(device, tensor.dim()) else tensor
+
+
+def _from_wire(flat: torch.Tensor, shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The tensor of `shape` from its wire order (a channels_last view when that was NHWC)."""
+    if not _nhwc_wire(device, len(shape)):
         return flat.reshape(shape)
     n, c, h, w = shape
     return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
@@ -171,7 +178,8 @@ class BoundaryExchange:
         if tensor.dim() > MAX_DIMS:
             raise ValueError(f"boundary tensors have at most {MAX_DIMS} dims, got {tensor.dim()}")
         if self.compression is None:
-            payload = _wire_order(tensor).to(self.ctx.device, torch.float32).contiguous()
+            payload = _wire_order(tensor, self.ctx.device).to(self.ctx.device, torch.float32)
+            payload = payload.contiguous()
         else:
             enc = self._encoder(direction).encode(tensor, message.slot, message.generation)
             payload = enc.to(self.ctx.device).contiguous()
@@ -226,7 +234,7 @@ class BoundaryExchange:
             return None
         shape = torch.Size(int(v) for v in header[6 : 6 + ndim])
         if self.compression is None:
-            tensor = _from_wire(payload.view(torch.float32), shape)
+            tensor = _from_wire(payload.view(torch.float32), shape, self.ctx.device)
         else:
             tensor = decode(payload.cpu(), shape, self.compression).to(self.ctx.device)
         return self.make_message(slot, generation, as_activation(tensor))
