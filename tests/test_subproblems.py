@@ -8,8 +8,10 @@ from torch.nn import functional as F
 
 from geodnn.metrics import IGNORE_INDEX
 from geodnn.solvers.subproblems import (
+    _cpu_loop,
     cg_p_step,
     head_prox,
+    hidden_target_change,
     patch_cross,
     patch_gram,
     relu_z_step,
@@ -27,6 +29,39 @@ def test_relu_z_step_matches_grid_search():
     cost = (grid[None] - z0[:, None]) ** 2 + fit * (q[:, None] - torch.relu(grid[None])) ** 2
     best = grid[cost.argmin(dim=1)]
     assert torch.allclose(relu_z_step(z0, q, fit), best, atol=2e-4)
+
+
+def _target_change_by_passes(z0, request, pull, fit):
+    return relu_z_step(z0, torch.relu(z0) + pull * request, fit) - z0
+
+
+def test_the_fused_cpu_loop_is_available():
+    assert _cpu_loop() is not None  # numba is a dependency: the solver's CPU path uses it
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_hidden_target_change_matches_the_torch_passes(layout):
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(3, 5, 7, 9, generator=g).contiguous(memory_format=layout)
+    request = (2 * torch.randn(3, 5, 7, 9, generator=g)).contiguous(memory_format=layout)
+    change = hidden_target_change(z0, request, 0.8, 9.0)
+    expected = _target_change_by_passes(z0, request, 0.8, 9.0)
+    assert change.dz.stride() == z0.stride()
+    assert torch.allclose(change.dz, expected, atol=1e-6)
+    assert change.dz_rms == pytest.approx(float(expected.pow(2).mean().sqrt()), rel=1e-5)
+    assert change.request_rms == pytest.approx(float(request.pow(2).mean().sqrt()), rel=1e-5)
+    switched_on = (z0 < 0) & (change.dz > 0)
+    assert switched_on.any()  # the case the z-step exists for is covered
+
+
+def test_hidden_target_change_with_mixed_layouts_and_nan():
+    g = torch.Generator().manual_seed(4)
+    z0 = torch.randn(2, 4, 6, 6, generator=g)
+    request = torch.randn(2, 4, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    change = hidden_target_change(z0, request, 0.5, 4.0)  # no shared layout: the torch passes
+    assert torch.allclose(change.dz, _target_change_by_passes(z0, request, 0.5, 4.0), atol=1e-6)
+    z0[0, 0, 0, 0] = float("nan")  # a diverged input stays visible to the divergence check
+    assert not torch.isfinite(hidden_target_change(z0, z0.clone(), 0.5, 4.0).dz).all()
 
 
 def test_relu_z_step_switches_an_off_unit_on_only_when_worth_it():

@@ -9,7 +9,11 @@ convolution and whose adjoint is a transposed convolution.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
+from functools import cache
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
@@ -107,6 +111,74 @@ def relu_z_step(z0: torch.Tensor, q: torch.Tensor, fit: float) -> torch.Tensor:
     # several times slower than these arithmetic passes on CPU
     take_pos = torch.add(s, off, alpha=math.sqrt(1.0 + fit)).sign_().clamp_(min=0.0)
     return torch.addcmul(off, take_pos, s.div_(1.0 + fit).sub_(off))
+
+
+@dataclass
+class TargetChange:
+    """A hidden layer's target change dz = z* - z0 and the root mean squares its step needs."""
+
+    dz: torch.Tensor
+    dz_rms: float
+    request_rms: float
+
+
+def hidden_target_change(
+    z0: torch.Tensor, request: torch.Tensor, pull: float, fit: float
+) -> TargetChange:
+    """dz = z* - z0 for a ReLU layer without a dual: q = relu(z0) + pull * request (the q-step),
+    then z* = `relu_z_step`(z0, q, fit).
+
+    On the CPU this is one compiled loop (geodnn.solvers.kernels) instead of ~10 full-size torch
+    passes: it reads z0 and the request once and writes dz once, which matters most when ranks
+    share a memory bus. Elsewhere, or for tensors of different layouts, the torch passes.
+    """
+    loop = _cpu_loop() if _shared_dense_layout(z0, request) else None
+    if loop is None:
+        q = torch.relu(z0).add_(request, alpha=pull)
+        dz = relu_z_step(z0, q, fit).sub_(z0)
+        return TargetChange(dz, rms(dz), rms(request))
+    dz = torch.empty_like(z0)  # z0's strides: the flat views below index the same elements
+    dz_sq, request_sq = loop(
+        _flat(z0), _flat(request), _flat(dz), np.float32(pull), np.float32(fit)
+    )
+    n = max(z0.numel(), 1)
+    return TargetChange(dz, math.sqrt(dz_sq / n), math.sqrt(request_sq / n))
+
+
+@cache
+def _cpu_loop():
+    """The compiled loop, or None without numba (or with GEODNN_FUSED=0, for comparisons)."""
+    if os.environ.get("GEODNN_FUSED", "1") == "0":
+        return None
+    try:
+        from .kernels import hidden_change_loop
+    except ImportError:
+        return None
+    return hidden_change_loop
+
+
+def _shared_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both CPU float32, same shape and strides, and dense (NCHW or channels_last)."""
+    dense = a.is_contiguous() or (
+        a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
+    )
+    return (
+        a.device.type == "cpu"
+        and a.dtype == b.dtype == torch.float32
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and dense
+    )
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A dense tensor's elements as a 1-D array view, in memory order."""
+    return torch.as_strided(t, (t.numel(),), (1,)).numpy()
+
+
+def rms(t: torch.Tensor) -> float:
+    """Root mean square in one pass (no squared temporary)."""
+    return float(torch.linalg.vector_norm(t)) / math.sqrt(max(t.numel(), 1))
 
 
 def patch_gram(
