@@ -77,8 +77,9 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
             )
             if run["start"] is not None:
                 solver.load_state_dict(run["start"])
-            losses = [solver.step().get("loss") for _ in range(ITERATIONS - solver.iteration)]
-            losses.append((solver.settle() or {}).get("loss"))
+            stats = [solver.step() for _ in range(ITERATIONS - solver.iteration)]
+            stats.append(solver.settle() or {})
+            losses = [s.get("loss") for s in stats]
             gathered = solver.gather_model()
             out.append(
                 {
@@ -86,6 +87,7 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
                     "owned": list(solver.states),
                     "losses": losses,
                     "bytes": solver.exchange.stats.bytes_sent,
+                    "step_bytes": [s.get("bytes_sent") for s in stats],
                 }
             )
         return out
@@ -146,6 +148,16 @@ def test_lagged_stats_are_the_blocking_ones_one_step_late(two_ranks, expected):
     assert lagged["losses"][0] is None and blocking["losses"][-1] is None
     assert lagged["losses"][1:] == blocking["losses"][:-1]
     assert sum(loss is not None for loss in blocking["losses"]) >= 3
+
+
+def test_bytes_sent_stat_is_per_iteration(two_ranks):
+    for rank in two_ranks:
+        lagged, blocking = rank[0], rank[3]
+        # blocking: one figure per iteration; lagged: the first step's own, then one step late
+        assert sum(blocking["step_bytes"][:-1]) == blocking["bytes"] > 0
+        assert sum(lagged["step_bytes"][1:]) == lagged["bytes"]
+        assert lagged["step_bytes"][1:] == blocking["step_bytes"][:-1]
+        assert 0 < max(blocking["step_bytes"][:-1]) < blocking["bytes"]
 
 
 def test_two_ranks_gather_the_same_averaged_network(two_ranks, data, expected):

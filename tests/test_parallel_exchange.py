@@ -11,6 +11,7 @@ from geodnn.parallel.exchange import (
     HEADER_LEN,
     BoundaryExchange,
     BoundaryMessage,
+    ExchangeStats,
     _from_wire,
     _wire_order,
 )
@@ -136,6 +137,7 @@ class _RecordingExchange:
 
     def __init__(self, events: list) -> None:
         self.events = events
+        self.stats = ExchangeStats(bytes_sent=1000)  # earlier iterations' traffic
 
     def post_receives(self) -> None:
         self.events.append("post")
@@ -145,6 +147,7 @@ class _RecordingExchange:
 
     def send_down(self, message) -> None:
         self.events.append(f"send down {message}")
+        self.stats.bytes_sent += 64
 
     def finish(self):
         self.events.append("finish")
@@ -159,8 +162,9 @@ def test_last_rank_sends_down_before_the_head_steps():
         return f"up {layer}", f"down {layer}"
 
     block = JacobiBlock(4, 7, step, _RecordingExchange(events))
-    block.iterate()
+    times = block.iterate()
     assert events == ["post", "step 4", "send down down 4", "step 5", "step 6", "finish"]
+    assert times.bytes_sent == 64  # this iteration's bytes only
     assert block.inbox.below[4] == "from below" and block.inbox.above[6] is None
 
 

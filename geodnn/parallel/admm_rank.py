@@ -275,7 +275,7 @@ class RankAdmmSolver:
             "compute_s": times.compute_s,
             "wait_s": times.wait_s,
             "max_layer_s": max(times.per_layer_s.values()),
-            "bytes_sent": float(self.exchange.stats.bytes_sent),
+            "bytes_sent": float(times.bytes_sent),  # this iteration's
         }
 
     def _stats(self, times, layer_stats, shared: torch.Tensor) -> dict[str, float]:

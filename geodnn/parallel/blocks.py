@@ -34,11 +34,13 @@ class Inbox:
 
 @dataclass
 class BlockTimes:
-    """Seconds spent this iteration: boundary layers, interior layers, waiting on the network."""
+    """Seconds spent this iteration (boundary layers, interior layers, waiting on the network)
+    and the bytes this rank sent in it."""
 
     boundary_s: float = 0.0
     interior_s: float = 0.0
     wait_s: float = 0.0
+    bytes_sent: int = 0
     per_layer_s: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -70,6 +72,7 @@ class JacobiBlock:
     def iterate(self) -> BlockTimes:
         """One Jacobi iteration of every owned layer; fills the inbox for the next one."""
         times, exchange = BlockTimes(), self.exchange
+        sent_before = exchange.stats.bytes_sent if exchange is not None else 0
         if exchange is not None:
             exchange.post_receives()
         remote = (exchange.has_below, exchange.has_above) if exchange else (False, False)
@@ -92,6 +95,8 @@ class JacobiBlock:
         if exchange is not None:
             from_below, from_above = exchange.finish()
         times.wait_s = time.perf_counter() - tic
+        if exchange is not None:
+            times.bytes_sent = exchange.stats.bytes_sent - sent_before
         self._deliver(out, from_below, from_above)
         return times
 
