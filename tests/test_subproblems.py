@@ -77,17 +77,21 @@ def _patches(p, k, dilation, padding):
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
 
 
-@pytest.mark.parametrize("dilation, stride", [(1, 1), (2, 3), (4, 2), (3, 5)])
+@pytest.mark.parametrize("dilation, stride", [(1, 1), (2, 3), (4, 2), (3, 5), (5, 6)])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_patch_gram_equals_the_gram_of_unfolded_patches(dilation, stride, channels_last):
+@pytest.mark.parametrize("extra_padding", [0, -1, 2])  # "same" padding, less, more
+def test_patch_gram_equals_the_gram_of_unfolded_patches(
+    dilation, stride, channels_last, extra_padding
+):
     g = torch.Generator().manual_seed(3)
     p = torch.randn(2, 3, 11, 13, generator=g, dtype=torch.float64)
-    cols = F.unfold(p, 3, dilation=dilation, padding=dilation, stride=stride)
+    padding = dilation + extra_padding
+    cols = F.unfold(p, 3, dilation=dilation, padding=padding, stride=stride)
     x = cols.transpose(1, 2).reshape(-1, cols.shape[1])
     x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
     if channels_last:
         p = p.contiguous(memory_format=torch.channels_last)
-    gram = patch_gram(p, 3, dilation, dilation, stride)
+    gram = patch_gram(p, 3, dilation, padding, stride)
     assert torch.allclose(gram, x.T @ x / x.shape[0], atol=1e-12)
 
 
