@@ -404,8 +404,8 @@ def _hidden_change(z0, request, dual, settings: AdmmSettings):
     """ReLU layer: (dz = z* - z0, the new dual, rms of dz, rms of the request); the q-step
     towards the request, then the closed-form z-step (one fused pass without the dual)."""
     if not settings.dual:
-        change = hidden_target_change(z0, request, settings.rho / (settings.nu + settings.rho),
-                                      settings.relu_fit)  # fmt: skip
+        pull = settings.rho / (settings.nu + settings.rho)
+        change = hidden_target_change(z0, request, pull, settings.relu_fit)
         return change.dz, None, change.dz_rms, change.request_rms
     nu, rho = settings.nu, settings.rho
     # q = (nu act + u + rho (act + request)) / (nu + rho) = act + (u + rho request) / (nu + rho)
