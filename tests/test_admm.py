@@ -23,8 +23,14 @@ from geodnn.solvers import (
     make_solver,
 )
 from geodnn.solvers.adam import AdamSettings
-from geodnn.solvers.admm import LayerState, layer_memory_formula, layer_state_bytes, make_pool
-from geodnn.solvers.subproblems import weighted_cross_entropy
+from geodnn.solvers.admm import (
+    LayerState,
+    _hidden_change,
+    layer_memory_formula,
+    layer_state_bytes,
+    make_pool,
+)
+from geodnn.solvers.subproblems import relu_z_step, weighted_cross_entropy
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +352,20 @@ def test_without_averaging_the_model_holds_the_raw_iterate(vegas):
     for state, layer in zip(solver.states, solver.model.layers):
         assert state.average_weight is None and state.averaged == 0
         assert torch.equal(layer.conv.weight, state.weight)
+
+
+@pytest.mark.parametrize("first_visit", [True, False])
+def test_hidden_change_with_the_dual_is_the_written_out_q_and_dual_steps(first_visit):
+    g = torch.Generator().manual_seed(5)
+    z0, request, u = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    settings = AdmmSettings(dual=True, nu=1.5, rho=3.0, relu_fit=9.0)
+    dual = None if first_visit else u
+    dz, new_dual, dz_rms, request_rms = _hidden_change(z0, request, dual, settings)
+    u = torch.zeros_like(z0) if first_visit else u
+    # q = (nu act + u + rho want) / (nu + rho) with want = act + request; u += rho (want - q)
+    act = torch.relu(z0)
+    q = (1.5 * act + u + 3.0 * (act + request)) / 4.5
+    assert torch.allclose(dz, relu_z_step(z0, q, 9.0) - z0, atol=1e-5)
+    assert torch.allclose(new_dual, u + 3.0 * (act + request - q), atol=1e-5)
+    assert dz_rms == pytest.approx(float(dz.pow(2).mean().sqrt()), rel=1e-5)
+    assert request_rms == pytest.approx(float(request.pow(2).mean().sqrt()), rel=1e-5)

@@ -75,7 +75,7 @@ The local subproblems of one backward half (geodnn.solvers.subproblems), on slot
    index, argmin CE(z; y) + head_nu/2 ||z - z0||^2 (Newton). Hidden: want = relu(z0) + dq;
    q = (nu relu(z0) + u + rho want) / (nu + rho); then the closed-form ReLU z-step
    argmin (z - z0)^2 + relu_fit (q - relu(z))^2 (it can switch an off unit on).
-   Without the dual, the q-step, the z-step and dz = z* - z0 run on the CPU as one compiled loop
+   The q-step, the z-step and dz = z* - z0 run on the CPU as one compiled loop
    (geodnn.solvers.kernels, numba) that also sums the squares the step needs: ~10 memory-bound
    torch passes become one; measured at depth 16, batch 8: 0.122 -> 0.109 s per iteration.
 3. W-step: ridge least squares dW = argmin mean||dW [x;1] - (z* - z0)||^2 + lam ||dW||^2 over the
@@ -125,7 +125,6 @@ from .subproblems import (
     hidden_target_change,
     patch_cross,
     patch_gram,
-    relu_z_step,
     ridge_w_step,
     rms,
     weighted_cross_entropy,
@@ -402,19 +401,21 @@ def _stem_input(state: LayerState, pool: CropPool, data: Batches, slot: int, gen
 
 def _hidden_change(z0, request, dual, settings: AdmmSettings):
     """ReLU layer: (dz = z* - z0, the new dual, rms of dz, rms of the request); the q-step
-    towards the request, then the closed-form z-step (one fused pass without the dual)."""
-    if not settings.dual:
-        pull = settings.rho / (settings.nu + settings.rho)
-        change = hidden_target_change(z0, request, pull, settings.relu_fit)
-        return change.dz, None, change.dz_rms, change.request_rms
-    nu, rho = settings.nu, settings.rho
+    towards the request, then the closed-form z-step (`hidden_target_change`, one fused pass on
+    the CPU)."""
+    nu, rho, fit = settings.nu, settings.rho, settings.relu_fit
     # q = (nu act + u + rho (act + request)) / (nu + rho) = act + (u + rho request) / (nu + rho)
-    pull = request if dual is None else dual + rho * request
-    q = torch.relu(z0).add_(pull, alpha=(rho if dual is None else 1.0) / (nu + rho))
-    dz = relu_z_step(z0, q, settings.relu_fit).sub_(z0)
+    if dual is None:
+        change = hidden_target_change(z0, request, rho / (nu + rho), fit)
+        request_rms = change.request_rms
+    else:
+        change = hidden_target_change(z0, dual + rho * request, 1.0 / (nu + rho), fit)
+        request_rms = rms(request)
+    if not settings.dual:
+        return change.dz, None, change.dz_rms, request_rms
     # u + rho (want - q) with want - q = (nu request - u) / (nu + rho)
     u = dual if dual is not None else torch.zeros_like(z0)
-    return dz, u + rho * (nu * request - u) / (nu + rho), rms(dz), rms(request)
+    return change.dz, u + rho * (nu * request - u) / (nu + rho), change.dz_rms, request_rms
 
 
 def _head_target(state, z0, pool, data, slot, gen, iteration, settings, stats):

@@ -125,8 +125,8 @@ class TargetChange:
 def hidden_target_change(
     z0: torch.Tensor, request: torch.Tensor, pull: float, fit: float
 ) -> TargetChange:
-    """dz = z* - z0 for a ReLU layer without a dual: q = relu(z0) + pull * request (the q-step),
-    then z* = `relu_z_step`(z0, q, fit).
+    """dz = z* - z0 for a ReLU layer: q = relu(z0) + pull * request (the q-step; with a dual the
+    caller passes u + rho request as the request), then z* = `relu_z_step`(z0, q, fit).
 
     On the CPU this is one compiled loop (geodnn.solvers.kernels) instead of ~10 full-size torch
     passes: it reads z0 and the request once and writes dz once, which matters most when ranks
