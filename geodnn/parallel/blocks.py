@@ -72,8 +72,9 @@ class JacobiBlock:
     def iterate(self) -> BlockTimes:
         """One Jacobi iteration of every owned layer; fills the inbox for the next one."""
         times, exchange = BlockTimes(), self.exchange
-        sent_before = exchange.stats.bytes_sent if exchange is not None else 0
+        sent_before = 0
         if exchange is not None:
+            sent_before = exchange.stats.bytes_sent
             exchange.post_receives()
         remote = (exchange.has_below, exchange.has_above) if exchange else (False, False)
         boundary, interior = boundary_first_order(self.start, self.stop, *remote)
@@ -94,9 +95,8 @@ class JacobiBlock:
         tic = time.perf_counter()
         if exchange is not None:
             from_below, from_above = exchange.finish()
-        times.wait_s = time.perf_counter() - tic
-        if exchange is not None:
             times.bytes_sent = exchange.stats.bytes_sent - sent_before
+        times.wait_s = time.perf_counter() - tic
         self._deliver(out, from_below, from_above)
         return times
 
