@@ -569,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         False,
         admm_settings.keep_retired,
         admm_settings.average_decay > 0,
+        admm_settings.momentum > 0,
     )
     memory_vs_depth = [
         {

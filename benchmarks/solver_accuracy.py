@@ -263,6 +263,7 @@ def compare(
                 head=False,
                 retired=solver.settings.keep_retired,
                 averaged=solver.settings.average_decay > 0,
+                momentum=solver.settings.momentum > 0,
             )
     a, m = out["adam"], out["admm"]
     # Adam's figure is the better of its raw and its averaged weights (ADMM has only its own)

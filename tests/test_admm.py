@@ -149,9 +149,12 @@ def test_absurd_settings_raise_divergence(vegas):
             solver.step()
 
 
-@pytest.mark.parametrize(("retired", "decay"), [(False, 0.99), (True, 0.99), (False, 0.0)])
-def test_memory_formula_matches_measured_state(vegas, retired, decay):
-    settings = _settings(vegas, keep_retired=retired, average_decay=decay)
+@pytest.mark.parametrize(
+    ("retired", "decay", "momentum"),
+    [(False, 0.99, 0.6), (True, 0.99, 0.0), (False, 0.0, 0.6), (False, 0.0, 0.0)],
+)
+def test_memory_formula_matches_measured_state(vegas, retired, decay, momentum):
+    settings = _settings(vegas, keep_retired=retired, average_decay=decay, momentum=momentum)
     solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
     pool = solver.pool
     # every layer has seen its slots change generation once (current and retired both held)
@@ -171,6 +174,7 @@ def test_memory_formula_matches_measured_state(vegas, retired, decay):
             head=state.is_head,
             retired=retired,
             averaged=decay > 0,
+            momentum=momentum > 0,
         )
         assert layer_state_bytes(state) == expected
 
@@ -239,6 +243,8 @@ def test_bad_settings_and_names_are_one_line_errors(vegas):
         AdmmSettings.from_dict({"nuu": 1.0})
     with pytest.raises(GeodnnError, match="gram_decay"):
         AdmmSettings.from_dict({"gram_decay": 1.5})
+    with pytest.raises(GeodnnError, match="momentum"):
+        AdmmSettings.from_dict({"momentum": 1.0})
     bad = {"step_scale": 0.0, "cg_steps": 0, "request_gain": -0.7, "patience": -1}
     with pytest.raises(GeodnnError, match="cg_steps, patience, step_scale, request_gain: counts"):
         AdmmSettings.from_dict(bad)
@@ -295,6 +301,42 @@ def test_step_scale_shrinks_hidden_steps_and_leaves_the_head_alone(vegas):
         )
     assert rel[0.5][0] == pytest.approx(0.5 * rel[1.0][0], rel=1e-4)
     assert rel[0.5][1] == pytest.approx(rel[1.0][1], rel=1e-6)
+
+
+def _matrix(state: LayerState) -> torch.Tensor:
+    return torch.cat([state.weight.reshape(state.weight.shape[0], -1), state.bias[:, None]], 1)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_momentum_adds_the_previous_step_to_the_ridge_step(vegas, momentum):
+    """Heavy ball: from the same state and messages, a layer that carries a velocity V takes
+    the ridge step plus momentum x V and keeps that total as its new velocity; without one (or
+    with momentum 0) it takes the ridge step alone. Checked for the head and the layer below."""
+    settings = _settings(vegas, monitor=False, momentum=momentum)
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    for _ in range(2 * len(solver.states) + 3):
+        solver.step()
+    t, n = solver.iteration, len(solver.states)
+    checked = 0
+    for layer in (n - 1, n - 2):
+        state = replace(solver.states[layer], velocity=None)
+        below, above = solver.ups[layer - 1], solver.downs[layer + 1] if layer + 1 < n else None
+        plain = layer_step(state, below, above, solver.pool, vegas, t, settings).state
+        if plain.updates == state.updates:  # the request was dropped (its slot changed)
+            continue
+        ridge = _matrix(plain) - _matrix(state)
+        assert (plain.velocity is None) == (momentum == 0)
+        if momentum:
+            assert torch.allclose(plain.velocity, ridge, atol=1e-7)
+        velocity = torch.randn_like(ridge) * 0.01
+        carried = replace(state, velocity=velocity)
+        moved = layer_step(carried, below, above, solver.pool, vegas, t, settings).state
+        expected = ridge + momentum * velocity
+        assert torch.allclose(_matrix(moved) - _matrix(state), expected, atol=1e-6)
+        if momentum:
+            assert torch.allclose(moved.velocity, expected, atol=1e-6)
+        checked += 1
+    assert checked == 2
 
 
 def test_layer_state_of_the_previous_format_loads(vegas):

@@ -210,9 +210,9 @@ def test_profile_reports_formula_memory_and_balances(data):
     costs = profile_admm_layers(_model(), data, settings, seed=SEED, repeats=1)
     assert len(costs) == DEPTH + 2 and all(c.seconds > 0 for c in costs)
     crops = settings.slots * settings.batch_size
-    averaged = settings.average_decay > 0
-    stem = layer_memory_formula(1, WIDTH, 3, crops, CROP, CROP, False, False, False, averaged)
-    head = layer_memory_formula(WIDTH, 2, 1, crops, CROP, CROP, False, True, False, averaged)
+    kept = {"averaged": settings.average_decay > 0, "momentum": settings.momentum > 0}
+    stem = layer_memory_formula(1, WIDTH, 3, crops, CROP, CROP, False, False, False, **kept)
+    head = layer_memory_formula(WIDTH, 2, 1, crops, CROP, CROP, False, True, False, **kept)
     assert costs[0].memory_bytes == stem and costs[-1].memory_bytes == head
     plan = balance(costs, 3)
     assert len(plan.blocks) == 3 and plan.blocks[-1][1] == DEPTH + 2

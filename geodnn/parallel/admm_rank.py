@@ -133,6 +133,7 @@ def profile_admm_layers(
             head,
             settings.keep_retired,
             settings.average_decay > 0,
+            settings.momentum > 0,
         )
         costs.append(LayerCost(mean[mapping[index]], float(memory)))
     return costs
