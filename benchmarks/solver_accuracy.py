@@ -218,10 +218,30 @@ def loss_at(curve, iteration=None, seconds=None, window=10):
     return sum(seg) / len(seg)
 
 
+def adam_top_layers(model, data, weights, budget, seed, val, top: int) -> float:
+    """Mean validation IoU of Adam training only the `top` layers nearest the head, the lower
+    ones left at their random initial weights: how much of Adam's score the low layers make."""
+    for layer in model.layers[: len(model.layers) - top]:
+        layer.requires_grad_(False)
+    _, _, (tail, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
+    return sum(tail) / len(tail)
+
+
 def compare(
-    scene, region_train, region_val, weights, depth, budget, seed, crop=64, admm=None, device="cpu"
+    scene,
+    region_train,
+    region_val,
+    weights,
+    depth: int,
+    budget: float,
+    seed: int,
+    crop: int = 64,
+    admm: dict | None = None,
+    device: str = "cpu",
+    adam_top: tuple[int, ...] = (),
 ):
-    """Both solvers on one scene and depth with the same compute budget."""
+    """Both solvers on one scene and depth with the same compute budget (and Adam on only the
+    top layers, one run per entry of `adam_top`)."""
     data = RandomCrops(*region_train, crop, 4096, seed)
     out, at_equal = {}, {}
     for kind in ("admm", "adam"):
@@ -302,6 +322,10 @@ def compare(
         "admm_memory_per_layer_bytes_formula": m["memory_per_layer_bytes_formula"],
         "admm_memory_per_layer_bytes_measured": m["memory_per_layer_bytes_measured"],
     }
+    for top in adam_top:
+        model = make_model(region_train[0], depth, 16, seed, device)
+        iou = adam_top_layers(model, data, weights, budget, seed, region_val, top)
+        row[f"val_iou_adam_top{top}_layers"] = round(iou, 4)
     print(json.dumps(row), flush=True)
     return row
 
@@ -323,6 +347,14 @@ def main(argv=None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="override [admm] settings, e.g. --admm request_gain=0.9 step_scale=0.3",
+    )
+    parser.add_argument(
+        "--adam-top",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="K",
+        help="also run Adam training only the top K layers (the rest stay random), per K",
     )
     parser.add_argument(
         "--device",
@@ -356,7 +388,17 @@ def main(argv=None) -> int:
         weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
         for depth in depths:
             row = compare(
-                scene, train, val, weights, depth, budget, args.seed, crop, admm, args.device
+                scene,
+                train,
+                val,
+                weights,
+                depth,
+                budget,
+                args.seed,
+                crop,
+                admm,
+                args.device,
+                tuple(args.adam_top),
             )
             rows.append(row)
     admm_defaults = AdmmSettings.from_dict(admm).to_dict()
@@ -380,6 +422,10 @@ def main(argv=None) -> int:
         # (every Adam run of the probes sat at IoU 0 first); below PLATEAU_IOU it is flagged
         adam_mean = iou_a / max(1, sum(r["depth"] == depth for r in rows))
         summary[f"adam_past_plateau_depth{depth}"] = adam_mean > PLATEAU_IOU
+        for top in args.adam_top:  # Adam on the top layers only, pooled like the ratio
+            iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in rows if r["depth"] == depth)
+            key = f"iou_ratio_adam_top{top}_layers_vs_adam_depth{depth}"
+            summary[key] = round(iou_t / iou_a, 3) if iou_a else None
     print(json.dumps(summary))
     return 0
 
