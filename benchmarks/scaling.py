@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +108,38 @@ def peak_rss_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def thread_cpu_s() -> dict[int, float] | None:
+    """CPU seconds of each thread of this process (Linux /proc; None elsewhere): to tell the
+    compute thread's time from what gloo's transport threads spend moving the messages."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    tick = float(os.sysconf("SC_CLK_TCK"))
+    times = {}
+    for task in tasks.iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        times[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return times
+
+
+def split_thread_cpu(before, after, timed: int) -> dict[str, float | None]:
+    """Per-iteration CPU seconds of the calling (compute) thread and of all other threads."""
+    if before is None or after is None:
+        return {"compute_thread_cpu_s": None, "other_threads_cpu_s": None}
+    main = threading.get_native_id()
+    delta = {t: after[t] - before.get(t, 0.0) for t in after}
+    other = sum(v for t, v in delta.items() if t != main)
+    mine = delta.get(main, 0.0)
+    return {"compute_thread_cpu_s": mine / timed, "other_threads_cpu_s": other / timed}
+
+
+def _maybe_round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def join_ranks():
@@ -224,6 +258,7 @@ def _admm_ranks(depth, width, data, settings, state, variant: tuple, timed: int)
         totals = {"wall": 0.0, "cpu": 0.0, "compute": 0.0, "wait": 0.0}
         sent0 = solver.exchange.stats.bytes_sent
         dist.barrier()
+        threads = thread_cpu_s()
         for _ in range(timed):
             tic, cpu = time.perf_counter(), time.process_time()
             last = solver.step()
@@ -232,8 +267,10 @@ def _admm_ranks(depth, width, data, settings, state, variant: tuple, timed: int)
             totals["compute"] += last["compute_s"]
             totals["wait"] += last["wait_s"]
         last = solver.settle() or last  # the last iteration's (lagged) stats
+        split = split_thread_cpu(threads, thread_cpu_s(), timed)
         dist.barrier()
         return {
+            **split,
             "iteration_s": totals["wall"] / timed,
             "cpu_s": totals["cpu"] / timed,
             "compute_s": totals["compute"] / timed,
@@ -490,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     timed = 5 if args.quick else 10
     started = time.perf_counter()
-    load_at_start = [round(v, 2) for v in __import__("os").getloadavg()]
+    load_at_start = [round(v, 2) for v in os.getloadavg()]
 
     data = load_crops(args.crop, 128, validation=False, seed=1)
     admm_settings, adam_settings = settings_for(args, data)
@@ -584,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "benchmark": "scaling",
         "mode": "quick" if args.quick else "full",
-        "machine_cores": __import__("os").cpu_count(),
+        "machine_cores": os.cpu_count(),
         "depth": depth,
         "width": args.width,
         "batch": args.batch,
@@ -634,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
             "measured_compute_s": [round(r["balanced"]["compute_s"], 4) for r in ranks],
             "even_blocks": even,
             "even_measured_compute_s": [round(r["even"]["compute_s"], 4) for r in ranks],
+        },
+        "cpu_s_per_iteration_per_rank": {  # /proc clock ticks (10 ms) over the timed iterations
+            "compute_thread": [_maybe_round(r["balanced"]["compute_thread_cpu_s"]) for r in ranks],
+            "other_threads": [_maybe_round(r["balanced"]["other_threads_cpu_s"]) for r in ranks],
+            "one_process": round(single["cpu_s"], 4),
         },
         "bytes_per_iteration_rank0": {
             "plain": ranks[0]["balanced"]["bytes_sent"],
