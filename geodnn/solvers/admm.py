@@ -81,11 +81,12 @@ The local subproblems of one backward half (geodnn.solvers.subproblems), on slot
 3. W-step: ridge least squares dW = argmin mean||dW [x;1] - (z* - z0)||^2 + lam ||dW||^2 over the
    slot's patches; the patch Gram is an exponentially decayed running mean across iterations (a
    bounded mini-batch curvature estimate, subsampled by gram_stride), the step is capped to a
-   relative trust region max_rel_step. Measured (depth 16, after 150 iterations): this step
-   points along the input-whitened gradient of the real network's loss on the same crops
-   (-grad (G + lam I)^-1; cosine 0.96 at the head, 0.89-0.92 two to five layers below it,
-   0.6-0.7 in the lowest layers), so the stale pipelined schedule keeps good directions; the
-   layers below the head differ from backprop in step size. momentum > 0 adds that x the
+   relative trust region max_rel_step. Measured (benchmarks/admm_directions.py, depth 16, after
+   150 iterations): this step points along the input-whitened gradient of the real network's
+   loss on the same crops (-grad (G + lam I)^-1; cosine 0.96 at the head, 0.89-0.92 two to five
+   layers below it, 0.6-0.7 in the lowest layers), so the stale pipelined schedule keeps good
+   directions; from four layers below the head the steps are 1.6-20x smaller than Adam's, the
+   head's 17-35x larger (after 400 iterations). momentum > 0 adds that x the
    layer's previous step (heavy ball; the velocity is layer state, no message). Measured (both
    scenes, 60 s, paired): mean IoU 0.168 -> 0.184 / 0.196 (momentum 0.5 / 0.6) with seed 0 and
    0.130 -> 0.139 / 0.141 with seed 1, but the IoU snapshots swing 2-3x more and the training
