@@ -127,7 +127,9 @@ def thread_cpu_s() -> dict[int, float] | None:
     return times
 
 
-def split_thread_cpu(before, after, timed: int) -> dict[str, float | None]:
+def split_thread_cpu(
+    before: dict[int, float] | None, after: dict[int, float] | None, timed: int
+) -> dict[str, float | None]:
     """Per-iteration CPU seconds of the calling (compute) thread and of all other threads."""
     if before is None or after is None:
         return {"compute_thread_cpu_s": None, "other_threads_cpu_s": None}

@@ -111,8 +111,9 @@ def test_no_autograd_graph_and_layer_step_is_pure(vegas):
     assert not torch.equal(result.state.weight, state.weight)
 
 
-def test_resume_continues_exactly(vegas):
-    settings = _settings(vegas)
+@pytest.mark.parametrize("momentum", [0.0, 0.6])
+def test_resume_continues_exactly(vegas, momentum):
+    settings = _settings(vegas, momentum=momentum)
     straight = AdmmSolver(_model(vegas), vegas, settings, seed=3)
     for _ in range(14):
         straight.step()

@@ -86,7 +86,7 @@ The local subproblems of one backward half (geodnn.solvers.subproblems), on slot
    loss on the same crops (-grad (G + lam I)^-1; cosine 0.96 at the head, 0.89-0.92 two to five
    layers below it, 0.6-0.7 in the lowest layers), so the stale pipelined schedule keeps good
    directions; from four layers below the head the steps are 1.6-20x smaller than Adam's, the
-   head's 17-35x larger (after 400 iterations). momentum > 0 adds that x the
+   head's 17-35x larger (after 400 iterations). With momentum m > 0 each W-step adds m x the
    layer's previous step (heavy ball; the velocity is layer state, no message). Measured (both
    scenes, 60 s, paired): mean IoU 0.168 -> 0.184 / 0.196 (momentum 0.5 / 0.6) with seed 0 and
    0.130 -> 0.139 / 0.141 with seed 1, but the IoU snapshots swing 2-3x more and the training
@@ -371,7 +371,7 @@ def write_back(states: list[LayerState], model: ChainNet) -> None:
 
 
 def layer_state_bytes(state: LayerState) -> int:
-    """Resident bytes of a layer's state (weights, Gram, stored inputs and duals)."""
+    """Resident bytes of a layer's state (weights, Gram, velocity, stored inputs and duals)."""
     tensors = [state.weight, state.bias, state.gram, state.velocity, *state.inputs, *state.duals]
     tensors += [state.average_weight, state.average_bias]
     tensors += state.pre_activations + state.retired_inputs + state.retired_pre_activations
