@@ -29,7 +29,7 @@ from geodnn.data import class_weights
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
 from geodnn.solvers.admm import LayerState, Message
-from geodnn.solvers.subproblems import weighted_cross_entropy
+from geodnn.solvers.subproblems import weight_matrix, weighted_cross_entropy
 
 
 @dataclass
@@ -45,14 +45,11 @@ class Alignment:
             table.setdefault(distance, []).append(value)
 
     def summary(self) -> dict:
-        def mean(table):
-            return {d: _rounded(sum(v) / len(v)) for d, v in sorted(table.items())}
-
         counts = {d: len(v) for d, v in sorted(self.raw.items())}
         return {
-            "cosine_with_gradient": mean(self.raw),
-            "cosine_with_whitened_gradient": mean(self.whitened),
-            "relative_step": mean(self.size),
+            "cosine_with_gradient": _mean_by_distance(self.raw),
+            "cosine_with_whitened_gradient": _mean_by_distance(self.whitened),
+            "relative_step": _mean_by_distance(self.size),
             "steps": counts,
         }
 
@@ -61,8 +58,8 @@ def _rounded(value: float) -> float:
     return float(f"{value:.3g}")
 
 
-def _matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
+def _mean_by_distance(table: dict[int, list[float]]) -> dict[int, float]:
+    return {d: _rounded(sum(v) / len(v)) for d, v in sorted(table.items())}
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -103,11 +100,11 @@ def measure(solver: AdmmSolver, data, weights: torch.Tensor, iterations: int) ->
             net.zero_grad()
             weighted_cross_entropy(net(x), y, weights).backward()
             conv = net.layers[layer].conv
-            grad = _matrix(conv.weight.grad, conv.bias.grad)
-            step = _matrix(new.weight, new.bias) - _matrix(old.weight, old.bias)
+            grad = weight_matrix(conv.weight.grad, conv.bias.grad)
+            step = weight_matrix(new.weight, new.bias) - weight_matrix(old.weight, old.bias)
             eye = torch.eye(new.gram.shape[0], dtype=new.gram.dtype)
             whitened = torch.linalg.solve(new.gram + lam * eye, grad.T).T
-            size = float(step.norm() / _matrix(old.weight, old.bias).norm())
+            size = float(step.norm() / weight_matrix(old.weight, old.bias).norm())
             found.add(n - 1 - layer, _cosine(step, -grad), _cosine(step, -whitened), size)
     return found
 
@@ -122,12 +119,12 @@ def adam_steps(model, data, weights: torch.Tensor, warmup: int, iterations: int,
     sizes: dict[int, list[float]] = {}
     n = len(model.layers)
     for _ in range(iterations):
-        before = [_matrix(m.conv.weight, m.conv.bias).detach().clone() for m in model.layers]
+        before = [weight_matrix(m.conv.weight, m.conv.bias).detach().clone() for m in model.layers]
         solver.step()
         for layer, (old, m) in enumerate(zip(before, model.layers)):
-            step = _matrix(m.conv.weight, m.conv.bias).detach() - old
+            step = weight_matrix(m.conv.weight, m.conv.bias).detach() - old
             sizes.setdefault(n - 1 - layer, []).append(float(step.norm() / old.norm()))
-    return {d: _rounded(sum(v) / len(v)) for d, v in sorted(sizes.items())}
+    return _mean_by_distance(sizes)
 
 
 def run(scene: str, depth: int, warmup: int, iterations: int, seed: int) -> dict:

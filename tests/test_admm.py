@@ -30,7 +30,7 @@ from geodnn.solvers.admm import (
     layer_state_bytes,
     make_pool,
 )
-from geodnn.solvers.subproblems import relu_z_step, weighted_cross_entropy
+from geodnn.solvers.subproblems import relu_z_step, weight_matrix, weighted_cross_entropy
 
 
 @pytest.fixture(scope="module")
@@ -305,7 +305,7 @@ def test_step_scale_shrinks_hidden_steps_and_leaves_the_head_alone(vegas):
 
 
 def _matrix(state: LayerState) -> torch.Tensor:
-    return torch.cat([state.weight.reshape(state.weight.shape[0], -1), state.bias[:, None]], 1)
+    return weight_matrix(state.weight, state.bias)
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.6])

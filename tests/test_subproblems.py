@@ -9,13 +9,15 @@ from torch.nn import functional as F
 from geodnn.metrics import IGNORE_INDEX
 from geodnn.solvers.subproblems import (
     _cpu_loop,
+    add_step,
     cg_p_step,
     head_prox,
     hidden_target_change,
     patch_cross,
     patch_gram,
     relu_z_step,
-    ridge_w_step,
+    ridge_step,
+    weight_matrix,
     weighted_cross_entropy,
 )
 
@@ -95,7 +97,7 @@ def test_patch_gram_equals_the_gram_of_unfolded_patches(
     assert torch.allclose(gram, x.T @ x / x.shape[0], atol=1e-12)
 
 
-def test_ridge_w_step_equals_lstsq_on_unfolded_patches():
+def test_ridge_step_equals_lstsq_on_unfolded_patches():
     g = torch.Generator().manual_seed(1)
     p = torch.randn(2, 3, 9, 9, generator=g, dtype=torch.float64)
     weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
@@ -104,7 +106,8 @@ def test_ridge_w_step_equals_lstsq_on_unfolded_patches():
     lam = 0.3
     gram = patch_gram(p, 3, 2, 2, stride=1)
     cross = patch_cross(p, dz, weight.shape, 2, 2)
-    new_w, new_b, _ = ridge_w_step(weight, bias, gram, cross, lam, max_rel_step=0)
+    ridge, _ = ridge_step(weight, bias, gram, cross, lam, max_rel_step=0)
+    new_w, new_b = add_step(weight, bias, ridge)
     # brute force: min (1/n) ||X dW^T - dZ||^2 + lam ||dW||^2 as an augmented least squares
     x = _patches(p, 3, 2, 2)
     n = x.shape[0]
@@ -116,13 +119,13 @@ def test_ridge_w_step_equals_lstsq_on_unfolded_patches():
     assert torch.allclose(new_b - bias, step[:, -1], atol=1e-9)
 
 
-def test_ridge_w_step_trust_region_caps_the_step():
+def test_ridge_step_trust_region_caps_the_step():
     weight, bias = torch.ones(2, 1, 1, 1), torch.zeros(2)
     gram = torch.eye(2)
     cross = torch.full((2, 2), 100.0)
-    new_w, new_b, rel = ridge_w_step(weight, bias, gram, cross, 0.0, max_rel_step=0.1)
-    old = torch.cat([weight.reshape(2, -1), bias[:, None]], 1)
-    new = torch.cat([new_w.reshape(2, -1), new_b[:, None]], 1)
+    ridge, rel = ridge_step(weight, bias, gram, cross, 0.0, max_rel_step=0.1)
+    new_w, new_b = add_step(weight, bias, ridge)
+    old, new = weight_matrix(weight, bias), weight_matrix(new_w, new_b)
     assert rel > 0.1
     assert torch.isclose((new - old).norm(), 0.1 * old.norm())
 

@@ -130,12 +130,13 @@ from ..runtime import wait_for_device
 from .base import LossWatch, settings_from_dict
 from .pool import CropPool, auto_refresh
 from .subproblems import (
+    add_step,
     cg_p_step,
     head_prox,
     hidden_target_change,
     patch_cross,
     patch_gram,
-    ridge_w_step,
+    ridge_step,
     rms,
     weighted_cross_entropy,
 )
@@ -459,24 +460,6 @@ class _Fit:
         return cls(state.weight, state.bias, state.gram, state.velocity)
 
 
-def _as_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[W b] as one (C_out, C_in k^2 + 1) matrix, the layout of the W-step."""
-    return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
-
-
-def _heavy_ball(old: _Fit, weight, bias, momentum: float):
-    """(weight, bias, velocity) after the ridge step to (weight, bias) plus momentum x the
-    layer's previous step. The W-steps are close to a whitened gradient of the network's loss
-    (measured: cosine 0.9-0.96 in the top layers), made from one slot's crops; heavy-ball momentum
-    averages them over ~1 / (1 - momentum) updates, as SGD's does, with no message added."""
-    start = _as_matrix(old.weight, old.bias)
-    step = _as_matrix(weight, bias) - start
-    if old.velocity is not None:
-        step = step.add_(old.velocity, alpha=momentum)
-    new = start + step
-    return new[:, :-1].reshape(weight.shape).contiguous(), new[:, -1].contiguous(), step
-
-
 def _local_update(state, p, z0, dz, settings: AdmmSettings, fit: _Fit, stats):
     """W-step (ridge on patches, running Gram, momentum) and p-step (CG) for one slot, towards
     the target z0 + dz: the updated fit and the request for the layer below (None at the stem)."""
@@ -488,16 +471,16 @@ def _local_update(state, p, z0, dz, settings: AdmmSettings, fit: _Fit, stats):
         cross = cross * settings.step_scale
     cap, normalized = settings.max_rel_step, settings.normalized_step
     try:
-        weight, bias, rel = ridge_w_step(
-            fit.weight, fit.bias, gram, cross, settings.lam, cap, normalized
-        )
+        step, rel = ridge_step(fit.weight, fit.bias, gram, cross, settings.lam, cap, normalized)
     except torch.linalg.LinAlgError:  # a singular Gram with lam = 0
-        weight = torch.full_like(fit.weight, math.nan)
-        bias, rel = fit.bias, math.nan
-    velocity = None
-    if settings.momentum > 0:
-        weight, bias, velocity = _heavy_ball(fit, weight, bias, settings.momentum)
+        step, rel = torch.full_like(cross, math.nan), math.nan
     stats["rel_step"] = rel  # the ridge step's, before the cap and the momentum
+    velocity = None
+    if settings.momentum > 0:  # heavy ball: see the module notes (W-step)
+        if fit.velocity is not None:
+            step = step.add(fit.velocity, alpha=settings.momentum)
+        velocity = step
+    weight, bias = add_step(fit.weight, fit.bias, step)
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise DivergenceError(
             f"ADMM diverged: layer {state.index} got non-finite weights; raise [admm] lam or "

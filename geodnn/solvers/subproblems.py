@@ -225,7 +225,20 @@ def patch_cross(
     return torch.cat([cross_w.reshape(weight_shape[0], -1), cross_b[:, None]], dim=1) / n
 
 
-def ridge_w_step(
+def weight_matrix(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A conv layer's [W b] as one (C_out, C_in k^2 + 1) matrix: the W-step's layout."""
+    return torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
+
+
+def add_step(
+    weight: torch.Tensor, bias: torch.Tensor, step: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) moved by a step in the `weight_matrix` layout."""
+    new = weight_matrix(weight, bias) + step
+    return new[:, :-1].reshape(weight.shape).contiguous(), new[:, -1].contiguous()
+
+
+def ridge_step(
     weight: torch.Tensor,
     bias: torch.Tensor,
     gram: torch.Tensor,
@@ -233,24 +246,23 @@ def ridge_w_step(
     lam: float,
     max_rel_step: float,
     normalized: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Ridge update: dW = argmin mean ||dW x - dz||^2 + lam ||dW||^2 = cross (gram + lam I)^-1.
+) -> tuple[torch.Tensor, float]:
+    """Ridge step dW = argmin mean ||dW x - dz||^2 + lam ||dW||^2 = cross (gram + lam I)^-1, in
+    the `weight_matrix` layout, and its size relative to [W b] before the cap.
 
     This is the least-squares refit towards the target z* = z + dz with a pull (lam) to the old
-    weights. The step is capped to `max_rel_step` of the weights' norm (a trust region; 0 = off).
-    Returns the new weight, bias and the step's relative size.
+    weights. The step is capped to `max_rel_step` of the weights' norm (a trust region; 0 = off),
+    or rescaled to exactly `normalized` of it when that is > 0.
     """
     d = gram.shape[0]
     system = gram + lam * torch.eye(d, dtype=gram.dtype, device=gram.device)
     step = torch.linalg.solve(system, cross.T).T
-    old = torch.cat([weight.reshape(weight.shape[0], -1), bias[:, None]], dim=1)
-    rel = float(step.norm() / old.norm().clamp(min=1e-12))
+    rel = float(step.norm() / weight_matrix(weight, bias).norm().clamp(min=1e-12))
     if normalized > 0 and rel > 0:
         step = step * (normalized / rel)
     elif max_rel_step > 0 and rel > max_rel_step:
         step = step * (max_rel_step / rel)
-    new = old + step
-    return new[:, :-1].reshape(weight.shape).contiguous(), new[:, -1].contiguous(), rel
+    return step, rel
 
 
 def cg_p_step(
