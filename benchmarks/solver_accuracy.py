@@ -330,6 +330,12 @@ def compare(
     return row
 
 
+def _pooled_ratio(rows: list[dict]) -> float | None:
+    """ADMM's validation IoU over Adam's, each summed over `rows` (scenes pooled)."""
+    adam = sum(r["val_iou_adam"] for r in rows)
+    return round(sum(r["val_iou_admm"] for r in rows) / adam, 3) if adam else None
+
+
 PLATEAU_IOU = 0.1  # mean Adam validation IoU that counts as clearly past the plateau
 
 
@@ -338,6 +344,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="Vegas, depth 16 only (~1 minute)")
     parser.add_argument("--budget", type=float, help="seconds of training per solver and run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="S",
+        help="run every scene and depth once per seed (model, crops, pool order); the ratios "
+        "pool all runs and are also given per seed (overrides --seed)",
+    )
     parser.add_argument("--crop", type=int, help="training crop size (default 64; quick: 32)")
     parser.add_argument("--scenes", nargs="+", help="subset of vegas-roads atlanta-buildings")
     parser.add_argument("--depths", nargs="+", type=int, help="subset of depths (default 8 16 32)")
@@ -378,35 +392,38 @@ def main(argv=None) -> int:
     depths = args.depths or ([16] if args.quick else [8, 16, 32])
     budget = args.budget or (40.0 if args.quick else 120.0)
     crop = args.crop or (32 if args.quick else 64)
+    seeds = args.seeds or [args.seed]
     rows = []
-    for scene in scenes:
-        image, labels = load_scene(scene)
-        depth_max = max(depths)
-        train, val = split(image, labels, gap=2 * depth_max + 8)
-        # full inverse-frequency weights (power 1): Adam leaves the all-background plateau in
-        # ~100 steps instead of 150-700 with the softened power 0.5
-        weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
-        for depth in depths:
-            row = compare(
-                scene,
-                train,
-                val,
-                weights,
-                depth,
-                budget,
-                args.seed,
-                crop,
-                admm,
-                args.device,
-                tuple(args.adam_top),
-            )
-            rows.append(row)
+    for seed in seeds:
+        for scene in scenes:
+            image, labels = load_scene(scene)
+            depth_max = max(depths)
+            train, val = split(image, labels, gap=2 * depth_max + 8)
+            # full inverse-frequency weights (power 1): Adam leaves the all-background plateau
+            # in ~100 steps instead of 150-700 with the softened power 0.5
+            weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
+            for depth in depths:
+                row = compare(
+                    scene,
+                    train,
+                    val,
+                    weights,
+                    depth,
+                    budget,
+                    seed,
+                    crop,
+                    admm,
+                    args.device,
+                    tuple(args.adam_top),
+                )
+                rows.append({"seed": seed, **row})
     admm_defaults = AdmmSettings.from_dict(admm).to_dict()
     admm_defaults.pop("class_weights")
     summary = {
         "quick": args.quick,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "scenes": scenes,  # the ratios below pool these scenes only
+        "seeds": seeds,
         "budget_s_per_solver": budget,
         "crop": crop,
         "adam_lr": ADAM_LR,
@@ -418,6 +435,11 @@ def main(argv=None) -> int:
         iou_a = sum(r["val_iou_adam"] for r in rows if r["depth"] == depth)
         iou_m = sum(r["val_iou_admm"] for r in rows if r["depth"] == depth)
         summary[f"iou_ratio_admm_vs_adam_depth{depth}"] = round(iou_m / iou_a, 3) if iou_a else None
+        if len(seeds) > 1:  # the spread a single seed's ratio carries
+            summary[f"iou_ratio_admm_vs_adam_depth{depth}_per_seed"] = [
+                _pooled_ratio([r for r in rows if r["depth"] == depth and r["seed"] == seed])
+                for seed in seeds
+            ]
         # the ratio means something only once Adam is clearly past the all-background plateau
         # (every Adam run of the probes sat at IoU 0 first); below PLATEAU_IOU it is flagged
         adam_mean = iou_a / max(1, sum(r["depth"] == depth for r in rows))
