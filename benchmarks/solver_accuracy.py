@@ -292,6 +292,7 @@ def compare(
     t_eq = min(a["seconds"], m["seconds"])
     row = {
         "scene": scene,
+        "seed": seed,
         "depth": depth,
         "crop": crop,
         "budget_s": budget,
@@ -394,14 +395,14 @@ def main(argv=None) -> int:
     crop = args.crop or (32 if args.quick else 64)
     seeds = args.seeds or [args.seed]
     rows = []
-    for seed in seeds:
-        for scene in scenes:
-            image, labels = load_scene(scene)
-            depth_max = max(depths)
-            train, val = split(image, labels, gap=2 * depth_max + 8)
-            # full inverse-frequency weights (power 1): Adam leaves the all-background plateau
-            # in ~100 steps instead of 150-700 with the softened power 0.5
-            weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
+    for scene in scenes:
+        image, labels = load_scene(scene)
+        depth_max = max(depths)
+        train, val = split(image, labels, gap=2 * depth_max + 8)
+        # full inverse-frequency weights (power 1): Adam leaves the all-background plateau in
+        # ~100 steps instead of 150-700 with the softened power 0.5
+        weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
+        for seed in seeds:
             for depth in depths:
                 row = compare(
                     scene,
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
                     args.device,
                     tuple(args.adam_top),
                 )
-                rows.append({"seed": seed, **row})
+                rows.append(row)
     admm_defaults = AdmmSettings.from_dict(admm).to_dict()
     admm_defaults.pop("class_weights")
     summary = {
@@ -432,20 +433,19 @@ def main(argv=None) -> int:
         "runs": rows,
     }
     for depth in depths:
-        iou_a = sum(r["val_iou_adam"] for r in rows if r["depth"] == depth)
-        iou_m = sum(r["val_iou_admm"] for r in rows if r["depth"] == depth)
-        summary[f"iou_ratio_admm_vs_adam_depth{depth}"] = round(iou_m / iou_a, 3) if iou_a else None
+        at_depth = [r for r in rows if r["depth"] == depth]
+        iou_a = sum(r["val_iou_adam"] for r in at_depth)
+        summary[f"iou_ratio_admm_vs_adam_depth{depth}"] = _pooled_ratio(at_depth)
         if len(seeds) > 1:  # the spread a single seed's ratio carries
             summary[f"iou_ratio_admm_vs_adam_depth{depth}_per_seed"] = [
-                _pooled_ratio([r for r in rows if r["depth"] == depth and r["seed"] == seed])
-                for seed in seeds
+                _pooled_ratio([r for r in at_depth if r["seed"] == seed]) for seed in seeds
             ]
         # the ratio means something only once Adam is clearly past the all-background plateau
         # (every Adam run of the probes sat at IoU 0 first); below PLATEAU_IOU it is flagged
-        adam_mean = iou_a / max(1, sum(r["depth"] == depth for r in rows))
+        adam_mean = iou_a / max(1, len(at_depth))
         summary[f"adam_past_plateau_depth{depth}"] = adam_mean > PLATEAU_IOU
         for top in args.adam_top:  # Adam on the top layers only, pooled like the ratio
-            iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in rows if r["depth"] == depth)
+            iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in at_depth)
             key = f"iou_ratio_adam_top{top}_layers_vs_adam_depth{depth}"
             summary[key] = round(iou_t / iou_a, 3) if iou_a else None
     print(json.dumps(summary))
