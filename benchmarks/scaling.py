@@ -53,7 +53,7 @@ from geodnn.solvers.admm import (
     LayerState,
     Message,
     init_layer_states,
-    layer_memory_formula,
+    layer_memory_for,
     layer_step,
     make_pool,
 )
@@ -597,19 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         args.latency_us * 1e-6,
     )
     crops = admm_settings.slots * admm_settings.batch_size
-    hidden_bytes = layer_memory_formula(
-        args.width,
-        args.width,
-        3,
-        crops,
-        args.crop,
-        args.crop,
-        admm_settings.dual,
-        False,
-        admm_settings.keep_retired,
-        admm_settings.average_decay > 0,
-        admm_settings.momentum > 0,
-    )
+    width, crop = args.width, args.crop
+    hidden_bytes = layer_memory_for(admm_settings, width, width, 3, crops, crop, crop, head=False)
     memory_vs_depth = [
         {
             "depth": d,

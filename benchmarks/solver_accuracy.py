@@ -37,7 +37,7 @@ from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
-from geodnn.solvers.admm import average_step_decay, layer_memory_formula, layer_state_bytes
+from geodnn.solvers.admm import average_step_decay, layer_memory_for, layer_state_bytes
 from geodnn.solvers.base import settings_overrides
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -272,18 +272,15 @@ def compare(
             states = solver.states
             out[kind]["memory_per_layer_bytes_measured"] = max(layer_state_bytes(s) for s in states)
             layer = model.layers[1]
-            out[kind]["memory_per_layer_bytes_formula"] = layer_memory_formula(
+            out[kind]["memory_per_layer_bytes_formula"] = layer_memory_for(
+                solver.settings,
                 16,
                 16,
                 layer.spec.kernel_size,
                 solver.pool.crops,
                 crop,
                 crop,
-                solver.settings.dual,
                 head=False,
-                retired=solver.settings.keep_retired,
-                averaged=solver.settings.average_decay > 0,
-                momentum=solver.settings.momentum > 0,
             )
     a, m = out["adam"], out["admm"]
     # Adam's figure is the better of its raw and its averaged weights (ADMM has only its own)

@@ -26,6 +26,7 @@ from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import (
     LayerState,
     _hidden_change,
+    layer_memory_for,
     layer_memory_formula,
     layer_state_bytes,
     make_pool,
@@ -178,6 +179,8 @@ def test_memory_formula_matches_measured_state(vegas, retired, decay, momentum):
             momentum=momentum > 0,
         )
         assert layer_state_bytes(state) == expected
+        shape = (spec.in_channels, spec.out_channels, spec.kernel_size, crops, 32, 32)
+        assert layer_memory_for(settings, *shape, head=state.is_head) == expected
 
 
 def test_crop_pool_is_a_pure_function_of_its_key():

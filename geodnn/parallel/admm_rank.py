@@ -39,7 +39,7 @@ from ..solvers.admm import (
     LayerState,
     Message,
     init_layer_states,
-    layer_memory_formula,
+    layer_memory_for,
     layer_state_bytes,
     layer_step,
     make_pool,
@@ -122,18 +122,8 @@ def profile_admm_layers(
     for index, layer in enumerate(model.layers):
         spec = layer.spec
         head = index == len(model.layers) - 1
-        memory = layer_memory_formula(
-            spec.in_channels,
-            spec.out_channels,
-            spec.kernel_size,
-            pool.crops,
-            h,
-            w,
-            settings.dual,
-            head,
-            settings.keep_retired,
-            settings.average_decay > 0,
-            settings.momentum > 0,
+        memory = layer_memory_for(
+            settings, spec.in_channels, spec.out_channels, spec.kernel_size, pool.crops, h, w, head
         )
         costs.append(LayerCost(mean[mapping[index]], float(memory)))
     return costs

@@ -109,7 +109,8 @@ Memory per layer (float32, resident), P = S B crops of h x w pixels, D = C_in k^
     every layer       patch Gram D^2 4 bytes; weights and bias C_out D 4 bytes, once more for
                       the momentum's last step (momentum > 0) and once more for
                       the running average (average_decay > 0)
-`layer_memory_formula` evaluates it and `layer_state_bytes` measures a state. Transient per step:
+`layer_memory_formula` evaluates it (`layer_memory_for` with the switches read from the
+settings) and `layer_state_bytes` measures a state. Transient per step:
 one slot's output, target and request, about B h w (C_in + 3 C_out) 4 bytes.
 """
 
@@ -402,6 +403,33 @@ def layer_memory_formula(
     copies = 2 if retired else 1
     stored = crops * h * w * 4 * (copies * (c_in + c_out) + (c_out if dual else 0))
     return stored + weights
+
+
+def layer_memory_for(
+    settings: AdmmSettings,
+    c_in: int,
+    c_out: int,
+    kernel_size: int,
+    crops: int,
+    h: int,
+    w: int,
+    head: bool,
+) -> int:
+    """`layer_memory_formula` with every memory-relevant switch (dual, keep_retired, averaging,
+    momentum) taken from `settings`, so that a caller cannot leave one out."""
+    return layer_memory_formula(
+        c_in,
+        c_out,
+        kernel_size,
+        crops,
+        h,
+        w,
+        settings.dual,
+        head,
+        retired=settings.keep_retired,
+        averaged=settings.average_decay > 0,
+        momentum=settings.momentum > 0,
+    )
 
 
 def _conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: LayerState):
