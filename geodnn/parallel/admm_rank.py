@@ -123,7 +123,14 @@ def profile_admm_layers(
         spec = layer.spec
         head = index == len(model.layers) - 1
         memory = layer_memory_for(
-            settings, spec.in_channels, spec.out_channels, spec.kernel_size, pool.crops, h, w, head
+            settings,
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel_size,
+            pool.crops,
+            h,
+            w,
+            head=head,
         )
         costs.append(LayerCost(mean[mapping[index]], float(memory)))
     return costs

@@ -405,31 +405,13 @@ def layer_memory_formula(
     return stored + weights
 
 
-def layer_memory_for(
-    settings: AdmmSettings,
-    c_in: int,
-    c_out: int,
-    kernel_size: int,
-    crops: int,
-    h: int,
-    w: int,
-    head: bool,
-) -> int:
-    """`layer_memory_formula` with every memory-relevant switch (dual, keep_retired, averaging,
-    momentum) taken from `settings`, so that a caller cannot leave one out."""
-    return layer_memory_formula(
-        c_in,
-        c_out,
-        kernel_size,
-        crops,
-        h,
-        w,
-        settings.dual,
-        head,
-        retired=settings.keep_retired,
-        averaged=settings.average_decay > 0,
-        momentum=settings.momentum > 0,
-    )
+def layer_memory_for(settings: AdmmSettings, *layer: int, head: bool) -> int:
+    """`layer_memory_formula` for `layer` = (c_in, c_out, kernel_size, crops, h, w) with every
+    memory-relevant switch (dual, keep_retired, averaging, momentum) taken from `settings`, so
+    that a caller cannot leave one out."""
+    averaged, momentum = settings.average_decay > 0, settings.momentum > 0
+    retired = settings.keep_retired
+    return layer_memory_formula(*layer, settings.dual, head, retired, averaged, momentum)
 
 
 def _conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: LayerState):
