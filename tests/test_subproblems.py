@@ -151,6 +151,18 @@ def test_cg_p_step_converges_to_the_direct_solve():
     assert objective(few) < objective(torch.zeros_like(few))
 
 
+def test_cg_p_step_one_step_is_the_exact_line_search_along_the_gradient():
+    # one CG step from 0: dp = a g with g = W^T r and a = |g|^2 / (|W g|^2 + rho |g|^2)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(2, 4, 1, 1, generator=g, dtype=torch.float64)
+    r = torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64)
+    rho = 0.3
+    grad = F.conv_transpose2d(r, weight)
+    a = grad.pow(2).sum() / (F.conv2d(grad, weight).pow(2).sum() + rho * grad.pow(2).sum())
+    assert torch.allclose(cg_p_step(r, weight, 1, 0, rho, steps=1), a * grad, atol=1e-12)
+    assert torch.equal(cg_p_step(torch.zeros_like(r), weight, 1, 0, rho, 1), torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("classes", [2, 3])
 def test_head_prox_matches_autograd_minimizer(classes):
     g = torch.Generator().manual_seed(3)
