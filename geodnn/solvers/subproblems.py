@@ -194,15 +194,17 @@ def patch_gram(
     """
     b, c, h, w = p.shape
     k, d = kernel_size, dilation
-    x = F.pad(p, (padding,) * 4).permute(0, 2, 3, 1)
+    x = p.permute(0, 2, 3, 1)  # NHWC: a free view of channels_last input
     ho = (h + 2 * padding - d * (k - 1) - 1) // stride + 1
     wo = (w + 2 * padding - d * (k - 1) - 1) // stride + 1
-    cols = torch.empty(b, ho, wo, k * k * c + 1, dtype=p.dtype, device=p.device)
+    # zeros stand for the padding: only the taps' in-bounds samples are copied, so the full
+    # input is never padded (a copy of the whole crop batch, for 1 / stride^2 of it)
+    cols = torch.zeros(b, ho, wo, k * k * c + 1, dtype=p.dtype, device=p.device)
     for tap in range(k * k):
         i, j = divmod(tap, k)
-        rows = slice(i * d, i * d + (ho - 1) * stride + 1, stride)
-        columns = slice(j * d, j * d + (wo - 1) * stride + 1, stride)
-        cols[..., tap * c : (tap + 1) * c] = x[:, rows, columns]
+        rows, kept_rows = _in_bounds(i * d - padding, stride, ho, h)
+        columns, kept_columns = _in_bounds(j * d - padding, stride, wo, w)
+        cols[:, kept_rows, kept_columns, tap * c : (tap + 1) * c] = x[:, rows, columns]
     cols[..., -1] = 1.0
     cols = cols.reshape(-1, cols.shape[-1])
     gram = cols.T @ cols / cols.shape[0]
@@ -210,6 +212,15 @@ def patch_gram(
     order = torch.arange(k * k * c + 1, device=p.device)
     order[:-1] = order[:-1].reshape(k * k, c).T.reshape(-1)
     return gram[order][:, order]
+
+
+def _in_bounds(offset: int, stride: int, n_out: int, size: int) -> tuple[slice, slice]:
+    """(input slice, output slice) of the samples offset + stride m, m < n_out, that fall
+    inside [0, size); the others read the zero padding."""
+    first = max(0, -(offset // stride))  # the smallest m with offset + stride m >= 0
+    last = max(first, min(n_out, (size - 1 - offset) // stride + 1))
+    start = offset + stride * first
+    return slice(start, start + stride * (last - first), stride), slice(first, last)
 
 
 def patch_cross(
