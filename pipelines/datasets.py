@@ -135,3 +135,60 @@ class StoreBatches:
         return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), torch.from_numpy(
             labels.astype(np.int64)
         )
+
+
+class ValidationWindows:
+    """Validation tiles read with a halo of context from the neighbouring validation tiles.
+
+    Scored tile by tile with only its own pixels, a tile's border (as wide as the network's
+    receptive radius, most of a 128 px tile for a deep chain) would see zero padding where
+    `geodnn predict` sees the real neighbours, so the score in metrics.csv would not be the one
+    users get. Item i is tile i of `tiles` (a `StoreBatches` of a split, whole tiles) as a
+    (bands, T + 2 halo)^2 window, NaN where no validation pixel lies (outside the split, which
+    keeps training pixels out), and its label tile; score the centre T x T of the logits.
+    """
+
+    def __init__(self, tiles: StoreBatches, halo: int) -> None:
+        if tiles.crop is not None:
+            raise ValueError("ValidationWindows reads whole tiles: give it a StoreBatches, no crop")
+        self.tiles, self.halo = tiles, int(halo)
+        windows = tiles.store.windows(tiles.tiles) if len(tiles.tiles) else np.zeros((0, 4))
+        self.windows = np.asarray(windows, dtype=np.int64)
+        self._at = {(int(w[0]), int(w[1])): p for p, w in enumerate(self.windows)}
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images float32 (B, bands, T + 2 halo, T + 2 halo), NaN = no data or no context;
+        labels int64 (B, T, T) of the tiles themselves."""
+        _, labels = self.tiles.get(indices)
+        windows = [self._window(int(i)) for i in indices]
+        size = self.tiles.tile_size + 2 * self.halo
+        if not windows:
+            return torch.zeros(0, self.tiles.bands, size, size), labels
+        return torch.from_numpy(np.stack(windows)), labels
+
+    def _window(self, position: int) -> np.ndarray:
+        t, h = self.tiles.tile_size, self.halo
+        row, col = (int(v) for v in self.windows[position, :2])
+        out = np.full((self.tiles.bands, t + 2 * h, t + 2 * h), np.nan, dtype=np.float32)
+        reach = -(-h // t)  # neighbours this many tiles away still reach into the halo
+        for dr in range(-reach, reach + 1):
+            for dc in range(-reach, reach + 1):
+                other = self._at.get((row + dr * t, col + dc * t))
+                if other is not None:
+                    self._paste(out, other, row - h, col - h)
+        return out
+
+    def _paste(self, out: np.ndarray, position: int, top: int, left: int) -> None:
+        """Copy tile `position`'s valid pixels into `out`, whose (0, 0) is scene (top, left)."""
+        row, col, height, width = (int(v) for v in self.windows[position])
+        r0, c0 = max(row, top), max(col, left)
+        r1 = min(row + height, top + out.shape[1])
+        c1 = min(col + width, left + out.shape[2])
+        if r1 <= r0 or c1 <= c0:
+            return
+        images, _ = self.tiles._tiles(np.asarray([position]))
+        block = images[0, :, r0 - row : r1 - row, c0 - col : c1 - col]
+        out[:, r0 - top : r1 - top, c0 - left : c1 - left] = block

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import geodnn
 from geodnn.checkpoint import atomic_torch_save
-from geodnn.data import Batches, weights_from_counts
+from geodnn.data import weights_from_counts
 from geodnn.errors import DivergenceError
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
@@ -37,7 +37,7 @@ from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
 
 from .config import SOLVERS, Config, load_config
-from .datasets import StoreBatches
+from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
 from .errors import PipelineError
 from .io import atomic_write_text, save_figure
@@ -152,10 +152,16 @@ def solver_settings(setup: TrainSetup) -> dict:
 
 @torch.no_grad()
 def validate(
-    model: geodnn.ChainNet, data: Batches, weights: torch.Tensor, limit: int, batch: int = 8
+    model: geodnn.ChainNet,
+    data: ValidationWindows,
+    weights: torch.Tensor,
+    limit: int,
+    batch: int = 8,
 ) -> tuple[float, SegmentationScores]:
     """Real-network loss and scores on validation tiles (plain forward pass, no solver state),
-    computed where the model lives; the confusion matrix is summed on the CPU."""
+    each tile read with its validation neighbours as context (`ValidationWindows`) so that its
+    border pixels are scored as `geodnn predict` would see them; computed where the model lives,
+    the confusion matrix summed on the CPU."""
     model.eval()
     device = model.band_mean.device
     weights = weights.to(device)
@@ -163,10 +169,11 @@ def validate(
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, pixels = 0.0, 0
     indices = list(range(min(len(data), limit)))
+    h = data.halo
     for start in range(0, len(indices), batch):
         x, y = data.get(indices[start : start + batch])
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits = model(x)[:, :, h : h + y.shape[1], h : h + y.shape[2]]
         loss = torch.nn.functional.cross_entropy(
             logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -526,7 +533,8 @@ def epoch_record(
     setup: TrainSetup, solver, train_loss: float, elapsed: float, stats: dict
 ) -> EpochRecord:
     limit = setup.config["data"]["val_tiles"]
-    val_loss, s = validate(solver.model, setup.val_data, setup.class_weights, limit)
+    windows = ValidationWindows(setup.val_data, solver.model.receptive_radius)
+    val_loss, s = validate(solver.model, windows, setup.class_weights, limit)
     extra = {k: float(v) for k, v in stats.items() if k != "loss" and isinstance(v, int | float)}
     return EpochRecord(
         solver.iteration, elapsed, train_loss, val_loss, s.iou, s.f1, s.pixel_accuracy, extra

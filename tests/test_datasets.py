@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from geodnn.data import Batches
-from pipelines.datasets import StoreBatches
+from geodnn.model import build_model
+from pipelines.datasets import StoreBatches, ValidationWindows
 from pipelines.errors import PipelineError
 from tiles.split import SplitSpec
 from tiles.store import TileStore, build_store
@@ -87,3 +88,53 @@ def test_crop_larger_than_the_tile_is_refused(store_path):
 def test_empty_request(store_path):
     x, y = StoreBatches(store_path, crop=8).get([])
     assert x.shape == (0, 2, 8, 8) and y.shape == (0, 8, 8)
+
+
+def _validation_canvas(val: StoreBatches, border: int) -> np.ndarray:
+    """Every validation tile's valid pixels on a NaN canvas of the scene grown by `border` (and
+    by one tile more at the bottom and right, where edge tiles are padded)."""
+    rows, cols = (n + 2 * border + val.tile_size for n in val.store.scene_shape)
+    canvas = np.full((val.bands, rows, cols), np.nan, np.float32)
+    images, _ = val.get(range(len(val)))
+    for image, (row, col, height, width) in zip(images.numpy(), val.store.windows(val.tiles)):
+        r, c = row + border, col + border
+        canvas[:, r : r + height, c : c + width] = image[:, :height, :width]
+    return canvas
+
+
+@pytest.mark.parametrize("halo", [5, 30])  # within one neighbouring tile, and reaching two
+def test_validation_windows_add_only_validation_neighbours_as_context(store_path, halo):
+    val = StoreBatches(store_path, "validation")
+    windows = ValidationWindows(val, halo)
+    canvas = _validation_canvas(val, halo)
+    size = val.tile_size + 2 * halo
+    images, labels = windows.get(range(len(windows)))
+    assert images.shape == (len(val), val.bands, size, size)
+    assert torch.equal(labels, val.get(range(len(val)))[1])
+    for image, (row, col, _, _) in zip(images.numpy(), val.store.windows(val.tiles)):
+        # the canvas holds no training pixel: equal windows mean no training pixel leaked in
+        np.testing.assert_array_equal(image, canvas[:, row : row + size, col : col + size])
+    interior = images[:, :, halo:-halo, halo:-halo]
+    assert torch.isfinite(images).sum() > torch.isfinite(interior).sum()  # context was added
+
+
+def test_validation_windows_score_each_tile_as_the_whole_region_would(store_path):
+    val = StoreBatches(store_path, "validation")
+    model = build_model(val.bands, 2, depth=3, width=4, seed=0)
+    model.set_normalization(val.band_mean, val.band_std)
+    halo = model.receptive_radius
+    windows = ValidationWindows(val, halo)
+    canvas = torch.from_numpy(_validation_canvas(val, halo))[None]
+    t = val.tile_size
+    with torch.no_grad():
+        region = model(canvas)[0]
+        images, _ = windows.get(range(len(windows)))
+        tiles = model(images)[:, :, halo : halo + t, halo : halo + t]
+    for logits, (row, col, height, width) in zip(tiles, val.store.windows(val.tiles)):
+        expected = region[:, row + halo : row + halo + height, col + halo : col + halo + width]
+        assert torch.allclose(logits[:, :height, :width], expected, atol=1e-5)
+
+
+def test_validation_windows_need_whole_tiles(store_path):
+    with pytest.raises(ValueError, match="no crop"):
+        ValidationWindows(StoreBatches(store_path, "train", crop=8), 4)

@@ -8,9 +8,11 @@ import rasterio
 import torch
 
 import geodnn
+from geodnn.metrics import IGNORE_INDEX, confusion_matrix
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.train import solver_settings, train
+from pipelines.datasets import StoreBatches, ValidationWindows
+from pipelines.train import solver_settings, train, validate
 
 
 def weights(path):
@@ -141,3 +143,23 @@ def test_a_solver_table_may_set_its_own_batch():
     assert solver_settings(setup)["batch_size"] == 8
     setup.solver_name = "adam"  # the others take [train] batch_size
     assert solver_settings(setup)["batch_size"] == config["train"]["batch_size"] == 16
+
+
+def test_validation_scores_tiles_with_their_validation_neighbours(store):
+    val = StoreBatches(store, "validation")
+    model = geodnn.build_model(val.bands, 2, depth=2, width=4, seed=1)
+    model.set_normalization(val.band_mean, val.band_std)
+    halo = model.receptive_radius
+    _, scores = validate(model, ValidationWindows(val, halo), torch.ones(2), limit=len(val))
+    # independently: the whole validation region at once, every pixel with all its context
+    rows, cols = (n + 2 * halo + val.tile_size for n in val.store.scene_shape)
+    canvas = torch.full((1, val.bands, rows, cols), float("nan"))
+    labels = torch.full((rows, cols), IGNORE_INDEX, dtype=torch.long)
+    images, tile_labels = val.get(range(len(val)))
+    for image, label, (row, col, h, w) in zip(images, tile_labels, val.store.windows(val.tiles)):
+        canvas[0, :, row + halo : row + halo + h, col + halo : col + halo + w] = image[:, :h, :w]
+        labels[row + halo : row + halo + h, col + halo : col + halo + w] = label[:h, :w]
+    with torch.no_grad():
+        region = model(canvas)
+    expected = confusion_matrix(region.argmax(1), labels[None], 2)
+    assert torch.equal(scores.confusion, expected)
