@@ -216,3 +216,29 @@ def test_wire_order_follows_the_activation_layout_and_round_trips(device):
     assert got.is_contiguous(memory_format=torch.channels_last) == (device.type == "cpu")
     flat = torch.arange(6.0)
     assert torch.equal(_from_wire(_wire_order(flat, device), flat.shape, device), flat)
+
+
+def _gap_rank() -> int | None:
+    """Rank 0 sends a message up, none, then one of the same size again; rank 1 counts the
+    payloads it had to receive after their header (late receives): only the first, whose size
+    nobody knew yet."""
+    ctx = init_ranks(timeout_s=20)
+    try:
+        exchange = BoundaryExchange(ctx)
+        tensor = torch.ones(2, 3, 4, 4)
+        got = []
+        for message in (BoundaryMessage(0, 0, tensor), None, BoundaryMessage(1, 0, 2 * tensor)):
+            exchange.post_receives()
+            exchange.send_up(message)
+            exchange.send_down(None)
+            got.append(exchange.finish()[0])
+        if ctx.rank == 0:
+            return None
+        assert got[1] is None and torch.equal(got[2].tensor, 2 * tensor) and got[2].slot == 1
+        return exchange.stats.late_receives
+    finally:
+        shutdown()
+
+
+def test_a_message_after_an_absent_one_comes_through_the_pre_posted_receive():
+    assert spawn(_gap_rank, 2, timeout_s=60) == [None, 1]
