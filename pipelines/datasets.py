@@ -112,6 +112,12 @@ class StoreBatches:
         col = int(rng.integers(0, max(width - self.crop, 0) + 1))
         return position, row, col
 
+    def tile_image(self, position: int) -> np.ndarray:
+        """The image of the split's tile at `position`, whole (bands, T, T), NaN = nodata."""
+        if self._images is not None:
+            return self._images[position]
+        return self.store.images([self.tiles[position]])[0]
+
     def _tiles(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._images is not None:
             return self._images[positions], self._labels[positions]
@@ -189,6 +195,5 @@ class ValidationWindows:
         c1 = min(col + width, left + out.shape[2])
         if r1 <= r0 or c1 <= c0:
             return
-        images, _ = self.tiles._tiles(np.asarray([position]))
-        block = images[0, :, r0 - row : r1 - row, c0 - col : c1 - col]
+        block = self.tiles.tile_image(position)[:, r0 - row : r1 - row, c0 - col : c1 - col]
         out[:, r0 - top : r1 - top, c0 - left : c1 - left] = block

@@ -103,9 +103,12 @@ def _validation_canvas(val: StoreBatches, border: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("halo", [5, 30])  # within one neighbouring tile, and reaching two
-def test_validation_windows_add_only_validation_neighbours_as_context(store_path, halo):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_validation_windows_add_only_validation_neighbours_as_context(store_path, halo, in_memory):
     val = StoreBatches(store_path, "validation")
-    windows = ValidationWindows(val, halo)
+    limit = {} if in_memory else {"in_memory_bytes": 0}  # lazy: each tile read from the store
+    windows = ValidationWindows(StoreBatches(store_path, "validation", **limit), halo)
+    assert windows.tiles.in_memory == in_memory
     canvas = _validation_canvas(val, halo)
     size = val.tile_size + 2 * halo
     images, labels = windows.get(range(len(windows)))
