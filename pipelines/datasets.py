@@ -38,7 +38,8 @@ class StoreBatches:
         self.split = split
         self.seed = int(seed)
         self.tiles = self.store.indices(split)
-        self.valid_shape = self.store.windows(self.tiles)[:, 2:4] if len(self.tiles) else None
+        windows = self.store.windows(self.tiles) if len(self.tiles) else np.zeros((0, 4))
+        self.windows = np.asarray(windows, dtype=np.int64)  # row_off, col_off, height, width
         self.tile_size = self.store.tile_size
         self.crop = self._check_crop(crop)
         self.crops_per_tile = crops_per_tile or (
@@ -107,7 +108,7 @@ class StoreBatches:
         if self.crop is None:
             return position, 0, 0
         rng = np.random.default_rng((self.seed, index))
-        height, width = (int(v) for v in self.valid_shape[position])
+        height, width = (int(v) for v in self.windows[position, 2:4])
         row = int(rng.integers(0, max(height - self.crop, 0) + 1))
         col = int(rng.integers(0, max(width - self.crop, 0) + 1))
         return position, row, col
@@ -157,9 +158,7 @@ class ValidationWindows:
     def __init__(self, tiles: StoreBatches, halo: int) -> None:
         if tiles.crop is not None:
             raise ValueError("ValidationWindows reads whole tiles: give it a StoreBatches, no crop")
-        self.tiles, self.halo = tiles, int(halo)
-        windows = tiles.store.windows(tiles.tiles) if len(tiles.tiles) else np.zeros((0, 4))
-        self.windows = np.asarray(windows, dtype=np.int64)
+        self.tiles, self.halo, self.windows = tiles, int(halo), tiles.windows
         self._at = {(int(w[0]), int(w[1])): p for p, w in enumerate(self.windows)}
 
     def __len__(self) -> int:

@@ -82,7 +82,7 @@ class TrainSetup:
     run_dir: Path
     model: geodnn.ChainNet
     train_data: StoreBatches
-    val_data: StoreBatches
+    val_data: ValidationWindows  # validation tiles with a receptive-radius halo of context
     class_weights: torch.Tensor
     class_names: list[str]
     class_colors: list
@@ -121,7 +121,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         run_dir=run_dir,
         model=model,
         train_data=train_data,
-        val_data=val_data,
+        val_data=ValidationWindows(val_data, model.receptive_radius),
         class_weights=weights,
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
@@ -533,8 +533,7 @@ def epoch_record(
     setup: TrainSetup, solver, train_loss: float, elapsed: float, stats: dict
 ) -> EpochRecord:
     limit = setup.config["data"]["val_tiles"]
-    windows = ValidationWindows(setup.val_data, solver.model.receptive_radius)
-    val_loss, s = validate(solver.model, windows, setup.class_weights, limit)
+    val_loss, s = validate(solver.model, setup.val_data, setup.class_weights, limit)
     extra = {k: float(v) for k, v in stats.items() if k != "loss" and isinstance(v, int | float)}
     return EpochRecord(
         solver.iteration, elapsed, train_loss, val_loss, s.iou, s.f1, s.pixel_accuracy, extra
