@@ -119,6 +119,17 @@ class StoreBatches:
             return self._images[position]
         return self.store.images([self.tiles[position]])[0]
 
+    def tile_labels(self, positions: Sequence[int]) -> torch.Tensor:
+        """Labels int64 (B, T, T) of the split's tiles at `positions`, without their images."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._labels is not None:
+            labels = self._labels[positions]
+        elif len(positions):
+            labels = self.store.labels(self.tiles[positions])
+        else:
+            labels = np.zeros((0, self.tile_size, self.tile_size), dtype=np.uint8)
+        return torch.from_numpy(labels.astype(np.int64))
+
     def _tiles(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._images is not None:
             return self._images[positions], self._labels[positions]
@@ -166,15 +177,20 @@ class ValidationWindows:
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images float32 (B, bands, T + 2 halo, T + 2 halo), NaN = no data or no context;
-        labels int64 (B, T, T) of the tiles themselves."""
-        _, labels = self.tiles.get(indices)
-        windows = [self._window(int(i)) for i in indices]
+        labels int64 (B, T, T) of the tiles themselves. A tile that several windows of the
+        batch touch is read once."""
+        for i in indices:
+            if not 0 <= int(i) < len(self):
+                raise IndexError(f"item {i} is out of range for {len(self)} items")
+        labels = self.tiles.tile_labels([int(i) for i in indices])
+        read: dict[int, np.ndarray] = {}
+        windows = [self._window(int(i), read) for i in indices]
         size = self.tiles.tile_size + 2 * self.halo
         if not windows:
             return torch.zeros(0, self.tiles.bands, size, size), labels
         return torch.from_numpy(np.stack(windows)), labels
 
-    def _window(self, position: int) -> np.ndarray:
+    def _window(self, position: int, read: dict[int, np.ndarray]) -> np.ndarray:
         t, h = self.tiles.tile_size, self.halo
         row, col = (int(v) for v in self.windows[position, :2])
         out = np.full((self.tiles.bands, t + 2 * h, t + 2 * h), np.nan, dtype=np.float32)
@@ -183,16 +199,21 @@ class ValidationWindows:
             for dc in range(-reach, reach + 1):
                 other = self._at.get((row + dr * t, col + dc * t))
                 if other is not None:
-                    self._paste(out, other, row - h, col - h)
+                    self._paste(out, other, row - h, col - h, read)
         return out
 
-    def _paste(self, out: np.ndarray, position: int, top: int, left: int) -> None:
-        """Copy tile `position`'s valid pixels into `out`, whose (0, 0) is scene (top, left)."""
+    def _paste(
+        self, out: np.ndarray, position: int, top: int, left: int, read: dict[int, np.ndarray]
+    ) -> None:
+        """Copy tile `position`'s valid pixels into `out`, whose (0, 0) is scene (top, left);
+        `read` holds the tiles this batch has read already."""
         row, col, height, width = (int(v) for v in self.windows[position])
         r0, c0 = max(row, top), max(col, left)
         r1 = min(row + height, top + out.shape[1])
         c1 = min(col + width, left + out.shape[2])
         if r1 <= r0 or c1 <= c0:
             return
-        block = self.tiles.tile_image(position)[:, r0 - row : r1 - row, c0 - col : c1 - col]
+        if position not in read:
+            read[position] = self.tiles.tile_image(position)
+        block = read[position][:, r0 - row : r1 - row, c0 - col : c1 - col]
         out[:, r0 - top : r1 - top, c0 - left : c1 - left] = block

@@ -118,6 +118,8 @@ class BoundaryExchange:
     # payload bytes of each channel's previous message: what the receiver pre-posts
     _sent_bytes: dict[int, int] = field(default_factory=dict)
     _received_bytes: dict[int, int] = field(default_factory=dict)
+    # one zero buffer per channel for fillers (only ever read, so sends may share it)
+    _fillers: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def has_below(self) -> bool:
@@ -190,6 +192,14 @@ class BoundaryExchange:
             payload = enc.to(self.ctx.device).contiguous()
         return payload.reshape(-1).view(torch.uint8)
 
+    def _filler(self, direction: int, nbytes: int) -> torch.Tensor:
+        """Zeros of `nbytes` that fill a pre-posted receive, allocated once per size."""
+        zeros = self._fillers.get(direction)
+        if zeros is None or zeros.numel() != nbytes:
+            zeros = torch.zeros(nbytes, dtype=torch.uint8, device=self.ctx.device)
+            self._fillers[direction] = zeros
+        return zeros
+
     def _send(self, peer: int, direction: int, message: Any | None) -> None:
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         payload = None if message is None else self._payload(direction, message)
@@ -205,8 +215,7 @@ class BoundaryExchange:
         header_tag, expected_tag, resized_tag = TAGS[direction]
         parts = [(header.to(self.ctx.device), header_tag)]
         if filler:
-            zeros = torch.zeros(expected, dtype=torch.uint8, device=self.ctx.device)
-            parts.append((zeros, expected_tag))
+            parts.append((self._filler(direction, expected), expected_tag))
         if payload is not None:
             parts.append((payload, expected_tag if nbytes == expected else resized_tag))
         for tensor, tag in parts:
