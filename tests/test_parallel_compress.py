@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from geodnn.errors import GeodnnError
+from geodnn.parallel import compress
 from geodnn.parallel.compress import (
     CompressionSettings,
     ErrorFeedbackEncoder,
@@ -28,7 +29,7 @@ def test_pack_round_trip(container):
     codes = torch.randint(0, 2**container, (37,), generator=torch.Generator().manual_seed(1))
     packed = pack_codes(codes, container)
     assert packed.numel() == -(-37 * container // 8)
-    assert torch.equal(unpack_codes(packed, container, 37), codes.int())
+    assert torch.equal(unpack_codes(packed, container, 37), codes.to(torch.uint8))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -99,3 +100,46 @@ def test_residual_reset_on_new_generation_and_kept_per_slot():
 def test_bits_out_of_range_is_a_user_error():
     with pytest.raises(GeodnnError, match="bits"):
         CompressionSettings(bits=12)
+
+
+def _paths_encode(x, settings, nhwc, monkeypatch, compiled: bool):
+    """Encode two messages on one slot (the second carries the first's error) on one path."""
+    if not compiled:
+        monkeypatch.setattr(compress, "_cpu_loops", lambda: None)
+    enc = ErrorFeedbackEncoder(settings)
+    buffers = [enc.encode(m, slot=0, generation=0, nhwc=nhwc) for m in (x, 0.5 * x)]
+    decoded = [decode(b, x.shape, settings, nhwc=nhwc) for b in buffers]
+    monkeypatch.undo()
+    return buffers, decoded, enc.residuals[0].error
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compiled_loops_match_the_torch_passes_bit_for_bit(bits, monkeypatch):
+    pytest.importorskip("numba")
+    x = _message(seed=7, shape=(3, 5, 9, 7)).contiguous(memory_format=torch.channels_last)
+    settings = CompressionSettings(bits=bits)
+    compiled = _paths_encode(x, settings, True, monkeypatch, compiled=True)
+    plain = _paths_encode(x, settings, True, monkeypatch, compiled=False)
+    for got, want in zip(compiled[0] + compiled[1], plain[0] + plain[1]):
+        assert torch.equal(got, want)
+    assert torch.equal(compiled[2], plain[2])  # the carried error too
+
+
+@pytest.mark.parametrize("nhwc", [True, False])
+def test_wire_order_round_trip_keeps_the_tensor(nhwc):
+    x = _message(seed=2, shape=(2, 3, 5, 4))
+    if nhwc:
+        x = x.contiguous(memory_format=torch.channels_last)
+    settings = CompressionSettings(bits=8, error_feedback=False)
+    buffer = encode(x, settings, nhwc=nhwc)
+    y = decode(buffer, x.shape, settings, nhwc=nhwc)
+    assert y.shape == x.shape and y.is_contiguous(
+        memory_format=torch.channels_last if nhwc else torch.contiguous_format
+    )
+    step = (x.amax(dim=(0, 2, 3)) - x.amin(dim=(0, 2, 3))).view(1, -1, 1, 1) / 255
+    assert ((y - x).abs() <= step / 2 + 1e-5).all()
+    # NHWC codes: channel varies fastest on the wire
+    codes = buffer[8 * 3 :]
+    first_pixel = torch.round((x[0, :, 0, 0] - x.amin(dim=(0, 2, 3))) / step.view(-1))
+    if nhwc:
+        assert torch.equal(codes[:3].float(), first_pixel)

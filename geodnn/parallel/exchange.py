@@ -188,7 +188,9 @@ class BoundaryExchange:
             payload = _wire_order(tensor, self.ctx.device).to(self.ctx.device, torch.float32)
             payload = payload.contiguous()
         else:
-            enc = self._encoder(direction).encode(tensor, message.slot, message.generation)
+            nhwc = _nhwc_wire(self.ctx.device, tensor.dim())
+            encoder = self._encoder(direction)
+            enc = encoder.encode(tensor, message.slot, message.generation, nhwc)
             payload = enc.to(self.ctx.device).contiguous()
         return payload.reshape(-1).view(torch.uint8)
 
@@ -253,7 +255,8 @@ class BoundaryExchange:
         if self.compression is None:
             tensor = _from_wire(payload.view(torch.float32), shape, self.ctx.device)
         else:
-            tensor = decode(payload.cpu(), shape, self.compression).to(self.ctx.device)
+            nhwc = _nhwc_wire(self.ctx.device, len(shape))
+            tensor = decode(payload, shape, self.compression, nhwc)
         return self.make_message(slot, generation, as_activation(tensor))
 
     def state_dict(self) -> dict:
