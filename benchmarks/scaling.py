@@ -12,7 +12,8 @@ Same model, batch and crop stream for both (Vegas roads scene, left 70 % of colu
 - Pipeline baseline: backprop + Adam, one process vs 2 ranks with GPipe and 1F1B.
 - A cost model from the measured per-layer times and message sizes, with a stated link
   bandwidth and latency, projecting speedup for N = 4..64 ranks and depth 32..256, beside the
-  pipeline's bubble (K-1)/(M+K-1).
+  pipeline's bubble (K-1)/(M+K-1); also with 8-bit messages (their measured encode and decode
+  time on the compute thread against a quarter of the bytes on the link).
 - Full mode only: time to a target validation IoU, ADMM (2 ranks) vs GPipe (2 ranks).
 
     python benchmarks/scaling.py --quick    # about 1.5 minutes
@@ -31,6 +32,7 @@ import resource
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
 from geodnn.parallel.admm_rank import RankAdmmSolver
 from geodnn.parallel.blocks import JacobiBlock
-from geodnn.parallel.compress import CompressionSettings
+from geodnn.parallel.compress import CompressionSettings, ErrorFeedbackEncoder, decode
 from geodnn.parallel.group import init_ranks, shutdown
 from geodnn.parallel.launch import spawn
 from geodnn.parallel.partition import LayerCost, Plan, balance, even_blocks
@@ -413,6 +415,33 @@ def workload_ceiling(single_s: float, depth, width, data, settings, warm, cycle)
 
 
 # ----------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class Codec:
+    """8-bit boundary messages for the model: their size and the compute thread's cost of
+    encoding one (with error feedback) and decoding one, measured on this machine."""
+
+    message_bytes: float
+    encode_s: float
+    decode_s: float
+
+
+def measure_codec(shape: tuple[int, ...], repeats: int = 20) -> Codec:
+    """Median time to encode (8 bits, error feedback) and to decode one boundary message of
+    `shape`, in the CPU's activation layout and wire order, one thread."""
+    message = torch.relu(torch.randn(shape)).contiguous(memory_format=torch.channels_last)
+    encoder = ErrorFeedbackEncoder(CompressionSettings(bits=8))
+    times: dict[str, list[float]] = {"encode": [], "decode": []}
+    for _ in range(repeats + 2):  # the first two compile / warm up; not counted
+        start = time.perf_counter()
+        buffer = encoder.encode(message, slot=0, generation=0, nhwc=True)
+        middle = time.perf_counter()
+        decode(buffer, message.shape, encoder.settings, nhwc=True)
+        times["encode"].append(middle - start)
+        times["decode"].append(time.perf_counter() - middle)
+    encode_s, decode_s = (float(np.median(v[2:])) for v in times.values())
+    return Codec(float(buffer.numel()), encode_s, decode_s)
+
+
 def project(
     t_hidden: float,
     t_ends: float,
@@ -422,13 +451,15 @@ def project(
     microbatches: int,
     bandwidth: float,
     latency: float,
+    codec: Codec | None = None,
 ) -> list[dict]:
     """Per-iteration speedup over one rank for ADMM and GPipe at N ranks and depth D.
 
     ADMM: slowest block = ceil(D/N) hidden layers (+ stem or head), its two boundary messages
     (up and down, `message_bytes` each) overlap the interior layers; plus one small all-reduce
-    (log2 N latencies). GPipe: (M+K-1) slots of T1/(K M) each, plus per slot one activation
-    forward and one gradient backward of a micro-batch over the link.
+    (log2 N latencies). With `codec`, also with 8-bit messages: smaller, but each rank encodes
+    two and decodes two on its compute thread. GPipe: (M+K-1) slots of T1/(K M) each, plus per
+    slot one activation forward and one gradient backward of a micro-batch over the link.
     """
     rows = []
     for depth in (32, 64, 128, 256):
@@ -445,15 +476,19 @@ def project(
             m, k = microbatches, n
             slot = t1_adam / (k * m) + 2 * (pipe_act_bytes / m / bandwidth + latency)
             pipe_t = (m + k - 1) * slot
-            rows.append(
-                {
-                    "depth": depth,
-                    "ranks": n,
-                    "admm_speedup": round(t1_admm / admm_t, 2),
-                    "gpipe_speedup": round(t1_adam / pipe_t, 2),
-                    "gpipe_bubble": round((k - 1) / (m + k - 1), 3),
-                }
-            )
+            row = {
+                "depth": depth,
+                "ranks": n,
+                "admm_speedup": round(t1_admm / admm_t, 2),
+                "gpipe_speedup": round(t1_adam / pipe_t, 2),
+                "gpipe_bubble": round((k - 1) / (m + k - 1), 3),
+            }
+            if codec is not None:
+                coded = compute + 2 * (codec.encode_s + codec.decode_s)
+                comm = 2 * (codec.message_bytes / bandwidth + latency)
+                admm_8bit_t = coded + max(0.0, comm - interior) + math.log2(n) * latency
+                row["admm_speedup_8bit"] = round(t1_admm / admm_8bit_t, 2)
+            rows.append(row)
     return rows
 
 
@@ -611,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     t_ends = single["per_layer_s"][0] + single["per_layer_s"][-1]
     message_bytes = ranks[0]["balanced"]["bytes_sent"]  # rank 0 sends one message (up)
     act_bytes = args.batch * args.width * args.crop**2 * 4
+    codec = measure_codec((args.batch, args.width, args.crop, args.crop))
     projection = project(
         t_hidden,
         t_ends,
@@ -620,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         args.microbatches,
         args.bandwidth_gbit * 1e9 / 8,
         args.latency_us * 1e-6,
+        codec,
     )
     crops = admm_settings.slots * admm_settings.batch_size
     width, crop = args.width, args.crop
@@ -722,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
             "latency_us": args.latency_us,
             "hidden_layer_step_s": round(t_hidden, 4),
             "message_bytes": message_bytes,
+            "message_bytes_8bit": codec.message_bytes,
+            "encode_decode_s_8bit": [round(codec.encode_s, 5), round(codec.decode_s, 5)],
             "adam_layer_s": round(adam_1 / layers, 5),
             "projection": projection,
         },
