@@ -169,13 +169,22 @@ def _quantize(
     return _Quantized(low, scale, codes.to(torch.uint8).reshape(-1), lost)
 
 
-def _steps(low: torch.Tensor, high: torch.Tensor, settings: CompressionSettings):
+def _steps(
+    low: torch.Tensor, high: torch.Tensor, settings: CompressionSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group quantization step and its reciprocal (float32)."""
     scale = ((high - low) / ((1 << settings.bits) - 1)).clamp(min=1e-12)
     return scale, 1.0 / scale
 
 
-def _quantize_compiled(loops, wired, groups, settings, keep_error, carried) -> _Quantized:
+def _quantize_compiled(
+    loops: tuple,
+    wired: torch.Tensor,
+    groups: int,
+    settings: CompressionSettings,
+    keep_error: bool,
+    carried: torch.Tensor | None,
+) -> _Quantized:
     """`_quantize` in two compiled passes over the message (see `compress_kernels`)."""
     feedback_range, quantize_loop, _ = loops
     rows = (wired.numel() // groups, groups)
@@ -246,7 +255,8 @@ def decode(
     codes = unpack_codes(buffer[8 * groups :], settings.container_bits, shape.numel())
     wired_shape = [shape[d] for d in wire.order]
     loops = _cpu_loops()
-    if loops is not None and codes.device.type == "cpu" and wire.axis == len(shape) - 1:
+    dense = codes.device.type == "cpu" and shape.numel() > 0
+    if loops is not None and dense and wire.axis == len(shape) - 1:
         values = torch.empty(wired_shape, dtype=torch.float32)
         rows = (shape.numel() // groups, groups)
         dequantize = loops[2]
