@@ -10,6 +10,8 @@ Same model, batch and crop stream for both (Vegas roads scene, left 70 % of colu
 - Two ceilings for 2 ranks with free communication: a conv loop in two processes, and the
   whole ADMM chain in two processes at once (this workload's own memory and cache sharing).
 - Pipeline baseline: backprop + Adam, one process vs 2 ranks with GPipe and 1F1B.
+- One process on both cores (two intra-op threads) for ADMM and Adam: what the cores give a
+  model that fits one process without splitting it.
 - A cost model from the measured per-layer times and message sizes, with a stated link
   bandwidth and latency, projecting speedup for N = 4..64 ranks and depth 32..256, beside the
   pipeline's bubble (K-1)/(M+K-1); also with 8-bit messages (their measured encode and decode
@@ -321,6 +323,17 @@ def admm_variants(
 
 
 # ----------------------------------------------------------------------------- pipeline
+def threaded_single_process(admm_run, adam_run, threads: int = 2) -> dict:
+    """Seconds per iteration of one process with `threads` intra-op threads (ADMM's layer steps
+    and Adam's steps run as before): what the machine's cores give without splitting the
+    model, the honest reference for a 2-rank speedup when the model fits one process."""
+    torch.set_num_threads(threads)
+    try:
+        return {"admm": admm_run()["iteration_s"], "adam": adam_run()["step_s"]}
+    finally:
+        torch.set_num_threads(1)
+
+
 def adam_single_process(model, data, settings: AdamSettings, timed: int) -> dict:
     """Seconds per Adam step of the whole model in one process (one thread)."""
     solver = AdamSolver(model, data, settings, SEED)
@@ -635,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     adam = min(adam_first, adam_run(), key=lambda r: r["step_s"])
     adam_1 = adam["step_s"]
+    threads = threaded_single_process(single_run, adam_run)
 
     ceiling = (ceiling_before + parallel_ceiling()) / 2
     admm_2 = {k: max(r[k]["iteration_s"] for r in ranks) for k in plans}
@@ -697,6 +711,11 @@ def main(argv: list[str] | None = None) -> int:
             single["iteration_s"] / admm_2["balanced_blocking_stats"], 3
         ),
         "adam_step_s_1": round(adam_1, 4),
+        # one process on both cores (intra-op threads), against one thread
+        "threads_speedup_2": {
+            "admm": round(single["iteration_s"] / threads["admm"], 3),
+            "adam": round(adam_1 / threads["adam"], 3),
+        },
         "pipeline_step_s_2": {k: round(v, 4) for k, v in pipe_2.items()},
         "pipeline_speedup_2": round(adam_1 / best_pipe, 3),
         "pipeline_speedup_2_gpipe": round(adam_1 / pipe_2["gpipe"], 3),

@@ -13,7 +13,7 @@ import torch
 import geodnn
 from geodnn.data import TensorBatches, class_weights
 from geodnn.model import build_model
-from geodnn.parallel.compress import CompressionSettings, ErrorFeedbackEncoder
+from geodnn.parallel.compress import CompressionSettings, ErrorFeedbackEncoder, decode
 from geodnn.solvers import make_solver
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -75,7 +75,9 @@ def test_compression_with_error_feedback_on_gpu_tensors_and_after_a_restart():
     restarted.load_state_dict(saved)
     rest = [restarted.encode(m.cuda(), slot=0, generation=0) for m in messages[1:]]
     for got, want in zip([first, *rest], expected):
-        assert torch.equal(got.cpu(), want)
+        assert got.is_cuda and torch.equal(got.cpu(), want)  # encoded on the GPU, same bytes
+        decoded = decode(got, messages[0].shape, settings)
+        assert decoded.is_cuda and torch.equal(decoded.cpu(), decode(want, decoded.shape, settings))
 
 
 @pytest.mark.parametrize("solver", ["admm", "adam"])
