@@ -42,12 +42,14 @@ stem keeps ~10 % of its updates, the mid layers ~50 %, the top ones all; margin 
 keep about half, at the price of more work per iteration and each crop reused twice as long.
 Measured (both scenes, 60 s per solver, one seed; IoU ratio ADMM / Adam): depth 16 0.66 -> 0.85
 and 0.96 in two runs, but depth 8 0.62 -> 0.49 and depth 32 0.79 -> 0.61, a wash over the
-depths, so the default stays 1. With keep_retired each layer keeps the previous generation of
-every slot (input and pre-activation) until the next change, so no request is dropped and every
-layer updates every iteration. Measured (Vegas, depth 16, 32 px crops, 400 iterations, two
-seeds): training loss the same within 2 %, validation IoU +0.01, 20 % more time per iteration,
-twice the stored memory; so it is off by default. Dropped requests make a layer's work uneven (a
-full update ~5x its forward half); unstaggered, the drops after the simultaneous changes leave
+depths, so the default stays 1; margin 0.5 (fresher crops, more drops) lost on both scenes
+(depth 16, seed 0: IoU 0.094 / 0.126 against 0.133-0.158 / 0.173-0.181). With keep_retired each
+layer keeps the previous generation of every slot (input and pre-activation) until the next
+change, so no request is dropped and every layer updates every iteration. Measured (Vegas, depth
+16, 32 px crops, 400 iterations, two seeds): training loss the same within 2 %, validation IoU
++0.01, 20 % more time per iteration, twice the stored memory; so it is off by default. Dropped
+requests make a layer's work uneven (a full update ~5x its forward half); unstaggered, the drops
+after the simultaneous changes leave
 the low layers nearly idle for several iterations in a row while the top ones are not, which on
 N ranks (each a contiguous block) made the low blocks wait: measured (depth 8, 2 ranks, 3 runs
 each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80 staggered. Requests reach the low layers
@@ -85,8 +87,10 @@ The local subproblems of one backward half (geodnn.solvers.subproblems), on slot
    150 iterations): this step points along the input-whitened gradient of the real network's
    loss on the same crops (-grad (G + lam I)^-1; cosine 0.96 at the head, 0.89-0.92 two to five
    layers below it, 0.6-0.7 in the lowest layers), so the stale pipelined schedule keeps good
-   directions; from four layers below the head the steps are 1.6-20x smaller than Adam's, the
-   head's 17-35x larger (after 400 iterations). With momentum m > 0 each W-step adds m x the
+   directions (a more damped direction, ridge 0.1-1 x the Gram's mean diagonal, rescaled to
+   this step's size, lost on both scenes: the whitening helps); from four layers below the
+   head the steps are 1.6-20x smaller than Adam's, the head's 17-35x larger (after 400
+   iterations). With momentum m > 0 each W-step adds m x the
    layer's previous step (heavy ball; the velocity is layer state, no message). Measured (both
    scenes, 60 s, paired): mean IoU 0.168 -> 0.184 / 0.196 (momentum 0.5 / 0.6) with seed 0 and
    0.130 -> 0.139 / 0.141 with seed 1, but the IoU snapshots swing 2-3x more and the training
