@@ -49,12 +49,11 @@ change, so no request is dropped and every layer updates every iteration. Measur
 16, 32 px crops, 400 iterations, two seeds): training loss the same within 2 %, validation IoU
 +0.01, 20 % more time per iteration, twice the stored memory; so it is off by default. Dropped
 requests make a layer's work uneven (a full update ~5x its forward half); unstaggered, the drops
-after the simultaneous changes leave
-the low layers nearly idle for several iterations in a row while the top ones are not, which on
-N ranks (each a contiguous block) made the low blocks wait: measured (depth 8, 2 ranks, 3 runs
-each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80 staggered. Requests reach the low layers
-scaled by request_gain^distance, so with the default gain those layers take tiny steps either
-way.
+after the simultaneous changes leave the low layers nearly idle for several iterations in a row
+while the top ones are not, which on N ranks (each a contiguous block) made the low blocks wait:
+measured (depth 8, 2 ranks, 3 runs each) 2-rank speedup 1.33-1.55 unstaggered, 1.56-1.80
+staggered. Requests reach the low layers scaled by request_gain^distance, so with the default
+gain those layers take tiny steps either way.
 
 Iterate averaging (average_decay > 0, e.g. 0.99; off by default): every layer keeps a
 bias-corrected exponential moving average of its own weights over ~1 / (1 - decay) iterations, a
