@@ -1,4 +1,5 @@
-"""Process-wide settings for long training loops, and waiting for a GPU before a timing.
+"""Process-wide settings for long training loops, waiting for a GPU before a timing, and the
+switch for the compiled (numba) CPU loops.
 
 A layer step allocates and frees tensors of a few MB many times per iteration. glibc's malloc
 serves such blocks with mmap or hands the freed top of its heap back to the kernel, so the next
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 import logging
 import os
 import sys
@@ -74,3 +76,18 @@ def wait_for_device(device: torch.device) -> None:
 
 
 __all__ = ["OPT_OUT", "retain_freed_memory", "wait_for_device"]
+
+
+FUSED_SWITCH = "GEODNN_FUSED"
+
+
+def compiled_loops(module: str, *names: str) -> tuple | None:
+    """The named compiled CPU loops of `module` (absolute name), or None when numba is missing
+    or GEODNN_FUSED=0 asks for the torch passes instead (for comparisons)."""
+    if os.environ.get(FUSED_SWITCH, "1") == "0":
+        return None
+    try:
+        loops = importlib.import_module(module)
+    except ImportError:
+        return None
+    return tuple(getattr(loops, name) for name in names)

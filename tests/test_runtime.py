@@ -1,4 +1,5 @@
-"""The allocator setting keeps freed tensor memory in the process (no fresh page faults)."""
+"""The allocator setting keeps freed tensor memory in the process (no fresh page faults); the
+switch for the compiled CPU loops."""
 
 from __future__ import annotations
 
@@ -73,3 +74,12 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_opt_out_leaves_the_allocator_alone(monkeypatch):
     monkeypatch.setenv(runtime.OPT_OUT, "0")
     assert runtime.retain_freed_memory() is False
+
+
+def test_compiled_loops_follow_the_switch_and_a_missing_module(monkeypatch):
+    pytest.importorskip("numba")
+    loops = runtime.compiled_loops("geodnn.parallel.compress_kernels", "quantize_loop")
+    assert loops is not None and loops[0].__name__ == "quantize_loop"
+    assert runtime.compiled_loops("geodnn.no_such_kernels", "loop") is None  # torch instead
+    monkeypatch.setenv("GEODNN_FUSED", "0")
+    assert runtime.compiled_loops("geodnn.parallel.compress_kernels", "quantize_loop") is None

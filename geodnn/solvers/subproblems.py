@@ -9,7 +9,6 @@ convolution and whose adjoint is a transposed convolution.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -19,6 +18,7 @@ from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
 from ..metrics import IGNORE_INDEX
+from ..runtime import compiled_loops
 
 
 def weighted_cross_entropy(
@@ -148,13 +148,8 @@ def hidden_target_change(
 @cache
 def _cpu_loop():
     """The compiled loop, or None without numba (or with GEODNN_FUSED=0, for comparisons)."""
-    if os.environ.get("GEODNN_FUSED", "1") == "0":
-        return None
-    try:
-        from .kernels import hidden_change_loop
-    except ImportError:
-        return None
-    return hidden_change_loop
+    loops = compiled_loops("geodnn.solvers.kernels", "hidden_change_loop")
+    return None if loops is None else loops[0]
 
 
 def _shared_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
