@@ -3,7 +3,9 @@
 Spatial split (left 70 % of columns train, right 30 % validation, a gap of one receptive field
 between them), random crops, class-weighted cross-entropy. For each scene and depth both solvers
 get the same wall-clock budget; reported: validation IoU of the positive class (mean of six
-snapshots over the last quarter of the budget), the real network's
+snapshots over the last quarter of the budget) and, threshold-free, its average precision
+(`ap_ratio_admm_vs_adam_depth*`: whether ADMM ranks pixels as well as Adam even where the
+argmax puts its threshold elsewhere), the real network's
 training loss at equal iterations and at equal time, time per iteration, ADMM's ideal
 layer-parallel time per iteration (its slowest layer step) and memory per layer.
 
@@ -103,18 +105,39 @@ def split(image, labels, gap: int):
 
 
 def validation_iou(model, region) -> float:
-    """IoU of class 1 over the whole validation region, in one plain forward.
+    """IoU of class 1 over the whole validation region, in one plain forward (see
+    `validation_scores`)."""
+    return validation_scores(model, region)[0]
+
+
+def validation_scores(model, region) -> tuple[float, float]:
+    """(IoU of class 1 at the argmax, average precision of class 1) over the whole validation
+    region, in one plain forward.
 
     One forward over the region (not tiles): zero padding at tile edges would touch most pixels
-    of a small tile once the receptive radius (61 px at depth 16) nears the tile size."""
+    of a small tile once the receptive radius (61 px at depth 16) nears the tile size. The
+    average precision ranks every pixel by its class-1 probability, so it does not depend on
+    where the class weights put the decision threshold, which the IoU does."""
     image, labels = region
     device = model.band_mean.device
     with torch.no_grad():
-        pred = model(torch.from_numpy(np.ascontiguousarray(image[None])).to(device)).argmax(1)
-    conf = confusion_matrix(pred.cpu(), torch.from_numpy(labels[None]), 2)
+        logits = model(torch.from_numpy(np.ascontiguousarray(image[None])).to(device))
+    truth = torch.from_numpy(labels[None])
+    conf = confusion_matrix(logits.argmax(1).cpu(), truth, 2)
     tp = conf[1, 1].item()
     union = conf[1, :].sum().item() + conf[:, 1].sum().item() - tp
-    return tp / union if union else 0.0
+    score = torch.softmax(logits.float(), 1)[0, 1].cpu().reshape(-1)
+    return (tp / union if union else 0.0), average_precision(score, truth.reshape(-1) == 1)
+
+
+def average_precision(score: torch.Tensor, positive: torch.Tensor) -> float:
+    """Mean over the positives of the precision among the pixels scored at least as high (the
+    area under the precision-recall curve, step-wise); 0 without positives."""
+    hits = positive[torch.argsort(score, descending=True, stable=True)].double()
+    if not hits.sum():
+        return 0.0
+    precision = hits.cumsum(0) / torch.arange(1, hits.numel() + 1, dtype=torch.float64)
+    return float((precision * hits).sum() / hits.sum())
 
 
 def make_model(image, depth: int, width: int, seed: int, device: str = "cpu"):
@@ -159,7 +182,8 @@ def iou_with(model, parameters: list, region) -> float:
 def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=None, probe=None):
     """Train for `budget` seconds; returns the loss curve [(iteration, seconds, loss)], the
     validation IoU snapshots at the TAIL fractions of the budget (for Adam also those of its
-    averaged weights), and ADMM's layer times.
+    averaged weights) and the average precision at the same snapshots, and ADMM's layer
+    times.
 
     The raw iterate's IoU swings by up to +-0.1 from one snapshot to the next (the
     class-weighted loss moves the decision threshold), so one end-of-budget snapshot is mostly
@@ -178,7 +202,7 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
         solver = AdamSolver(model, data, settings, seed)
         decay = AdmmSettings.from_dict(admm_overrides or {}).average_decay  # as ADMM's
         average = WeightAverage(model, decay) if decay > 0 else None
-    curve, compute, max_layer, sum_layer, tail, tail_other = [], 0.0, 0.0, 0.0, [], []
+    curve, compute, max_layer, sum_layer, tail, tail_other, tail_ap = [], 0.0, 0.0, 0.0, [], [], []
     while compute < budget:
         start = time.perf_counter()
         stats = solver.step()
@@ -195,13 +219,15 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
         if probe is not None and solver.iteration == probe[0]:
             probe[1](model)
         if len(tail) < len(TAIL) and compute >= TAIL[len(tail)] * budget:
-            tail.append(validation_iou(model, val))
+            iou, ap = validation_scores(model, val)
+            tail.append(iou)
+            tail_ap.append(ap)
             if average is not None:  # Adam: its averaged weights as well
                 tail_other.append(iou_with(model, average.average, val))
             elif kind == "admm" and solver.settings.average_decay > 0:  # ADMM: its raw iterate
                 raw = [t for s in solver.states for t in (s.weight, s.bias)]
                 tail_other.append(iou_with(model, raw, val))
-    return solver, curve, (tail, tail_other), max_layer, sum_layer
+    return solver, curve, (tail, tail_other, tail_ap), max_layer, sum_layer
 
 
 def _rounded(value: float | None) -> float | None:
@@ -223,7 +249,7 @@ def adam_top_layers(model, data, weights, budget, seed, val, top: int) -> float:
     ones left at their random initial weights: how much of Adam's score the low layers make."""
     for layer in model.layers[: len(model.layers) - top]:
         layer.requires_grad_(False)
-    _, _, (tail, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
+    _, _, (tail, _, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
     return sum(tail) / len(tail)
 
 
@@ -252,7 +278,7 @@ def compare(
                 out["admm"]["iterations"],
                 lambda m: at_equal.setdefault("iou", validation_iou(m, region_val)),
             )
-        solver, curve, (tail, other), max_layer, sum_layer = run_solver(
+        solver, curve, (tail, other, ap), max_layer, sum_layer = run_solver(
             kind, model, data, weights, budget, seed, region_val, admm, probe=probe
         )
         n = len(curve)
@@ -262,6 +288,7 @@ def compare(
             "curve": curve,
             "val_iou": sum(tail) / len(tail),
             "val_iou_snapshots": [round(v, 4) for v in tail],
+            "val_ap": sum(ap) / len(ap),
             # Adam: its averaged weights; ADMM (averaging on): its raw iterate
             "val_iou_other": sum(other) / len(other) if other else None,
             "s_per_iter": curve[-1][1] / n,
@@ -295,6 +322,9 @@ def compare(
         "budget_s": budget,
         "val_iou_adam": round(adam_best, 4),
         "val_iou_admm": round(m["val_iou"], 4),
+        # threshold-free: how well each ranks the pixels (mean over the same snapshots)
+        "val_ap_adam": round(a["val_ap"], 4),
+        "val_ap_admm": round(m["val_ap"], 4),
         "val_iou_adam_raw": round(a["val_iou"], 4),
         # null when averaging is off (--admm average_decay=D turns it on for both)
         "val_iou_adam_averaged": _rounded(a["val_iou_other"]),
@@ -441,6 +471,9 @@ def main(argv=None) -> int:
         # (every Adam run of the probes sat at IoU 0 first); below PLATEAU_IOU it is flagged
         adam_mean = iou_a / max(1, len(at_depth))
         summary[f"adam_past_plateau_depth{depth}"] = adam_mean > PLATEAU_IOU
+        ap_a = sum(r["val_ap_adam"] for r in at_depth)
+        ap_ratio = sum(r["val_ap_admm"] for r in at_depth) / ap_a if ap_a else None
+        summary[f"ap_ratio_admm_vs_adam_depth{depth}"] = _rounded(ap_ratio)
         for top in args.adam_top:  # Adam on the top layers only, pooled like the ratio
             iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in at_depth)
             key = f"iou_ratio_adam_top{top}_layers_vs_adam_depth{depth}"
