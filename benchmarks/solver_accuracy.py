@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,6 @@ from rasterio.features import rasterize
 
 from geodnn.data import class_weights
 from geodnn.errors import GeodnnError
-from geodnn.metrics import confusion_matrix
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
@@ -104,30 +104,71 @@ def split(image, labels, gap: int):
     return (image[:, :, :cut], labels[:, :cut]), (image[:, :, cut + gap :], labels[:, cut + gap :])
 
 
+@dataclass
+class Scores:
+    """One validation snapshot: the argmax IoU of class 1, its average precision and, when a
+    calibration region is given, the IoU at the class-1 probability threshold that maximizes
+    the IoU on that (training) region."""
+
+    iou: float
+    ap: float
+    iou_calibrated: float | None = None
+    threshold: float | None = None
+
+
 def validation_iou(model, region) -> float:
     """IoU of class 1 over the whole validation region, in one plain forward (see
     `validation_scores`)."""
-    return validation_scores(model, region)[0]
+    return validation_scores(model, region).iou
 
 
-def validation_scores(model, region) -> tuple[float, float]:
-    """(IoU of class 1 at the argmax, average precision of class 1) over the whole validation
-    region, in one plain forward.
+def _class1(model, region) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-1 probability and truth (bool) of every pixel of a region, one plain forward."""
+    image, labels = region
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(image[None])).to(model.band_mean.device)
+        score = torch.softmax(model(x).float(), 1)[0, 1].cpu().reshape(-1)
+    return score, torch.from_numpy(labels).reshape(-1) == 1
+
+
+def validation_scores(model, region, calibration=None) -> Scores:
+    """`Scores` over the whole validation region, in one plain forward (and one over the
+    `calibration` region, the training one, when given).
 
     One forward over the region (not tiles): zero padding at tile edges would touch most pixels
     of a small tile once the receptive radius (61 px at depth 16) nears the tile size. The
     average precision ranks every pixel by its class-1 probability, so it does not depend on
-    where the class weights put the decision threshold, which the IoU does."""
-    image, labels = region
-    device = model.band_mean.device
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(image[None])).to(device))
-    truth = torch.from_numpy(labels[None])
-    conf = confusion_matrix(logits.argmax(1).cpu(), truth, 2)
-    tp = conf[1, 1].item()
-    union = conf[1, :].sum().item() + conf[:, 1].sum().item() - tp
-    score = torch.softmax(logits.float(), 1)[0, 1].cpu().reshape(-1)
-    return (tp / union if union else 0.0), average_precision(score, truth.reshape(-1) == 1)
+    where the class weights put the decision threshold, which the IoU does; the calibrated IoU
+    moves that threshold to the training region's best, as a user could without validation
+    labels."""
+    score, truth = _class1(model, region)
+    scores = Scores(_iou_at(score, truth, 0.5), average_precision(score, truth))
+    if calibration is not None:
+        scores.threshold = best_iou_threshold(*_class1(model, calibration))
+        scores.iou_calibrated = _iou_at(score, truth, scores.threshold)
+    return scores
+
+
+def _iou_at(score: torch.Tensor, truth: torch.Tensor, threshold: float) -> float:
+    """IoU of class 1 when pixels scoring above `threshold` are called class 1 (0.5: the
+    argmax of two classes)."""
+    called = score > threshold
+    tp = int((called & truth).sum())
+    union = int((called | truth).sum())
+    return tp / union if union else 0.0
+
+
+def best_iou_threshold(score: torch.Tensor, truth: torch.Tensor) -> float:
+    """The class-1 probability threshold with the highest IoU on these pixels (pixels above it
+    are called class 1): the midpoint between the last score kept and the next."""
+    order = torch.argsort(score, descending=True, stable=True)
+    ranked, hits = score[order], truth[order].double()
+    tp = hits.cumsum(0)
+    called = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
+    iou = tp / (called + hits.sum() - tp)
+    k = int(torch.argmax(iou))
+    below = float(ranked[k + 1]) if k + 1 < ranked.numel() else 0.0
+    return (float(ranked[k]) + below) / 2
 
 
 def average_precision(score: torch.Tensor, positive: torch.Tensor) -> float:
@@ -179,11 +220,13 @@ def iou_with(model, parameters: list, region) -> float:
     return iou
 
 
-def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=None, probe=None):
+def run_solver(
+    kind, model, data, weights, budget, seed, val, admm_overrides=None, probe=None, train=None
+):
     """Train for `budget` seconds; returns the loss curve [(iteration, seconds, loss)], the
     validation IoU snapshots at the TAIL fractions of the budget (for Adam also those of its
-    averaged weights) and the average precision at the same snapshots, and ADMM's layer
-    times.
+    averaged weights) with the average precision (and, given the `train` region, the
+    calibrated IoU) at the same snapshots, and ADMM's layer times.
 
     The raw iterate's IoU swings by up to +-0.1 from one snapshot to the next (the
     class-weighted loss moves the decision threshold), so one end-of-budget snapshot is mostly
@@ -202,7 +245,7 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
         solver = AdamSolver(model, data, settings, seed)
         decay = AdmmSettings.from_dict(admm_overrides or {}).average_decay  # as ADMM's
         average = WeightAverage(model, decay) if decay > 0 else None
-    curve, compute, max_layer, sum_layer, tail, tail_other, tail_ap = [], 0.0, 0.0, 0.0, [], [], []
+    curve, compute, max_layer, sum_layer, tail, tail_other = [], 0.0, 0.0, 0.0, [], []
     while compute < budget:
         start = time.perf_counter()
         stats = solver.step()
@@ -219,15 +262,18 @@ def run_solver(kind, model, data, weights, budget, seed, val, admm_overrides=Non
         if probe is not None and solver.iteration == probe[0]:
             probe[1](model)
         if len(tail) < len(TAIL) and compute >= TAIL[len(tail)] * budget:
-            iou, ap = validation_scores(model, val)
-            tail.append(iou)
-            tail_ap.append(ap)
+            tail.append(validation_scores(model, val, train))
             if average is not None:  # Adam: its averaged weights as well
                 tail_other.append(iou_with(model, average.average, val))
             elif kind == "admm" and solver.settings.average_decay > 0:  # ADMM: its raw iterate
                 raw = [t for s in solver.states for t in (s.weight, s.bias)]
                 tail_other.append(iou_with(model, raw, val))
-    return solver, curve, (tail, tail_other, tail_ap), max_layer, sum_layer
+    return solver, curve, (tail, tail_other), max_layer, sum_layer
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -249,8 +295,8 @@ def adam_top_layers(model, data, weights, budget, seed, val, top: int) -> float:
     ones left at their random initial weights: how much of Adam's score the low layers make."""
     for layer in model.layers[: len(model.layers) - top]:
         layer.requires_grad_(False)
-    _, _, (tail, _, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
-    return sum(tail) / len(tail)
+    _, _, (tail, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
+    return _mean(t.iou for t in tail)
 
 
 def compare(
@@ -278,17 +324,19 @@ def compare(
                 out["admm"]["iterations"],
                 lambda m: at_equal.setdefault("iou", validation_iou(m, region_val)),
             )
-        solver, curve, (tail, other, ap), max_layer, sum_layer = run_solver(
-            kind, model, data, weights, budget, seed, region_val, admm, probe=probe
+        solver, curve, (tail, other), max_layer, sum_layer = run_solver(
+            kind, model, data, weights, budget, seed, region_val, admm, probe, region_train
         )
         n = len(curve)
         out[kind] = {
             "iterations": n,
             "seconds": curve[-1][1],
             "curve": curve,
-            "val_iou": sum(tail) / len(tail),
-            "val_iou_snapshots": [round(v, 4) for v in tail],
-            "val_ap": sum(ap) / len(ap),
+            "val_iou": _mean(t.iou for t in tail),
+            "val_iou_snapshots": [round(t.iou, 4) for t in tail],
+            "val_ap": _mean(t.ap for t in tail),
+            "val_iou_calibrated": _mean(t.iou_calibrated for t in tail),
+            "thresholds": [round(t.threshold, 4) for t in tail],
             # Adam: its averaged weights; ADMM (averaging on): its raw iterate
             "val_iou_other": sum(other) / len(other) if other else None,
             "s_per_iter": curve[-1][1] / n,
@@ -325,6 +373,11 @@ def compare(
         # threshold-free: how well each ranks the pixels (mean over the same snapshots)
         "val_ap_adam": round(a["val_ap"], 4),
         "val_ap_admm": round(m["val_ap"], 4),
+        # IoU at the class-1 threshold that is best on the TRAINING region (both solvers alike)
+        "val_iou_calibrated_adam": round(a["val_iou_calibrated"], 4),
+        "val_iou_calibrated_admm": round(m["val_iou_calibrated"], 4),
+        "calibrated_thresholds_adam": a["thresholds"],
+        "calibrated_thresholds_admm": m["thresholds"],
         "val_iou_adam_raw": round(a["val_iou"], 4),
         # null when averaging is off (--admm average_decay=D turns it on for both)
         "val_iou_adam_averaged": _rounded(a["val_iou_other"]),
@@ -474,6 +527,9 @@ def main(argv=None) -> int:
         ap_a = sum(r["val_ap_adam"] for r in at_depth)
         ap_ratio = sum(r["val_ap_admm"] for r in at_depth) / ap_a if ap_a else None
         summary[f"ap_ratio_admm_vs_adam_depth{depth}"] = _rounded(ap_ratio)
+        cal_a = sum(r["val_iou_calibrated_adam"] for r in at_depth)
+        cal_ratio = sum(r["val_iou_calibrated_admm"] for r in at_depth) / cal_a if cal_a else None
+        summary[f"calibrated_iou_ratio_admm_vs_adam_depth{depth}"] = _rounded(cal_ratio)
         for top in args.adam_top:  # Adam on the top layers only, pooled like the ratio
             iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in at_depth)
             key = f"iou_ratio_adam_top{top}_layers_vs_adam_depth{depth}"
