@@ -36,6 +36,7 @@ from rasterio.features import rasterize
 
 from geodnn.data import class_weights
 from geodnn.errors import GeodnnError
+from geodnn.metrics import best_iou_threshold
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
@@ -156,19 +157,6 @@ def _iou_at(score: torch.Tensor, truth: torch.Tensor, threshold: float) -> float
     tp = int((called & truth).sum())
     union = int((called | truth).sum())
     return tp / union if union else 0.0
-
-
-def best_iou_threshold(score: torch.Tensor, truth: torch.Tensor) -> float:
-    """The class-1 probability threshold with the highest IoU on these pixels (pixels above it
-    are called class 1): the midpoint between the last score kept and the next."""
-    order = torch.argsort(score, descending=True, stable=True)
-    ranked, hits = score[order], truth[order].double()
-    tp = hits.cumsum(0)
-    called = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
-    iou = tp / (called + hits.sum() - tp)
-    k = int(torch.argmax(iou))
-    below = float(ranked[k + 1]) if k + 1 < ranked.numel() else 0.0
-    return (float(ranked[k]) + below) / 2
 
 
 def average_precision(score: torch.Tensor, positive: torch.Tensor) -> float:

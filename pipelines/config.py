@@ -24,7 +24,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # How `geodnn run` tiles the scene (see `geodnn tile --help`).
     "tile": {"tile": 128, "split": "columns:0.7", "gap": 32},
     # Training data: a tile store made by `geodnn tile`, and the crop size drawn from its tiles.
-    "data": {"store": None, "crop": 64, "val_tiles": 64},
+    # calibrate_tiles: training tiles on which each checkpoint's 2-class decision threshold is
+    # fitted (0, the default: the plain argmax); see pipelines/train.py `fit_decision`.
+    "data": {"store": None, "crop": 64, "val_tiles": 64, "calibrate_tiles": 0},
     # The chain network (geodnn.build_model options).
     "model": {
         "depth": 16,

@@ -26,7 +26,7 @@ from tiles.raster import open_scene
 from tiles.split import Region, parse_split, split_regions
 
 from .errors import PipelineError
-from .predict import as_checkpoint, iter_predictions
+from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions
 
 REGIONS = ("all", "train", "validation")
 
@@ -89,8 +89,10 @@ def evaluate_scene(
     region: str = "all",
     chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
+    argmax: bool = False,
 ) -> Evaluation:
-    """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk."""
+    """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk
+    (the map `geodnn predict` writes: the checkpoint's decision rule unless `argmax`)."""
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute=class_attribute)
@@ -109,7 +111,7 @@ def evaluate_scene(
     box = region_box(info.shape, split, gap, region)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     for chunk_pred in iter_predictions(
-        ckpt, info.path, chunk=chunk, probabilities=False, progress=progress
+        ckpt, info.path, chunk=chunk, probabilities=False, progress=progress, argmax=argmax
     ):
         truth = clip(source.rasterize(chunk_pred.window), chunk_pred.window, box)
         truth = np.where(chunk_pred.classes == IGNORE_INDEX, IGNORE_INDEX, truth)
@@ -136,6 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", choices=REGIONS, default="all", help="which part to score")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
     p.set_defaults(func=run)
 
 
@@ -150,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         region=args.region,
         chunk=args.chunk,
         progress=not args.json,
+        argmax=args.argmax,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0

@@ -130,9 +130,12 @@ def iter_predictions(
     scheduler: str | None = None,
     progress: bool = False,
     device: str = "auto",
+    argmax: bool = False,
 ) -> Iterator[ChunkPrediction]:
     """Yield every chunk's prediction of `scene` (any order; together they cover each pixel
-    once). Validates the scene, band count and chunk size first (one-line errors)."""
+    once). Validates the scene, band count and chunk size first (one-line errors).
+
+    Classes follow the checkpoint's decision rule (`decision_scale`); `argmax` ignores it."""
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     _check_scene(info, ckpt)
@@ -147,7 +150,16 @@ def iter_predictions(
         probabilities=probabilities,
         scheduler=scheduler,
         progress=progress,
+        class_scale=None if argmax else decision_scale(ckpt),
     )
+
+
+def decision_scale(ckpt: Checkpoint) -> list[float] | None:
+    """The per-class probability factors `geodnn train` fitted on training pixels (a 2-class
+    decision threshold; `tiles.stitch.decide`), or None for the plain argmax (checkpoints of
+    more classes, or saved before this existed)."""
+    scale = ckpt.metadata.get("class_scale")
+    return None if scale is None else [float(v) for v in scale]
 
 
 def predict_scene(
@@ -166,6 +178,7 @@ def predict_scene(
     simplify: float = 0.0,
     overwrite: bool = False,
     progress: bool = False,
+    argmax: bool = False,
 ) -> PredictionSummary:
     """Predict `scene` into the class map `out` (+ probabilities, + GeoPackage polygons).
 
@@ -203,6 +216,7 @@ def predict_scene(
                 scheduler=scheduler,
                 device=device,
                 progress=progress,
+                argmax=argmax,
             ):
                 writer.write(prediction)
                 counts["chunks"] += 1
@@ -267,7 +281,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--simplify", type=float, default=0.0, help="simplify tolerance (CRS units)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
     p.set_defaults(func=run)
+
+
+ARGMAX_HELP = (
+    "classes by the plain argmax of the probabilities, ignoring a decision threshold that "
+    "`geodnn train` fitted on training tiles ([data] calibrate_tiles > 0)"
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -286,6 +307,7 @@ def run(args: argparse.Namespace) -> int:
         simplify=args.simplify,
         overwrite=args.overwrite,
         progress=True,
+        argmax=args.argmax,
     )
     log.info(
         "wrote %s (%d chunks, %d all-nodata skipped, %.1f s)",

@@ -94,3 +94,14 @@ def test_label_classes_that_differ_from_the_model_warn(atlanta):
     scene, labels, ckpt, _ = atlanta  # the labels call their class "buildings"
     with pytest.warns(UserWarning, match="do not match the model"):
         evaluate_scene(ckpt, scene, labels, chunk=512)
+
+
+def test_evaluate_follows_the_checkpoint_threshold_unless_argmax(atlanta, tmp_path):
+    scene, labels, _, model = atlanta
+    ckpt = tmp_path / "calibrated.pt"
+    # threshold 0: every pixel with any class-1 probability is called class 1
+    geodnn.save_checkpoint(model, ckpt, class_names=["background", "building"], class_scale=[0, 1])
+    calibrated = evaluate_scene(ckpt, scene, labels, chunk=256).scores.confusion
+    assert calibrated[:, 0].sum() == 0 and calibrated[:, 1].sum() > 0
+    plain = evaluate_scene(ckpt, scene, labels, chunk=256, argmax=True).scores.confusion
+    assert torch.equal(plain, whole_scene_confusion(scene, labels, model))

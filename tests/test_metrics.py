@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from geodnn.data import TensorBatches, class_weights
-from geodnn.metrics import IGNORE_INDEX, scores
+from geodnn.metrics import IGNORE_INDEX, best_iou_threshold, scores, threshold_scale
 
 
 def test_iou_f1_and_accuracy_on_known_case():
@@ -31,3 +32,21 @@ def test_tensor_batches_returns_selected_crops():
     data = TensorBatches(torch.arange(8.0).reshape(2, 1, 2, 2), torch.zeros(2, 2, 2))
     x, y = data.get([1])
     assert x.shape == (1, 1, 2, 2) and x[0, 0, 0, 0] == 4.0 and y.dtype == torch.long
+
+
+def test_best_iou_threshold_keeps_the_cut_with_the_best_iou():
+    score = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.6, 0.2])
+    positive = torch.tensor([True, True, False, True, False, False])
+    # calling the top 2 gives IoU 2/3, the top 4 gives 3/4 (the best), all 6 gives 1/2
+    threshold = best_iou_threshold(score, positive)
+    assert 0.6 < threshold < 0.7 and threshold == pytest.approx(0.65)
+    called = score > threshold
+    assert int((called & positive).sum()) / int((called | positive).sum()) == 0.75
+    assert best_iou_threshold(score, torch.zeros(6, dtype=torch.bool)) == 0.5
+
+
+def test_threshold_scale_makes_the_argmax_a_threshold():
+    p1 = torch.linspace(0.01, 0.99, 99)
+    probs = torch.stack([1 - p1, p1])
+    scale = torch.tensor(threshold_scale(0.805)).view(2, 1)
+    assert torch.equal((probs * scale).argmax(0) == 1, p1 > 0.805)

@@ -303,3 +303,24 @@ def test_device_option(checkpoint, make_geotiff, tmp_path, capsys):
             ["predict", str(checkpoint), str(scene), "--out", str(out), "--device", "cuda"], capsys
         )
         assert code == 2 and "no GPU" in err and not out.exists()
+
+
+def test_cli_class_map_follows_the_checkpoint_scale_unless_argmax(data_dir, tmp_path, capsys):
+    scene = data_dir / "atlanta-buildings" / "image.tif"
+    scaled = tmp_path / "scaled.pt"
+    save_checkpoint(small_model(), scaled, class_names=CLASSES, class_scale=[1.0, 0.0, 1.0])
+    maps = {}
+    for name, extra in (("scaled", []), ("argmax", ["--argmax"])):
+        out, probs = tmp_path / f"{name}.tif", tmp_path / f"{name}-p.tif"
+        argv = ["predict", scaled, scene, "--out", out, "--probabilities", probs, *extra]
+        assert run_cli([*argv, "--chunk", "256"], capsys)[0] == 0
+        with rasterio.open(out) as c, rasterio.open(probs) as p:
+            maps[name] = (c.read(1), p.read())
+    (scaled_map, scaled_probs), (plain_map, plain_probs) = maps["scaled"], maps["argmax"]
+    np.testing.assert_array_equal(scaled_probs, plain_probs)  # probabilities are the model's
+    data = plain_map != 255
+    np.testing.assert_array_equal(plain_map[data], plain_probs[:, data].argmax(0))
+    # a zero factor never calls "road": those pixels take the better of the other two
+    assert (plain_map[data] == 1).any() and not (scaled_map[data] == 1).any()
+    other = np.where(plain_probs[0] >= plain_probs[2], 0, 2)
+    np.testing.assert_array_equal(scaled_map[data], other[data])

@@ -17,6 +17,7 @@ from tiles.stitch import (
     batch_chunks,
     block_size,
     check_output,
+    decide,
     stream_predictions,
 )
 
@@ -174,3 +175,18 @@ def test_unreadable_chunk_is_a_raster_input_error(make_geotiff, tmp_path):
     with pytest.raises(RasterInputError, match="not a readable raster") as info:
         predict_chunks(str(path), [chunk], box_predictor)
     assert "\n" not in str(info.value)
+
+
+def test_class_scale_moves_the_decision_and_keeps_the_probabilities(make_geotiff):
+    scene = np.random.default_rng(1).integers(0, 200, (1, 40, 50)).astype(np.float32)
+    path = make_geotiff(scene)
+    plain = list(stream_predictions(path, box_predictor, 2, chunk=32))
+    scaled = list(stream_predictions(path, box_predictor, 2, chunk=32, class_scale=[2.0, 0.5, 1.0]))
+    by_window = {str(p.window): p for p in plain}
+    moved = 0
+    for p in scaled:
+        q = by_window[str(p.window)]
+        np.testing.assert_array_equal(p.probabilities, q.probabilities)
+        np.testing.assert_array_equal(p.classes, decide(q.probabilities, [2.0, 0.5, 1.0]))
+        moved += int((p.classes != q.classes).sum())
+    assert moved > 0  # the scale changed some decisions

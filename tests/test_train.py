@@ -163,3 +163,48 @@ def test_validation_scores_tiles_with_their_validation_neighbours(store):
         region = model(canvas)
     expected = confusion_matrix(region.argmax(1), labels[None], 2)
     assert torch.equal(scores.confusion, expected)
+    # with a decision threshold: the class map `geodnn predict` writes with it
+    windows, threshold = ValidationWindows(val, halo), 0.3
+    scale = [threshold, 1 - threshold]
+    _, scaled = validate(model, windows, torch.ones(2), len(val), class_scale=scale)
+    called = (torch.softmax(region, 1)[:, 1] > threshold).long()
+    assert torch.equal(scaled.confusion, confusion_matrix(called, labels[None], 2))
+
+
+def _training_pixels(model, store, limit):
+    """Class-1 probability and truth of the training tiles `fit_decision` samples."""
+    windows = ValidationWindows(StoreBatches(store, "train"), model.receptive_radius)
+    picks = np.unique(np.linspace(0, len(windows) - 1, min(len(windows), limit)).astype(int))
+    x, y = windows.get(picks.tolist())
+    h = windows.halo
+    with torch.no_grad():
+        p1 = torch.softmax(model(x), 1)[:, 1, h : h + y.shape[1], h : h + y.shape[2]]
+    keep = y != IGNORE_INDEX
+    return p1[keep], y[keep] == 1
+
+
+def _iou(score, positive, threshold):
+    called = score > threshold
+    return int((called & positive).sum()) / max(int((called | positive).sum()), 1)
+
+
+def test_checkpoint_carries_the_iou_best_threshold_of_training_tiles(tmp_path, store, train_config):
+    config = train_config(store, iterations=12)
+    config.tables["data"]["calibrate_tiles"] = 64
+    result = train(config, tmp_path / "run", progress=False)
+    ckpt = geodnn.load_checkpoint(result.checkpoint)
+    threshold, rest = ckpt.metadata["class_scale"]
+    assert 0 < threshold < 1 and threshold + rest == pytest.approx(1)
+    score, positive = _training_pixels(ckpt.model, store, config["data"]["calibrate_tiles"])
+    best = _iou(score, positive, threshold)
+    for other in (0.5, threshold - 0.05, threshold + 0.05, 0.2, 0.8):
+        assert best >= _iou(score, positive, other)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]  # validation scored with the same decision rule
+    assert float(last["decision_threshold"]) == pytest.approx(threshold)
+
+
+def test_no_threshold_when_calibration_is_off(tmp_path, store, train_config):
+    config = train_config(store)  # off by default
+    result = train(config, tmp_path / "run", progress=False)
+    assert "class_scale" not in geodnn.load_checkpoint(result.checkpoint).metadata

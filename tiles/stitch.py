@@ -71,9 +71,15 @@ def _empty_prediction(chunk: Chunk) -> ChunkPrediction:
     return ChunkPrediction(chunk.window, classes, None, skipped=True)
 
 
-def _finish(chunk: Chunk, padded: np.ndarray, probs: np.ndarray, keep: bool) -> ChunkPrediction:
+def _finish(
+    chunk: Chunk,
+    padded: np.ndarray,
+    probs: np.ndarray,
+    keep: bool,
+    class_scale: Sequence[float] | None = None,
+) -> ChunkPrediction:
     mask = nodata_mask(padded, chunk)
-    classes = probs.argmax(axis=0).astype(np.uint8)
+    classes = decide(probs, class_scale)
     classes[mask] = CLASS_NODATA
     if not keep:
         return ChunkPrediction(chunk.window, classes)
@@ -82,10 +88,24 @@ def _finish(chunk: Chunk, padded: np.ndarray, probs: np.ndarray, keep: bool) -> 
     return ChunkPrediction(chunk.window, classes, probs)
 
 
+def decide(probs: np.ndarray, class_scale: Sequence[float] | None = None) -> np.ndarray:
+    """Class map (uint8) of (classes, h, w) probabilities: the argmax, or with `class_scale`
+    the argmax of each class's probability times its factor (a decision threshold fitted on
+    training pixels, stored in the checkpoint)."""
+    if class_scale is not None:
+        probs = probs * np.asarray(class_scale, dtype=np.float32).reshape(-1, 1, 1)
+    return probs.argmax(axis=0).astype(np.uint8)
+
+
 def predict_chunks(
-    scene: str, chunks: Sequence[Chunk], predict: Predictor, probabilities: bool = True
+    scene: str,
+    chunks: Sequence[Chunk],
+    predict: Predictor,
+    probabilities: bool = True,
+    class_scale: Sequence[float] | None = None,
 ) -> list[ChunkPrediction]:
-    """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch."""
+    """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch
+    (classes by `decide`)."""
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(scene) as src:
             arrays = [read_chunk(src, chunk) for chunk in chunks]
@@ -100,7 +120,7 @@ def predict_chunks(
     if live:
         probs = predict(np.stack([arrays[k] for k in live]))
         for k, p in zip(live, probs):
-            results[k] = _finish(chunks[k], arrays[k], p, probabilities)
+            results[k] = _finish(chunks[k], arrays[k], p, probabilities, class_scale)
     return [r if r is not None else _empty_prediction(c) for r, c in zip(results, chunks)]
 
 
@@ -140,26 +160,27 @@ def stream_predictions(
     client=None,
     in_flight: int | None = None,
     progress: bool = False,
+    class_scale: Sequence[float] | None = None,
 ) -> Iterator[ChunkPrediction]:
     """Yield the prediction of every chunk of `scene` (in completion order) as Dask tasks finish.
 
     At most `in_flight` tasks (default 3x the cluster's threads, at least 2) are pending, so
     memory stays bounded whatever the scene size. `client` reuses a `distributed.Client`;
     otherwise one is connected to `scheduler` or started locally. The scene path must be
-    readable from the workers.
+    readable from the workers. `class_scale`: see `decide`.
     """
     scene = Path(scene).resolve()  # remote Dask workers do not share our working folder
     with rasterio.open(scene) as src:
         height, width = src.height, src.width
     grid = ChunkGrid(height, width, chunk, halo)
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
-        yield from _stream(
-            str(scene), grid, predict, batch, probabilities, active, in_flight, progress
-        )
+        decision = (probabilities, class_scale)
+        yield from _stream(str(scene), grid, predict, batch, decision, active, in_flight, progress)
 
 
-def _stream(scene, grid, predict, batch, probabilities, client, in_flight, progress):
-    """Keep `limit` chunk groups in flight; hand results over as they complete."""
+def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
+    """Keep `limit` chunk groups in flight; hand results over as they complete. `decision`:
+    `predict_chunks`' (probabilities, class_scale)."""
     from distributed import as_completed
 
     threads = max(1, sum(client.nthreads().values()))
@@ -173,7 +194,7 @@ def _stream(scene, grid, predict, batch, probabilities, client, in_flight, progr
         group = next(groups, None)
         if group is None:
             return False
-        fut = client.submit(predict_chunks, scene, group, model, probabilities, pure=False)
+        fut = client.submit(predict_chunks, scene, group, model, *decision, pure=False)
         futures.add(fut)
         pending.add(fut)
         return True
