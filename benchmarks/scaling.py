@@ -34,6 +34,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,15 +324,18 @@ def admm_variants(
 
 
 # ----------------------------------------------------------------------------- pipeline
-def threaded_single_process(admm_run, adam_run, threads: int = 2) -> dict:
+def threaded_single_process(
+    admm_run: Callable[[], dict], adam_run: Callable[[], dict], threads: int = 2
+) -> dict:
     """Seconds per iteration of one process with `threads` intra-op threads (ADMM's layer steps
     and Adam's steps run as before): what the machine's cores give without splitting the
     model, the honest reference for a 2-rank speedup when the model fits one process."""
+    kept = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         return {"admm": admm_run()["iteration_s"], "adam": adam_run()["step_s"]}
     finally:
-        torch.set_num_threads(1)
+        torch.set_num_threads(kept)
 
 
 def adam_single_process(model, data, settings: AdamSettings, timed: int) -> dict:

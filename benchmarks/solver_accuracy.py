@@ -160,8 +160,9 @@ def _iou_at(score: torch.Tensor, truth: torch.Tensor, threshold: float) -> float
 
 
 def average_precision(score: torch.Tensor, positive: torch.Tensor) -> float:
-    """Mean over the positives of the precision among the pixels scored at least as high (the
-    area under the precision-recall curve, step-wise); 0 without positives."""
+    """Mean over the positives of the precision among the pixels ranked up to them, by score
+    (ties in a stable sort's order; the area under the precision-recall curve, step-wise); 0
+    without positives."""
     hits = positive[torch.argsort(score, descending=True, stable=True)].double()
     if not hits.sum():
         return 0.0

@@ -67,8 +67,10 @@ def scores(pred: torch.Tensor, target: torch.Tensor, classes: int) -> Segmentati
 
 def best_iou_threshold(score: torch.Tensor, positive: torch.Tensor) -> float:
     """The class-1 probability threshold with the highest IoU of class 1 on these pixels
-    (pixels scoring above it are called class 1): midway between the last score kept and the
-    next. 0.5 (the argmax of two classes) when there is no positive pixel.
+    (pixels scoring above it are called class 1): midway between the lowest score called and
+    the next lower one, so tied scores are called or not together (when calling every pixel is
+    best, half the lowest score: a pixel at exactly 0 stays uncalled). 0.5 (the argmax of two
+    classes) when there is no positive pixel.
 
     A class-weighted loss moves the model's probabilities towards the rare class, so its argmax
     over-calls it (both solvers called 12-13 % of a validation region roads where 2 % were);
@@ -80,8 +82,11 @@ def best_iou_threshold(score: torch.Tensor, positive: torch.Tensor) -> float:
     order = torch.argsort(score, descending=True, stable=True)
     ranked, hits = score[order], positive[order].double()
     tp = hits.cumsum(0)
-    called = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
-    k = int(torch.argmax(tp / (called + hits.sum() - tp)))
+    called = torch.arange(1, hits.numel() + 1, dtype=torch.float64, device=score.device)
+    iou = tp / (called + hits.sum() - tp)
+    inside_tie = torch.zeros_like(iou, dtype=torch.bool)
+    inside_tie[:-1] = ranked[:-1] == ranked[1:]  # a cut there would split equal scores
+    k = int(torch.argmax(iou.masked_fill(inside_tie, -1.0)))
     below = float(ranked[k + 1]) if k + 1 < ranked.numel() else 0.0
     return (float(ranked[k]) + below) / 2
 

@@ -75,9 +75,6 @@ def wait_for_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-__all__ = ["OPT_OUT", "retain_freed_memory", "wait_for_device"]
-
-
 FUSED_SWITCH = "GEODNN_FUSED"
 
 
@@ -91,3 +88,12 @@ def compiled_loops(module: str, *names: str) -> tuple | None:
     except ImportError:
         return None
     return tuple(getattr(loops, name) for name in names)
+
+
+__all__ = [
+    "FUSED_SWITCH",
+    "OPT_OUT",
+    "compiled_loops",
+    "retain_freed_memory",
+    "wait_for_device",
+]

@@ -122,6 +122,8 @@ class StoreBatches:
     def tile_labels(self, positions: Sequence[int]) -> torch.Tensor:
         """Labels int64 (B, T, T) of the split's tiles at `positions`, without their images."""
         positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) and not (positions.min() >= 0 and positions.max() < len(self.tiles)):
+            raise IndexError(f"tile positions {positions.tolist()} out of 0..{len(self.tiles) - 1}")
         if self._labels is not None:
             labels = self._labels[positions]
         elif len(positions):

@@ -156,10 +156,17 @@ def iter_predictions(
 
 def decision_scale(ckpt: Checkpoint) -> list[float] | None:
     """The per-class probability factors `geodnn train` fitted on training pixels (a 2-class
-    decision threshold; `tiles.stitch.decide`), or None for the plain argmax (checkpoints of
-    more classes, or saved before this existed)."""
+    decision threshold; `tiles.stitch.decide`), or None for the plain argmax (checkpoints
+    trained without [data] calibrate_tiles)."""
     scale = ckpt.metadata.get("class_scale")
-    return None if scale is None else [float(v) for v in scale]
+    if scale is None:
+        return None
+    if len(scale) != ckpt.config.classes:
+        raise PipelineError(
+            f"checkpoint's class_scale has {len(scale)} factors for {ckpt.config.classes} "
+            "classes; pass --argmax or retrain with [data] calibrate_tiles"
+        )
+    return [float(v) for v in scale]
 
 
 def predict_scene(

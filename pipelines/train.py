@@ -42,6 +42,7 @@ from geodnn.metrics import (
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
+from tiles.store import TileStore
 
 from .config import SOLVERS, Config, load_config
 from .datasets import StoreBatches, ValidationWindows
@@ -135,14 +136,17 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
         device=device,
-        calibration_data=calibration_windows(store, data, model),
+        calibration_data=calibration_windows(train_data.store, data, model),
     )
 
 
-def calibration_windows(store, data: dict, model: geodnn.ChainNet) -> ValidationWindows | None:
+def calibration_windows(
+    store: TileStore, data: dict, model: geodnn.ChainNet
+) -> ValidationWindows | None:
     """Whole training tiles with their receptive-radius halo, for `fit_decision` (2-class
-    models with [data] calibrate_tiles > 0); read lazily, as only a sample is scored."""
-    if model.config.classes != 2 or data["calibrate_tiles"] <= 0:
+    models with [data] calibrate_tiles > 0; on the leader, which alone checkpoints); read
+    lazily, as only a sample is scored."""
+    if model.config.classes != 2 or data["calibrate_tiles"] <= 0 or not is_leader():
         return None
     tiles = StoreBatches(store, split="train", in_memory_bytes=0)
     return ValidationWindows(tiles, model.receptive_radius)
@@ -205,7 +209,9 @@ def validate(
 
 
 @torch.no_grad()
-def fit_decision(model: geodnn.ChainNet, data: ValidationWindows, limit: int, batch: int = 8):
+def fit_decision(
+    model: geodnn.ChainNet, data: ValidationWindows, limit: int, batch: int = 8
+) -> list[float]:
     """The class-1 probability threshold with the best IoU on up to `limit` training tiles
     (spread evenly over the training region, each with its halo of context), as the per-class
     factors `geodnn predict` applies (`tiles.stitch.decide`).

@@ -151,6 +151,8 @@ def test_validation_windows_read_each_tile_once_per_batch(store_path, monkeypatc
     assert torch.equal(lazy.tile_labels([1, 0]), labels[[1, 0]]) and not reads  # no image read
     with pytest.raises(IndexError, match="out of range"):
         windows.get([len(windows)])
+    with pytest.raises(IndexError, match="out of"):
+        lazy.tile_labels([-1])
 
 
 def test_validation_windows_need_whole_tiles(store_path):

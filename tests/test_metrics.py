@@ -50,3 +50,12 @@ def test_threshold_scale_makes_the_argmax_a_threshold():
     probs = torch.stack([1 - p1, p1])
     scale = torch.tensor(threshold_scale(0.805)).view(2, 1)
     assert torch.equal((probs * scale).argmax(0) == 1, p1 > 0.805)
+
+
+def test_best_iou_threshold_never_splits_tied_scores():
+    score = torch.tensor([1.0, 1.0, 1.0, 0.3])
+    positive = torch.tensor([True, True, False, False])
+    threshold = best_iou_threshold(score, positive)  # the three tied pixels go together: 2/3
+    assert 0.3 < threshold < 1.0
+    called = score > threshold
+    assert int((called & positive).sum()) / int((called | positive).sum()) == pytest.approx(2 / 3)

@@ -104,12 +104,19 @@ def test_bits_out_of_range_is_a_user_error():
 
 def _paths_encode(x, settings, nhwc, monkeypatch, compiled: bool):
     """Encode two messages on one slot (the second carries the first's error) on one path."""
-    if not compiled:
+    runs = []
+    if compiled:  # count the compiled passes, so a silent fallback to torch cannot pass
+        original = compress._quantize_compiled
+        monkeypatch.setattr(
+            compress, "_quantize_compiled", lambda *a: runs.append(1) or original(*a)
+        )
+    else:
         monkeypatch.setattr(compress, "_cpu_loops", lambda: None)
     enc = ErrorFeedbackEncoder(settings)
     buffers = [enc.encode(m, slot=0, generation=0, nhwc=nhwc) for m in (x, 0.5 * x)]
     decoded = [decode(b, x.shape, settings, nhwc=nhwc) for b in buffers]
     monkeypatch.undo()
+    assert len(runs) == (2 if compiled else 0)
     return buffers, decoded, enc.residuals[0].error
 
 
@@ -141,5 +148,8 @@ def test_wire_order_round_trip_keeps_the_tensor(nhwc):
     # NHWC codes: channel varies fastest on the wire
     codes = buffer[8 * 3 :]
     first_pixel = torch.round((x[0, :, 0, 0] - x.amin(dim=(0, 2, 3))) / step.view(-1))
-    if nhwc:
+    if nhwc:  # NHWC: the first pixel's three channels come first
         assert torch.equal(codes[:3].float(), first_pixel)
+    else:  # NCHW: the first channel's first row comes first
+        row = torch.round((x[0, 0, 0, :4] - x[:, 0].min()) / step.view(-1)[0])
+        assert torch.equal(codes[:4].float(), row)

@@ -324,3 +324,14 @@ def test_cli_class_map_follows_the_checkpoint_scale_unless_argmax(data_dir, tmp_
     assert (plain_map[data] == 1).any() and not (scaled_map[data] == 1).any()
     other = np.where(plain_probs[0] >= plain_probs[2], 0, 2)
     np.testing.assert_array_equal(scaled_map[data], other[data])
+
+
+def test_a_class_scale_of_the_wrong_length_is_a_clear_error(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(small_model(), bad, class_names=CLASSES, class_scale=[0.5, 0.5])
+    scene = data_dir / "atlanta-buildings" / "image.tif"
+    code, err = run_cli(["predict", bad, scene, "--out", tmp_path / "c.tif"], capsys)
+    assert code != 0 and "class_scale" in err and "--argmax" in err
+    assert not (tmp_path / "c.tif").exists()
+    code, err = run_cli(["predict", bad, scene, "--out", tmp_path / "c.tif", "--argmax"], capsys)
+    assert code == 0, err

@@ -81,5 +81,5 @@ def test_compiled_loops_follow_the_switch_and_a_missing_module(monkeypatch):
     loops = runtime.compiled_loops("geodnn.parallel.compress_kernels", "quantize_loop")
     assert loops is not None and loops[0].__name__ == "quantize_loop"
     assert runtime.compiled_loops("geodnn.no_such_kernels", "loop") is None  # torch instead
-    monkeypatch.setenv("GEODNN_FUSED", "0")
+    monkeypatch.setenv(runtime.FUSED_SWITCH, "0")
     assert runtime.compiled_loops("geodnn.parallel.compress_kernels", "quantize_loop") is None

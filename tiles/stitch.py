@@ -174,13 +174,13 @@ def stream_predictions(
         height, width = src.height, src.width
     grid = ChunkGrid(height, width, chunk, halo)
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
-        decision = (probabilities, class_scale)
+        decision = {"probabilities": probabilities, "class_scale": class_scale}
         yield from _stream(str(scene), grid, predict, batch, decision, active, in_flight, progress)
 
 
 def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
     """Keep `limit` chunk groups in flight; hand results over as they complete. `decision`:
-    `predict_chunks`' (probabilities, class_scale)."""
+    `predict_chunks`' keyword arguments (probabilities, class_scale)."""
     from distributed import as_completed
 
     threads = max(1, sum(client.nthreads().values()))
@@ -194,7 +194,7 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
         group = next(groups, None)
         if group is None:
             return False
-        fut = client.submit(predict_chunks, scene, group, model, *decision, pure=False)
+        fut = client.submit(predict_chunks, scene, group, model, **decision, pure=False)
         futures.add(fut)
         pending.add(fut)
         return True

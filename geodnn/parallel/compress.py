@@ -8,7 +8,8 @@ Encoded layout (one uint8 buffer): [offsets float32 x G][scales float32 x G][pac
 codes in wire order: NHWC for channels_last activations (`nhwc`), so no layout copy is made.
 Messages are encoded and decoded on their own device (a GPU's stay there). On the CPU the
 per-channel work runs as compiled loops (`compress_kernels`): a 16 x 16 x 64 x 64 message's 8-bit
-encode with error feedback went 21 -> 2.3 ms and its decode 3.0 -> 0.55 ms (one thread).
+encode with error feedback went 21 -> 1.7-1.8 ms and its decode 3.0 -> 0.32-0.45 ms (one
+thread; benchmarks/scaling.py `encode_decode_s_8bit`).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def _quantize(
     groups = _groups(x.shape, settings.per_channel)
     wired = wire.view(x)
     carried = None if carried is None else wire.view(carried)
-    loops = _cpu_loops() if _channels_last_cpu(wired, carried, wire) else None
+    loops = _cpu_loops() if _compiled_applies(wired, carried, wire) else None
     if loops is not None:
         q = _quantize_compiled(loops, wired, groups, settings, keep_error, carried)
         q.error = None if q.error is None else wire.unview(q.error)
@@ -202,7 +203,7 @@ def _quantize_compiled(
     return _Quantized(low, scale, codes.reshape(-1), lost)
 
 
-def _channels_last_cpu(wired: torch.Tensor, carried: torch.Tensor | None, wire: _Wire) -> bool:
+def _compiled_applies(wired: torch.Tensor, carried: torch.Tensor | None, wire: _Wire) -> bool:
     """Whether the compiled loops apply: per-channel groups on the wire's last dim, CPU
     float32, dense in wire order (the carried error too), at least one element."""
     tensors = [wired] if carried is None else [wired, carried]
@@ -250,8 +251,8 @@ def decode(
     codes = unpack_codes(buffer[8 * groups :], settings.container_bits, shape.numel())
     wired_shape = [shape[d] for d in wire.order]
     loops = _cpu_loops()
-    dense = codes.device.type == "cpu" and shape.numel() > 0
-    if loops is not None and dense and wire.axis == len(shape) - 1:
+    cpu_and_not_empty = codes.device.type == "cpu" and shape.numel() > 0
+    if loops is not None and cpu_and_not_empty and wire.axis == len(shape) - 1:
         values = torch.empty(wired_shape, dtype=torch.float32)
         rows = (shape.numel() // groups, groups)
         dequantize = loops[2]

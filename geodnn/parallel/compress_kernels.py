@@ -11,8 +11,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-# the range may reorder min/max (messages are finite); the codes keep IEEE order and roundings
-_RANGE_MATH = {"nnan", "ninf", "nsz", "reassoc"}
+# the range may reorder min/max (messages hold no NaN; the loop starts from +-inf, so no
+# "ninf"); the codes keep IEEE order and roundings
+_RANGE_MATH = {"nnan", "nsz", "reassoc"}
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_RANGE_MATH)
