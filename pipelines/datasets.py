@@ -123,7 +123,9 @@ class StoreBatches:
         """Labels int64 (B, T, T) of the split's tiles at `positions`, without their images."""
         positions = np.asarray(positions, dtype=np.int64)
         if len(positions) and not (positions.min() >= 0 and positions.max() < len(self.tiles)):
-            raise IndexError(f"tile positions {positions.tolist()} out of 0..{len(self.tiles) - 1}")
+            raise IndexError(
+                f"tile positions {positions.tolist()} out of range for {len(self.tiles)}"
+            )
         if self._labels is not None:
             labels = self._labels[positions]
         elif len(positions):
@@ -180,10 +182,7 @@ class ValidationWindows:
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images float32 (B, bands, T + 2 halo, T + 2 halo), NaN = no data or no context;
         labels int64 (B, T, T) of the tiles themselves. A tile that several windows of the
-        batch touch is read once."""
-        for i in indices:
-            if not 0 <= int(i) < len(self):
-                raise IndexError(f"item {i} is out of range for {len(self)} items")
+        batch touch is read once (out-of-range items: IndexError from `tile_labels`)."""
         labels = self.tiles.tile_labels([int(i) for i in indices])
         read: dict[int, np.ndarray] = {}
         windows = [self._window(int(i), read) for i in indices]

@@ -192,12 +192,7 @@ def validate(
     classes = model.config.classes
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, pixels = 0.0, 0
-    indices = list(range(min(len(data), limit)))
-    h = data.halo
-    for start in range(0, len(indices), batch):
-        x, y = data.get(indices[start : start + batch])
-        x, y = x.to(device), y.to(device)
-        logits = model(x)[:, :, h : h + y.shape[1], h : h + y.shape[2]]
+    for logits, y in tile_logits(model, data, range(min(len(data), limit)), batch):
         loss = torch.nn.functional.cross_entropy(
             logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -206,6 +201,17 @@ def validate(
         pixels += valid
         confusion += confusion_matrix(decide(logits, class_scale), y, classes).cpu()
     return loss_sum / max(pixels, 1), SegmentationScores(confusion)
+
+
+def tile_logits(model: geodnn.ChainNet, data: ValidationWindows, indices, batch: int):
+    """(logits, labels) of the tiles at `indices`, `batch` at a time, on the model's device:
+    each window's forward, cropped to its tile (the halo only gives context)."""
+    device, h = model.band_mean.device, data.halo
+    indices = list(indices)
+    for start in range(0, len(indices), batch):
+        x, y = data.get(indices[start : start + batch])
+        x, y = x.to(device), y.to(device)
+        yield model(x)[:, :, h : h + y.shape[1], h : h + y.shape[2]], y
 
 
 @torch.no_grad()
@@ -224,15 +230,12 @@ def fit_decision(
     IoU 0.264 -> 0.279 and ADMM's 0.230 -> 0.212, the training region holding twice the
     validation region's share of roads. Hence opt-in ([data] calibrate_tiles > 0)."""
     model.eval()
-    device, h = model.band_mean.device, data.halo
     picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), limit)).astype(int)).tolist()
     scores, positive = [], []
-    for start in range(0, len(picks), batch):
-        x, y = data.get(picks[start : start + batch])
-        logits = model(x.to(device))[:, :, h : h + y.shape[1], h : h + y.shape[2]]
+    for logits, y in tile_logits(model, data, picks, batch):
         keep = y != IGNORE_INDEX
-        scores.append(torch.softmax(logits.float(), 1)[:, 1].cpu()[keep])
-        positive.append(y[keep] == 1)
+        scores.append(torch.softmax(logits.float(), 1)[:, 1][keep].cpu())
+        positive.append((y[keep] == 1).cpu())
     threshold = best_iou_threshold(torch.cat(scores), torch.cat(positive))
     return threshold_scale(threshold)
 
