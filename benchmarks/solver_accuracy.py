@@ -400,10 +400,11 @@ def compare(
     return row
 
 
-def _pooled_ratio(rows: list[dict]) -> float | None:
-    """ADMM's validation IoU over Adam's, each summed over `rows` (scenes pooled)."""
-    adam = sum(r["val_iou_adam"] for r in rows)
-    return round(sum(r["val_iou_admm"] for r in rows) / adam, 3) if adam else None
+def _pooled_ratio(rows: list[dict], figure: str = "val_iou", digits: int = 3) -> float | None:
+    """ADMM's `figure` (validation IoU by default) over Adam's, each summed over `rows`
+    (scenes pooled)."""
+    adam = sum(r[f"{figure}_adam"] for r in rows)
+    return round(sum(r[f"{figure}_admm"] for r in rows) / adam, digits) if adam else None
 
 
 PLATEAU_IOU = 0.1  # mean Adam validation IoU that counts as clearly past the plateau
@@ -513,12 +514,10 @@ def main(argv=None) -> int:
         # (every Adam run of the probes sat at IoU 0 first); below PLATEAU_IOU it is flagged
         adam_mean = iou_a / max(1, len(at_depth))
         summary[f"adam_past_plateau_depth{depth}"] = adam_mean > PLATEAU_IOU
-        ap_a = sum(r["val_ap_adam"] for r in at_depth)
-        ap_ratio = sum(r["val_ap_admm"] for r in at_depth) / ap_a if ap_a else None
-        summary[f"ap_ratio_admm_vs_adam_depth{depth}"] = _rounded(ap_ratio)
-        cal_a = sum(r["val_iou_calibrated_adam"] for r in at_depth)
-        cal_ratio = sum(r["val_iou_calibrated_admm"] for r in at_depth) / cal_a if cal_a else None
-        summary[f"calibrated_iou_ratio_admm_vs_adam_depth{depth}"] = _rounded(cal_ratio)
+        summary[f"ap_ratio_admm_vs_adam_depth{depth}"] = _pooled_ratio(at_depth, "val_ap", 4)
+        summary[f"calibrated_iou_ratio_admm_vs_adam_depth{depth}"] = _pooled_ratio(
+            at_depth, "val_iou_calibrated", 4
+        )
         for top in args.adam_top:  # Adam on the top layers only, pooled like the ratio
             iou_t = sum(r[f"val_iou_adam_top{top}_layers"] for r in at_depth)
             key = f"iou_ratio_adam_top{top}_layers_vs_adam_depth{depth}"

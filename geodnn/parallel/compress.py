@@ -154,9 +154,7 @@ def _quantize(
     carried = None if carried is None else wire.view(carried)
     loops = _cpu_loops() if _compiled_applies(wired, carried, wire) else None
     if loops is not None:
-        q = _quantize_compiled(loops, wired, groups, settings, keep_error, carried)
-        q.error = None if q.error is None else wire.unview(q.error)
-        return q
+        return _quantize_compiled(loops, wired, wire, groups, settings, keep_error, carried)
     if carried is not None:
         wired = wired + carried
     low, high = _group_range(wired, wire, groups)
@@ -181,6 +179,7 @@ def _steps(
 def _quantize_compiled(
     loops: tuple,
     wired: torch.Tensor,
+    wire: _Wire,
     groups: int,
     settings: CompressionSettings,
     keep_error: bool,
@@ -199,7 +198,7 @@ def _quantize_compiled(
     levels = np.float32((1 << settings.bits) - 1)
     arrays = (values.numpy(), low.numpy(), scale.numpy(), inverse.numpy())
     quantize_loop(*arrays, levels, codes.numpy(), keep_error)
-    lost = values.reshape(wired.shape) if keep_error else None
+    lost = wire.unview(values.reshape(wired.shape)) if keep_error else None
     return _Quantized(low, scale, codes.reshape(-1), lost)
 
 
