@@ -42,6 +42,7 @@ from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
 from geodnn.solvers.admm import average_step_decay, layer_memory_for, layer_state_bytes
 from geodnn.solvers.base import settings_overrides
+from pipelines.config import DEFAULTS
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 ADAM_LR = float(__import__("os").environ.get("ADAM_LR", "3e-3"))
@@ -442,6 +443,14 @@ def main(argv=None) -> int:
         help="also run Adam training only the top K layers (the rest stay random), per K",
     )
     parser.add_argument(
+        "--class-weight-power",
+        type=float,
+        default=DEFAULTS["train"]["class_weight_power"],
+        metavar="P",
+        help="class weight = (pixel frequency) ** -P on the training region (default: the "
+        "product's [train] class_weight_power, %(default)s; the figures before stop 19 used 1)",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -469,9 +478,8 @@ def main(argv=None) -> int:
         image, labels = load_scene(scene)
         depth_max = max(depths)
         train, val = split(image, labels, gap=2 * depth_max + 8)
-        # full inverse-frequency weights (power 1): Adam leaves the all-background plateau in
-        # ~100 steps instead of 150-700 with the softened power 0.5
-        weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0).tolist()
+        power = args.class_weight_power
+        weights = class_weights(torch.from_numpy(train[1]), 2, power=power).tolist()
         for seed in seeds:
             for depth in depths:
                 row = compare(
@@ -497,6 +505,7 @@ def main(argv=None) -> int:
         "seeds": seeds,
         "budget_s_per_solver": budget,
         "crop": crop,
+        "class_weight_power": args.class_weight_power,
         "adam_lr": ADAM_LR,
         "adam_batch": ADAM_BATCH,
         "admm_settings": admm_defaults,
