@@ -23,7 +23,15 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from solver_accuracy import ADAM_BATCH, ADAM_LR, RandomCrops, load_scene, make_model, split
+from solver_accuracy import (
+    ADAM_BATCH,
+    ADAM_LR,
+    RandomCrops,
+    add_power_option,
+    load_scene,
+    make_model,
+    split,
+)
 
 from geodnn.data import class_weights
 from geodnn.runtime import retain_freed_memory
@@ -127,10 +135,10 @@ def adam_steps(model, data, weights: torch.Tensor, warmup: int, iterations: int,
     return _mean_by_distance(sizes)
 
 
-def run(scene: str, depth: int, warmup: int, iterations: int, seed: int) -> dict:
+def run(scene: str, depth: int, warmup: int, iterations: int, seed: int, power: float) -> dict:
     image, labels = load_scene(scene)
     train, _ = split(image, labels, gap=2 * depth + 8)
-    weights = class_weights(torch.from_numpy(train[1]), 2, power=1.0)
+    weights = class_weights(torch.from_numpy(train[1]), 2, power=power)
     data = RandomCrops(*train, 64, 4096, seed)
     model = make_model(train[0], depth, 16, seed)
     settings = AdmmSettings.from_dict({"class_weights": weights.tolist(), "monitor": False})
@@ -152,14 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="ADMM iterations before measuring")
     parser.add_argument("--iterations", type=int, default=12, help="iterations measured")
     parser.add_argument("--seed", type=int, default=0)
+    add_power_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     retain_freed_memory()
     torch.manual_seed(args.seed)
     scenes = ["vegas-roads"] if args.quick else ["vegas-roads", "atlanta-buildings"]
     warmup = args.warmup or (150 if args.quick else 400)
-    rows = [run(s, args.depth, warmup, args.iterations, args.seed) for s in scenes]
-    summary = {"quick": args.quick, "depth": args.depth, "runs": rows}
+    power = args.class_weight_power
+    rows = [run(s, args.depth, warmup, args.iterations, args.seed, power) for s in scenes]
+    summary = {"quick": args.quick, "depth": args.depth, "class_weight_power": power, "runs": rows}
     keys = ("cosine_with_gradient", "cosine_with_whitened_gradient", "relative_step")
     for key in (*keys, "adam_relative_step"):
         top = [v for r in rows for d, v in r[key].items() if d < 5]  # head + four below

@@ -408,6 +408,19 @@ def _pooled_ratio(rows: list[dict], figure: str = "val_iou", digits: int = 3) ->
     return round(sum(r[f"{figure}_admm"] for r in rows) / adam, digits) if adam else None
 
 
+def add_power_option(parser: argparse.ArgumentParser) -> None:
+    """--class-weight-power, defaulting to the product's: the benchmarks weight the loss as
+    `geodnn train` does unless told otherwise."""
+    parser.add_argument(
+        "--class-weight-power",
+        type=float,
+        default=DEFAULTS["train"]["class_weight_power"],
+        metavar="P",
+        help="class weight = (pixel frequency) ** -P on the training region (default: the "
+        "product's [train] class_weight_power, %(default)s; the figures before stop 19 used 1)",
+    )
+
+
 PLATEAU_IOU = 0.1  # mean Adam validation IoU that counts as clearly past the plateau
 
 
@@ -442,14 +455,7 @@ def main(argv=None) -> int:
         metavar="K",
         help="also run Adam training only the top K layers (the rest stay random), per K",
     )
-    parser.add_argument(
-        "--class-weight-power",
-        type=float,
-        default=DEFAULTS["train"]["class_weight_power"],
-        metavar="P",
-        help="class weight = (pixel frequency) ** -P on the training region (default: the "
-        "product's [train] class_weight_power, %(default)s; the figures before stop 19 used 1)",
-    )
+    add_power_option(parser)
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
