@@ -11,7 +11,7 @@ layer-parallel time per iteration (its slowest layer step) and memory per layer.
 
 Each solver runs at its own default batch: ADMM 8 crops in 8 slots (an ADMM iteration then costs
 0.5-0.9x an Adam step, from depth 32 to 8, and requests make more round trips per second), Adam
-16 (ADAM_BATCH changes it; at depth 16 Adam with batch 8 scored 0.092 / 0.214 against
+16 (ADAM_BATCH changes it; at depth 16 and power 1 Adam with batch 8 scored 0.092 / 0.214 against
 0.127-0.153 / 0.18-0.22 with 16, Vegas / Atlanta). "Equal iterations" therefore means equal
 updates, not equal crops.
 
