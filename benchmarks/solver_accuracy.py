@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import numpy as np
 import rasterio
@@ -37,6 +38,7 @@ from rasterio.features import rasterize
 from geodnn.data import class_weights
 from geodnn.errors import GeodnnError
 from geodnn.metrics import best_iou_threshold
+from geodnn.metrics import scores as segmentation_scores
 from geodnn.model import build_model
 from geodnn.runtime import retain_freed_memory, wait_for_device
 from geodnn.solvers import AdamSettings, AdamSolver, AdmmSettings, AdmmSolver
@@ -154,10 +156,7 @@ def validation_scores(model, region, calibration=None) -> Scores:
 def _iou_at(score: torch.Tensor, truth: torch.Tensor, threshold: float) -> float:
     """IoU of class 1 when pixels scoring above `threshold` are called class 1 (0.5: the
     argmax of two classes)."""
-    called = score > threshold
-    tp = int((called & truth).sum())
-    union = int((called | truth).sum())
-    return tp / union if union else 0.0
+    return segmentation_scores(score > threshold, truth, 2).iou[1]
 
 
 def average_precision(score: torch.Tensor, positive: torch.Tensor) -> float:
@@ -261,11 +260,6 @@ def run_solver(
     return solver, curve, (tail, tail_other), max_layer, sum_layer
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
@@ -286,7 +280,7 @@ def adam_top_layers(model, data, weights, budget, seed, val, top: int) -> float:
     for layer in model.layers[: len(model.layers) - top]:
         layer.requires_grad_(False)
     _, _, (tail, _), _, _ = run_solver("adam", model, data, weights, budget, seed, val)
-    return _mean(t.iou for t in tail)
+    return fmean(t.iou for t in tail)
 
 
 def compare(
@@ -322,13 +316,13 @@ def compare(
             "iterations": n,
             "seconds": curve[-1][1],
             "curve": curve,
-            "val_iou": _mean(t.iou for t in tail),
+            "val_iou": fmean(t.iou for t in tail),
             "val_iou_snapshots": [round(t.iou, 4) for t in tail],
-            "val_ap": _mean(t.ap for t in tail),
-            "val_iou_calibrated": _mean(t.iou_calibrated for t in tail),
+            "val_ap": fmean(t.ap for t in tail),
+            "val_iou_calibrated": fmean(t.iou_calibrated for t in tail),
             "thresholds": [round(t.threshold, 4) for t in tail],
             # Adam: its averaged weights; ADMM (averaging on): its raw iterate
-            "val_iou_other": sum(other) / len(other) if other else None,
+            "val_iou_other": fmean(other) if other else None,
             "s_per_iter": curve[-1][1] / n,
             "batch": solver.settings.batch_size,
         }
