@@ -39,6 +39,7 @@ from geodnn.metrics import (
     confusion_matrix,
     threshold_scale,
 )
+from geodnn.parallel import RankContext, all_gather_rows, all_reduce_sum, share_module
 from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
@@ -144,9 +145,9 @@ def calibration_windows(
     store: TileStore, data: dict, model: geodnn.ChainNet
 ) -> ValidationWindows | None:
     """Whole training tiles with their receptive-radius halo, for `fit_decision` (2-class
-    models with [data] calibrate_tiles > 0; on the leader, which alone checkpoints); read
-    lazily, as only a sample is scored."""
-    if model.config.classes != 2 or data["calibrate_tiles"] <= 0 or not is_leader():
+    models with [data] calibrate_tiles > 0; on every rank, each scores a share); read lazily,
+    as only a sample is scored."""
+    if model.config.classes != 2 or data["calibrate_tiles"] <= 0:
         return None
     tiles = StoreBatches(store, split="train", in_memory_bytes=0)
     return ValidationWindows(tiles, model.receptive_radius)
@@ -181,18 +182,21 @@ def validate(
     limit: int,
     class_scale: list[float] | None = None,
     batch: int = 8,
+    ranks: RankContext | None = None,
 ) -> tuple[float, SegmentationScores]:
     """Real-network loss and scores on validation tiles (plain forward pass, no solver state),
     each tile read with its validation neighbours as context (`ValidationWindows`) so that its
     border pixels are scored as `geodnn predict` would see them; computed where the model lives,
-    the confusion matrix summed on the CPU."""
+    the confusion matrix summed on the CPU. With `ranks` (collective: every rank holds the whole
+    model) each rank scores every N-th tile and the sums are reduced: no rank idles while
+    another validates, and the scores are those of one process."""
     model.eval()
     device = model.band_mean.device
     weights = weights.to(device)
     classes = model.config.classes
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     loss_sum, pixels = 0.0, 0
-    for logits, y in tile_logits(model, data, range(min(len(data), limit)), batch):
+    for logits, y in tile_logits(model, data, my_share(range(min(len(data), limit)), ranks), batch):
         loss = torch.nn.functional.cross_entropy(
             logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -200,7 +204,19 @@ def validate(
         loss_sum += float(loss)
         pixels += valid
         confusion += confusion_matrix(decide(logits, class_scale), y, classes).cpu()
+    if ranks is not None:
+        totals = torch.tensor([loss_sum, pixels], dtype=torch.float64)
+        sums = torch.cat([totals, confusion.reshape(-1).double()])
+        sums = all_reduce_sum(ranks, sums.to(device), "the validation scores").cpu()
+        loss_sum, pixels = float(sums[0]), int(sums[1])
+        confusion = sums[2:].round().long().reshape(classes, classes)
     return loss_sum / max(pixels, 1), SegmentationScores(confusion)
+
+
+def my_share(indices, ranks: RankContext | None) -> list[int]:
+    """This rank's tiles of `indices` (every N-th, from its rank on); all of them alone."""
+    indices = list(indices)
+    return indices if ranks is None else indices[ranks.rank :: ranks.world_size]
 
 
 def tile_logits(model: geodnn.ChainNet, data: ValidationWindows, indices, batch: int):
@@ -216,7 +232,11 @@ def tile_logits(model: geodnn.ChainNet, data: ValidationWindows, indices, batch:
 
 @torch.no_grad()
 def fit_decision(
-    model: geodnn.ChainNet, data: ValidationWindows, limit: int, batch: int = 8
+    model: geodnn.ChainNet,
+    data: ValidationWindows,
+    limit: int,
+    batch: int = 8,
+    ranks: RankContext | None = None,
 ) -> list[float]:
     """The class-1 probability threshold with the best IoU on up to `limit` training tiles
     (spread evenly over the training region, each with its halo of context), as the per-class
@@ -228,16 +248,22 @@ def fit_decision(
     0.13-0.27 to 0.21-0.38 for both solvers (benchmarks/solver_accuracy.py); with the configs'
     power 0.5 (`geodnn run pipelines/configs/vegas-roads.toml`, one run) it moved Adam's road
     IoU 0.264 -> 0.279 and ADMM's 0.230 -> 0.212, the training region holding twice the
-    validation region's share of roads. Hence opt-in ([data] calibrate_tiles > 0)."""
+    validation region's share of roads. Hence opt-in ([data] calibrate_tiles > 0).
+
+    With `ranks` (collective) each rank scores a share of the tiles and every rank gets the
+    threshold of all of them (the pixels' order does not change it: ties are never split)."""
     model.eval()
     picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), limit)).astype(int)).tolist()
-    scores, positive = [], []
-    for logits, y in tile_logits(model, data, picks, batch):
+    pixels = [torch.zeros(0, 2, device=model.band_mean.device)]  # (score, is positive) rows
+    for logits, y in tile_logits(model, data, my_share(picks, ranks), batch):
         keep = y != IGNORE_INDEX
-        scores.append(torch.softmax(logits.float(), 1)[:, 1][keep].cpu())
-        positive.append((y[keep] == 1).cpu())
-    threshold = best_iou_threshold(torch.cat(scores), torch.cat(positive))
-    return threshold_scale(threshold)
+        score = torch.softmax(logits.float(), 1)[:, 1][keep]
+        pixels.append(torch.stack([score, (y[keep] == 1).float()], dim=1))
+    rows = torch.cat(pixels)
+    if ranks is not None:
+        rows = all_gather_rows(ranks, rows, "the calibration scores")
+    rows = rows.cpu()
+    return threshold_scale(best_iou_threshold(rows[:, 0], rows[:, 1] > 0.5))
 
 
 def decide(logits: torch.Tensor, class_scale: list[float] | None) -> torch.Tensor:
@@ -587,17 +613,21 @@ def end_epoch(
     elapsed: float,
     stats: dict,
 ) -> EpochRecord | None:
-    """Save every rank's solver state; on the leader also validate, checkpoint and log."""
+    """Save every rank's solver state; validate (every rank a share of the tiles); on the
+    leader also checkpoint and log."""
+    ranks = None
     if distributed_world() > 1:
         solver.gather_model()  # collective: every rank calls it, rank 0 gets all weights
+        ranks = solver.ctx
+        share_module(ranks, solver.model, "the model for validation")
     save_solver_state(setup, solver, elapsed)
-    if not is_leader():
-        return None
     scale = None
     if setup.calibration_data is not None:
         limit = setup.config["data"]["calibrate_tiles"]
-        scale = fit_decision(solver.model, setup.calibration_data, limit)
-    record = epoch_record(setup, solver, mean_loss, elapsed, stats, scale)
+        scale = fit_decision(solver.model, setup.calibration_data, limit, ranks=ranks)
+    record = epoch_record(setup, solver, mean_loss, elapsed, stats, scale, ranks)
+    if not is_leader():
+        return None
     records.append(record)
     save_epoch(setup, solver, records, scale)
     return record
@@ -610,11 +640,13 @@ def epoch_record(
     elapsed: float,
     stats: dict,
     class_scale: list[float] | None = None,
+    ranks: RankContext | None = None,
 ) -> EpochRecord:
     """The metrics.csv row; validation scores the class map `geodnn predict` would write (with
     the checkpoint's decision threshold, also logged as decision_threshold)."""
     limit = setup.config["data"]["val_tiles"]
-    val_loss, s = validate(solver.model, setup.val_data, setup.class_weights, limit, class_scale)
+    weights = setup.class_weights
+    val_loss, s = validate(solver.model, setup.val_data, weights, limit, class_scale, ranks=ranks)
     extra = {k: float(v) for k, v in stats.items() if k != "loss" and isinstance(v, int | float)}
     if class_scale is not None:
         extra["decision_threshold"] = class_scale[0]

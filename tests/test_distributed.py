@@ -7,6 +7,8 @@ import torch
 
 import geodnn
 from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.train import build_setup, fit_decision, validate
 
 
 def read_rows(path):
@@ -19,9 +21,12 @@ def read_rows(path):
 @pytest.mark.parametrize("solver", ["admm", "pipeline"])
 def test_two_workers_resume_equals_an_uninterrupted_run(tmp_path, store, train_config, solver):
     extra = '[pipeline]\nschedule = "1f1b"\nmicrobatches = 2\n' if solver == "pipeline" else ""
-    config = str(train_config(store, solver=solver, iterations=6, extra=extra).path)
+    path = train_config(store, solver=solver, iterations=6, extra=extra).path
+    path.write_text(path.read_text().replace("val_tiles = 4", "val_tiles = 5\ncalibrate_tiles = 3"))
+    config = str(path)
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert main(["train", config, "--out", str(straight), "--workers", "2"]) == 0
+    check_scored_as_one_process(load_config(path), straight)
     assert main(["train", config, "--out", str(run), "--workers", "2", "--iterations", "3"]) == 0
     names = {p.name for p in run.iterdir()}
     assert {"rank0-of-2-it3.pt", "rank1-of-2-it3.pt", "ranks-latest.txt", "model.pt"} <= names
@@ -32,6 +37,19 @@ def test_two_workers_resume_equals_an_uninterrupted_run(tmp_path, store, train_c
     reference = geodnn.load_checkpoint(straight / "model.pt").model.state_dict()
     for key, value in resumed.model.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+
+
+def check_scored_as_one_process(config, run_dir):
+    """The ranks' shared validation and calibration of the final model (the last metrics row)
+    are what one process computes from model.pt."""
+    setup = build_setup(config, run_dir)
+    model = geodnn.load_checkpoint(run_dir / "model.pt").model
+    scale = fit_decision(model, setup.calibration_data, 3)
+    loss, scores = validate(model, setup.val_data, setup.class_weights, 5, scale)
+    last = read_rows(run_dir / "metrics.csv")[-1]
+    assert float(last["decision_threshold"]) == pytest.approx(scale[0], abs=1e-6)
+    assert float(last["val_loss"]) == pytest.approx(loss, rel=1e-5)
+    assert float(last["val_iou_roads"]) == pytest.approx(float(scores.iou[1]), abs=1e-6)
 
 
 def test_adam_refuses_several_workers(tmp_path, store, train_config, capsys):

@@ -9,10 +9,11 @@ import torch
 
 import geodnn
 from geodnn.metrics import IGNORE_INDEX, confusion_matrix
+from geodnn.parallel import rank_group, share_module, spawn
 from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.datasets import StoreBatches, ValidationWindows
-from pipelines.train import solver_settings, train, validate
+from pipelines.train import fit_decision, solver_settings, train, validate
 
 
 def weights(path):
@@ -208,3 +209,38 @@ def test_no_threshold_when_calibration_is_off(tmp_path, store, train_config):
     config = train_config(store)  # off by default
     result = train(config, tmp_path / "run", progress=False)
     assert "class_scale" not in geodnn.load_checkpoint(result.checkpoint).metadata
+
+
+def _windows(model, store):
+    """Validation and calibration windows of the store's tiles for `model`."""
+    val = ValidationWindows(StoreBatches(store, "validation"), model.receptive_radius)
+    return val, ValidationWindows(StoreBatches(store, "train"), model.receptive_radius)
+
+
+def _small_model(store, seed):
+    val = StoreBatches(store, "validation")
+    model = geodnn.build_model(val.bands, 2, depth=2, width=4, seed=seed)
+    model.set_normalization(val.band_mean, val.band_std)
+    return model
+
+
+def _rank_scores(store):
+    """On every rank: a model of its own seed, replaced by rank 0's, then scored in shares."""
+    with rank_group(timeout_s=60) as ranks:
+        model = share_module(ranks, _small_model(store, seed=1 + 98 * ranks.rank), "model")
+        val, train_tiles = _windows(model, store)
+        scale = fit_decision(model, train_tiles, limit=7, ranks=ranks)
+        loss, scores = validate(model, val, torch.tensor([1.0, 3.0]), 5, scale, ranks=ranks)
+        return loss, scores.confusion, scale
+
+
+@pytest.mark.timeout(120)
+def test_ranks_validate_and_calibrate_in_shares_as_one_process_would(store):
+    model = _small_model(store, seed=1)
+    val, train_tiles = _windows(model, store)
+    scale = fit_decision(model, train_tiles, limit=7)
+    loss, scores = validate(model, val, torch.tensor([1.0, 3.0]), 5, scale)
+    for rank_loss, confusion, rank_scale in spawn(_rank_scores, 2, (store,), timeout_s=100):
+        assert rank_scale == pytest.approx(scale, abs=1e-7)
+        assert torch.equal(confusion, scores.confusion)
+        assert rank_loss == pytest.approx(loss, rel=1e-6)

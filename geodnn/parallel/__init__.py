@@ -9,7 +9,17 @@ baseline (GPipe / 1F1B); `rankstate` saves and resumes per-rank state; `launch` 
 from .admm_rank import RankAdmmSolver, plan_blocks, profile_admm_layers, single_process_state
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange, ExchangeStats
-from .group import RankContext, RankFailureError, free_port, init_ranks, rank_group, shutdown
+from .group import (
+    RankContext,
+    RankFailureError,
+    all_gather_rows,
+    all_reduce_sum,
+    free_port,
+    init_ranks,
+    rank_group,
+    share_module,
+    shutdown,
+)
 from .launch import launch, spawn, torchrun_command
 from .partition import LayerCost, Plan, balance, even_blocks, profile_layers
 from .pipeline import PipelineSolver
@@ -25,6 +35,8 @@ __all__ = [
     "RankAdmmSolver",
     "RankContext",
     "RankFailureError",
+    "all_gather_rows",
+    "all_reduce_sum",
     "balance",
     "even_blocks",
     "free_port",
@@ -37,6 +49,7 @@ __all__ = [
     "profile_layers",
     "rank_group",
     "save_rank_checkpoint",
+    "share_module",
     "shutdown",
     "single_process_state",
     "spawn",

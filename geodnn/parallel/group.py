@@ -152,6 +152,47 @@ def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
         ) from exc
 
 
+def broadcast_from_leader(ctx: RankContext, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Collective: every rank's `tensor` becomes rank 0's (in place, on the rank's device)."""
+    wait_or_fail(dist.broadcast(tensor, src=0, async_op=True), ctx, None, what)
+    return tensor
+
+
+@torch.no_grad()
+def share_module(ctx: RankContext, module: torch.nn.Module, what: str) -> torch.nn.Module:
+    """Collective: `module` moved to this rank's device with rank 0's parameters and buffers
+    (one flat broadcast), so that every rank can evaluate the whole model."""
+    module.to(ctx.device)
+    tensors = [*module.parameters(), *module.buffers()]
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    broadcast_from_leader(ctx, flat, what)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return module
+
+
+def all_reduce_sum(ctx: RankContext, tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Collective: every rank's `tensor` becomes the sum over ranks (in place)."""
+    wait_or_fail(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True), ctx, None, what)
+    return tensor
+
+
+def all_gather_rows(ctx: RankContext, rows: torch.Tensor, what: str) -> torch.Tensor:
+    """Collective: every rank's (n_r, ...) `rows`, n_r may differ, concatenated in rank order
+    on every rank (padded to the longest for the transfer)."""
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.empty_like(count) for _ in range(ctx.world_size)]
+    wait_or_fail(dist.all_gather(counts, count, async_op=True), ctx, None, what)
+    longest = max(int(c) for c in counts)
+    padded = rows.new_zeros((longest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    wait_or_fail(dist.all_gather(parts, padded, async_op=True), ctx, None, what)
+    return torch.cat([part[: int(c)] for part, c in zip(parts, counts, strict=True)])
+
+
 def post_or_fail(op, tensor: torch.Tensor, peer: int, tag: int, ctx: RankContext, what: str):
     """Post dist.isend / dist.irecv to `peer`; a broken link (peer gone) names the peer rank."""
     try:
