@@ -66,6 +66,11 @@ def _rounded(value: float) -> float:
     return float(f"{value:.3g}")
 
 
+def _mean_or_none(values: list[float]) -> float | None:
+    """The rounded mean, or None (JSON null) where no step reached those layers."""
+    return _rounded(sum(values) / len(values)) if values else None
+
+
 def _mean_by_distance(table: dict[int, list[float]]) -> dict[int, float]:
     return {d: _rounded(sum(v) / len(v)) for d, v in sorted(table.items())}
 
@@ -167,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     scenes = ["vegas-roads"] if args.quick else ["vegas-roads", "atlanta-buildings"]
     warmup = args.warmup or (150 if args.quick else 400)
+    trip = 2 * (args.depth + 2)  # head to stem: one layer per iteration, down and back up
+    if warmup < trip:
+        parser.error(
+            f"--warmup {warmup} is shorter than the {trip} iterations a request needs to reach "
+            f"the stem at depth {args.depth}, so the low layers take no step: use {trip} or more"
+        )
     power = args.class_weight_power
     rows = [run(s, args.depth, warmup, args.iterations, args.seed, power) for s in scenes]
     summary = {"quick": args.quick, "depth": args.depth, "class_weight_power": power, "runs": rows}
@@ -174,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in (*keys, "adam_relative_step"):
         top = [v for r in rows for d, v in r[key].items() if d < 5]  # head + four below
         low = [v for r in rows for d, v in r[key].items() if d >= max(r[key]) - 4]  # lowest five
-        summary[f"{key}_top5"] = _rounded(sum(top) / len(top))
-        summary[f"{key}_lowest5"] = _rounded(sum(low) / len(low))
+        summary[f"{key}_top5"] = _mean_or_none(top)
+        summary[f"{key}_lowest5"] = _mean_or_none(low)
     print(json.dumps(summary))
     return 0
 
