@@ -195,22 +195,22 @@ def validate(
     weights = weights.to(device)
     classes = model.config.classes
     confusion = torch.zeros(classes, classes, dtype=torch.long)
-    loss_sum, pixels = 0.0, 0
+    loss_sum, weight_sum = 0.0, 0.0
     for logits, y in tile_logits(model, data, my_share(range(min(len(data), limit)), ranks), batch):
         loss = torch.nn.functional.cross_entropy(
             logits, y, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        valid = int((y != IGNORE_INDEX).sum())
         loss_sum += float(loss)
-        pixels += valid
+        weight_sum += float(weights[y[y != IGNORE_INDEX]].sum())
         confusion += confusion_matrix(decide(logits, class_scale), y, classes).cpu()
     if ranks is not None:
-        totals = torch.tensor([loss_sum, pixels], dtype=torch.float64)
+        totals = torch.tensor([loss_sum, weight_sum], dtype=torch.float64)
         sums = torch.cat([totals, confusion.reshape(-1).double()])
         sums = all_reduce_sum(ranks, sums.to(device), "the validation scores").cpu()
-        loss_sum, pixels = float(sums[0]), int(sums[1])
+        loss_sum, weight_sum = float(sums[0]), float(sums[1])
         confusion = sums[2:].round().long().reshape(classes, classes)
-    return loss_sum / max(pixels, 1), SegmentationScores(confusion)
+    # the class-weighted mean, as the training loss (F.cross_entropy's weighted mean)
+    return loss_sum / weight_sum if weight_sum > 0 else 0.0, SegmentationScores(confusion)
 
 
 def my_share(indices, ranks: RankContext | None) -> list[int]:
@@ -417,9 +417,27 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
 RESUME_MAY_CHANGE = {
     ("train", "iterations"),
     ("train", "epoch"),
+    ("train", "divergence_factor"),
     ("data", "val_tiles"),
     ("parallel", "timeout_s"),
 }
+# step sizes, penalties and stopping rules: changed on resume after a divergence (with a
+# warning: the run then no longer continues exactly); the rest shapes the solver's state
+STEP_SETTINGS = {
+    "admm": (
+        "head_nu", "head_nu_growth", "head_nu_max", "head_newton_steps", "nu", "rho", "relu_fit",
+        "lam", "max_rel_step", "momentum", "normalized_step", "cg_steps", "p_rho", "p_damping",
+        "request_gain", "step_scale",
+    ),
+    "adam": ("lr", "beta1", "beta2", "weight_decay"),
+    "pipeline": ("lr", "beta1", "beta2", "weight_decay"),
+}  # fmt: skip
+STOPPING = ("max_iterations", "patience", "divergence_factor", "divergence_warmup")
+RESUME_MAY_TUNE = {(t, k) for t, keys in STEP_SETTINGS.items() for k in (*keys, *STOPPING)}
+RECOVERY = (
+    "lower the step size in the config ([adam] lr; [admm] raise head_nu or lam, or lower "
+    "max_rel_step) and rerun with --resume, which continues from that checkpoint"
+)
 
 
 def config_as_run(config: Config) -> str:
@@ -443,15 +461,24 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
     current = tomllib.loads(config_as_run(config))
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
-        f"[{t}] {k}"
+        (t, k)
         for t in (set(saved) | set(current)) - ignored
         for k in set(saved.get(t, {})) | set(current.get(t, {}))
         if saved.get(t, {}).get(k) != current.get(t, {}).get(k) and (t, k) not in RESUME_MAY_CHANGE
     )
-    if changed:
+    fixed = [f"[{t}] {k}" for t, k in changed if (t, k) not in RESUME_MAY_TUNE]
+    if fixed:
         raise PipelineError(
-            f"{saved_path}: the run was started with other settings ({', '.join(changed)}); "
+            f"{saved_path}: the run was started with other settings ({', '.join(fixed)}); "
             "resume with the same config, or start a new run with --out"
+        )
+    if changed:
+        tuned = ", ".join(f"[{t}] {k}" for t, k in changed)
+        log.warning(
+            "%s: resuming with changed %s; the run goes on from its checkpoint with them "
+            "(it no longer repeats an uninterrupted run exactly)",
+            saved_path,
+            tuned,
         )
 
 
@@ -500,7 +527,7 @@ def check_divergence(
     if not math.isfinite(loss) or (math.isfinite(best) and exploded(loss, best, first, factor)):
         raise DivergenceError(
             f"training diverged at iteration {iteration} (loss {loss:.4g}, best {best:.4g}); "
-            "the last good checkpoint is kept: lower the step sizes or raise the penalties"
+            f"the last good checkpoint is kept: {RECOVERY}"
         )
 
 
@@ -582,11 +609,16 @@ def run_epochs(
         mean_loss = epoch_loss(losses)
         if losses:
             factor = train_cfg["divergence_factor"]
-            check_divergence(mean_loss, best, factor, solver.iteration, first)
+            # no best epoch yet: the first loss seen (the untrained network's) stands in
+            reference = best if math.isfinite(best) else losses[0]
+            untrained = first if math.isfinite(first) else losses[0]
+            check_divergence(mean_loss, reference, factor, solver.iteration, untrained)
             best = min(best, mean_loss)
             first = mean_loss if math.isnan(first) else first
         losses = []
-        record = end_epoch(setup, solver, records, mean_loss, time.perf_counter() - start, stats)
+        paused = time.perf_counter()
+        record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
+        start += time.perf_counter() - paused  # elapsed_s counts training, not validation
         if record is not None:
             bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
         if stop:
@@ -613,24 +645,36 @@ def end_epoch(
     elapsed: float,
     stats: dict,
 ) -> EpochRecord | None:
-    """Save every rank's solver state; validate (every rank a share of the tiles); on the
-    leader also checkpoint and log."""
+    """Validate (every rank a share of the tiles), checkpoint and log on the leader, then save
+    every rank's solver state. In this order a job stopped in between resumes from the older
+    state and redoes the epoch, so no metrics row is lost; a model with non-finite weights or
+    validation loss is never checkpointed."""
     ranks = None
     if distributed_world() > 1:
         solver.gather_model()  # collective: every rank calls it, rank 0 gets all weights
         ranks = solver.ctx
         share_module(ranks, solver.model, "the model for validation")
-    save_solver_state(setup, solver, elapsed)
+    check_finite_model(solver.model, solver.iteration)
     scale = None
     if setup.calibration_data is not None:
         limit = setup.config["data"]["calibrate_tiles"]
         scale = fit_decision(solver.model, setup.calibration_data, limit, ranks=ranks)
     record = epoch_record(setup, solver, mean_loss, elapsed, stats, scale, ranks)
-    if not is_leader():
-        return None
-    records.append(record)
-    save_epoch(setup, solver, records, scale)
-    return record
+    check_divergence(record.val_loss, math.inf, 1.0, solver.iteration)  # NaN or inf only
+    if is_leader():
+        records.append(record)
+        save_epoch(setup, solver, records, scale)
+    save_solver_state(setup, solver, elapsed)
+    return record if is_leader() else None
+
+
+def check_finite_model(model: geodnn.ChainNet, iteration: int) -> None:
+    """Refuse to checkpoint a model whose weights hold NaN or inf."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise DivergenceError(
+            f"training diverged at iteration {iteration}: the model has non-finite weights; "
+            f"the last good checkpoint is kept: {RECOVERY}"
+        )
 
 
 def epoch_record(
@@ -668,7 +712,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="TOML config (see pipelines/configs/)")
     p.add_argument("--solver", choices=SOLVERS, help="override [train] solver")
     p.add_argument("--out", type=Path, help="run folder (default runs/<config>-<solver>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (exactly, unless step sizes changed)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--iterations", type=int, help="override [train] iterations")
     p.add_argument("--workers", type=int, help="ranks, each owning a block of layers")

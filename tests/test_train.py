@@ -73,6 +73,106 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_a_job_stopped_while_validating_redoes_that_epoch(
+    tmp_path, store, train_config, monkeypatch
+):
+    """The solver state is saved after the epoch's checkpoint and metrics row: a job killed in
+    between resumes from the older state, so no row is lost and model.pt is the final model."""
+    import pipelines.train as training
+
+    straight = train(train_config(store), tmp_path / "a", progress=False)
+    real, calls = training.epoch_record, []
+
+    def killed_on_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while validating")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "epoch_record", killed_on_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(train_config(store), tmp_path / "b", progress=False)
+    monkeypatch.setattr(training, "epoch_record", real)
+    resumed = train(train_config(store), tmp_path / "b", resume=True, progress=False)
+    assert [r.iteration for r in resumed.records] == [3, 6]
+    for key, value in weights(straight.checkpoint).items():
+        torch.testing.assert_close(weights(resumed.checkpoint)[key], value, rtol=0, atol=0)
+
+
+def test_elapsed_time_counts_training_not_validation(tmp_path, store, train_config, monkeypatch):
+    import time
+
+    import pipelines.train as training
+
+    real = training.validate
+
+    def slow(*args, **kwargs):
+        time.sleep(1.0)  # a long validation (a deep model, many tiles)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", slow)
+    straight = train(train_config(store, iterations=9), tmp_path / "a", progress=False)
+    train(train_config(store, iterations=3), tmp_path / "b", progress=False)
+    resumed = train(train_config(store, iterations=9), tmp_path / "b", resume=True, progress=False)
+    for records in (straight.records, resumed.records):
+        steps = np.diff([r.elapsed_s for r in records])
+        assert len(steps) == 2 and (steps < 0.9).all()  # 3 tiny steps each, no sleep counted
+
+
+def test_first_epoch_divergence_is_not_checkpointed(tmp_path, store, train_config, capsys):
+    config = train_config(store, extra="[adam]\nlr = 50.0\n")
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
+    assert code == 3 and "diverged at iteration 3" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(
+    tmp_path, store, train_config, monkeypatch, capsys
+):
+    from geodnn.solvers import adam
+
+    real_step = adam.AdamSolver.step
+
+    def poisoned_at_6(self):
+        stats = real_step(self)  # the loss is computed before the update: it looks fine
+        if self.iteration == 6:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(adam.AdamSolver, "step", poisoned_at_6)
+    config = train_config(store, iterations=9)
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
+    assert code == 3 and "non-finite weights" in capsys.readouterr().err
+    assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["iteration"] == 3
+
+
+def test_resume_after_divergence_may_lower_the_step_size(tmp_path, store, train_config, caplog):
+    run = tmp_path / "run"
+    train(train_config(store, iterations=3), run, progress=False)
+    lower = train_config(store, extra="[adam]\nlr = 0.0001\n")
+    with caplog.at_level("WARNING"):
+        resumed = train(lower, run, resume=True, progress=False)
+    assert "[adam] lr" in caplog.text and "no longer repeats" in caplog.text
+    assert [r.iteration for r in resumed.records] == [3, 6]
+
+
+def test_adam_resumed_with_other_settings_steps_with_them(store):
+    from geodnn.solvers.adam import AdamSettings, AdamSolver
+
+    data = StoreBatches(store, "train", crop=32)
+    model = geodnn.build_model(data.bands, 2, depth=2, width=4, seed=1)
+    saved = AdamSolver(model, data, AdamSettings(batch_size=4, lr=3e-3), seed=0)
+    saved.step()
+    lower = AdamSettings(batch_size=4, lr=1e-4, beta1=0.8, weight_decay=0.1)
+    resumed = AdamSolver(model, data, lower, seed=0)
+    resumed.load_state_dict(saved.state_dict())  # the optimizer state carries lr 3e-3 ...
+    group = resumed.optimizer.param_groups[0]  # ... but the new settings apply
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-4, (0.8, 0.999), 0.1)
+
+
 def test_checkpoint_waits_for_stats_in_flight(tmp_path, store, train_config, monkeypatch, capsys):
     """A solver that reports an iteration late (N-rank ADMM) is settled before each checkpoint:
     its late loss counts in the epoch, and a divergence found then keeps the last checkpoint."""
@@ -170,6 +270,13 @@ def test_validation_scores_tiles_with_their_validation_neighbours(store):
     _, scaled = validate(model, windows, torch.ones(2), len(val), class_scale=scale)
     called = (torch.softmax(region, 1)[:, 1] > threshold).long()
     assert torch.equal(scaled.confusion, confusion_matrix(called, labels[None], 2))
+    # the loss is the class-weighted mean, on the training loss's scale
+    weights = torch.tensor([1.0, 3.0])
+    loss, _ = validate(model, windows, weights, len(val))
+    expected_loss = torch.nn.functional.cross_entropy(
+        region, labels[None], weight=weights, ignore_index=IGNORE_INDEX
+    )
+    assert loss == pytest.approx(float(expected_loss), rel=1e-5)
 
 
 def _training_pixels(model, store, limit):

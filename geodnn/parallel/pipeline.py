@@ -20,7 +20,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..data import Batches
 from ..errors import GeodnnError
 from ..model import ChainNet, as_activation
-from ..solvers.adam import AdamSettings
+from ..solvers.adam import AdamSettings, use_step_settings
 from ..solvers.admm import make_pool
 from ..solvers.base import LossWatch
 from ..solvers.subproblems import weighted_cross_entropy
@@ -167,6 +167,7 @@ class PipelineSolver:
             )
         self.stage_module.load_state_dict(state["stage"])
         self.optimizer.load_state_dict(state["optimizer"])
+        use_step_settings(self.optimizer, self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])
 

@@ -43,6 +43,15 @@ class AdamSettings:
         return asdict(self)
 
 
+def use_step_settings(optimizer: torch.optim.Optimizer, settings: AdamSettings) -> None:
+    """The settings' lr, betas and weight decay in every parameter group: a loaded optimizer
+    state brings the saved ones back, and a resumed run may lower the step size (after a
+    divergence)."""
+    betas = (settings.beta1, settings.beta2)
+    for group in optimizer.param_groups:
+        group.update(lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+
+
 class AdamSolver:
     """Backprop + Adam; batch t is the crop pool's stem batch of iteration t, as in ADMM."""
 
@@ -98,5 +107,6 @@ class AdamSolver:
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        use_step_settings(self.optimizer, self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])
