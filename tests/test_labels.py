@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+from affine import Affine
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -169,6 +170,28 @@ def test_mask_on_another_grid_is_resampled_nearest_with_a_warning(make_geotiff):
     labels = whole(source, info)
     assert (labels[:2, :2] == 1).all() and labels[:6, 2:6].max() == 0
     assert (labels[6:, :] == IGNORE_INDEX).all() and (labels[:, 6:] == IGNORE_INDEX).all()
+
+
+def test_north_up_mask_covering_a_south_up_scene_is_placed(make_geotiff):
+    south_up = Affine(1.0, 0.0, 1000.0, 0.0, 1.0, 1960.0)  # row 0 is the southern edge
+    info = open_scene(make_geotiff(np.ones((1, 40, 40), np.float32), transform=south_up))
+    mask = np.zeros((20, 20), dtype=np.uint8)
+    mask[:10] = 1  # the northern half, y 1980..2000
+    path = make_geotiff(mask, name="mask.tif", transform=from_origin(1000.0, 2000.0, 2.0, 2.0))
+    with pytest.warns(UserWarning, match="resampled"):
+        source = load_labels(path, info)
+    labels = whole(source, info)
+    assert (labels[:20] == 0).all() and (labels[20:] == 1).all()
+
+
+def test_truncated_mask_names_the_gdal_reason(make_geotiff, tmp_path, scene):
+    rng = np.random.default_rng(0)
+    full = make_geotiff(rng.integers(0, 3, (20, 30), dtype=np.uint8), name="full.tif")
+    path = tmp_path / "cut.tif"
+    path.write_bytes(full.read_bytes()[:-300])
+    with pytest.raises(LabelError, match="not a readable mask") as info:
+        load_labels(path, scene)
+    assert "See previous exception" not in str(info.value)
 
 
 def test_missing_label_file(tmp_path, scene):

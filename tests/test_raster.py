@@ -1,10 +1,22 @@
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
+from rasterio.control import GroundControlPoint
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from tiles.errors import RasterInputError
-from tiles.raster import open_lazy, open_scene, read_window
+from tiles.raster import open_lazy, open_scene, read_window, warn_if_no_crs
+
+
+def rgba_scene(make_geotiff, height: int = 8, width: int = 8):
+    """An RGB + alpha uint8 GeoTIFF whose left half is transparent (alpha 0)."""
+    array = np.stack([np.full((height, width), v, dtype=np.uint8) for v in (10, 20, 30, 255)])
+    array[3, :, : width // 2] = 0
+    return make_geotiff(array, name="rgba.tif", photometric="RGB", alpha="YES")
 
 
 def test_open_sample_scenes(data_dir):
@@ -51,5 +63,54 @@ def test_truncated_tiff_is_rejected(make_geotiff, tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.tif"
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(RasterInputError, match="not a readable raster"):
+    with pytest.raises(RasterInputError, match="not a readable raster") as info:
         open_scene(cut)
+    message = str(info.value)
+    # the GDAL reason (rasterio's __cause__), not rasterio's "See previous exception" wrapper
+    assert "See previous exception" not in message and "\n" not in message
+    assert "IReadBlock failed" in message or "TIFFRead" in message
+
+
+def test_alpha_band_is_a_mask_not_a_data_band(make_geotiff):
+    path = rgba_scene(make_geotiff)
+    assert open_scene(path).count == 3
+    with rasterio.open(path) as src:
+        out = read_window(src, Window(0, 0, 8, 8))
+    assert out.shape == (3, 8, 8)
+    assert np.isnan(out[:, :, :4]).all()  # transparent: nodata in every band
+    np.testing.assert_array_equal(out[:, 0, 4:], [[10] * 4, [20] * 4, [30] * 4])
+    lazy = open_lazy(path, chunks=4).compute().values
+    assert lazy.shape == (3, 8, 8) and np.isnan(lazy[:, :, :4]).all()
+    np.testing.assert_array_equal(lazy[:, :, 4:], out[:, :, 4:])
+
+
+def test_scene_georeferenced_only_by_gcps_is_refused(tmp_path):
+    path = tmp_path / "gcps.tif"
+    gcps = [
+        GroundControlPoint(row, col, 733601.0 + col / 2, 3725139.0 - row / 2)
+        for row in (0, 10)
+        for col in (0, 10)
+    ]
+    profile = dict(driver="GTiff", width=10, height=10, count=1, dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio: no geotransform yet, on purpose
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(np.ones((1, 10, 10), dtype=np.float32))
+            dst.gcps = (gcps, CRS.from_epsg(32616))
+    with pytest.raises(RasterInputError, match="ground control points") as info:
+        open_scene(path)
+    message = str(info.value)
+    assert str(path) in message and "gdalwarp" in message and "\n" not in message
+
+
+def test_scene_without_crs_but_with_a_transform_is_accepted(make_geotiff):
+    info = open_scene(make_geotiff(np.ones((1, 4, 4), dtype=np.float32), crs=None))
+    assert info.crs is None and info.transform.a == 0.5
+    with pytest.warns(UserWarning, match="no CRS"):
+        warn_if_no_crs(info)
+
+
+def test_bounds_are_min_max_for_a_south_up_scene(make_geotiff):
+    south_up = Affine(1.0, 0.0, 1000.0, 0.0, 1.0, 1960.0)  # rows run north
+    info = open_scene(make_geotiff(np.ones((1, 40, 30), dtype=np.float32), transform=south_up))
+    assert info.bounds == (1000.0, 1960.0, 1030.0, 2000.0)

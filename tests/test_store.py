@@ -122,6 +122,36 @@ def test_scene_without_crs_keeps_none(tmp_path, make_geotiff):
     assert store.crs is None and store.attrs["crs"] is None and len(store) == 4
 
 
+def test_alpha_band_is_not_stored_as_a_band(tmp_path, make_geotiff):
+    image = np.stack([np.full((40, 64), v, dtype=np.uint8) for v in (10, 20, 30, 255)])
+    image[3, :, :32] = 0  # left half transparent
+    scene = make_geotiff(image, name="rgba.tif", photometric="RGB", alpha="YES")
+    mask = make_geotiff(np.ones((40, 64), dtype=np.uint8), name="mask.tif")
+    store = build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 1.0, 0))
+    assert store.bands == 3 and store.images(range(len(store))).shape[1] == 3
+    np.testing.assert_allclose(store.band_mean, [10.0, 20.0, 30.0])
+    assert store.attrs["band_valid_pixels"] == [40 * 32] * 3
+    windows = store.windows()
+    assert (windows[:, 1] >= 32).all()  # the transparent tiles are skipped as all-nodata
+
+
+def test_duplicate_class_names_are_refused(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    with pytest.raises(TilesError, match="'x' occurs more than once") as info:
+        build(scene, mask, out, class_names=["x", "x"])
+    assert str(mask) in str(info.value) and "distinct" in str(info.value)
+    assert not out.exists() and list(tmp_path.glob(".s.zarr*")) == []
+
+
+def test_store_with_duplicate_class_names_is_refused_on_open(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    zarr.open_group(str(path), mode="r+").attrs["class_names"] = ["x", "x"]
+    with pytest.raises(StoreError, match="class_names repeats 'x'"):
+        TileStore.open(path)
+
+
 def test_sample_scenes(tmp_path, data_dir):
     vegas = build(
         data_dir / "vegas-roads" / "image.tif",

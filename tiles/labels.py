@@ -36,7 +36,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import LabelError
-from .raster import SceneInfo
+from .raster import SceneInfo, grid_bounds, io_error_reason
 
 IGNORE_INDEX = 255
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
@@ -310,7 +310,9 @@ def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> None:
             f"{path}: mask and scene {scene.path.name} are on different grids and one has no "
             "CRS; give both a CRS or write the mask on the scene's grid"
         )
-    left, bottom, right, top = transform_bounds(src.crs, scene.crs, *src.bounds)
+    # both as (min x, min y, max x, max y): a south-up grid's bounds would have bottom > top
+    mask_bounds = grid_bounds(src.height, src.width, src.transform)
+    left, bottom, right, top = transform_bounds(src.crs, scene.crs, *mask_bounds)
     s_left, s_bottom, s_right, s_top = scene.bounds
     if left >= s_right or right <= s_left or bottom >= s_top or top <= s_bottom:
         raise LabelError(
@@ -328,8 +330,9 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             values = _mask_values(src, path)
             nodata = src.nodata
     except RasterioIOError as exc:
-        reason = str(exc).split(":")[-1].strip() or "unreadable"
-        raise LabelError(f"{path}: not a readable mask ({reason}); pass a valid GeoTIFF") from None
+        raise LabelError(
+            f"{path}: not a readable mask ({io_error_reason(exc)}); pass a valid GeoTIFF"
+        ) from None
     if values.size == 0:
         raise LabelError(
             f"{path}: mask has no labeled pixels (all 0 or nodata); pass a mask with classes"

@@ -1,7 +1,8 @@
 """Opening GeoTIFF scenes: validation with one-line errors, lazy Dask arrays and windowed reads.
 
 Every read returns float32 with NaN where the file says there is no data (nodata value, mask band
-or alpha), so downstream code has a single convention for missing pixels.
+or alpha), so downstream code has a single convention for missing pixels. An alpha band is such a
+mask, not data: it is left out of the band count and of every read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import rioxarray
 import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
@@ -26,7 +27,10 @@ from .errors import RasterInputError
 
 @dataclass(frozen=True)
 class SceneInfo:
-    """Georeferencing and layout of a scene, read once from the file's header."""
+    """Georeferencing and layout of a scene, read once from the file's header.
+
+    `count` is the number of data bands: an alpha band is a mask, not data, so it is left out.
+    """
 
     path: Path
     width: int
@@ -45,12 +49,44 @@ class SceneInfo:
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
-        return rasterio.transform.array_bounds(self.height, self.width, self.transform)
+        """(min x, min y, max x, max y) of the scene, whichever way its rows and columns run."""
+        return grid_bounds(self.height, self.width, self.transform)
 
     @property
     def pixel_area(self) -> float:
         """Area of one pixel in squared CRS units."""
         return abs(self.transform.a * self.transform.e - self.transform.b * self.transform.d)
+
+
+def grid_bounds(height: int, width: int, transform: Affine) -> tuple[float, float, float, float]:
+    """(min x, min y, max x, max y) of a grid's four corners.
+
+    Unlike `array_bounds`, this holds for south-up (positive pixel height) and rotated grids, so
+    overlap tests can compare intervals directly.
+    """
+    corners = [transform * (col, row) for col in (0, width) for row in (0, height)]
+    xs, ys = zip(*corners)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def data_bands(src: rasterio.DatasetReader) -> list[int]:
+    """1-based indexes of the bands that hold data, i.e. all but alpha bands.
+
+    GDAL already applies an alpha band to the other bands' masks, so reading it as data would
+    only add a band that is never NaN (and keep transparent pixels from being nodata).
+    """
+    return [i for i, ci in enumerate(src.colorinterp, start=1) if ci != ColorInterp.alpha]
+
+
+def io_error_reason(exc: Exception) -> str:
+    """The first line of the GDAL message behind a rasterio I/O error.
+
+    Rasterio often raises a generic "Read failed. See previous exception" error whose real reason
+    is in `__cause__`.
+    """
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    lines = str(cause).strip().splitlines()
+    return lines[0].strip() if lines else type(cause).__name__
 
 
 def _needs_mask(src: rasterio.DatasetReader) -> bool:
@@ -74,7 +110,7 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
                 path=path,
                 width=src.width,
                 height=src.height,
-                count=src.count,
+                count=len(data_bands(src)),
                 dtype=src.dtypes[0],
                 crs=src.crs,
                 transform=src.transform,
@@ -84,14 +120,24 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
             )
             if check_data:
                 src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
+            gcps_only = _georeferenced_by_gcps_only(src)
     except RasterioIOError as exc:
-        reason = str(exc).split(":")[-1].strip() or "unreadable"
         raise RasterInputError(
-            f"{path}: not a readable raster ({reason}); pass a valid GeoTIFF"
+            f"{path}: not a readable raster ({io_error_reason(exc)}); pass a valid GeoTIFF"
         ) from None
     if info.count == 0:
-        raise RasterInputError(f"{path}: raster has no bands; pass an image with data bands")
+        raise RasterInputError(f"{path}: raster has no data bands; pass an image with data bands")
+    if gcps_only:
+        raise RasterInputError(
+            f"{path}: georeferenced only by ground control points (no geotransform); warp it "
+            f"onto a grid first (`gdalwarp -r near {path.name} warped.tif`) and pass that"
+        )
     return info
+
+
+def _georeferenced_by_gcps_only(src: rasterio.DatasetReader) -> bool:
+    """True when the file has GCPs but no geotransform (rasterio then reports the identity)."""
+    return bool(src.gcps[0]) and src.transform.is_identity
 
 
 def warn_if_no_crs(info: SceneInfo) -> None:
@@ -104,19 +150,23 @@ def warn_if_no_crs(info: SceneInfo) -> None:
 
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
-    """Read a window as float32 (bands, h, w), NaN where nodata/mask say so or values are inf."""
-    data = src.read(window=window, masked=True, out_dtype="float32")
+    """Read a window of the data bands (no alpha) as float32 (bands, h, w), NaN where
+    nodata/mask/alpha say so or values are inf."""
+    data = src.read(data_bands(src), window=window, masked=True, out_dtype="float32")
     array = np.ma.filled(data, np.nan).astype(np.float32, copy=False)
     array[~np.isfinite(array)] = np.nan
     return array
 
 
 def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> xr.DataArray:
-    """The scene as a lazy, Dask-backed (band, y, x) float32 DataArray with NaN for nodata."""
+    """The scene's data bands (no alpha) as a lazy, Dask-backed (band, y, x) float32 DataArray
+    with NaN for nodata."""
     info = open_scene(path, check_data=False)
     if isinstance(chunks, int):
         chunks = (chunks, chunks)
+    with rasterio.open(info.path) as src:
+        bands = data_bands(src)
     array = rioxarray.open_rasterio(
         info.path, chunks={"band": -1, "y": chunks[0], "x": chunks[1]}, masked=True, lock=False
-    )
+    ).sel(band=bands)
     return array.astype(np.float32).where(np.isfinite(array))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,24 @@ def _write_tiles(
     return written, stats, counts, per_split
 
 
+def _duplicates(names: Sequence[str]) -> list[str]:
+    """Names that occur more than once, in first-seen order."""
+    return [name for name, n in Counter(names).items() if n > 1]
+
+
+def _check_distinct_names(names: Sequence[str], labels: str | os.PathLike, given: bool) -> None:
+    """Refuse repeated class names: per-class outputs (metrics, scores) are keyed by name."""
+    repeated = ", ".join(map(repr, _duplicates(names)))
+    if not repeated:
+        return
+    where = "the class_names given" if given else "the label classes"
+    raise TilesError(
+        f"{labels}: class name {repeated} occurs more than once in {where} "
+        f"({', '.join(names)}); give each class a distinct name ([scene] class_names in the run "
+        "config, or build_store's class_names)"
+    )
+
+
 def build_store(
     scene: str | os.PathLike,
     labels: str | os.PathLike,
@@ -249,6 +268,7 @@ def build_store(
                 f"({', '.join(source.class_names)}); give one name per class"
             )
         source.class_names = list(class_names)
+    _check_distinct_names(source.class_names, labels, given=class_names is not None)
     tiles = split_tiles(info.shape, split, tile)
     if on_start is not None:
         on_start(len(tiles))
@@ -315,6 +335,13 @@ class TileStore:
             raise StoreError(
                 f"{path}: tile store is incomplete (no {', '.join(missing)}); rebuild it with "
                 "`geodnn tile ... --overwrite`"
+            )
+        repeated = _duplicates(list(attrs.get("class_names", [])))
+        if repeated:
+            raise StoreError(
+                f"{path}: tile store attribute class_names repeats "
+                f"{', '.join(map(repr, repeated))}; rebuild it with distinct class names "
+                "(`geodnn tile ... --overwrite`, [scene] class_names)"
             )
         return cls(path, group)
 
