@@ -335,3 +335,27 @@ def test_a_class_scale_of_the_wrong_length_is_a_clear_error(data_dir, tmp_path, 
     assert not (tmp_path / "c.tif").exists()
     code, err = run_cli(["predict", bad, scene, "--out", tmp_path / "c.tif", "--argmax"], capsys)
     assert code == 0, err
+
+
+def test_rgba_scene_transparent_pixels_are_nodata_in_the_class_map(tmp_path, make_geotiff):
+    """A drone orthomosaic's alpha band is a mask: a 3-band model reads the colour bands, and
+    the transparent half is written as nodata, not predicted."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(1, 255, (4, 40, 48), dtype=np.uint8)
+    rgba[3] = 255
+    rgba[3, :, :24] = 0  # left half transparent
+    scene = make_geotiff(rgba, photometric="RGB", alpha="YES")
+    with rasterio.open(scene) as src:
+        assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    ckpt = tmp_path / "rgb.pt"
+    save_checkpoint(small_model(bands=3), ckpt, class_names=CLASSES)
+    out = tmp_path / "classes.tif"
+    predict_scene(ckpt, scene, out, chunk=16)
+    with rasterio.open(out) as src:
+        classes = src.read(1)
+        assert src.nodata == 255
+    assert (classes[:, :24] == 255).all()
+    assert (classes[:, 24:] < len(CLASSES)).all()
+    save_checkpoint(small_model(bands=4), ckpt, class_names=CLASSES)
+    with pytest.raises(Exception, match="has 3 band"):
+        predict_scene(ckpt, scene, tmp_path / "four.tif", chunk=16)
