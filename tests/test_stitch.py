@@ -82,19 +82,23 @@ def test_streamed_chunks_equal_the_whole_image(make_geotiff, tmp_path, chunk):
         assert np.array_equal(c.read(1), expected.argmax(0))
 
 
-def test_class_map_has_color_table_names_and_georeferencing(make_geotiff, tmp_path):
+@pytest.mark.parametrize("chunk, block", [(64, 64), (40, 256)])  # 40: compressed by a copy
+def test_class_map_has_color_table_names_and_georeferencing(make_geotiff, tmp_path, chunk, block):
     path = make_geotiff(np.ones((1, 50, 60), dtype=np.uint16), crs="EPSG:4326")
-    stitch(path, tmp_path / "c.tif", tmp_path / "p.tif")
+    stitch(path, tmp_path / "c.tif", tmp_path / "p.tif", chunk=chunk)
     with rasterio.open(path) as src, rasterio.open(tmp_path / "c.tif") as c:
         assert c.crs == src.crs and c.transform == src.transform
-        assert c.nodata == 255 and c.dtypes[0] == "uint8" and c.block_shapes[0] == (32, 32)
+        assert c.nodata == 255 and c.dtypes[0] == "uint8" and c.block_shapes[0] == (block, block)
         assert c.compression.value == "DEFLATE"
         cmap = c.colormap(1)
         assert [cmap[i][:3] for i in range(3)] == COLORS and cmap[255][3] == 0
         assert c.descriptions == ("class",) and json.loads(c.tags(1)["class_names"]) == NAMES
     with rasterio.open(tmp_path / "p.tif") as p:
         assert p.descriptions == tuple(NAMES) and np.isnan(p.nodata) and p.dtypes[0] == "float32"
+        assert p.compression.value == "DEFLATE"
     assert gdal_category_names(tmp_path / "c.tif") == NAMES
+    left = sorted(p.name for p in tmp_path.iterdir())  # no temporary or scratch file
+    assert left == ["c.tif", "c.tif.aux.xml", "p.tif", path.name]
 
 
 def test_nodata_pixels_stay_nodata(make_geotiff, tmp_path):
@@ -142,7 +146,47 @@ def test_batches_group_equal_shapes_only():
 
 
 def test_block_size_divides_the_chunk():
-    assert block_size(512) == 512 and block_size(768) == 256 and block_size(48) == 16
+    assert block_size(512) == 512 and block_size(1024) == 512 and block_size(768) == 384
+    assert block_size(80) == 80 and block_size(64) == 64
+    assert block_size(100) is None and block_size(1000) is None  # no multiple of 16 divides
+    assert block_size(32) is None and block_size(16 * 37) is None  # only tiles under 64 would
+
+
+def test_unaligned_chunk_output_stays_compact(make_geotiff, tmp_path):
+    """Chunk writes straddling deflate blocks made GDAL append re-compressed blocks (~4x)."""
+    y, x = np.mgrid[0:300, 0:340]
+    scene = (60 * np.sin(x / 23.0) + 50 * np.cos(y / 17.0) + 120)[None].astype(np.float32)
+    path = make_geotiff(scene)
+    for chunk in (96, 100):
+        stitch(path, tmp_path / f"c{chunk}.tif", tmp_path / f"p{chunk}.tif", chunk=chunk)
+    for name in ("c", "p"):
+        aligned, odd = tmp_path / f"{name}96.tif", tmp_path / f"{name}100.tif"
+        assert odd.stat().st_size <= 1.25 * aligned.stat().st_size  # was 1.5x-3.5x
+        with rasterio.open(aligned) as a, rasterio.open(odd) as b:
+            assert b.compression.value == "DEFLATE"
+            np.testing.assert_allclose(b.read(), a.read(), rtol=0, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_overwrite_removes_stale_overviews_and_mask(make_geotiff, tmp_path):
+    """External overviews (.ovr) and masks (.msk) of an earlier map would show the old map."""
+    from rasterio.enums import Resampling
+
+    out = tmp_path / "c.tif"
+    stitch(make_geotiff(np.full((1, 64, 64), 900, dtype=np.float32)), out, chunk=64)
+    options = dict(TIFF_USE_OVR=True, GDAL_TIFF_INTERNAL_MASK=False)
+    with rasterio.Env(**options), rasterio.open(out, "r+") as dst:
+        old = np.unique(dst.read(1))
+        dst.build_overviews([2, 4], Resampling.nearest)
+        dst.write_mask(np.zeros((64, 64), dtype=np.uint8))
+    assert (tmp_path / "c.tif.ovr").exists() and (tmp_path / "c.tif.msk").exists()
+    stitch(make_geotiff(np.zeros((1, 64, 64), dtype=np.float32)), out, chunk=64)
+    assert not (tmp_path / "c.tif.ovr").exists() and not (tmp_path / "c.tif.msk").exists()
+    with rasterio.open(out) as dst:
+        new = np.unique(dst.read(1))
+        assert not np.array_equal(new, old)
+        assert np.array_equal(np.unique(dst.read(1, out_shape=(16, 16))), new)
+        assert dst.read_masks(1).all()
 
 
 def test_atomic_outputs_commit_or_leave_nothing(tmp_path):

@@ -144,3 +144,24 @@ def test_geographic_crs_warns_that_areas_are_in_degrees(tmp_path):
             path, tmp_path / "p.gpkg", ["bg", "roof"], [(0, 0, 0), (255, 0, 0)], VectorOptions()
         )
     assert n == 1
+
+
+@pytest.mark.parametrize("min_area", [0.0, 100.0])  # all background; all under min_area
+def test_empty_layer_has_the_same_schema_as_a_full_one(make_geotiff, tmp_path, min_area):
+    import pyogrio
+
+    full = np.zeros((20, 20), dtype=np.uint8)
+    full[15:, 15:] = 255
+    full[2:6, 2:6] = 1  # one 4 m2 polygon: dropped by min_area 100
+    empty = full if min_area else np.where(full == 1, 0, full)
+    n = vectorize_classes(
+        class_map(make_geotiff, empty), tmp_path / "e.gpkg", NAMES, COLORS, VectorOptions(min_area)
+    )
+    vectorize_classes(class_map(make_geotiff, full), tmp_path / "f.gpkg", NAMES, COLORS)
+    empty_info, full_info = (
+        pyogrio.read_info(tmp_path / name, layer="classes") for name in ("e.gpkg", "f.gpkg")
+    )
+    assert (n, empty_info["features"], full_info["features"]) == (0, 0, 1)
+    for key in ("fields", "dtypes", "ogr_types"):
+        assert list(empty_info[key]) == list(full_info[key])
+    assert list(empty_info["ogr_types"]) == ["OFTInteger", "OFTString", "OFTReal"]

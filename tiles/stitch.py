@@ -35,6 +35,9 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 CLASS_NODATA = 255
 GDAL_CACHE_MB = 64
+FALLBACK_BLOCK = 256  # GeoTIFF tile size when no multiple of 16 divides the chunk
+# Sidecars GDAL reads next to a GeoTIFF: PAM metadata, external overviews, external mask.
+GEOTIFF_SIDECARS = (".aux.xml", ".ovr", ".msk")
 SCHEDULER_TIMEOUT = "15s"
 
 
@@ -258,11 +261,16 @@ class AtomicOutputs:
         return old, self.reserve(final)
 
     def commit(self) -> None:
+        """Rename every temporary file onto its output. A GeoTIFF's stale sidecars (see
+        `GEOTIFF_SIDECARS`) are removed: they would describe the old raster, e.g. QGIS would draw
+        the old map from an old `.ovr` when zoomed out."""
         for final, tmp in self.pending.items():
             os.replace(tmp, final)
-            sidecar = final.with_name(final.name + ".aux.xml")
-            if final.suffix.lower() in (".tif", ".tiff") and sidecar not in self.pending:
-                _remove(sidecar)  # a stale PAM file would describe the old raster
+            if final.suffix.lower() in (".tif", ".tiff"):
+                for suffix in GEOTIFF_SIDECARS:
+                    sidecar = final.with_name(final.name + suffix)
+                    if sidecar not in self.pending:
+                        _remove(sidecar)
         self.pending.clear()
         self.abort()
 
@@ -300,15 +308,18 @@ def _remove(path: Path) -> None:
 # GeoTIFF writers
 
 
-def block_size(chunk: int) -> int:
-    """Largest GeoTIFF tile size (16..512) dividing the chunk, so writes touch whole blocks."""
-    for size in (512, 256, 128, 64, 32, 16):
+def block_size(chunk: int) -> int | None:
+    """Largest GeoTIFF tile size (a multiple of 16, as TIFF requires, 64..512) dividing the
+    chunk, so each chunk write fills whole blocks; None when there is none. Smaller tiles are
+    not used: they compress poorly (32-pixel tiles make a class map ~1.7x larger)."""
+    for size in range(512, 63, -16):
         if chunk % size == 0:
             return size
-    return 256
+    return None
 
 
-def _profile(scene: SceneInfo, count: int, dtype: str, nodata, block: int) -> dict:
+def _profile(scene: SceneInfo, count: int, dtype: str, nodata, block: int, compress: bool) -> dict:
+    """Creation profile of a tiled GeoTIFF on the scene's grid, deflate-compressed or not."""
     profile = dict(
         driver="GTiff",
         width=scene.width,
@@ -320,9 +331,10 @@ def _profile(scene: SceneInfo, count: int, dtype: str, nodata, block: int) -> di
         tiled=True,
         blockxsize=block,
         blockysize=block,
-        compress="deflate",
         BIGTIFF="IF_SAFER",
     )
+    if compress:
+        profile["compress"] = "deflate"
     if scene.crs is not None:
         profile["crs"] = scene.crs
     return profile
@@ -344,6 +356,11 @@ class PredictionWriter:
     Class map: uint8, nodata 255, tiled, deflate, color table, class names (band tag
     `class_names`, GDAL category names in the .aux.xml sidecar). Probabilities: float32, one
     band per class named after it, nodata NaN. Both carry exactly the scene's CRS and transform.
+
+    Chunk writes must fill whole deflate blocks: GDAL re-compresses a block written in parts and
+    appends it again, growing the file (~4x). So the tile size divides the chunk; when no
+    multiple of 16 does, the files are written uncompressed (blocks rewritten in place) and
+    compressed by a streamed copy in `finish` (temporary disk space: the uncompressed size).
     """
 
     def __init__(
@@ -360,7 +377,9 @@ class PredictionWriter:
             raise OutputError(f"{classes_path}: {len(class_names)} classes do not fit uint8")
         self.scene, self.outputs = scene, outputs
         self.names, self.colors = list(class_names), list(class_colors)
-        self.block = block_size(chunk)
+        aligned = block_size(chunk)
+        self.compressed = aligned is not None  # else compressed by a copy in `finish`
+        self.block = aligned or FALLBACK_BLOCK
         self.classes_path = Path(classes_path)
         self.probabilities_path = Path(probabilities_path) if probabilities_path else None
         self.classes_tmp = outputs.reserve(self.classes_path)
@@ -378,7 +397,7 @@ class PredictionWriter:
             raise
 
     def _open_classes(self):
-        profile = _profile(self.scene, 1, "uint8", CLASS_NODATA, self.block)
+        profile = _profile(self.scene, 1, "uint8", CLASS_NODATA, self.block, self.compressed)
         dst = rasterio.open(self.classes_tmp, "w", **profile)
         colormap = {i: (*self.colors[i % len(self.colors)], 255) for i in range(len(self.names))}
         colormap[CLASS_NODATA] = (0, 0, 0, 0)
@@ -390,7 +409,8 @@ class PredictionWriter:
         return dst
 
     def _open_probabilities(self):
-        profile = _profile(self.scene, len(self.names), "float32", float("nan"), self.block)
+        count, nan = len(self.names), float("nan")
+        profile = _profile(self.scene, count, "float32", nan, self.block, self.compressed)
         dst = rasterio.open(self.probabilities_tmp, "w", **profile)
         for band, name in enumerate(self.names, start=1):
             dst.set_band_description(band, name)
@@ -418,10 +438,11 @@ class PredictionWriter:
             self._env = None
 
     def finish(self, cog: bool = False) -> None:
-        """Close, optionally convert to COG, and write the class map's category-name sidecar."""
+        """Close, convert to COG or compress if asked or needed, and write the class map's
+        category-name sidecar."""
         self.close()
-        if cog:
-            self._to_cog()
+        if cog or not self.compressed:
+            self._copy_outputs(cog)
         aux = self.classes_path.with_name(self.classes_path.name + ".aux.xml")
         self.outputs.reserve(aux).write_text(category_names_xml(self.names))
 
@@ -431,17 +452,37 @@ class PredictionWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _to_cog(self) -> None:
-        """Convert the finished tiled GeoTIFFs to Cloud-Optimized GeoTIFFs with overviews."""
-        targets = [(self.classes_path, self.classes_tmp, "NEAREST")]
+    def _copy_outputs(self, cog: bool) -> None:
+        """Copy the finished tiled GeoTIFFs to new temporary files: Cloud-Optimized GeoTIFFs
+        with overviews (`cog`), else deflate-compressed tiled GeoTIFFs."""
+        targets = [(self.classes_path, "NEAREST")]
         if self.probabilities_path is not None:
-            targets.append((self.probabilities_path, self.probabilities_tmp, "AVERAGE"))
-        for final, _, resampling in targets:
-            tiled, cog = self.outputs.swap(final)
-            convert_to_cog(tiled, cog, resampling, self.block)
+            targets.append((self.probabilities_path, "AVERAGE"))
+        for final, resampling in targets:
+            tiled, copy = self.outputs.swap(final)
+            if cog:
+                convert_to_cog(tiled, copy, resampling, self.block)
+            else:
+                compress_geotiff(tiled, copy, self.block)
         self.classes_tmp = self.outputs.pending[self.classes_path]
         if self.probabilities_path is not None:
             self.probabilities_tmp = self.outputs.pending[self.probabilities_path]
+
+
+def compress_geotiff(src: Path, dst: Path, block: int) -> None:
+    """Copy a finished GeoTIFF to a tiled, deflate-compressed one (GDAL copies block by block,
+    so memory does not grow with the scene)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        rasterio.shutil.copy(
+            src,
+            dst,
+            driver="GTiff",
+            TILED="YES",
+            BLOCKXSIZE=block,
+            BLOCKYSIZE=block,
+            COMPRESS="DEFLATE",
+            BIGTIFF="IF_SAFER",
+        )
 
 
 def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
 import shapely
 from affine import Affine
@@ -82,13 +83,11 @@ class _Layer:
         geoms = shapely.transform(pixel_geoms, lambda xy: _apply(t, xy))
         if self.options.simplify > 0:
             geoms = shapely.simplify(geoms, self.options.simplify, preserve_topology=True)
-        frame = gpd.GeoDataFrame(
-            {
-                "class_id": ids,
-                "class_name": [self.names[c] for c in ids],
-                "area": shapely.area(pixel_geoms) * pixel_area,
-            },
-            geometry=gpd.GeoSeries(geoms, crs=self.crs),
+        frame = _frame(
+            ids,
+            [self.names[c] for c in ids],
+            shapely.area(pixel_geoms) * pixel_area,
+            gpd.GeoSeries(geoms, crs=self.crs),
         )
         import pyogrio  # here, not at import: predicting without --vectors never needs it
 
@@ -103,6 +102,21 @@ class _Layer:
         self.written += len(self.rows)
         self.flushes += 1
         self.rows = []
+
+
+def _frame(
+    ids: np.ndarray, names: list[str], areas: np.ndarray, geoms: gpd.GeoSeries
+) -> gpd.GeoDataFrame:
+    """The layer's rows with explicit column types, so an empty layer (no polygons) gets the
+    same schema as a full one (otherwise pandas would type an empty `class_name` as Real)."""
+    return gpd.GeoDataFrame(
+        {
+            "class_id": np.asarray(ids, dtype=np.int32),
+            "class_name": pd.Series(names, dtype=str),
+            "area": np.asarray(areas, dtype=np.float64),
+        },
+        geometry=geoms,
+    )
 
 
 def _apply(t: Affine, xy: np.ndarray) -> np.ndarray:
