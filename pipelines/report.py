@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import rasterio
 from matplotlib.figure import Figure
+from rasterio.coords import BoundingBox
 from rasterio.enums import Resampling
 
 from .io import atomic_write_text, save_figure
@@ -25,25 +26,32 @@ if TYPE_CHECKING:
 OVERVIEW_PIXELS = 1024
 
 
-def read_overview(path: Path, bands: list[int] | None = None) -> tuple[np.ndarray, rasterio.Affine]:
-    """A decimated read (longest side <= OVERVIEW_PIXELS) and its bounds-preserving scale."""
+def display_bands(count: int) -> list[int]:
+    """Bands shown for a scene of `count` bands: 1-3 as RGB, else band 1 in grey (two bands,
+    e.g. SAR VV/VH, make no RGB picture)."""
+    return [1, 2, 3] if count >= 3 else [1]
+
+
+def read_overview(path: Path, bands: list[int] | None = None) -> tuple[np.ndarray, BoundingBox]:
+    """A decimated read (longest side <= OVERVIEW_PIXELS) of `bands` (default: the displayed
+    ones) and the raster's bounds, which the decimation keeps."""
     with rasterio.open(path) as src:
         scale = max(src.width, src.height) / OVERVIEW_PIXELS
         shape = (
             max(1, round(src.height / max(scale, 1))),
             max(1, round(src.width / max(scale, 1))),
         )
+        bands = bands or display_bands(src.count)
         data = src.read(
-            bands or list(range(1, min(src.count, 3) + 1)),
-            out_shape=(len(bands or range(min(src.count, 3))), *shape),
-            resampling=Resampling.nearest,
-            masked=True,
+            bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest, masked=True
         )
         return data, src.bounds
 
 
 def stretch(image: np.ma.MaskedArray) -> np.ndarray:
-    """Per-band 2-98 % stretch to 0..1 for display; nodata shows black."""
+    """Per-band 2-98 % stretch to 0..1 for display; nodata shows black. (H, W) for grey (band 1
+    of a 1- or 2-band image), (H, W, 3) RGB from the first three bands of more."""
+    image = image[:3] if image.shape[0] >= 3 else image[:1]
     out = np.zeros(image.shape, dtype=np.float32)
     for b, band in enumerate(image):
         values = band.compressed()
@@ -148,6 +156,7 @@ def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[s
 
 
 def write_report(p: Pipeline) -> list[Path]:
+    """report.md, report.html and their pictures; links only the outputs this config wrote."""
     root = p.folder.root
     evaluation = json.loads(p.folder.evaluation.read_text())
     names = list(evaluation[p.config.solver]["iou"])
@@ -160,17 +169,7 @@ def write_report(p: Pipeline) -> list[Path]:
         + [f"F1 {names[-1]}", "pixel accuracy", "iterations", "train seconds", "train loss"]
     )
     rows = metrics_rows(curves, evaluation)
-    links = [
-        q
-        for q in (
-            p.folder.classes,
-            p.folder.probabilities,
-            p.folder.polygons,
-            p.folder.polygons.with_suffix(".qml"),
-        )
-        if q.exists()
-    ]
-    links += [p.folder.train_dir(s) / "model.pt" for s in p.solvers]
+    links = p.map_outputs() + [p.folder.train_dir(s) / "model.pt" for s in p.solvers]
     curve_pngs = [p.folder.train_dir(s) / "curves.png" for s in p.solvers]
     rel = [str(q.relative_to(root)) for q in links]
     md = markdown(

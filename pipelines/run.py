@@ -4,7 +4,10 @@ Everything lands in one run folder (default runs/<config name>): the tile store,
 per solver, evaluation.json, the map (class map and probabilities as COGs, polygons as a styled
 GeoPackage), an overlay picture and report.md / report.html. The run is idempotent: a step whose
 inputs (config tables, input files) are unchanged and whose outputs exist is skipped, so a rerun
-finishes at once and an interrupted run picks up where it stopped (`--force` redoes everything).
+finishes at once and an interrupted run picks up where it stopped (`--force` redoes everything):
+a solver whose folder holds a finished run of the same training config is kept, an unfinished one
+resumes, and outputs the config no longer asks for are removed. Each solver trains in one process
+(admm or adam); the pipeline baseline and [parallel] workers > 1 need `geodnn train --workers N`.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import json
 import logging
 import shutil
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import SOLVERS, Config, load_config
 from .errors import PipelineError
 from .io import atomic_write_text
 
@@ -33,6 +37,7 @@ STEP_TABLES = {
     "predict": ("scene", "tile", "data", "model", "train", "admm", "adam", "pipeline", "predict"),
     "report": tuple(),
 }
+RUN_SOLVERS = ("admm", "adam")  # solvers `geodnn run` trains (each in one process)
 
 
 @dataclass
@@ -82,8 +87,19 @@ class Pipeline:
 
     @property
     def solvers(self) -> list[str]:
-        main = self.config.solver
-        return [main] + [s for s in self.config["train"]["compare"] if s != main]
+        """The main solver, then each `compare` solver once."""
+        return list(dict.fromkeys([self.config.solver, *self.config["train"]["compare"]]))
+
+    def map_outputs(self, enabled: bool = True) -> list[Path]:
+        """The map files [predict] asks for (`enabled`), or those it does not ask for."""
+        opts, f = self.config["predict"], self.folder
+        wanted = {
+            f.classes: True,
+            f.probabilities: opts["probabilities"],
+            f.polygons: opts["vectors"],
+            f.polygons.with_suffix(".qml"): opts["vectors"],
+        }
+        return [path for path, on in wanted.items() if bool(on) == enabled]
 
     def input_path(self, key: str) -> Path:
         value = self.config["scene"][key]
@@ -135,8 +151,39 @@ class Pipeline:
         return True
 
 
+def check_solvers(config: Config) -> None:
+    """Refuse, before any work starts, a solver `geodnn run` cannot train (it would fail only
+    after the solvers before it had trained) and [parallel] workers it would not start."""
+    compare = config["train"]["compare"]
+    if not isinstance(compare, list) or not all(isinstance(s, str) for s in compare):
+        raise PipelineError(
+            f"{config.path}: [train] compare must be a list of solver names, "
+            'e.g. compare = ["adam"]'
+        )
+    for key, name in [("solver", config.solver), *(("compare", s) for s in compare)]:
+        if name == "pipeline":
+            raise PipelineError(
+                f"{config.path}: [train] {key}: 'pipeline' needs several workers, which `geodnn "
+                f"run` does not start; use {' or '.join(RUN_SOLVERS)} here and train the pipeline "
+                f"with `geodnn train CONFIG --solver pipeline --workers N`"
+            )
+        if name not in RUN_SOLVERS:
+            raise PipelineError(
+                f"{config.path}: [train] {key}: unknown solver '{name}'; use "
+                f"{' or '.join(RUN_SOLVERS)}"
+            )
+    workers = config["parallel"]["workers"]
+    if workers != 1:
+        raise PipelineError(
+            f"{config.path}: [parallel] workers = {workers}, but `geodnn run` trains each solver "
+            "in one process; set workers = 1, or train on several with `geodnn train CONFIG "
+            f"--workers {workers}`"
+        )
+
+
 def step_tile(p: Pipeline) -> list[Path]:
     from .tile import build_store
+    from .train import clear_run_dir
 
     scene, tile = p.config["scene"], p.config["tile"]
     if not scene["labels"]:
@@ -153,25 +200,59 @@ def step_tile(p: Pipeline) -> list[Path]:
         overwrite=True,
         progress=True,
     )
+    for run_dir in p.folder.root.glob("train-*"):  # trained on the old store: never reuse them
+        clear_run_dir(run_dir)
     return [p.folder.store]
 
 
 def training_config(p: Pipeline, solver: str) -> Config:
+    """The config of one solver's training run: the run's store, that solver, no compare list."""
     tables = {name: dict(values) for name, values in p.config.tables.items()}
     tables["data"]["store"] = str(p.folder.store)
     tables["train"]["solver"] = solver
+    tables["train"]["compare"] = []  # the pipeline's list; one training run trains one solver
     return Config(path=p.config.path, tables=tables)
 
 
+def training_tables(text: str, solver: str) -> dict | None:
+    """The tables of a config.toml that shape `solver`'s model (not [predict], not the other
+    solvers' tables), or None when the text is not TOML."""
+    try:
+        tables = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    keep = set(STEP_TABLES["train"]) - (set(SOLVERS) - {solver})
+    return {name: values for name, values in tables.items() if name in keep}
+
+
+def train_mode(config: Config, run_dir: Path) -> str:
+    """'done' when `run_dir` holds a finished run of this training config, 'resume' when it holds
+    an unfinished one, else 'new' (what is there is replaced)."""
+    from .train import config_as_run, has_state
+
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        return "new"
+    current = training_tables(config_as_run(config), config.solver)
+    if training_tables(saved.read_text(), config.solver) != current:
+        return "new"
+    if (run_dir / "model.pt").is_file():
+        return "done"
+    return "resume" if has_state(run_dir) else "new"
+
+
 def step_train(p: Pipeline) -> list[Path]:
-    from .train import has_state, train
+    from .train import train
 
     outputs = []
     for solver in p.solvers:
-        run_dir = p.folder.train_dir(solver)
-        resume = has_state(run_dir) and not (run_dir / "model.pt").is_file()
-        result = train(training_config(p, solver), run_dir, resume=resume, overwrite=not resume)
-        outputs.append(result.checkpoint)
+        config, run_dir = training_config(p, solver), p.folder.train_dir(solver)
+        mode = train_mode(config, run_dir)
+        if mode == "done":
+            log.info("train %s: %s holds a finished run of this config, kept", solver, run_dir)
+        else:
+            train(config, run_dir, resume=mode == "resume", overwrite=mode == "new")
+        outputs.append(run_dir / "model.pt")
     return outputs
 
 
@@ -216,7 +297,9 @@ def step_predict(p: Pipeline) -> list[Path]:
         overwrite=True,
         progress=True,
     )
-    return [p for p in (p.folder.classes, p.folder.probabilities, p.folder.polygons) if p.exists()]
+    for stale in p.map_outputs(enabled=False):  # an earlier run's, which this config turned off
+        stale.unlink(missing_ok=True)
+    return p.map_outputs()
 
 
 def step_report(p: Pipeline) -> list[Path]:
@@ -261,6 +344,7 @@ def clear_run_folder(folder: RunFolder) -> None:
 
 def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> Pipeline:
     """Run every step that is not already up to date; return the finished pipeline."""
+    check_solvers(config)
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     if force and run_dir.exists():
         clear_run_folder(RunFolder(run_dir))

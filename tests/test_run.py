@@ -1,15 +1,20 @@
 import json
+import os
+import shutil
 
 import pytest
 import rasterio
 from rasterio.windows import Window
 
+import pipelines.train
 from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.run import run_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipeline_config(data_dir, tmp_path_factory):
-    """A pipeline config on a 320x320 crop of the Atlanta buildings scene, Adam, few iterations."""
+def atlanta_crop(data_dir, tmp_path_factory):
+    """A 320x320 crop of the Atlanta buildings scene (one band)."""
     root = tmp_path_factory.mktemp("atlanta")
     with rasterio.open(data_dir / "atlanta-buildings" / "image.tif") as src:
         window = Window(300, 300, 320, 320)
@@ -20,6 +25,13 @@ def pipeline_config(data_dir, tmp_path_factory):
         }
         with rasterio.open(root / "image.tif", "w", **profile) as dst:
             dst.write(src.read(window=window))
+    return root / "image.tif"
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(data_dir, atlanta_crop):
+    """A pipeline config on a 320x320 crop of the Atlanta buildings scene, Adam, few iterations."""
+    root = atlanta_crop.parent
     labels = data_dir / "atlanta-buildings" / "buildings.geojson"
     config = root / "atlanta.toml"
     config.write_text(
@@ -96,3 +108,118 @@ def test_missing_labels_is_a_clear_error(tmp_path, capsys):
     config.write_text('[scene]\nimage = "nope.tif"\n')
     assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
     assert "labels is not set" in capsys.readouterr().err
+
+
+def tiny_config(folder, image, labels, compare='["admm"]', predict="", extra=""):
+    """A config file in `folder`: adam and admm (compare), 4 iterations in epochs of 2."""
+    path = folder / "tiny.toml"
+    path.write_text(
+        f'[scene]\nimage = "{image}"\nlabels = "{labels}"\n'
+        "[tile]\ntile = 64\ngap = 16\n[data]\ncrop = 32\nval_tiles = 2\n"
+        "[model]\ndepth = 2\nwidth = 4\ndilations = [1, 2]\n"
+        f'[train]\nsolver = "adam"\ncompare = {compare}\niterations = 4\nepoch = 2\n'
+        f"batch_size = 4\n[predict]\nchunk = 128\ncog = false\n{predict}{extra}"
+    )
+    return path
+
+
+@pytest.fixture
+def tiny(data_dir, atlanta_crop, tmp_path):
+    """Factory: tiny_config on the Atlanta crop, written to the test's folder."""
+    labels = data_dir / "atlanta-buildings" / "buildings.geojson"
+    return lambda **kwargs: tiny_config(tmp_path, atlanta_crop, labels, **kwargs)
+
+
+def spy_on_training(monkeypatch) -> list[tuple[str, bool, bool]]:
+    """Record (solver, resume, overwrite) of every pipelines.train.train call."""
+    calls, real = [], pipelines.train.train
+
+    def spy(config, run_dir, resume=False, overwrite=False, progress=True):
+        calls.append((config.solver, resume, overwrite))
+        return real(config, run_dir, resume=resume, overwrite=overwrite, progress=progress)
+
+    monkeypatch.setattr(pipelines.train, "train", spy)
+    return calls
+
+
+def metrics_iterations(run_dir):
+    lines = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+    return [int(float(line.split(",")[0])) for line in lines]
+
+
+def test_rerun_keeps_a_finished_solver_and_resumes_the_interrupted_one(tiny, tmp_path, monkeypatch):
+    config, run_dir = load_config(tiny()), tmp_path / "run"
+    real_end_epoch = pipelines.train.end_epoch
+
+    def interrupted(setup, solver, *args, **kwargs):
+        if setup.solver_name == "admm" and solver.iteration >= 4:
+            raise KeyboardInterrupt  # as Ctrl-C in admm's second epoch
+        return real_end_epoch(setup, solver, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.train, "end_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config, run_dir)
+    monkeypatch.setattr(pipelines.train, "end_epoch", real_end_epoch)
+    adam_model = run_dir / "train-adam" / "model.pt"
+    finished = (adam_model.read_bytes(), adam_model.stat().st_mtime_ns)
+    assert not (run_dir / "train-admm" / "model.pt").exists()
+
+    calls = spy_on_training(monkeypatch)
+    run_pipeline(load_config(tiny()), run_dir)
+    assert calls == [("admm", True, False)]  # adam kept, admm resumed
+    assert (adam_model.read_bytes(), adam_model.stat().st_mtime_ns) == finished
+    assert metrics_iterations(run_dir / "train-admm") == [2, 4]
+    assert steps(run_dir)["train"]["outputs"] == ["train-adam/model.pt", "train-admm/model.pt"]
+
+    calls.clear()  # a changed adam table retrains adam alone
+    run_pipeline(load_config(tiny(extra="[adam]\nlr = 0.01\n")), run_dir)
+    assert calls == [("adam", False, True)]
+
+
+def test_a_rebuilt_tile_store_retrains_the_solvers(data_dir, atlanta_crop, tmp_path, monkeypatch):
+    image = shutil.copy(atlanta_crop, tmp_path / "image.tif")
+    labels = data_dir / "atlanta-buildings" / "buildings.geojson"
+    config = tiny_config(tmp_path, image, labels, compare="[]", predict="vectors = false\n")
+    run_pipeline(load_config(config), tmp_path / "run")
+    stat = os.stat(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the scene was replaced
+    calls = spy_on_training(monkeypatch)
+    run_pipeline(load_config(config), tmp_path / "run")
+    assert calls == [("adam", False, True)]  # not kept: it learnt from the old scene
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ('compare = ["admm"]', 'compare = ["pipeline"]', "'pipeline' needs several workers"),
+        ('solver = "adam"', 'solver = "pipeline"', "--solver pipeline --workers N"),
+        ('compare = ["admm"]', 'compare = ["sgd"]', "unknown solver 'sgd'; use admm or adam"),
+        ('compare = ["admm"]', 'compare = "adam"', "compare must be a list of solver names"),
+        ("[predict]", "[parallel]\nworkers = 2\n[predict]", "set workers = 1, or train on"),
+    ],
+    ids=["compare-pipeline", "solver-pipeline", "compare-unknown", "compare-string", "workers"],
+)
+def test_run_refuses_solvers_it_cannot_train_before_any_work(
+    tiny, tmp_path, capsys, old, new, message
+):
+    config = tmp_path / "bad.toml"
+    config.write_text(tiny().read_text().replace(old, new))
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and str(config) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing tiled, nothing trained
+
+
+def test_rerun_removes_outputs_the_config_turned_off(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert (run_dir / "map" / "probabilities.tif").exists()
+    assert (run_dir / "map" / "polygons.qml").exists()
+
+    off = tiny(compare="[]", predict="probabilities = false\nvectors = false\n")
+    run_pipeline(load_config(off), run_dir)
+    names = [p.name for p in (run_dir / "map").iterdir()]
+    assert [n for n in names if not n.startswith("classes.tif.")] == ["classes.tif"]  # + sidecars
+    assert steps(run_dir)["predict"]["outputs"] == ["map/classes.tif"]
+    report = (run_dir / "report.md").read_text() + (run_dir / "report.html").read_text()
+    assert "probabilities.tif" not in report and "polygons" not in report

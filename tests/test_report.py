@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from pipelines.report import read_overview, stretch
+
+GREY, RGB = (40, 48), (40, 48, 3)
+
+
+@pytest.mark.parametrize("bands, shape", [(1, GREY), (2, GREY), (3, RGB), (4, RGB)])
+def test_scene_picture_is_grey_below_three_bands_and_rgb_from_three(make_geotiff, bands, shape):
+    rng = np.random.default_rng(bands)
+    path = make_geotiff(rng.random((bands, 40, 48), dtype=np.float32))
+    image, _ = read_overview(path)
+    shown = stretch(image)
+    assert shown.shape == shape and shown.min() >= 0 and shown.max() <= 1
+    Figure().subplots().imshow(shown, cmap="gray")  # as overlay_png draws it; raises if unshowable
+    band1, _ = read_overview(path, [1])
+    np.testing.assert_array_equal(shown if shown.ndim == 2 else shown[..., 0], stretch(band1))
+
+
+def test_stretch_shows_band_one_of_a_two_band_array():
+    image = np.ma.masked_invalid(np.stack([np.arange(12.0).reshape(3, 4), np.ones((3, 4))]))
+    assert stretch(image).shape == (3, 4)
+    np.testing.assert_array_equal(stretch(image), stretch(image[:1]))
