@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="geodnn: %(levelname)s: %(message)s",
     )
+    # GDAL's own messages about an error geodnn reports in one line anyway (INFO in rasterio)
+    logging.getLogger("rasterio").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.captureWarnings(True)
     warnings.formatwarning = one_line_warning
     try:

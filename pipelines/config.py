@@ -111,7 +111,101 @@ def merge_defaults(raw: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]
     return tables
 
 
+# whole numbers with a lower bound (the others of type int are >= 0); floats likewise
+AT_LEAST_ONE = {
+    ("tile", "tile"), ("data", "crop"), ("train", "iterations"), ("train", "epoch"),
+    ("train", "batch_size"), ("train", "threads"), ("parallel", "workers"),
+    ("predict", "chunk"), ("predict", "batch"), ("model", "width"), ("model", "kernel_size"),
+}  # fmt: skip
+POSITIVE = {("train", "divergence_factor"), ("parallel", "timeout_s")}
+TEXT_OR_UNSET = {("scene", "image"), ("scene", "labels"), ("scene", "class_attribute")}
+
+
+KIND_NAMES = {
+    "bool": "true or false",
+    "int": "a whole number",
+    "float": "a number",
+    "str": "text",
+    "list": "a list",
+}
+
+
+def _kind(value: Any) -> str:
+    """The config type of a value: bool, int, float (an int is one too), str or list."""
+    for kind in (bool, int, float, str, list):
+        if isinstance(value, kind):
+            return kind.__name__
+    return type(value).__name__
+
+
+def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> None:
+    """One key of a non-solver table against its default's type and its bounds."""
+    if default is None:
+        expected = "list" if key == "class_names" else "str"
+        if value is not None and _kind(value) != expected:
+            raise PipelineError(
+                f"{path}: [{table}] {key} must be {KIND_NAMES[expected]}, not {value!r}"
+            )
+        return
+    expected, got = _kind(default), _kind(value)
+    if got != expected and not (expected == "float" and got == "int"):
+        example = {"bool": "true", "int": "3", "float": "0.5", "str": '"text"', "list": "[]"}
+        raise PipelineError(
+            f"{path}: [{table}] {key} must be {KIND_NAMES[expected]}, not {value!r} (e.g. "
+            f"{key} = {example[expected]}; no quotes around numbers)"
+        )
+    if expected in ("int", "float"):
+        low = 1 if (table, key) in AT_LEAST_ONE else 0
+        bad = value <= 0 if (table, key) in POSITIVE else value < low
+        if bad:
+            bound = "> 0" if (table, key) in POSITIVE else f">= {low}"
+            raise PipelineError(f"{path}: [{table}] {key} must be {bound}, not {value}")
+
+
+def check_types(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    """Every key of the tables with fixed keys has its default's type (a quoted number, or a
+    bool where a count is expected, would otherwise fail later with a traceback)."""
+    for table, values in tables.items():
+        if table in SOLVERS:
+            continue
+        for key, value in values.items():
+            check_value(table, key, value, DEFAULTS[table][key], path)
+    compare = tables["train"]["compare"]
+    if not all(isinstance(s, str) and s in SOLVERS for s in compare):
+        raise PipelineError(
+            f"{path}: [train] compare = {compare!r} must list solver names from {SOLVERS}, "
+            'e.g. compare = ["adam"]'
+        )
+
+
+def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    """The solver tables hold only their solver's settings (checked here, so the error names
+    the config file)."""
+    from geodnn.solvers import AdamSettings, AdmmSettings
+
+    known_keys = {
+        "admm": AdmmSettings.__dataclass_fields__,
+        "adam": AdamSettings.__dataclass_fields__,
+        "pipeline": {*AdamSettings.__dataclass_fields__, "schedule", "microbatches"},
+    }
+    for table, known in known_keys.items():
+        unknown = sorted(set(tables[table]) - set(known) - {"class_weights"})
+        unknown += ["class_weights"] if "class_weights" in tables[table] else []
+        if unknown:
+            raise PipelineError(
+                f"{path}: unknown key(s) {', '.join(unknown)} in [{table}]; valid keys: "
+                f"{', '.join(sorted(set(known) - {'class_weights'}))} (class weights come from "
+                "[train] class_weight_power)"
+            )
+        fields = AdamSettings.__dataclass_fields__ if table == "pipeline" else known
+        for key, value in tables[table].items():
+            default = DEFAULTS[table][key] if key not in fields else fields[key].default
+            check_value(table, key, value, default, path)  # the solver checks the bounds further
+
+
 def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    check_types(tables, path)
+    check_solver_tables(tables, path)
     train = tables["train"]
     if train["solver"] not in SOLVERS:
         raise PipelineError(

@@ -193,8 +193,8 @@ def test_a_rebuilt_tile_store_retrains_the_solvers(data_dir, atlanta_crop, tmp_p
     [
         ('compare = ["admm"]', 'compare = ["pipeline"]', "'pipeline' needs several workers"),
         ('solver = "adam"', 'solver = "pipeline"', "--solver pipeline --workers N"),
-        ('compare = ["admm"]', 'compare = ["sgd"]', "unknown solver 'sgd'; use admm or adam"),
-        ('compare = ["admm"]', 'compare = "adam"', "compare must be a list of solver names"),
+        ('compare = ["admm"]', 'compare = ["sgd"]', "must list solver names from"),
+        ('compare = ["admm"]', 'compare = "adam"', "compare must be a list"),
         ("[predict]", "[parallel]\nworkers = 2\n[predict]", "set workers = 1, or train on"),
     ],
     ids=["compare-pipeline", "solver-pipeline", "compare-unknown", "compare-string", "workers"],
