@@ -39,6 +39,7 @@ def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[objec
     parallel, train = config["parallel"], config["train"]
     backend = "nccl" if setup.device == "cuda" else "gloo"
     ctx = init_ranks(timeout_s=parallel["timeout_s"], backend=backend, threads=train["threads"])
+    setup.model.to(ctx.device)  # the rank's layer states and messages live there
     state = load_rank_checkpoint(setup.run_dir, ctx) if resume else None
     blocks = state["solver_state"]["blocks"] if state else None
     seed = train["seed"]

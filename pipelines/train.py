@@ -40,7 +40,13 @@ from geodnn.metrics import (
     threshold_scale,
 )
 from geodnn.parallel import RankContext, all_gather_rows, all_reduce_sum, share_module
-from geodnn.parallel.rankstate import LATEST, latest_iteration, save_rank_checkpoint
+from geodnn.parallel.launch import report_exit_code
+from geodnn.parallel.rankstate import (
+    LATEST,
+    latest_iteration,
+    latest_world_size,
+    save_rank_checkpoint,
+)
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
 from tiles.store import TileStore
@@ -415,6 +421,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
 
 # settings a resumed run may change: how long it runs, how often it reports, how long it waits
 RESUME_MAY_CHANGE = {
+    ("parallel", "workers"),  # checked against the checkpoint's ranks instead
     ("train", "iterations"),
     ("train", "epoch"),
     ("train", "divergence_factor"),
@@ -514,6 +521,34 @@ def make_solver_for(setup: TrainSetup, resume: bool) -> tuple[object, dict | Non
 
 def distributed_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank() -> bool:
+    """True in a process torchrun (or `spawn`) started as one rank of a job, even of one."""
+    return "RANK" in os.environ
+
+
+def world_size_for(config: Config) -> int:
+    """The ranks a run of `config` has: this job's when this process is a rank, else the
+    ranks `geodnn train` would start (pipeline runs always have ranks)."""
+    if is_rank():
+        return distributed_world()
+    workers = config["parallel"]["workers"]
+    return workers if workers > 1 or config.solver == "pipeline" else 1
+
+
+def check_resume_world(run_dir: Path, world_size: int) -> None:
+    """A run folder is resumed by as many ranks as wrote it (a single-process run by none)."""
+    saved = latest_world_size(run_dir)
+    if saved is not None and saved != world_size:
+        raise PipelineError(
+            f"{run_dir}: holds a checkpoint of a {saved}-rank run; resume it with --workers {saved}"
+        )
+    if saved is None and (run_dir / "state.pt").is_file() and world_size > 1:
+        raise PipelineError(
+            f"{run_dir}: holds a single-process run; resume it without --workers (or start a "
+            "new run with --out)"
+        )
 
 
 def is_leader() -> bool:
@@ -735,7 +770,9 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
     workers = config["parallel"]["workers"]
-    if (workers > 1 or config.solver == "pipeline") and distributed_world() == 1:
+    if args.resume:
+        check_resume_world(run_dir, world_size_for(config))
+    if (workers > 1 or config.solver == "pipeline") and not is_rank():
         from .distributed import launch_training
 
         return launch_training(args, workers)
@@ -761,10 +798,12 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import USER_ERRORS
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except USER_ERRORS as exc:
         print(f"geodnn: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        return 2
+        code = 2
+    report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
+    return code
 
 
 if __name__ == "__main__":

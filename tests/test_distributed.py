@@ -56,3 +56,31 @@ def test_adam_refuses_several_workers(tmp_path, store, train_config, capsys):
     config = train_config(store, solver="adam")
     code = main(["train", str(config.path), "--out", str(tmp_path / "r"), "--workers", "2"])
     assert code != 0
+
+
+def test_resume_needs_as_many_workers_as_the_run_had(tmp_path, store, train_config, capsys):
+    config = str(train_config(store, solver="admm").path)
+    ranked, single = tmp_path / "ranked", tmp_path / "single"
+    ranked.mkdir()
+    (ranked / "ranks-latest.txt").write_text("iteration=3\nworld_size=2\n")
+    assert main(["train", config, "--out", str(ranked), "--resume"]) == 2
+    assert "2-rank run; resume it with --workers 2" in capsys.readouterr().err
+    assert main(["train", config, "--out", str(single), "--iterations", "3"]) == 0
+    assert main(["train", config, "--out", str(single), "--resume", "--workers", "2"]) == 2
+    assert "single-process run; resume it without --workers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pipeline_on_one_worker_trains_and_a_ranked_divergence_exits_3(
+    tmp_path, store, train_config
+):
+    """One pipeline rank must not start torchrun again (it has WORLD_SIZE 1 too), and a
+    divergence on the ranks exits 3 as in one process (torchrun itself exits 1)."""
+    extra = '[pipeline]\nschedule = "1f1b"\nmicrobatches = 2\n'
+    config = str(train_config(store, solver="pipeline", iterations=3, extra=extra).path)
+    assert main(["train", config, "--out", str(tmp_path / "one")]) == 0
+    assert geodnn.load_checkpoint(tmp_path / "one" / "model.pt").metadata["iteration"] == 3
+    wild = extra.replace("[pipeline]\n", "[pipeline]\nlr = 1e12\n")
+    diverging = train_config(store, solver="pipeline", iterations=30, extra=wild).path
+    assert main(["train", str(diverging), "--out", str(tmp_path / "two"), "--workers", "2"]) == 3

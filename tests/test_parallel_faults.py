@@ -4,6 +4,10 @@ killed after a checkpoint resumes to exactly the uninterrupted result."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -11,7 +15,13 @@ import torch
 from geodnn.errors import CheckpointError, GeodnnError
 from geodnn.parallel.admm_rank import RankAdmmSolver, reference_weights
 from geodnn.parallel.group import RankContext, RankFailureError, init_ranks, shutdown
-from geodnn.parallel.launch import launch, spawn
+from geodnn.parallel.launch import (
+    EXIT_CODES_ENV,
+    launch,
+    ranks_exit_code,
+    report_exit_code,
+    spawn,
+)
 from geodnn.parallel.rankstate import (
     latest_iteration,
     load_rank_checkpoint,
@@ -105,3 +115,57 @@ def test_missing_torchrun_environment_is_a_user_error(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(GeodnnError, match="RANK, WORLD_SIZE.*--workers N"):
         init_ranks(timeout_s=5)
+
+
+def _selfcheck_processes(marker: str) -> list[str]:
+    """Command lines of this machine's processes that carry `marker` (pgrep)."""
+    found = subprocess.run(["pgrep", "-af", "--", marker], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+LAUNCHER = """
+import sys
+from geodnn.parallel.launch import launch
+argv = ["--fail-rank", "1", "--fail-mode", "hang", "--timeout", sys.argv[1]]
+sys.exit(launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=100))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stopped_launcher_stops_every_rank(stop):
+    """torchrun runs in a session of its own: SIGTERM (a scheduler, `kill`, `timeout`) or SIGHUP
+    (a closed terminal) to `geodnn train --workers N` must take its ranks down too."""
+    seconds = str(290 + int(stop))  # a marker for this test's ranks, which hang far longer
+    marker = f"--timeout {seconds}"
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, seconds])
+    try:
+        deadline = time.monotonic() + 60
+        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)  # torchrun and its two ranks are up
+        assert len(_selfcheck_processes(marker)) == 3
+        launcher.send_signal(stop)
+        assert launcher.wait(timeout=30) == 128 + stop
+        deadline = time.monotonic() + 15
+        while _selfcheck_processes(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _selfcheck_processes(marker) == []
+    finally:  # never leave a hung job behind, whatever failed
+        launcher.kill()
+        subprocess.run(["pkill", "-f", "--", marker])
+
+
+def test_the_ranks_exit_code_is_the_jobs(tmp_path, monkeypatch):
+    """torchrun exits 1 whatever its ranks returned: a divergence (3) or a user error (2) a rank
+    reported is what the launcher returns."""
+    monkeypatch.setenv(EXIT_CODES_ENV, str(tmp_path))
+    for rank, code in ((0, 3), (1, 1)):
+        monkeypatch.setenv("RANK", str(rank))
+        report_exit_code(code)
+    assert ranks_exit_code(1, str(tmp_path)) == 3
+    assert ranks_exit_code(0, str(tmp_path)) == 0
+    (tmp_path / "rank0").write_text("2")
+    assert ranks_exit_code(1, str(tmp_path)) == 2
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert ranks_exit_code(-9, str(empty)) == -9

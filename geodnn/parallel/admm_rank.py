@@ -50,7 +50,7 @@ from ..solvers.base import LossWatch
 from .blocks import BlockTimes, Inbox, JacobiBlock
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange
-from .group import RankContext, post_or_fail, wait_or_fail
+from .group import RankContext, call_or_fail, post_or_fail, wait_or_fail
 from .partition import LayerCost, Plan, balance, even_blocks
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def plan_blocks(
         costs = profile_admm_layers(model, data, settings, seed)
         plan = balance(costs, ctx.world_size, memory_limit)
         payload = [(plan.blocks, plan.predicted_s, plan.predicted_bytes)]
-    dist.broadcast_object_list(payload, src=0)
+    call_or_fail(ctx, "the layer plan", dist.broadcast_object_list, payload, src=0)
     blocks, predicted_s, predicted_bytes = payload[0]
     return Plan([tuple(b) for b in blocks], list(predicted_s), list(predicted_bytes))
 

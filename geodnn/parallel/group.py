@@ -152,6 +152,18 @@ def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
         ) from exc
 
 
+def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
+    """Run a blocking collective (one without async_op, e.g. broadcast_object_list); the process
+    group's timeout or a broken link raises RankFailureError, as `wait_or_fail` does."""
+    try:
+        return collective(*args, **kwargs)
+    except RuntimeError as exc:
+        raise RankFailureError(
+            f"rank {ctx.rank}: another rank did not complete {what} within {ctx.timeout_s:g} s "
+            f"(it died, hangs, or the link broke): {str(exc).splitlines()[0][:200]}"
+        ) from exc
+
+
 def broadcast_from_leader(ctx: RankContext, tensor: torch.Tensor, what: str) -> torch.Tensor:
     """Collective: every rank's `tensor` becomes rank 0's (in place, on the rank's device)."""
     wait_or_fail(dist.broadcast(tensor, src=0, async_op=True), ctx, None, what)

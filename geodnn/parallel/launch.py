@@ -8,11 +8,16 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +40,23 @@ def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str
     ]
 
 
+# Ranks write their exit code here (torchrun itself exits 1 whatever its ranks returned).
+EXIT_CODES_ENV = "GEODNN_EXIT_CODES"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stopped(BaseException):
+    """The launcher was asked to stop (SIGTERM, SIGHUP): its ranks must stop too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
 def launch(
     argv_for_module: list[str],
     workers: int,
@@ -45,15 +67,28 @@ def launch(
 ) -> int:
     """Run `module` on `workers` local ranks under torchrun; stream output; return the exit code.
 
-    torchrun stops every rank when one fails and names the failed rank in its summary. On
-    timeout the whole process group is killed and 124 is returned.
+    torchrun stops every rank when one fails and names the failed rank in its summary; the code
+    returned is the ranks' own (`report_exit_code`: 3 for a divergence, 2 for a user error) where
+    they left one, else torchrun's. On timeout the whole process group is killed and 124 is
+    returned; SIGTERM, SIGHUP or Ctrl-C to the launcher stop the ranks too.
     """
     if workers < 1:
         raise ValueError("workers must be >= 1")
     command = torchrun_command(module, argv_for_module, workers)
+    codes = tempfile.mkdtemp(prefix="geodnn-exit-")
     child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    child_env.update(env or {})
-    process = subprocess.Popen(command, env=child_env, start_new_session=True)
+    child_env.update(env or {}, **{EXIT_CODES_ENV: codes})
+    try:
+        process = subprocess.Popen(command, env=child_env, start_new_session=True)
+        return ranks_exit_code(_wait(process, workers, timeout_s), codes)
+    finally:
+        shutil.rmtree(codes, ignore_errors=True)
+
+
+def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> int:
+    """torchrun's exit code; its process group is killed on timeout, on a stop signal and on
+    Ctrl-C (it runs in a session of its own, so nothing else would stop it)."""
+    handlers = _catch_stop_signals()
     try:
         return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -63,14 +98,49 @@ def launch(
         )
         _kill_group(process)
         return 124
+    except _Stopped as stop:
+        _kill_group(process)
+        raise SystemExit(128 + stop.signum) from None
     except KeyboardInterrupt:
         _kill_group(process)
         raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _catch_stop_signals() -> dict:
+    """Turn SIGTERM and SIGHUP into `_Stopped` (main thread only); the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+
+
+def report_exit_code(code: int) -> None:
+    """Called by a rank before it exits: leave its exit code for `launch` (no-op elsewhere)."""
+    folder = os.environ.get(EXIT_CODES_ENV)
+    if folder and os.path.isdir(folder):
+        rank = os.environ.get("RANK", "0")
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank{rank}").write_text(str(int(code)))
+
+
+def ranks_exit_code(torchrun_code: int, folder: str) -> int:
+    """The job's exit code: 0 when torchrun succeeded; else the most telling code a rank left
+    (3 divergence before 2 user error before others), else torchrun's."""
+    if torchrun_code == 0:
+        return 0
+    left = []
+    for path in Path(folder).iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            left.append(int(path.read_text().strip()))
+    for code in (3, 2):
+        if code in left:
+            return code
+    return torchrun_code
 
 
 def _kill_group(process: subprocess.Popen) -> None:
-    import signal
-
     try:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=10)

@@ -196,7 +196,7 @@ class PipelineSolver:
                 for p in (layer.conv.weight, layer.conv.bias)
             ]
             for i, param in enumerate(remote):
-                buffer = torch.empty_like(param.data)
+                buffer = torch.empty_like(param.data, device=self.ctx.device)
                 wait_or_fail(
                     post_or_fail(dist.irecv, buffer, rank, 700 + i, self.ctx, "weights"),
                     self.ctx,

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from ..atomic import atomic_write_text
 from ..checkpoint import atomic_torch_save
 from ..errors import CheckpointError
-from .group import RankContext
+from .group import RankContext, wait_or_fail
 
 LATEST = "ranks-latest.txt"
 
@@ -25,13 +25,23 @@ def rank_file(folder: Path, rank: int, world_size: int, iteration: int) -> Path:
     return Path(folder) / f"rank{rank}-of-{world_size}-it{iteration}.pt"
 
 
-def latest_iteration(folder: str | os.PathLike) -> int | None:
-    """The last iteration saved by every rank, or None when the folder has no rank checkpoint."""
+def _latest_fields(folder: str | os.PathLike) -> dict[str, str] | None:
     path = Path(folder) / LATEST
     if not path.exists():
         return None
-    fields = dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
-    return int(fields["iteration"])
+    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+
+
+def latest_iteration(folder: str | os.PathLike) -> int | None:
+    """The last iteration saved by every rank, or None when the folder has no rank checkpoint."""
+    fields = _latest_fields(folder)
+    return None if fields is None else int(fields["iteration"])
+
+
+def latest_world_size(folder: str | os.PathLike) -> int | None:
+    """How many ranks wrote the folder's last complete checkpoint (None: no rank checkpoint)."""
+    fields = _latest_fields(folder)
+    return None if fields is None else int(fields["world_size"])
 
 
 def save_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext, state: dict) -> Path:
@@ -42,10 +52,10 @@ def save_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext, state: dic
     previous = latest_iteration(folder)
     path = rank_file(folder, ctx.rank, ctx.world_size, iteration)
     atomic_torch_save(state, path)
-    dist.barrier()
+    wait_or_fail(dist.barrier(async_op=True), ctx, None, "the checkpoint (every rank saved)")
     if ctx.rank == 0:
         atomic_write_text(folder / LATEST, f"iteration={iteration}\nworld_size={ctx.world_size}\n")
-    dist.barrier()
+    wait_or_fail(dist.barrier(async_op=True), ctx, None, "the checkpoint (marker written)")
     if previous is not None and previous != iteration:
         rank_file(folder, ctx.rank, ctx.world_size, previous).unlink(missing_ok=True)
     return path

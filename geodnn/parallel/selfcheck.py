@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .blocks import JacobiBlock, jacobi_reference
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange, BoundaryMessage
-from .group import RankFailureError, init_ranks, shutdown, wait_or_fail
+from .group import RankFailureError, call_or_fail, init_ranks, shutdown
 from .partition import even_blocks
 
 SHAPE = (2, 3, 5, 4)
@@ -72,9 +72,7 @@ def run_rank(
             block.iterate()
         states = {k: v for k, v in chain.state.items()}
         gathered: list = [None] * ctx.world_size if ctx.rank == 0 else None
-        work = dist.gather_object(states, gathered, dst=0)
-        if work is not None:
-            wait_or_fail(work, ctx, None, "the self-check gather")
+        call_or_fail(ctx, "the self-check gather", dist.gather_object, states, gathered, dst=0)
         result = {"rank": ctx.rank, "bytes_per_iteration": exchange.stats.per_iteration()}
         if ctx.rank == 0:
             merged = {k: v for part in gathered for k, v in part.items()}
