@@ -15,7 +15,7 @@ from geodnn.parallel.exchange import (
     _from_wire,
     _wire_order,
 )
-from geodnn.parallel.group import init_ranks, shutdown
+from geodnn.parallel.group import RankContext, init_ranks, shutdown
 from geodnn.parallel.launch import spawn
 from geodnn.parallel.partition import even_blocks
 from geodnn.parallel.selfcheck import SHAPE, ToyChain
@@ -50,8 +50,11 @@ class ResizingChain(ToyChain):
         return BoundaryMessage(message.slot, message.generation, message.tensor[:, :, :-1])
 
 
-def _toy_rank(runs: list[int | None], chain_type: type = ToyChain) -> list[dict]:
-    """One toy run per entry of `runs` (None: float32 messages, else bits), in one group."""
+def _toy_rank(
+    runs: list[int | None], chain_type: type = ToyChain, grouped: bool | None = None
+) -> list[dict]:
+    """One toy run per entry of `runs` (None: float32 messages, else bits), in one group;
+    `grouped` forces the NCCL protocol's grouped rounds (None: the backend's default)."""
     ctx = init_ranks(timeout_s=20)
     try:
         start, stop = even_blocks(LAYERS, ctx.world_size)[ctx.rank]
@@ -59,7 +62,7 @@ def _toy_rank(runs: list[int | None], chain_type: type = ToyChain) -> list[dict]
         for bits in runs:
             chain = chain_type(range(start, stop), LAYERS)
             compression = CompressionSettings(bits=bits) if bits else None
-            exchange = BoundaryExchange(ctx, compression)
+            exchange = BoundaryExchange(ctx, compression, grouped=grouped)
             block = JacobiBlock(start, stop, chain.step, exchange)
             for _ in range(ITERATIONS):
                 block.iterate()
@@ -118,11 +121,14 @@ def test_bytes_counted_and_compression_shrinks_them(two_ranks, reference):
     assert any(not torch.equal(merged[i], reference[i]) for i in range(LAYERS))
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_messages_that_vanish_or_change_size_arrive_intact(workers):
+@pytest.mark.parametrize(
+    "workers, grouped", [(2, None), (3, None), (3, True)], ids=["2", "3", "3-grouped"]
+)
+def test_messages_that_vanish_or_change_size_arrive_intact(workers, grouped):
+    """Also in the grouped rounds NCCL needs (headers, then payloads; run here on gloo)."""
     chain = ResizingChain(range(LAYERS), LAYERS)
     jacobi_reference(chain.step, LAYERS, ITERATIONS)
-    results = spawn(_toy_rank, workers, args=([None, 8], ResizingChain), timeout_s=60)
+    results = spawn(_toy_rank, workers, args=([None, 8], ResizingChain, grouped), timeout_s=60)
     exact = _merged(results, 0)
     assert sorted(exact) == list(range(LAYERS))
     for layer in range(LAYERS):
@@ -242,3 +248,11 @@ def _gap_rank() -> int | None:
 
 def test_a_message_after_an_absent_one_comes_through_the_pre_posted_receive():
     assert spawn(_gap_rank, 2, timeout_s=60) == [None, 1]
+
+
+def test_nccl_exchanges_in_grouped_rounds():
+    """NCCL serializes a rank pair's transfers on one stream: pre-posted receives would
+    deadlock there, so that backend uses the grouped rounds by default."""
+    cpu = torch.device("cpu")
+    assert BoundaryExchange(RankContext(0, 2, 0, "nccl", cpu, 5.0)).grouped is True
+    assert BoundaryExchange(RankContext(0, 2, 0, "gloo", cpu, 5.0)).grouped is False
