@@ -12,6 +12,8 @@ import logging
 import sys
 import warnings
 
+from rasterio.errors import NotGeoreferencedWarning
+
 from geodnn.errors import GeodnnError
 from tiles.errors import TilesError
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     # GDAL's own messages about an error geodnn reports in one line anyway (INFO in rasterio)
     logging.getLogger("rasterio").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     logging.captureWarnings(True)
+    # rasterio warns so for every in-memory window it burns labels into; geodnn checks a scene's
+    # georeferencing itself (tiles.raster: no CRS warns, GCPs only is refused)
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     warnings.formatwarning = one_line_warning
     try:
         return int(args.func(args) or 0)

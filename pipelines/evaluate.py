@@ -102,7 +102,10 @@ def evaluate_scene(
             f"{labels}: has {source.classes} classes but the model predicts {classes}; "
             "pass labels with the classes the model was trained on (or --class-attribute)"
         )
-    if source.class_names != ckpt.class_names[: source.classes]:
+    # names from a class attribute must match; a single positive class is named after its
+    # file ("buildings.geojson"), which says nothing about the model's name for it
+    explicit = class_attribute is not None
+    if explicit and source.class_names != ckpt.class_names[: source.classes]:
         warnings.warn(
             f"{labels}: classes {source.class_names} do not match the model's "
             f"{ckpt.class_names}; scores compare ids, check --class-attribute",

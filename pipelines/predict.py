@@ -18,6 +18,7 @@ Python API:
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import threading
@@ -64,8 +65,9 @@ class ModelPredictor:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         device = torch.device(self.device)
-        if self.model.band_mean.device != device:  # moved where it runs (e.g. a Dask worker)
-            self.model.to(device)
+        here = self.model.band_mean.device
+        if here.type != device.type or (device.index is not None and here != device):
+            self.model.to(device)  # moved where it runs (e.g. a Dask worker's GPU)
         with torch.no_grad(), full_float32(device):
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             logits = self.model.forward_valid(x)
@@ -143,7 +145,8 @@ def iter_predictions(
     check_chunk_size(chunk, halo)
     yield from stream_predictions(
         info.path,
-        ModelPredictor(ckpt.model, resolve_device(device)),
+        # its own copy: moving it to the device must not move the caller's model
+        ModelPredictor(copy.deepcopy(ckpt.model), resolve_device(device)),
         halo,
         chunk=chunk,
         batch=batch,
@@ -154,16 +157,16 @@ def iter_predictions(
     )
 
 
-def decision_scale(ckpt: Checkpoint) -> list[float] | None:
+def decision_scale(ckpt: Checkpoint, source: object = "checkpoint") -> list[float] | None:
     """The per-class probability factors `geodnn train` fitted on training pixels (a 2-class
     decision threshold; `tiles.stitch.decide`), or None for the plain argmax (checkpoints
-    trained without [data] calibrate_tiles)."""
+    trained without [data] calibrate_tiles). `source` names the checkpoint in the error."""
     scale = ckpt.metadata.get("class_scale")
     if scale is None:
         return None
     if len(scale) != ckpt.config.classes:
         raise PipelineError(
-            f"checkpoint's class_scale has {len(scale)} factors for {ckpt.config.classes} "
+            f"{source}: class_scale has {len(scale)} factors for {ckpt.config.classes} "
             "classes; pass --argmax or retrain with [data] calibrate_tiles"
         )
     return [float(v) for v in scale]
@@ -197,6 +200,8 @@ def predict_scene(
     if batch < 1:
         raise PipelineError(f"--batch {batch}: pass 1 or more chunks per model call")
     ckpt = as_checkpoint(checkpoint)
+    if not argmax:  # a bad decision rule is refused before any output is opened
+        decision_scale(ckpt, checkpoint if not isinstance(checkpoint, Checkpoint) else "checkpoint")
     info = open_scene(scene)
     _check_scene(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)

@@ -1,5 +1,7 @@
 import json
+import warnings
 
+import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
@@ -90,10 +92,16 @@ def test_region_without_split_is_an_error(atlanta, capsys):
     assert code == 2 and "needs --split" in capsys.readouterr().err
 
 
-def test_label_classes_that_differ_from_the_model_warn(atlanta):
-    scene, labels, ckpt, _ = atlanta  # the labels call their class "buildings"
-    with pytest.warns(UserWarning, match="do not match the model"):
+def test_label_classes_that_differ_from_the_model_warn(atlanta, tmp_path):
+    scene, labels, ckpt, _ = atlanta
+    with warnings.catch_warnings(record=True) as caught:  # one class, named after its file
+        warnings.simplefilter("always")
         evaluate_scene(ckpt, scene, labels, chunk=512)
+    assert not [w for w in caught if "do not match" in str(w.message)]
+    named = gpd.read_file(labels)[["geometry"]].assign(kind="shed")
+    named.to_file(tmp_path / "named.gpkg")
+    with pytest.warns(UserWarning, match="do not match the model"):
+        evaluate_scene(ckpt, scene, tmp_path / "named.gpkg", class_attribute="kind", chunk=512)
 
 
 def test_evaluate_follows_the_checkpoint_threshold_unless_argmax(atlanta, tmp_path):

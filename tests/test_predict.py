@@ -285,6 +285,21 @@ def test_unreachable_scheduler_is_a_one_line_error(
     assert not (tmp_path / "c.tif").exists()
 
 
+@pytest.mark.timeout(60)
+def test_a_scheduler_without_workers_is_a_one_line_error(
+    checkpoint, make_geotiff, tmp_path, capsys, monkeypatch
+):
+    from distributed import LocalCluster
+
+    monkeypatch.setattr("tiles.stitch.SCHEDULER_TIMEOUT", "2s")
+    path = make_geotiff(np.ones((1, 20, 20), dtype=np.uint8))
+    argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif"]
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
+    assert code == 2 and "has no workers" in err and "dask worker" in err and "\n" not in err
+    assert not (tmp_path / "c.tif").exists()
+
+
 def test_device_option(checkpoint, make_geotiff, tmp_path, capsys):
     scene = make_geotiff(np.random.default_rng(3).random((1, 40, 50), dtype=np.float32))
     cpu, auto = tmp_path / "cpu.tif", tmp_path / "auto.tif"
@@ -331,7 +346,7 @@ def test_a_class_scale_of_the_wrong_length_is_a_clear_error(data_dir, tmp_path, 
     save_checkpoint(small_model(), bad, class_names=CLASSES, class_scale=[0.5, 0.5])
     scene = data_dir / "atlanta-buildings" / "image.tif"
     code, err = run_cli(["predict", bad, scene, "--out", tmp_path / "c.tif"], capsys)
-    assert code != 0 and "class_scale" in err and "--argmax" in err
+    assert code != 0 and "class_scale" in err and "--argmax" in err and str(bad) in err
     assert not (tmp_path / "c.tif").exists()
     code, err = run_cli(["predict", bad, scene, "--out", tmp_path / "c.tif", "--argmax"], capsys)
     assert code == 0, err

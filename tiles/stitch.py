@@ -141,6 +141,14 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
                 f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
                 "one with `dask scheduler` or drop --scheduler to run locally"
             ) from None
+        try:
+            client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
+        except TimeoutError:
+            client.close()
+            raise TilesError(
+                f"the Dask scheduler at {scheduler} has no workers; start one with `dask worker "
+                f"{scheduler}` or drop --scheduler to run locally"
+            ) from None
     else:
         client = Client(
             processes=False, n_workers=1, threads_per_worker=workers, dashboard_address=None

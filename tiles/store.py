@@ -35,7 +35,7 @@ from rasterio.crs import CRS
 
 from .errors import OutputError, StoreError, TilesError
 from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels
-from .raster import SceneInfo, open_scene, read_window
+from .raster import SceneInfo, open_scene, pixel_to_map, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 
 FORMAT = "geodnn.tilestore"
@@ -108,9 +108,17 @@ def read_tile(scene: SceneInfo, labels: LabelSource, spec: TileWindow, size: int
     return Tile(spec, padded_image, padded_label)
 
 
+def _shifted(transform: Affine, col: int, row: int) -> Affine:
+    """`transform` with its origin at pixel (col, row) (the window transform of a tile)."""
+    x, y = pixel_to_map(transform, col, row)
+    t = transform
+    return Affine(t.a, t.b, x, t.d, t.e, y)
+
+
 def _tile_rows(tiles: Sequence[Tile], transform: Affine) -> dict[str, np.ndarray]:
     windows = np.array([t.spec.row_col_shape for t in tiles], dtype=np.int64)
-    affines = [transform * Affine.translation(int(w[1]), int(w[0])) for w in windows]
+    # each tile's transform: the scene's, its origin moved to the tile's corner
+    affines = [_shifted(transform, int(w[1]), int(w[0])) for w in windows]
     return {
         "images": np.stack([t.image for t in tiles]),
         "labels": np.stack([t.labels for t in tiles]),
