@@ -47,7 +47,11 @@ def class_weights(labels: torch.Tensor, classes: int, power: float = 0.5) -> tor
 
 
 def weights_from_counts(counts, power: float = 0.5) -> torch.Tensor:
-    """Class weights (total / count) ** power from labeled-pixel counts, normalized to mean 1."""
-    counts = torch.as_tensor(counts, dtype=torch.float64).clamp(min=1)
-    weights = (counts.sum() / counts) ** power
-    return (weights / weights.mean()).float()
+    """Class weights (total / count) ** power from labeled-pixel counts, normalized to mean 1
+    over the classes present. A class without training pixels gets 0: it has no pixel to weigh,
+    and a huge weight for it would shrink every other class's weight in the normalization."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    present = counts > 0
+    weights = torch.zeros_like(counts)
+    weights[present] = (counts.sum() / counts[present]) ** power
+    return (weights / weights[present].mean()).float() if present.any() else weights.float() + 1

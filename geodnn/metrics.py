@@ -42,6 +42,15 @@ class SegmentationScores:
         return [float(v) for v in torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 0.0)]
 
     @property
+    def mean_iou(self) -> float:
+        """Mean IoU over the classes present in truth or prediction (a class absent from both
+        has no IoU; counting it as 0 would understate the others)."""
+        c = self.confusion
+        seen = (c.sum(0) + c.sum(1)) > 0
+        ious = [v for v, s in zip(self.iou, seen.tolist()) if s]
+        return sum(ious) / len(ious) if ious else 0.0
+
+    @property
     def pixel_accuracy(self) -> float:
         total = self.confusion.sum()
         return float(self.confusion.diag().sum() / total) if total > 0 else 0.0
@@ -56,7 +65,7 @@ class SegmentationScores:
             "iou": dict(zip(names, self.iou)),
             "f1": dict(zip(names, self.f1)),
             "pixel_accuracy": self.pixel_accuracy,
-            "mean_iou": sum(self.iou) / len(self.iou),
+            "mean_iou": self.mean_iou,
             "pixels": self.pixels,
         }
 

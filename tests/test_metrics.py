@@ -28,6 +28,20 @@ def test_class_weights_favor_rare_class_and_skip_ignored():
     assert abs(float(w.mean()) - 1.0) < 1e-6
 
 
+def test_a_class_without_training_pixels_leaves_the_others_weights_alone():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    two = class_weights(labels, 2, power=1.0)
+    three = class_weights(labels, 3, power=1.0)  # class 2 absent from the training region
+    assert torch.allclose(three[:2], two) and three[2] == 0
+
+
+def test_mean_iou_is_over_the_classes_present():
+    target = torch.tensor([0, 0, 1, 1])
+    s = scores(torch.tensor([0, 0, 1, 0]), target, 3)  # class 2: neither truth nor predicted
+    assert s.iou == [2 / 3, 0.5, 0.0]
+    assert s.to_dict()["mean_iou"] == pytest.approx((2 / 3 + 0.5) / 2)
+
+
 def test_tensor_batches_returns_selected_crops():
     data = TensorBatches(torch.arange(8.0).reshape(2, 1, 2, 2), torch.zeros(2, 2, 2))
     x, y = data.get([1])
