@@ -478,30 +478,17 @@ class PredictionWriter:
 
 
 def compress_geotiff(src: Path, dst: Path, block: int) -> None:
-    """Copy a finished GeoTIFF to a tiled, deflate-compressed one (GDAL copies block by block,
-    so memory does not grow with the scene)."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        rasterio.shutil.copy(
-            src,
-            dst,
-            driver="GTiff",
-            TILED="YES",
-            BLOCKXSIZE=block,
-            BLOCKYSIZE=block,
-            COMPRESS="DEFLATE",
-            BIGTIFF="IF_SAFER",
-        )
+    """Copy a finished GeoTIFF to a tiled, deflate-compressed one."""
+    _gdal_copy(src, dst, driver="GTiff", TILED="YES", BLOCKXSIZE=block, BLOCKYSIZE=block)
 
 
 def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> None:
     """Copy a finished GeoTIFF to a COG with internal overviews (GDAL's COG driver)."""
+    _gdal_copy(src, dst, driver="COG", BLOCKSIZE=max(block, 64), OVERVIEW_RESAMPLING=resampling)
+
+
+def _gdal_copy(src: Path, dst: Path, **creation) -> None:
+    """A deflate-compressed GDAL copy with a bounded block cache (GDAL copies block by block,
+    so memory does not grow with the scene)."""
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        rasterio.shutil.copy(
-            src,
-            dst,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            BLOCKSIZE=max(block, 64),
-            OVERVIEW_RESAMPLING=resampling,
-            BIGTIFF="IF_SAFER",
-        )
+        rasterio.shutil.copy(src, dst, COMPRESS="DEFLATE", BIGTIFF="IF_SAFER", **creation)
