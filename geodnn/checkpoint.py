@@ -65,15 +65,37 @@ def atomic_torch_save(payload: Any, path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -> None:
-    """Save `model` with metadata (class_names, class_colors, anything plain) to one file."""
+    """Save `model` with metadata (class_names, class_colors, anything plain) to one file.
+
+    Metadata is made plain first (numpy values to Python ones, paths to text), so the file
+    loads with `weights_only=True`; a value that cannot be is refused, naming its key."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "config": model.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "metadata": metadata,
+        "metadata": {key: plain_value(value, key, path) for key, value in metadata.items()},
     }
     atomic_torch_save(payload, path)
+
+
+def plain_value(value: Any, key: str, path: str | os.PathLike) -> Any:
+    """`value` as what `weights_only` loading accepts: numbers, text, bools, None, tensors and
+    lists, tuples, sets and dicts of them."""
+    if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy scalars and arrays
+        return value.tolist()
+    if isinstance(value, list | tuple | set):
+        return type(value)(plain_value(v, key, path) for v in value)
+    if isinstance(value, dict):
+        return {str(k): plain_value(v, key, path) for k, v in value.items()}
+    raise CheckpointError(
+        f"{path}: metadata {key!r} holds a {type(value).__name__}, which a checkpoint cannot "
+        "keep; pass numbers, text, lists or dicts"
+    )
 
 
 def load_checkpoint(
@@ -99,8 +121,14 @@ def load_checkpoint(
             f"{path}: checkpoint version {payload.get('version')} is not supported "
             f"(this geodnn reads version {VERSION}); re-train or upgrade geodnn"
         )
-    config = ChainConfig(**payload["config"])
-    model = ChainNet(config)
-    model.load_state_dict(payload["state_dict"])
-    model.eval()
+    try:
+        model = ChainNet(ChainConfig(**payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: the model in this checkpoint does not fit this geodnn ({reason[:200]}); "
+            "re-train, or load it with the geodnn version that wrote it"
+        ) from None
+    model.to(map_location).eval()
     return Checkpoint(model=model, metadata=dict(payload.get("metadata") or {}))

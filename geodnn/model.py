@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 MAX_DEPTH = 1024
+MAX_CLASSES = 255  # ids 0..254: 255 is the ignore index of labels and class maps
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ChainConfig:
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
         checks = {
             "bands": self.bands >= 1,
-            "classes": self.classes >= 2,
+            "classes": 2 <= self.classes <= MAX_CLASSES,
             "depth": 0 <= self.depth <= MAX_DEPTH,
             "width": self.width >= 1,
             "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
@@ -59,7 +60,8 @@ class ChainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
-                f"invalid model option(s) {', '.join(bad)} in {self}: bands>=1, classes>=2, "
+                f"invalid model option(s) {', '.join(bad)} in {self}: bands>=1, "
+                f"2<=classes<={MAX_CLASSES} (255 marks ignored pixels), "
                 f"0<=depth<={MAX_DEPTH}, odd kernel sizes, dilations>=1, init 'dirac' or 'kaiming'"
             )
 
@@ -152,6 +154,7 @@ class ChainNet(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Per-band standardization; NaN (nodata) becomes 0, the normalized band mean."""
         shape = (1, -1, 1, 1) if x.dim() == 4 else (-1, 1, 1)
+        x = x.to(self.band_mean.dtype)  # any input dtype (float64 from numpy included)
         x = (x - self.band_mean.view(shape)) / self.band_std.view(shape)
         return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -62,3 +62,37 @@ def test_adam_sees_the_admm_stem_stream():
     )
     stem = make_pool(admm, len(data), len(model.layers), seed=4)
     assert [adam.pool.batch_at(t) for t in range(40)] == [stem.batch_at(t) for t in range(40)]
+
+
+def test_a_state_taken_in_memory_is_a_snapshot():
+    """The optimizer's moments change in place: a state_dict kept in memory (a notebook's
+    snapshot) must not follow them."""
+    data = _data()
+    settings = AdamSettings(batch_size=8, lr=0.01)
+    solver = AdamSolver(build_model(2, 2, depth=2, width=8), data, settings, seed=1)
+    for _ in range(3):
+        solver.step()
+    snapshot = solver.state_dict()
+    moments = [s["exp_avg"].clone() for s in snapshot["optimizer"]["state"].values()]
+    solver.step()
+    kept = [s["exp_avg"] for s in snapshot["optimizer"]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, kept))
+
+
+def test_settings_out_of_range_and_mismatched_states_are_clear_errors():
+    import pytest
+
+    from geodnn.errors import GeodnnError
+
+    for bad in ({"beta1": 1.5}, {"patience": -1}, {"lr": "0.01"}, {"divergence_factor": 0}):
+        with pytest.raises(
+            GeodnnError, match=f"invalid \\[adam\\] setting\\(s\\) {next(iter(bad))}"
+        ):
+            AdamSettings.from_dict(bad)
+    data = _data()
+    with pytest.raises(GeodnnError, match="class_weights has 3 values for a model of 2"):
+        AdamSolver(build_model(2, 2, depth=1), data, AdamSettings(class_weights=[1, 1, 1]), 0)
+    saved = AdamSolver(build_model(2, 2, depth=1), data, AdamSettings(batch_size=8), 0).state_dict()
+    other = AdamSolver(build_model(2, 2, depth=1), data, AdamSettings(batch_size=4), 0)
+    with pytest.raises(GeodnnError, match="other batch_size"):
+        other.load_state_dict(saved)

@@ -254,6 +254,13 @@ def test_bad_settings_and_names_are_one_line_errors(vegas):
         AdmmSettings.from_dict(bad)
     with pytest.raises(GeodnnError, match="unknown solver"):
         make_solver("sgd", _model(vegas), vegas, {}, 0)
+    with pytest.raises(GeodnnError, match="class_weights has 3 values"):
+        AdmmSolver(_model(vegas), vegas, AdmmSettings(class_weights=[1.0, 1.0, 1.0]), 0)
+    saved = AdmmSolver(_model(vegas), vegas, AdmmSettings(slots=4), 0).state_dict()
+    with pytest.raises(GeodnnError, match="other slots"):
+        AdmmSolver(_model(vegas), vegas, AdmmSettings(slots=3), 0).load_state_dict(saved)
+    with pytest.raises(GeodnnError, match="other seed"):
+        AdmmSolver(_model(vegas), vegas, AdmmSettings(slots=4), 1).load_state_dict(saved)
 
 
 def test_make_solver_builds_admm_from_a_config_table(vegas):

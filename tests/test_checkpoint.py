@@ -60,3 +60,25 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
     with pytest.raises(geodnn.CheckpointError, match="does not exist"):
         geodnn.save_checkpoint(model, tmp_path / "missing" / "m.pt")
+
+
+def test_numpy_and_path_metadata_are_saved_plain(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "m.pt"
+    meta = {"threshold": np.float32(0.25), "counts": np.array([3, 4]), "scene": tmp_path / "s.tif"}
+    geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=1), path, **meta)
+    loaded = geodnn.load_checkpoint(path).metadata
+    assert loaded == {"threshold": 0.25, "counts": [3, 4], "scene": str(tmp_path / "s.tif")}
+    with pytest.raises(geodnn.CheckpointError, match="metadata 'bad' holds a object"):
+        geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=1), path, bad=object())
+
+
+def test_a_checkpoint_whose_model_does_not_fit_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.pt"
+    geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=1), path)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["norm"] = "batch"  # a key a newer geodnn might write
+    torch.save(payload, path)
+    with pytest.raises(geodnn.CheckpointError, match="does not fit this geodnn"):
+        geodnn.load_checkpoint(path)

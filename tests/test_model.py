@@ -69,6 +69,14 @@ def test_bad_options_raise_clear_error(options):
         geodnn.build_model(**kwargs)
 
 
+def test_float64_input_and_the_class_limit():
+    model = geodnn.build_model(bands=2, classes=3, depth=1, width=4, seed=0)
+    x = torch.rand(1, 2, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(model(x), model(x.float()))
+    with pytest.raises(ValueError, match="classes"):
+        ChainConfig(bands=1, classes=256)  # 255 is the ignore index
+
+
 def test_cpu_activations_are_channels_last_and_equal_the_nchw_chain():
     """On the CPU every 4-D activation is channels_last (oneDNN's fast layout), even after a
     one-band input whose layout is ambiguous; the logits equal a plain NCHW evaluation."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,7 +11,7 @@ from ..data import Batches
 from ..errors import GeodnnError
 from ..model import ChainNet
 from .admm import make_pool
-from .base import LossWatch, settings_from_dict
+from .base import LossWatch, check_class_weights, check_same_stream, settings_from_dict
 from .subproblems import weighted_cross_entropy
 
 
@@ -35,12 +36,39 @@ class AdamSettings:
     @classmethod
     def from_dict(cls, values: dict) -> AdamSettings:
         settings = settings_from_dict(cls, values, "adam")
-        if settings.batch_size < 1 or not settings.lr > 0 or settings.slots < 1:
-            raise GeodnnError("invalid [adam] settings: batch_size >= 1, lr > 0, slots >= 1")
+        settings.check()
         return settings
+
+    def check(self) -> None:
+        """Every setting in its range, or a GeodnnError naming the ones that are not."""
+        rules = {
+            "batch_size": lambda v: v >= 1,
+            "slots": lambda v: v >= 1,
+            "lr": lambda v: v > 0,
+            "beta1": lambda v: 0 <= v < 1,
+            "beta2": lambda v: 0 <= v < 1,
+            "weight_decay": lambda v: v >= 0,
+            "refresh_every": lambda v: v >= 0,
+            "max_iterations": lambda v: v >= 0,
+            "patience": lambda v: v >= 0,
+            "divergence_factor": lambda v: v > 0,
+            "divergence_warmup": lambda v: v >= 0,
+        }
+        bad = [name for name, ok in rules.items() if not _holds(ok, getattr(self, name))]
+        if bad:
+            raise GeodnnError(
+                f"invalid [adam] setting(s) {', '.join(bad)}: batch_size, slots >= 1; lr, "
+                "divergence_factor > 0; 0 <= beta1, beta2 < 1; the others >= 0 (numbers, "
+                "not text)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _holds(rule, value) -> bool:
+    """`rule(value)` for a number (a bool or text is never in range)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and bool(rule(value))
 
 
 def use_step_settings(optimizer: torch.optim.Optimizer, settings: AdamSettings) -> None:
@@ -56,6 +84,7 @@ class AdamSolver:
     """Backprop + Adam; batch t is the crop pool's stem batch of iteration t, as in ADMM."""
 
     def __init__(self, model: ChainNet, data: Batches, settings: AdamSettings, seed: int) -> None:
+        check_class_weights(settings, model, "adam")
         self.model = model
         self.data = data
         self.settings = settings
@@ -96,7 +125,8 @@ class AdamSolver:
             "seed": self.seed,
             "settings": self.settings.to_dict(),
             "model": {k: v.clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            # a copy: the optimizer's moments change in place as training goes on
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "watch": self.watch.state_dict(),
         }
 
@@ -106,7 +136,8 @@ class AdamSolver:
                 "checkpoint solver state is not Adam's; resume with the solver it was made by"
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        check_same_stream(state, self.settings, self.seed, "adam")
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         use_step_settings(self.optimizer, self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])

@@ -131,7 +131,7 @@ from ..data import Batches
 from ..errors import DivergenceError, GeodnnError
 from ..model import ChainNet, as_activation
 from ..runtime import wait_for_device
-from .base import LossWatch, settings_from_dict
+from .base import LossWatch, check_class_weights, check_same_stream, settings_from_dict
 from .pool import CropPool, auto_refresh
 from .subproblems import (
     add_step,
@@ -672,6 +672,7 @@ class AdmmSolver:
     messages (Jacobi), then the messages are delivered. The N-rank runtime must match it."""
 
     def __init__(self, model: ChainNet, data: Batches, settings: AdmmSettings, seed: int) -> None:
+        check_class_weights(settings, model, "admm")
         self.model = model
         self.data = data
         self.settings = settings
@@ -747,6 +748,7 @@ class AdmmSolver:
                 "checkpoint solver state does not match this ADMM model; resume with the same "
                 "solver and model, or start a new run folder"
             )
+        check_same_stream(state, self.settings, self.seed, "admm", ("batch_size", "slots"))
         self.iteration = int(state["iteration"])
         self.pool = saved_pool(state["settings"], self.pool, len(self.states))
         self.states = [LayerState.from_state_dict(d) for d in state["layers"]]

@@ -45,6 +45,30 @@ def settings_from_dict(cls, values: dict, table: str):
     return cls(**values)
 
 
+def check_same_stream(state: dict, settings, seed: int, solver: str, keys=None) -> None:
+    """A saved solver state continues only the crop stream it came from: same seed, batch size,
+    slots (and refresh for Adam); else a GeodnnError naming what differs."""
+    saved = state.get("settings", {})
+    keys = keys or ("batch_size", "slots", "refresh_every", "stagger_refresh")
+    differ = [k for k in keys if k in saved and saved[k] != getattr(settings, k)]
+    differ += ["seed"] if "seed" in state and int(state["seed"]) != int(seed) else []
+    if differ:
+        raise GeodnnError(
+            f"saved {solver} state was made with other {', '.join(differ)}; resume with the "
+            "settings and seed it was started with"
+        )
+
+
+def check_class_weights(settings, model: ChainNet, solver: str) -> None:
+    """One class weight per class of the model (a mismatch fails later, inside the loss)."""
+    weights = settings.class_weights
+    if weights is not None and len(weights) != model.config.classes:
+        raise GeodnnError(
+            f"[{solver}] class_weights has {len(weights)} values for a model of "
+            f"{model.config.classes} classes; give one per class"
+        )
+
+
 def settings_overrides(items: Iterable[str], table: str) -> dict:
     """KEY=VALUE strings (the benchmarks' --admm) as a settings dict: each value read as JSON
     (0.5, true, [1, 2]), else kept as text; an item without '=' is an error naming it."""
