@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import geodnn
+from geodnn.atomic import atomic_path
 from geodnn.checkpoint import atomic_torch_save
 from geodnn.data import weights_from_counts
 from geodnn.errors import DivergenceError
@@ -593,8 +594,8 @@ def train(
     run_epochs(setup, solver, records, elapsed0, progress and is_leader())
     final = run_dir / "model.pt"
     if is_leader():
-        shutil.copyfile(run_dir / "last.pt", run_dir / ".model.pt.tmp")
-        os.replace(run_dir / ".model.pt.tmp", final)
+        with atomic_path(final) as tmp:
+            shutil.copyfile(run_dir / "last.pt", tmp)
     return TrainResult(run_dir=run_dir, checkpoint=final, records=records)
 
 

@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,22 @@ def test_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_data_and_the_folder_entry_are_flushed_to_disk(tmp_path, monkeypatch):
+    """Renaming is atomic for a crash, not for a power loss: the file's data must be on disk
+    before the rename and the folder's new entry after it."""
+    import geodnn.atomic as atomic
+
+    flushed = []
+    real = atomic.fsync_path
+
+    def recording(path, directory=False):
+        flushed.append((Path(path).name, directory, (tmp_path / "out.txt").exists()))
+        real(path, directory)
+
+    monkeypatch.setattr(atomic, "fsync_path", recording)
+    atomic.atomic_write_text(tmp_path / "out.txt", "x")
+    (file_name, file_is_dir, renamed_before), folder = flushed
+    assert file_name.startswith(".out.txt.") and not file_is_dir and not renamed_before
+    assert folder == (tmp_path.name, True, True)
