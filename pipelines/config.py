@@ -118,7 +118,6 @@ AT_LEAST_ONE = {
     ("predict", "chunk"), ("predict", "batch"), ("model", "width"), ("model", "kernel_size"),
 }  # fmt: skip
 POSITIVE = {("train", "divergence_factor"), ("parallel", "timeout_s")}
-TEXT_OR_UNSET = {("scene", "image"), ("scene", "labels"), ("scene", "class_attribute")}
 
 
 KIND_NAMES = {
@@ -181,6 +180,7 @@ def check_types(tables: dict[str, dict[str, Any]], path: Path) -> None:
 def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
     """The solver tables hold only their solver's settings (checked here, so the error names
     the config file)."""
+    from geodnn.errors import GeodnnError
     from geodnn.solvers import AdamSettings, AdmmSettings
 
     known_keys = {
@@ -200,7 +200,14 @@ def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
         fields = AdamSettings.__dataclass_fields__ if table == "pipeline" else known
         for key, value in tables[table].items():
             default = DEFAULTS[table][key] if key not in fields else fields[key].default
-            check_value(table, key, value, default, path)  # the solver checks the bounds further
+            check_value(table, key, value, default, path)
+    settings = {"admm": AdmmSettings, "adam": AdamSettings, "pipeline": AdamSettings}
+    for table, cls in settings.items():  # the solvers' own bounds, reported with the file
+        values = {k: v for k, v in tables[table].items() if k not in ("schedule", "microbatches")}
+        try:
+            cls.from_dict(values)
+        except GeodnnError as exc:
+            raise PipelineError(f"{path}: {exc}") from None
 
 
 def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:

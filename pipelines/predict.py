@@ -115,6 +115,12 @@ def as_checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
 
 
 def _check_scene(scene: SceneInfo, ckpt: Checkpoint) -> None:
+    if scene.count != ckpt.config.bands and scene.count + scene.alpha_bands == ckpt.config.bands:
+        raise RasterInputError(
+            f"{scene.path}: has {scene.count} band(s) and an alpha band, which geodnn now reads "
+            f"as a mask; the model expects {ckpt.config.bands} (it was trained with the alpha "
+            "band as data): retrain it on this scene"
+        )
     if scene.count != ckpt.config.bands:
         raise RasterInputError(
             f"{scene.path}: has {scene.count} band(s) but the model expects "

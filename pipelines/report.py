@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from rasterio.coords import BoundingBox
 from rasterio.enums import Resampling
 
-from tiles.raster import pixel_to_map
+from tiles.raster import data_bands, pixel_to_map
 
 from .io import atomic_write_text, save_figure
 
@@ -43,7 +43,7 @@ def read_overview(path: Path, bands: list[int] | None = None) -> tuple[np.ndarra
             max(1, round(src.height / max(scale, 1))),
             max(1, round(src.width / max(scale, 1))),
         )
-        bands = bands or display_bands(src.count)
+        bands = bands or display_bands(len(data_bands(src)))
         data = src.read(
             bands, out_shape=(len(bands), *shape), resampling=Resampling.nearest, masked=True
         )

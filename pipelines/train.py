@@ -40,7 +40,13 @@ from geodnn.metrics import (
     confusion_matrix,
     threshold_scale,
 )
-from geodnn.parallel import RankContext, all_gather_rows, all_reduce_sum, share_module
+from geodnn.parallel import (
+    RankContext,
+    RankFailureError,
+    all_gather_rows,
+    all_reduce_sum,
+    share_module,
+)
 from geodnn.parallel.launch import report_exit_code
 from geodnn.parallel.rankstate import (
     LATEST,
@@ -349,7 +355,7 @@ def save_epoch(
     setup: TrainSetup, solver, records: list[EpochRecord], class_scale: list[float] | None = None
 ) -> None:
     """Checkpoint (with the decision rule `fit_decision` found, if any), then metrics and
-    curves (the solver state is already saved)."""
+    curves (the solver state is saved after them, by `end_epoch`)."""
     run_dir = setup.run_dir
     meta = {
         "class_names": setup.class_names,
@@ -425,7 +431,6 @@ RESUME_MAY_CHANGE = {
     ("parallel", "workers"),  # checked against the checkpoint's ranks instead
     ("train", "iterations"),
     ("train", "epoch"),
-    ("train", "divergence_factor"),
     ("data", "val_tiles"),
     ("parallel", "timeout_s"),
 }
@@ -442,6 +447,7 @@ STEP_SETTINGS = {
 }  # fmt: skip
 STOPPING = ("max_iterations", "patience", "divergence_factor", "divergence_warmup")
 RESUME_MAY_TUNE = {(t, k) for t, keys in STEP_SETTINGS.items() for k in (*keys, *STOPPING)}
+RESUME_MAY_TUNE.add(("train", "divergence_factor"))
 RECOVERY = (
     "lower the step size in the config ([adam] lr; [admm] raise head_nu or lam, or lower "
     "max_rel_step) and rerun with --resume, which continues from that checkpoint"
@@ -696,7 +702,11 @@ def end_epoch(
         limit = setup.config["data"]["calibrate_tiles"]
         scale = fit_decision(solver.model, setup.calibration_data, limit, ranks=ranks)
     record = epoch_record(setup, solver, mean_loss, elapsed, stats, scale, ranks)
-    check_divergence(record.val_loss, math.inf, 1.0, solver.iteration)  # NaN or inf only
+    if not math.isfinite(record.val_loss):
+        raise DivergenceError(
+            f"training diverged at iteration {solver.iteration}: the validation loss is "
+            f"{record.val_loss}; the last good checkpoint is kept: {RECOVERY}"
+        )
     if is_leader():
         records.append(record)
         save_epoch(setup, solver, records, scale)
@@ -802,7 +812,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except USER_ERRORS as exc:
         print(f"geodnn: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        code = 2
+        code = 1 if isinstance(exc, RankFailureError) else 2  # a peer failed: not the user's
+
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
     return code
 

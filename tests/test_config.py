@@ -51,6 +51,8 @@ def test_overrides_apply_and_none_keeps_the_file_value(tmp_path):
         ("[adam]\nlr = '0.1'\n", "lr must be a number, not '0.1'"),
         ("[admm]\nslots = 2.5\n", "slots must be a whole number, not 2.5"),
         ("[pipeline]\nschedule = 1\n", "schedule must be text, not 1"),
+        ("[adam]\nbeta1 = 1.5\n", "invalid .adam. setting.s. beta1"),
+        ("[admm]\ngram_decay = 1.5\n", "invalid .admm. setting.s. gram_decay"),
         ("[admm]\nclass_weights = [1, 2]\n", "class weights come from .train."),
     ],
 )

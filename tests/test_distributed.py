@@ -84,3 +84,19 @@ def test_pipeline_on_one_worker_trains_and_a_ranked_divergence_exits_3(
     wild = extra.replace("[pipeline]\n", "[pipeline]\nlr = 1e12\n")
     diverging = train_config(store, solver="pipeline", iterations=30, extra=wild).path
     assert main(["train", str(diverging), "--out", str(tmp_path / "two"), "--workers", "2"]) == 3
+
+
+def test_a_rank_exits_1_when_a_peer_failed_and_2_for_a_user_error(monkeypatch, tmp_path):
+    """`launch` prefers a rank's 2 over torchrun's 1: a rank that only saw a peer die must not
+    report the crash as the user's error."""
+    import pipelines.train as training
+    from geodnn.errors import GeodnnError
+    from geodnn.parallel import RankFailureError
+
+    for error, code in ((RankFailureError("rank 1 did not answer"), 1), (GeodnnError("bad"), 2)):
+
+        def failing(args, error=error):
+            raise error
+
+        monkeypatch.setattr(training, "run_command", failing)
+        assert training.main([str(tmp_path / "any.toml")]) == code

@@ -122,7 +122,9 @@ def test_bytes_counted_and_compression_shrinks_them(two_ranks, reference):
 
 
 @pytest.mark.parametrize(
-    "workers, grouped", [(2, None), (3, None), (3, True)], ids=["2", "3", "3-grouped"]
+    "workers, grouped",
+    [(2, None), (3, None), (2, True), (3, True)],
+    ids=["2", "3", "2-grouped", "3-grouped"],
 )
 def test_messages_that_vanish_or_change_size_arrive_intact(workers, grouped):
     """Also in the grouped rounds NCCL needs (headers, then payloads; run here on gloo)."""

@@ -42,6 +42,7 @@ class SceneInfo:
     nodata: float | None
     has_mask: bool
     block_shape: tuple[int, int]
+    alpha_bands: int = 0  # alpha bands in the file, left out of `count`
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,6 +125,7 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
                 nodata=src.nodata,
                 has_mask=_needs_mask(src),
                 block_shape=tuple(src.block_shapes[0]),
+                alpha_bands=src.count - len(data_bands(src)),
             )
             if check_data:
                 src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))

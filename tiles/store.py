@@ -32,10 +32,12 @@ import rasterio
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
 
 from .errors import OutputError, StoreError, TilesError
 from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels
-from .raster import SceneInfo, open_scene, pixel_to_map, read_window
+from .raster import SceneInfo, open_scene, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 
 FORMAT = "geodnn.tilestore"
@@ -108,17 +110,10 @@ def read_tile(scene: SceneInfo, labels: LabelSource, spec: TileWindow, size: int
     return Tile(spec, padded_image, padded_label)
 
 
-def _shifted(transform: Affine, col: int, row: int) -> Affine:
-    """`transform` with its origin at pixel (col, row) (the window transform of a tile)."""
-    x, y = pixel_to_map(transform, col, row)
-    t = transform
-    return Affine(t.a, t.b, x, t.d, t.e, y)
-
-
 def _tile_rows(tiles: Sequence[Tile], transform: Affine) -> dict[str, np.ndarray]:
     windows = np.array([t.spec.row_col_shape for t in tiles], dtype=np.int64)
     # each tile's transform: the scene's, its origin moved to the tile's corner
-    affines = [_shifted(transform, int(w[1]), int(w[0])) for w in windows]
+    affines = [window_transform(Window(int(w[1]), int(w[0]), 1, 1), transform) for w in windows]
     return {
         "images": np.stack([t.image for t in tiles]),
         "labels": np.stack([t.labels for t in tiles]),

@@ -42,7 +42,7 @@ def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str
 
 # Ranks write their exit code here (torchrun itself exits 1 whatever its ranks returned).
 EXIT_CODES_ENV = "GEODNN_EXIT_CODES"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 class _Stopped(BaseException):
