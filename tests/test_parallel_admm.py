@@ -13,7 +13,7 @@ import torch
 from rasterio.windows import Window
 
 from geodnn.data import TensorBatches
-from geodnn.errors import DivergenceError
+from geodnn.errors import DivergenceError, GeodnnError
 from geodnn.model import build_model
 from geodnn.parallel.admm_rank import (
     RankAdmmSolver,
@@ -88,6 +88,7 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
                     "losses": losses,
                     "bytes": solver.exchange.stats.bytes_sent,
                     "step_bytes": [s.get("bytes_sent") for s in stats],
+                    "updated": [s.get("layers_updated") for s in stats],
                 }
             )
         return out
@@ -139,6 +140,14 @@ def test_two_ranks_match_single_process_solver(two_ranks, expected):
     assert owned == [[0, 1, 2], [3, 4, 5]]  # each rank holds only its own layers' states
     losses = [rank[0]["losses"] for rank in two_ranks]
     assert losses[0] == losses[1] and losses[0][-1] is not None  # same head loss everywhere
+
+
+def test_every_rank_reports_the_whole_chains_layer_stats(two_ranks, data):
+    """layers_updated (and max_rel_step) cover every rank's layers, as in one process."""
+    solver = AdmmSolver(_model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
+    single = [solver.step()["layers_updated"] for _ in range(ITERATIONS)]
+    blocking = [rank[3]["updated"][:-1] for rank in two_ranks]  # the non-lagged runs
+    assert blocking[0] == blocking[1] == single and max(single) > 0
 
 
 def test_lagged_stats_are_the_blocking_ones_one_step_late(two_ranks, expected):
@@ -253,3 +262,25 @@ def test_divergence_on_one_rank_stops_every_rank_promptly(data_dir, poisoned_lay
         assert result["error"] == "divergence", (rank, result)
         assert "resume from the last checkpoint" in result["message"]
         assert result["s"] < 15, result  # well inside the 20 s rank timeout: nobody waited on it
+
+
+def _resume_with_other_seed(data) -> str:
+    ctx = init_ranks(timeout_s=30)
+    try:
+        settings = AdmmSettings.from_dict(SETTINGS)
+        saved = RankAdmmSolver(ctx, _model(), data, settings, SEED).state_dict()
+        other = RankAdmmSolver(ctx, _model(), data, settings, SEED + 1)
+        try:
+            other.load_state_dict(saved)
+        except GeodnnError as exc:
+            return str(exc)
+        return "accepted"
+    finally:
+        shutdown()
+
+
+def test_a_rank_refuses_a_state_of_another_crop_stream(data):
+    """Another seed draws other crops for the saved slots and pending messages: refused, as by
+    the single-process solver."""
+    [message] = spawn(_resume_with_other_seed, 1, args=(data,), timeout_s=60)
+    assert "other seed" in message

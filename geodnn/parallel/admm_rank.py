@@ -46,7 +46,7 @@ from ..solvers.admm import (
     saved_pool,
     write_back,
 )
-from ..solvers.base import LossWatch
+from ..solvers.base import LossWatch, check_class_weights, check_same_stream
 from .blocks import BlockTimes, Inbox, JacobiBlock
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange
@@ -181,6 +181,7 @@ class RankAdmmSolver:
             plan = Plan(blocks, [float(b - a) for a, b in blocks], [0.0] * len(blocks))
         if len(plan.blocks) != ctx.world_size:
             raise GeodnnError(f"plan has {len(plan.blocks)} blocks for {ctx.world_size} ranks")
+        check_class_weights(settings, model, "admm")
         self.ctx, self.model, self.data, self.settings = ctx, model, data, settings
         self.seed, self.plan, self.log_every = int(seed), plan, log_every
         self.start, self.stop = plan.blocks[ctx.rank]
@@ -241,11 +242,16 @@ class RankAdmmSolver:
 
     def _post_stats(self, times: BlockTimes) -> _StatsReduce:
         head = self._layer_stats.get(len(self.model.layers) - 1, {}).get("head_loss")
-        shared = torch.zeros(3 + self.ctx.world_size, dtype=torch.float64)
+        n, rank = self.ctx.world_size, self.ctx.rank
+        # [loss, has loss, failure, compute s per rank, max relative step per rank, W-steps]
+        shared = torch.zeros(4 + 2 * n, dtype=torch.float64)
         if head is not None:
             shared[0], shared[1] = head, 1.0
         shared[2] = 1.0 if self._failure is not None else 0.0
-        shared[3 + self.ctx.rank] = times.compute_s
+        shared[3 + rank] = times.compute_s
+        rel = [s["rel_step"] for s in self._layer_stats.values() if "rel_step" in s]
+        shared[3 + n + rank] = max(rel, default=0.0)
+        shared[3 + 2 * n] = len(rel)
         shared = shared.to(self.ctx.device)
         work = dist.all_reduce(shared, async_op=True)
         return _StatsReduce(work, shared, times, self._layer_stats, self.iteration, self._failure)
@@ -264,7 +270,7 @@ class RankAdmmSolver:
         stats = self._stats(reduce.times, reduce.layer_stats, shared)
         if "loss" in stats:
             self.watch.update(stats["loss"], reduce.iteration, "ADMM")
-        self._log_balance(shared[3:].tolist(), reduce.iteration + 1)
+        self._log_balance(shared[3 : 3 + self.ctx.world_size].tolist(), reduce.iteration + 1)
         return stats
 
     def _partial_stats(self, times: BlockTimes) -> dict[str, float]:
@@ -277,11 +283,13 @@ class RankAdmmSolver:
         }
 
     def _stats(self, times, layer_stats, shared: torch.Tensor) -> dict[str, float]:
+        """The iteration's stats over the whole chain, as the single-process solver reports
+        them (max_layer_s, compute_s and wait_s stay this rank's)."""
+        n = self.ctx.world_size
         stats = self._partial_stats(times)
-        stats["slowest_rank_s"] = float(shared[3:].max())
-        rel = [s["rel_step"] for s in layer_stats.values() if "rel_step" in s]
-        stats["max_rel_step"] = max(rel) if rel else 0.0
-        stats["layers_updated"] = float(len(rel))
+        stats["slowest_rank_s"] = float(shared[3 : 3 + n].max())
+        stats["max_rel_step"] = float(shared[3 + n : 3 + 2 * n].max())
+        stats["layers_updated"] = float(shared[3 + 2 * n])
         if shared[1] > 0:
             stats["loss"] = stats["head_loss"] = float(shared[0])
         return stats
@@ -331,6 +339,7 @@ class RankAdmmSolver:
                 "checkpoint is not an N-rank ADMM state; convert a single-process ADMM state "
                 "with geodnn.parallel.single_process_state, or resume with the same solver"
             )
+        check_same_stream(state, self.settings, self.seed, "admm", ("batch_size", "slots"))
         layers = {int(d["index"]): d for d in state["layers"]}
         missing = [i for i in range(self.start, self.stop) if i not in layers]
         if missing:
