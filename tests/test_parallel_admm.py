@@ -284,3 +284,23 @@ def test_a_rank_refuses_a_state_of_another_crop_stream(data):
     the single-process solver."""
     [message] = spawn(_resume_with_other_seed, 1, args=(data,), timeout_s=60)
     assert "other seed" in message
+
+
+def _plan_beyond_memory(data) -> str:
+    ctx = init_ranks(timeout_s=60)
+    try:
+        settings = AdmmSettings.from_dict(SETTINGS)
+        try:
+            plan_blocks(ctx, _model(), data, settings, SEED, memory_limit=1.0)
+        except GeodnnError as exc:
+            return str(exc)
+        return "planned"
+    finally:
+        shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_a_plan_rank_0_cannot_make_fails_every_rank_at_once(data):
+    """The other ranks learn rank 0's planning error at once instead of waiting timeout_s."""
+    messages = spawn(_plan_beyond_memory, 2, args=(data,), timeout_s=45)
+    assert messages[0] == messages[1] and "limit" in messages[0]

@@ -147,10 +147,15 @@ def plan_blocks(
     """Rank 0 profiles the layers and balances them; every rank receives the same plan."""
     payload: list = [None]
     if ctx.rank == 0:
-        costs = profile_admm_layers(model, data, settings, seed)
-        plan = balance(costs, ctx.world_size, memory_limit)
-        payload = [(plan.blocks, plan.predicted_s, plan.predicted_bytes)]
+        try:
+            costs = profile_admm_layers(model, data, settings, seed)
+            plan = balance(costs, ctx.world_size, memory_limit)
+            payload = [(plan.blocks, plan.predicted_s, plan.predicted_bytes)]
+        except GeodnnError as exc:  # tell the others, or they wait for the plan until timeout
+            payload = [str(exc)]
     call_or_fail(ctx, "the layer plan", dist.broadcast_object_list, payload, src=0)
+    if isinstance(payload[0], str):
+        raise GeodnnError(payload[0])
     blocks, predicted_s, predicted_bytes = payload[0]
     return Plan([tuple(b) for b in blocks], list(predicted_s), list(predicted_bytes))
 
