@@ -56,12 +56,13 @@ from rasterio.transform import from_origin  # noqa: E402
 from rasterio.windows import Window  # noqa: E402
 
 from geodnn import Checkpoint, build_model, save_checkpoint  # noqa: E402
-from geodnn.runtime import wait_for_device  # noqa: E402
+from geodnn.runtime import retain_freed_memory, wait_for_device  # noqa: E402
 from pipelines.predict import ModelPredictor, iter_predictions, predict_scene  # noqa: E402
 from tiles.grid import ChunkGrid, read_chunk  # noqa: E402
 from tiles.raster import read_window  # noqa: E402
 
 torch.set_num_threads(args.threads)
+retain_freed_memory()  # as `geodnn predict` does, for both sides (process-wide)
 
 
 def write_synthetic(path: Path, size: int, seed: int = 0, block: int = 1024) -> Path:
@@ -143,12 +144,18 @@ CHILD = """
 import json, os, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[4]))
+from geodnn.runtime import retain_freed_memory
 from pipelines.predict import predict_scene
+retain_freed_memory()  # as `geodnn predict` does
 start = time.perf_counter()
 predict_scene(sys.argv[1], sys.argv[2], sys.argv[3], chunk=int(sys.argv[5]), overwrite=True,
               device=sys.argv[6])
 import psutil
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM: this process's own peak (ru_maxrss would carry the parent's over the fork)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = int(hwm[0].split()[1]) / 1024 if hwm else usage
+print(json.dumps({"peak_rss_mb": peak,
                   "end_rss_mb": psutil.Process().memory_info().rss / 2**20,
                   "seconds": time.perf_counter() - start}))
 """

@@ -1,11 +1,12 @@
 """ADMM (gradient-free, layer-parallel) vs Adam (backprop) on the two labeled sample scenes.
 
-Spatial split (left 70 % of columns train, right 30 % validation, a gap of one receptive field
-between them), random crops, class-weighted cross-entropy. For each scene and depth both solvers
-get the same wall-clock budget; reported: validation IoU of the positive class (mean of six
-snapshots over the last quarter of the budget) and, threshold-free, its average precision
-(`ap_ratio_admm_vs_adam_depth*`: whether ADMM ranks pixels as well as Adam even where the
-argmax puts its threshold elsewhere), the real network's
+Spatial split (left 70 % of columns train, right 30 % validation, a gap of 2 x depth + 8
+columns between them: training crops lie inside the training region and validation is its own
+forward, so no input crosses it), random crops, class-weighted cross-entropy. For each scene and
+depth both solvers get the same wall-clock budget; reported: validation IoU of the positive
+class (mean of six snapshots over the last quarter of the budget) and, threshold-free, its
+average precision (`ap_ratio_admm_vs_adam_depth*`: whether ADMM ranks pixels as well as Adam
+even where the argmax puts its threshold elsewhere), the real network's
 training loss at equal iterations and at equal time, time per iteration, ADMM's ideal
 layer-parallel time per iteration (its slowest layer step) and memory per layer.
 
@@ -16,7 +17,7 @@ Each solver runs at its own default batch: ADMM 8 crops in 8 slots (an ADMM iter
 updates, not equal crops.
 
     python benchmarks/solver_accuracy.py            # full: depths 8, 16, 32, both scenes
-    python benchmarks/solver_accuracy.py --quick    # about a minute
+    python benchmarks/solver_accuracy.py --quick    # about two minutes (2 x 40 s + validation)
 The last printed line is a JSON summary.
 """
 
@@ -420,7 +421,7 @@ PLATEAU_IOU = 0.1  # mean Adam validation IoU that counts as clearly past the pl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Vegas, depth 16 only (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="Vegas, depth 16 only (~2 minutes)")
     parser.add_argument("--budget", type=float, help="seconds of training per solver and run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -20,6 +20,7 @@ import torch
 
 from geodnn import Checkpoint
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
+from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import load_labels
 from tiles.raster import open_scene
@@ -146,6 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    retain_freed_memory()  # as `geodnn predict`: each chunk reallocates MBs of activations
     result = evaluate_scene(
         args.checkpoint,
         args.scene,

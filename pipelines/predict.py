@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from geodnn import ChainNet, Checkpoint, load_checkpoint  # noqa: E402
+from geodnn.runtime import retain_freed_memory  # noqa: E402
 from tiles.errors import RasterInputError  # noqa: E402
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
 from tiles.raster import SceneInfo, open_scene, warn_if_no_crs  # noqa: E402
@@ -310,6 +311,7 @@ ARGMAX_HELP = (
 
 
 def run(args: argparse.Namespace) -> int:
+    retain_freed_memory()  # each chunk reallocates MBs of activations: reuse, don't refault
     summary = predict_scene(
         args.checkpoint,
         args.scene,

@@ -24,7 +24,7 @@ class AdamSettings:
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
-    slots: int = 4  # the same crop stream as ADMM's stem: CropPool(slots, refresh_every)
+    slots: int = 4  # a crop pool like ADMM's stem's: CropPool(slots, refresh_every)
     refresh_every: int = 0  # 0: auto, S R >= 2 x number of layers (ADMM's default rule)
     stagger_refresh: bool = True  # as ADMM's: slots change crops at evenly spread times
     class_weights: list[float] | None = None  # per-class loss weights (None = equal)
