@@ -163,9 +163,8 @@ def _quantize(
     codes = (wired - low_b).mul_(wire.per_group(inverse, wired.dim()))
     codes = codes.add_(0.5).floor_().clamp_(0, (1 << settings.bits) - 1)
     lost = None
-    if keep_error:  # a non-finite value leaves no error to carry (it would poison the slot)
+    if keep_error:
         lost = wire.unview(wired - codes.mul(scale_b).add_(low_b))
-        lost = torch.nan_to_num(lost, nan=0.0, posinf=0.0, neginf=0.0)
     return _Quantized(low, scale, codes.to(torch.uint8).reshape(-1), lost)
 
 
@@ -198,11 +197,8 @@ def _quantize_compiled(
     codes = torch.empty(rows, dtype=torch.uint8)
     levels = np.float32((1 << settings.bits) - 1)
     arrays = (values.numpy(), low.numpy(), scale.numpy(), inverse.numpy())
-    nan = np.zeros(groups, dtype=np.uint8)
-    quantize_loop(*arrays, levels, codes.numpy(), keep_error, nan)
+    quantize_loop(*arrays, levels, codes.numpy(), keep_error)
     lost = wire.unview(values.reshape(wired.shape)) if keep_error else None
-    if nan.any():  # decode those channels as NaN, as the torch passes do
-        low[torch.from_numpy(nan.astype(bool))] = float("nan")
     return _Quantized(low, scale, codes.reshape(-1), lost)
 
 

@@ -49,12 +49,9 @@ def quantize_loop(
     levels: np.float32,
     codes: np.ndarray,
     keep_error: bool,
-    nan: np.ndarray,
 ) -> None:
     """codes = clamp(floor((v - low) * inverse + 1/2), 0, levels), all (rows, channels); with
-    `keep_error`, `values` becomes v - (code * scale + low), in decoding's arithmetic. `nan[c]`
-    is set where channel c holds a NaN (the range pass cannot see one: it runs with nnan); such
-    a value carries no error (0), as in the torch passes."""
+    `keep_error`, `values` becomes v - (code * scale + low), in decoding's arithmetic."""
     rows, channels = values.shape
     zero = np.float32(0.0)
     half = np.float32(0.5)
@@ -62,11 +59,6 @@ def quantize_loop(
         for c in range(channels):
             v = values[r, c]
             q = min(max(np.floor((v - low[c]) * inverse[c] + half), zero), levels)
-            if q != q:
-                nan[c] = 1
-                codes[r, c] = 0
-                values[r, c] = zero
-                continue
             codes[r, c] = np.uint8(q)
             if keep_error:
                 values[r, c] = v - (q * scale[c] + low[c])
