@@ -63,7 +63,6 @@ class _StatsReduce:
     work: object
     shared: torch.Tensor
     times: BlockTimes
-    layer_stats: dict[int, dict[str, float]]
     iteration: int
     failure: DivergenceError | None
 
@@ -259,7 +258,7 @@ class RankAdmmSolver:
         shared[3 + 2 * n] = len(rel)
         shared = shared.to(self.ctx.device)
         work = dist.all_reduce(shared, async_op=True)
-        return _StatsReduce(work, shared, times, self._layer_stats, self.iteration, self._failure)
+        return _StatsReduce(work, shared, times, self.iteration, self._failure)
 
     def _settle(self, reduce: _StatsReduce) -> dict[str, float]:
         what = f"the stats all-reduce of iteration {reduce.iteration}"
@@ -272,7 +271,7 @@ class RankAdmmSolver:
                 f"ADMM diverged on another rank at iteration {reduce.iteration}; raise [admm] "
                 "lam or head_nu, or lower max_rel_step, and resume from the last checkpoint"
             )
-        stats = self._stats(reduce.times, reduce.layer_stats, shared)
+        stats = self._stats(reduce.times, shared)
         if "loss" in stats:
             self.watch.update(stats["loss"], reduce.iteration, "ADMM")
         self._log_balance(shared[3 : 3 + self.ctx.world_size].tolist(), reduce.iteration + 1)
@@ -287,7 +286,7 @@ class RankAdmmSolver:
             "bytes_sent": float(times.bytes_sent),  # this iteration's
         }
 
-    def _stats(self, times, layer_stats, shared: torch.Tensor) -> dict[str, float]:
+    def _stats(self, times, shared: torch.Tensor) -> dict[str, float]:
         """The iteration's stats over the whole chain, as the single-process solver reports
         them (max_layer_s, compute_s and wait_s stay this rank's)."""
         n = self.ctx.world_size

@@ -112,6 +112,17 @@ def _from_wire(flat: torch.Tensor, shape: torch.Size, device: torch.device) -> t
     return flat.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
+def _header(message: Any | None, nbytes: int) -> torch.Tensor:
+    """A message's CPU header (present, slot, generation, payload bytes, ndim, filler flag 0,
+    shape); all zeros for an absent one."""
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    if message is not None:
+        shape = message.tensor.shape
+        header[:5] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape)])
+        header[6 : 6 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
+    return header
+
+
 @dataclass
 class BoundaryExchange:
     """One rank's two boundaries. `compression` None sends float32; else b-bit with feedback."""
@@ -181,20 +192,21 @@ class BoundaryExchange:
     def finish(self) -> tuple[Any | None, Any | None]:
         """Wait (with timeout) for this iteration's traffic; return (from_below, from_above)."""
         start = time.perf_counter()
-        if self.grouped:
-            received = self._grouped_rounds()
-            self.stats.wait_s += time.perf_counter() - start
-            self.stats.iterations += 1
-            return received[UP], received[DOWN]
-        received = {UP: None, DOWN: None}
+        received = self._grouped_rounds() if self.grouped else self._posted_traffic()
+        self.stats.wait_s += time.perf_counter() - start
+        self.stats.iterations += 1
+        return received[UP], received[DOWN]
+
+    def _posted_traffic(self) -> dict[int, Any | None]:
+        """Point-to-point mode: wait for the pre-posted receives and the sends; the messages
+        received by direction."""
+        received: dict[int, Any | None] = {UP: None, DOWN: None}
         for incoming in self._incoming:
             received[incoming.direction] = self._receive(incoming)
         for work, peer, what, _tensor in self._outgoing:
             wait_or_fail(work, self.ctx, peer, what)
         self._incoming, self._outgoing = [], []
-        self.stats.wait_s += time.perf_counter() - start
-        self.stats.iterations += 1
-        return received[UP], received[DOWN]
+        return received
 
     def _encoder(self, direction: int) -> ErrorFeedbackEncoder:
         if direction not in self._encoders:
@@ -225,18 +237,15 @@ class BoundaryExchange:
         return zeros
 
     def _send(self, peer: int, direction: int, message: Any | None) -> None:
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         payload = None if message is None else self._payload(direction, message)
-        if self.grouped:
-            self._queue(peer, direction, message, header, payload)
-            return
         nbytes = 0 if payload is None else payload.numel()
+        header = _header(message, nbytes)
+        if self.grouped:  # sizes travel first there: no filler
+            self._queued.append((peer, direction, header.to(self.ctx.device), payload))
+            self.stats.messages_sent += 1
+            return
         expected = self._sent_bytes.get(direction, 0)
         filler = expected > 0 and nbytes != expected
-        if message is not None:
-            shape = message.tensor.shape
-            header[:5] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape)])
-            header[6 : 6 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
         header[5] = int(filler)
         what = f"the {'up' if direction == UP else 'down'} boundary message"
         header_tag, expected_tag, resized_tag = TAGS[direction]
@@ -251,17 +260,6 @@ class BoundaryExchange:
             self.stats.bytes_sent += tensor.numel() * tensor.element_size()
         if nbytes:  # an absent message keeps the size the receiver pre-posts
             self._sent_bytes[direction] = nbytes
-        self.stats.messages_sent += 1
-
-    def _queue(self, peer, direction, message, header, payload) -> None:
-        """Grouped mode: the header (no filler flag: sizes travel first) and payload wait for
-        `finish`."""
-        if message is not None:
-            shape = message.tensor.shape
-            nbytes = 0 if payload is None else payload.numel()
-            header[:5] = torch.tensor([1, message.slot, message.generation, nbytes, len(shape)])
-            header[6 : 6 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
-        self._queued.append((peer, direction, header.to(self.ctx.device), payload))
         self.stats.messages_sent += 1
 
     def _grouped_rounds(self) -> dict[int, Any | None]:
