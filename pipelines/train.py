@@ -535,13 +535,17 @@ def is_rank() -> bool:
     return "RANK" in os.environ
 
 
+def ranks_to_launch(config: Config) -> int:
+    """The ranks `geodnn train` starts for `config` (pipeline runs always have ranks); 0 when
+    it trains in this process."""
+    workers = config["parallel"]["workers"]
+    return workers if workers > 1 or config.solver == "pipeline" else 0
+
+
 def world_size_for(config: Config) -> int:
     """The ranks a run of `config` has: this job's when this process is a rank, else the
-    ranks `geodnn train` would start (pipeline runs always have ranks)."""
-    if is_rank():
-        return distributed_world()
-    workers = config["parallel"]["workers"]
-    return workers if workers > 1 or config.solver == "pipeline" else 1
+    ranks `geodnn train` would start (1: this process alone)."""
+    return distributed_world() if is_rank() else max(ranks_to_launch(config), 1)
 
 
 def check_resume_world(run_dir: Path, world_size: int) -> None:
@@ -780,13 +784,12 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
-    workers = config["parallel"]["workers"]
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
-    if (workers > 1 or config.solver == "pipeline") and not is_rank():
+    if ranks_to_launch(config) and not is_rank():
         from .distributed import launch_training
 
-        return launch_training(args, workers)
+        return launch_training(args, ranks_to_launch(config))
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except DivergenceError as exc:
