@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from rasterio.coords import BoundingBox
 from rasterio.enums import Resampling
 
-from tiles.raster import data_bands, pixel_to_map
+from tiles.raster import data_bands
 
 from .io import atomic_write_text, save_figure
 
@@ -111,8 +111,8 @@ def outline_validation(ax, p: Pipeline) -> None:
         box = region_box(shape, tile["split"], tile["gap"], "validation")
     except PipelineError:
         return
-    x0, y0 = pixel_to_map(transform, box.col0, box.row0)
-    x1, y1 = pixel_to_map(transform, box.col1, box.row1)
+    x0, y0 = rasterio.transform.xy(transform, box.row0, box.col0, offset="ul")
+    x1, y1 = rasterio.transform.xy(transform, box.row1, box.col1, offset="ul")
     ax.plot([x0, x1, x1, x0, x0], [y0, y0, y1, y1, y0], "--", color="white", linewidth=1.5)
 
 

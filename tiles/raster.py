@@ -65,16 +65,9 @@ def grid_bounds(height: int, width: int, transform: Affine) -> tuple[float, floa
     Unlike `array_bounds`, this holds for south-up (positive pixel height) and rotated grids, so
     overlap tests can compare intervals directly.
     """
-    corners = [pixel_to_map(transform, col, row) for col in (0, width) for row in (0, height)]
-    xs, ys = zip(*corners)
-    return min(xs), min(ys), max(xs), max(ys)
-
-
-def pixel_to_map(transform: Affine, col: float, row: float) -> tuple[float, float]:
-    """Map coordinates of a pixel position (corner at integers), written out so that it reads
-    the same with every affine version (3.x deprecates `transform * (col, row)`)."""
-    t = transform
-    return t.a * col + t.b * row + t.c, t.d * col + t.e * row + t.f
+    rows, cols = [0, 0, height, height], [0, width, 0, width]
+    xs, ys = rasterio.transform.xy(transform, rows, cols, offset="ul")
+    return float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))
 
 
 def data_bands(src: rasterio.DatasetReader) -> list[int]:
