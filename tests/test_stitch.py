@@ -234,3 +234,15 @@ def test_class_scale_moves_the_decision_and_keeps_the_probabilities(make_geotiff
         np.testing.assert_array_equal(p.classes, decide(q.probabilities, [2.0, 0.5, 1.0]))
         moved += int((p.classes != q.classes).sum())
     assert moved > 0  # the scale changed some decisions
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_decide_is_the_argmax_of_the_scaled_probabilities(classes):
+    rng = np.random.default_rng(classes)
+    probs = rng.random((classes, 31, 17)).astype(np.float32)
+    probs[:, :5] = np.round(probs[:, :5], 1)  # ties: the lower class wins, as in np.argmax
+    scale = rng.uniform(0.5, 2.0, classes).astype(np.float32)
+    np.testing.assert_array_equal(decide(probs), probs.argmax(0))
+    expected = (probs * scale.reshape(-1, 1, 1)).argmax(0)
+    np.testing.assert_array_equal(decide(probs, list(scale)), expected)
+    assert decide(probs).dtype == np.uint8
