@@ -201,6 +201,32 @@ def test_atomic_outputs_commit_or_leave_nothing(tmp_path):
     assert final.read_bytes() == b"done" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_atomic_outputs_flush_the_files_before_the_renames(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))  # Linux: the fd's path
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with AtomicOutputs() as outputs:
+        for name in ("a.tif", "b.gpkg"):
+            outputs.reserve(tmp_path / name).write_bytes(b"done")
+        temps = [str(t) for t in outputs.pending.values()]
+        outputs.commit()
+    assert events == [("fsync", t) for t in temps] + [
+        ("replace", str(tmp_path / "a.tif")),
+        ("replace", str(tmp_path / "b.gpkg")),
+        ("fsync", str(tmp_path)),
+    ]
+
+
 def test_check_output_errors_name_the_fix(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"")
     with pytest.raises(OutputError, match="--overwrite"):

@@ -284,6 +284,8 @@ class AtomicOutputs:
         """Rename every temporary file onto its output. A GeoTIFF's stale sidecars (see
         `GEOTIFF_SIDECARS`) are removed: they would describe the old raster, e.g. QGIS would draw
         the old map from an old `.ovr` when zoomed out."""
+        for tmp in self.pending.values():
+            _fsync(tmp)  # the data is on disk before any name points at it
         for final, tmp in self.pending.items():
             os.replace(tmp, final)
             if final.suffix.lower() in (".tif", ".tiff"):
@@ -291,6 +293,8 @@ class AtomicOutputs:
                     sidecar = final.with_name(final.name + suffix)
                     if sidecar not in self.pending:
                         _remove(sidecar)
+        for folder in {final.parent for final in self.pending}:
+            _fsync(folder, folder=True)  # and so are the renames
         self.pending.clear()
         self.abort()
 
@@ -317,6 +321,20 @@ def temp_path(final: Path) -> Path:
     os.close(fd)
     os.unlink(tmp)
     return Path(tmp)
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    """Flush a file's data (or a folder's entries, where the OS can open folders) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:
