@@ -65,6 +65,28 @@ def test_window_rasterization_matches_the_whole_scene(data_dir):
         np.testing.assert_array_equal(part, full[row : row + height, col : col + width])
 
 
+def test_windows_of_a_rotated_scene_burn_every_feature(tmp_path, make_geotiff):
+    # a 30 degree rotated grid: a window's two-corner "bounds" miss most of its footprint
+    rotated = Affine.translation(X0, Y0) * Affine.rotation(30) * Affine.scale(PIXEL, -PIXEL)
+    info = open_scene(make_geotiff(np.ones((1, 64, 64), np.uint8), transform=rotated))
+    corners = [(0, 0), (3, 0), (3, 3), (0, 3)]
+    squares = [
+        shapely.Polygon([rotated * (c + dc, r + dr) for dc, dr in corners])
+        for r in range(4, 60, 12)
+        for c in range(4, 60, 12)
+    ]
+    source = load_labels(write_vector(tmp_path, squares), info)
+    full = whole(source, info)
+    expected = np.zeros((64, 64), dtype=np.uint8)
+    for r in range(4, 60, 12):
+        for c in range(4, 60, 12):
+            expected[r : r + 3, c : c + 3] = 1
+    np.testing.assert_array_equal(full, expected)
+    for col, row in [(0, 0), (16, 16), (32, 8), (48, 48)]:
+        part = source.rasterize(Window(col, row, 16, 16))
+        np.testing.assert_array_equal(part, expected[row : row + 16, col : col + 16])
+
+
 def test_window_without_features_is_background(tmp_path, scene):
     source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), scene)
     assert not source.rasterize(Window(10, 10, 5, 5)).any()

@@ -108,7 +108,7 @@ class VectorLabels(LabelSource):
     def _burn(self, window: Window) -> np.ndarray:
         height, width = int(window.height), int(window.width)
         transform = rasterio.windows.transform(window, self.scene.transform)
-        bounds = rasterio.windows.bounds(window, self.scene.transform)
+        bounds = grid_bounds(height, width, transform)  # all four corners: rotated grids too
         hits = np.sort(self.tree.query(shapely.box(*bounds), predicate="intersects"))
         if hits.size == 0:
             return np.zeros((height, width), dtype=np.uint8)
