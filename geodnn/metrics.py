@@ -42,12 +42,16 @@ class SegmentationScores:
         return [float(v) for v in torch.where(denom > 0, 2 * tp / denom.clamp(min=1), 0.0)]
 
     @property
+    def seen(self) -> list[bool]:
+        """Per class: present in the truth or the prediction (else it has no IoU or F1)."""
+        c = self.confusion
+        return ((c.sum(0) + c.sum(1)) > 0).tolist()
+
+    @property
     def mean_iou(self) -> float:
         """Mean IoU over the classes present in truth or prediction (a class absent from both
         has no IoU; counting it as 0 would understate the others)."""
-        c = self.confusion
-        seen = (c.sum(0) + c.sum(1)) > 0
-        ious = [v for v, s in zip(self.iou, seen.tolist()) if s]
+        ious = [v for v, s in zip(self.iou, self.seen) if s]
         return sum(ious) / len(ious) if ious else 0.0
 
     @property
@@ -60,10 +64,13 @@ class SegmentationScores:
         return int(self.confusion.sum())
 
     def to_dict(self, class_names: list[str] | None = None) -> dict:
+        """Scores by class name; a class absent from truth and prediction scores None (JSON
+        null), as mean_iou leaves it out."""
         names = class_names or [str(i) for i in range(len(self.iou))]
+        seen = self.seen
         return {
-            "iou": dict(zip(names, self.iou)),
-            "f1": dict(zip(names, self.f1)),
+            "iou": {n: v if s else None for n, v, s in zip(names, self.iou, seen)},
+            "f1": {n: v if s else None for n, v, s in zip(names, self.f1, seen)},
             "pixel_accuracy": self.pixel_accuracy,
             "mean_iou": self.mean_iou,
             "pixels": self.pixels,

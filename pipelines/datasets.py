@@ -88,6 +88,10 @@ class StoreBatches:
         return self.store.class_colors
 
     @property
+    def class_values(self) -> list | None:
+        return self.store.class_values
+
+    @property
     def band_mean(self) -> np.ndarray:
         return self.store.band_mean
 

@@ -3,7 +3,10 @@
 The scene is predicted chunk by chunk with the same seam-free path as `geodnn predict`, and each
 chunk is compared with the labels rasterized on that chunk's window, so memory stays bounded.
 `--split columns:0.7 --region validation` scores only the validation region of a spatial split
-(the region `geodnn tile` held out with the same options).
+(the region `geodnn tile` held out with the same options). The labels' classes are numbered as
+the model's training labels were (by mask value or attribute value, recorded in the checkpoint),
+so a file holding only some of the classes is scored on the right ones; a class absent from
+both labels and prediction is reported as absent (null in --json).
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ class Evaluation:
 
     def table(self) -> str:
         lines = [f"{'class':16s} {'IoU':>7s} {'F1':>7s}"]
-        for name, iou, f1 in zip(self.class_names, self.scores.iou, self.scores.f1):
-            lines.append(f"{name:16s} {iou:7.4f} {f1:7.4f}")
+        scores = zip(self.class_names, self.scores.iou, self.scores.f1, self.scores.seen)
+        for name, iou, f1, seen in scores:
+            values = f"{iou:7.4f} {f1:7.4f}" if seen else f"{'absent':>7s} {'absent':>7s}"
+            lines.append(f"{name:16s} {values}")
+        lines.append(f"mean IoU {self.scores.mean_iou:.4f} over the classes present")
         lines.append(
             f"pixel accuracy {self.scores.pixel_accuracy:.4f} "
             f"over {self.scores.pixels} labeled pixels ({self.region})"
@@ -103,10 +109,12 @@ def evaluate_scene(
             f"{labels}: has {source.classes} classes but the model predicts {classes}; "
             "pass labels with the classes the model was trained on (or --class-attribute)"
         )
-    # names from a class attribute must match; a single positive class is named after its
-    # file ("buildings.geojson"), which says nothing about the model's name for it
-    explicit = class_attribute is not None
-    if explicit and source.class_names != ckpt.class_names[: source.classes]:
+    trained = ckpt.metadata.get("class_values")
+    if trained is not None and len(trained) == classes:
+        _match_trained_classes(source, trained, ckpt.class_names, class_attribute)
+    elif class_attribute is not None and source.class_names != ckpt.class_names[: source.classes]:
+        # names from a class attribute must match; a single positive class is named after its
+        # file ("buildings.geojson"), which says nothing about the model's name for it
         warnings.warn(
             f"{labels}: classes {source.class_names} do not match the model's "
             f"{ckpt.class_names}; scores compare ids, check --class-attribute",
@@ -125,6 +133,20 @@ def evaluate_scene(
             classes,
         )
     return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
+
+
+def _match_trained_classes(source, trained: list, names: list[str], attribute) -> None:
+    """Number the labels' classes as the model's training labels were (by value); a single
+    positive class is matched whatever its value, with a warning when an attribute named it
+    otherwise."""
+    single = source.classes == 2 and len(trained) == 2
+    if single and attribute is not None and source.class_values[1] != trained[1]:
+        warnings.warn(
+            f"{source.path}: class {source.class_values[1]!r} of --class-attribute {attribute} "
+            f"is scored as the model's {names[1]!r} (trained on value {trained[1]!r})",
+            stacklevel=3,
+        )
+    source.match_classes(trained, names)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

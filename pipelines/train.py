@@ -108,6 +108,7 @@ class TrainSetup:
     class_weights: torch.Tensor
     class_names: list[str]
     class_colors: list
+    class_values: list | None = None  # each class's value in the label file (None: unknown)
     device: str = "cpu"  # where this process computes: "cpu" or "cuda" (resolved, never "auto")
     # training tiles (with halo) that fit each checkpoint's decision threshold; None: argmax
     calibration_data: ValidationWindows | None = None
@@ -149,6 +150,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         class_weights=weights,
         class_names=list(train_data.class_names),
         class_colors=[list(c) for c in train_data.class_colors],
+        class_values=train_data.class_values,
         device=device,
         calibration_data=calibration_windows(train_data.store, data, model),
     )
@@ -365,6 +367,8 @@ def save_epoch(
     }
     if class_scale is not None:
         meta["class_scale"] = class_scale
+    if setup.class_values is not None:  # lets `geodnn evaluate` number other labels the same
+        meta["class_values"] = setup.class_values
     geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
     write_metrics(run_dir / "metrics.csv", records, setup.class_names)
     plot_curves(run_dir / "curves.png", records, setup.class_names, setup.solver_name)

@@ -104,6 +104,27 @@ def test_label_classes_that_differ_from_the_model_warn(atlanta, tmp_path):
         evaluate_scene(ckpt, scene, tmp_path / "named.gpkg", class_attribute="kind", chunk=512)
 
 
+def test_labels_are_numbered_as_the_model_was_trained(atlanta, tmp_path):
+    scene, labels, _, _ = atlanta
+    model = geodnn.build_model(bands=1, classes=3, depth=1, width=4, seed=5, init="kaiming")
+    ckpt = tmp_path / "three.pt"
+    names = ["background", "house", "shed"]
+    geodnn.save_checkpoint(model, ckpt, class_names=names, class_values=[None, "house", "shed"])
+    sheds = gpd.read_file(labels)[["geometry"]].assign(kind="shed")
+    sheds.to_file(tmp_path / "sheds.gpkg")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_scene(ckpt, scene, tmp_path / "sheds.gpkg", class_attribute="kind")
+    assert not [w for w in caught if "kind" in str(w.message)]  # matched by value: no warning
+    truth = result.scores.confusion.sum(1)  # rows: true classes
+    assert truth[2] > 0 and truth[1] == 0  # the sheds are scored as sheds, not as houses
+    other = sheds.assign(kind="barn")
+    other.to_file(tmp_path / "barns.gpkg")
+    code = main(["evaluate", str(ckpt), str(scene), "--labels", str(tmp_path / "barns.gpkg"),
+                 "--class-attribute", "kind"])  # fmt: skip
+    assert code == 2
+
+
 def test_evaluate_follows_the_checkpoint_threshold_unless_argmax(atlanta, tmp_path):
     scene, labels, _, model = atlanta
     ckpt = tmp_path / "calibrated.pt"

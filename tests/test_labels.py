@@ -87,6 +87,32 @@ def test_windows_of_a_rotated_scene_burn_every_feature(tmp_path, make_geotiff):
         np.testing.assert_array_equal(part, expected[row : row + 16, col : col + 16])
 
 
+def test_match_classes_numbers_a_subset_as_the_model_did(tmp_path, scene, make_geotiff):
+    boxes = [pixel_box(0, 0, 4, 4), pixel_box(6, 6, 9, 9)]
+    path = write_vector(tmp_path, boxes, kind=["tank", "tank"])
+    source = load_labels(path, scene, class_attribute="kind")
+    assert whole(source, scene).max() == 1  # alone in its file, "tank" is class 1
+    source.match_classes([None, "road", "shed", "tank"], ["background", "r", "s", "t"])
+    assert set(np.unique(whole(source, scene))) == {0, 3}
+    assert source.class_names == ["background", "r", "s", "t"]
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:9, 5:9] = 2  # a 0/1/2 mask's class 2 alone
+    masked = load_labels(make_geotiff(mask, name="m.tif"), scene)
+    masked.match_classes([None, 1, 2], ["background", "one", "two"])
+    assert set(np.unique(whole(masked, scene))) == {0, 2}
+
+
+def test_match_classes_refuses_values_the_model_lacks_and_matches_single_classes(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(0, 0, 4, 4), pixel_box(6, 6, 9, 9)], kind=["a", "z"])
+    source = load_labels(path, scene, class_attribute="kind")
+    with pytest.raises(LabelError, match="z are not among the model's classes") as info:
+        source.match_classes([None, "a", "b"], ["background", "a", "b"])
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    single = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 4, 4)], name="b.gpkg"), scene)
+    single.match_classes([None, 255], ["background", "building"])  # a 0/255 mask's model
+    assert whole(single, scene).sum() == 16
+
+
 def test_window_without_features_is_background(tmp_path, scene):
     source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), scene)
     assert not source.rasterize(Window(10, 10, 5, 5)).any()

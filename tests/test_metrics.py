@@ -40,6 +40,9 @@ def test_mean_iou_is_over_the_classes_present():
     s = scores(torch.tensor([0, 0, 1, 0]), target, 3)  # class 2: neither truth nor predicted
     assert s.iou == [2 / 3, 0.5, 0.0]
     assert s.to_dict()["mean_iou"] == pytest.approx((2 / 3 + 0.5) / 2)
+    # reported as absent (JSON null), not as a score of 0 that the mean leaves out
+    assert s.to_dict(["a", "b", "c"])["iou"] == {"a": 2 / 3, "b": 0.5, "c": None}
+    assert s.to_dict(["a", "b", "c"])["f1"]["c"] is None
 
 
 def test_tensor_batches_returns_selected_crops():

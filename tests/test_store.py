@@ -71,6 +71,7 @@ def test_metadata(tmp_path, scene_and_mask):
     assert store.scene_transform == Affine(PIXEL, 0, X0, 0, -PIXEL, Y0)
     assert store.scene_shape == (70, 100) and store.tile_size == 32 and store.bands == 2
     assert store.class_names == ["background", "mask"] and len(store.class_colors) == 2
+    assert store.class_values == [None, 1]
     assert attrs["split"]["gap"] == 8 and "guard band" in attrs["split"]["description"]
 
 

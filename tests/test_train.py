@@ -31,6 +31,7 @@ def test_run_folder_holds_checkpoints_metrics_and_curves(tmp_path, store, train_
     ckpt = geodnn.load_checkpoint(result.checkpoint)
     assert ckpt.class_names == ["background", "roads"]
     assert ckpt.metadata["iteration"] == 6
+    assert ckpt.metadata["class_values"] == [None, 255]  # the road mask's value
 
 
 @pytest.mark.parametrize("solver", ["adam", "admm"])

@@ -86,11 +86,40 @@ class LabelSource(ABC):
     def class_colors(self) -> list[tuple[int, int, int]]:
         return default_class_colors(self.classes)
 
+    # source id -> the id asked for by `match_classes` (256 entries, 255 kept), or None
+    id_map: np.ndarray | None = field(default=None, kw_only=True)
+
     def rasterize(self, window: Window, image: np.ndarray | None = None) -> np.ndarray:
         """Class ids (h, w) uint8 for `window` of the scene grid; with `image` (bands, h, w),
         pixels that are NaN in any band become IGNORE_INDEX too."""
         labels = self._burn(window)
+        if self.id_map is not None:
+            labels = self.id_map[labels]
         return labels if image is None else ignore_nodata(labels, image)
+
+    def match_classes(self, values: list, names: list[str]) -> None:
+        """Renumber this source's classes as another class list numbers them: `values` are that
+        list's source values (None for background), `names` its class names (e.g. a model's,
+        recorded when it was trained). A file with one positive class matches a list with one
+        whatever the values; otherwise classes match by value, and a value the list lacks is a
+        LabelError naming it."""
+        ours, theirs = [_plain(v) for v in self.class_values], [_plain(v) for v in values]
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        lut[0] = 0
+        if len(ours) == 2 and len(theirs) == 2:
+            lut[1] = 1
+        else:
+            missing = [v for v in ours[1:] if v not in theirs[1:]]
+            if missing:
+                raise LabelError(
+                    f"{self.path}: class value(s) {', '.join(map(str, missing))} are not among "
+                    f"the model's classes ({', '.join(map(str, theirs[1:]))}); pass labels with "
+                    "the classes the model was trained on (or another --class-attribute)"
+                )
+            for source_id, value in enumerate(ours[1:], start=1):
+                lut[source_id] = theirs.index(value, 1)
+        # class_values stay this file's: they are what `_burn` numbers the pixels by
+        self.id_map, self.class_names = lut, list(names)
 
     @abstractmethod
     def _burn(self, window: Window) -> np.ndarray:
@@ -151,11 +180,19 @@ class RasterLabels(LabelSource):
         return labels
 
 
+def _plain(value):
+    """A class value comparable across sources: numbers as int, text as is."""
+    if value is None or isinstance(value, str):
+        return value
+    return int(value)
+
+
 def load_labels(
     path: str | os.PathLike, scene: SceneInfo, class_attribute: str | None = None
 ) -> LabelSource:
     """Open labels for `scene`: a raster mask (by suffix) or a vector file; raise LabelError
-    (one line, naming the file and the fix) for missing, empty, unprojected or disjoint labels."""
+    (one line, naming the file and the fix) for missing, empty, unprojected or disjoint labels.
+    `LabelSource.match_classes` renumbers them to a trained model's classes."""
     path = Path(path)
     if not path.exists():
         raise LabelError(f"{path}: label file not found; check the path")

@@ -161,6 +161,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _json_value(value):
+    return value if isinstance(value, str) else int(value)
+
+
 def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int) -> dict:
     return {
         "format": FORMAT,
@@ -173,6 +177,9 @@ def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int)
         "bands": scene.count,
         "tile_size": size,
         "class_names": list(labels.class_names),
+        # each class id's value in the label file (None: background), so that another label
+        # file can be numbered the same way (`geodnn evaluate`)
+        "class_values": [None if v is None else _json_value(v) for v in labels.class_values],
         "class_colors": [list(c) for c in labels.class_colors],
         "ignore_index": IGNORE_INDEX,
         "split": {
@@ -366,6 +373,13 @@ class TileStore:
     @property
     def class_colors(self) -> list[tuple[int, int, int]]:
         return [tuple(int(v) for v in c) for c in self.attrs["class_colors"]]
+
+    @property
+    def class_values(self) -> list | None:
+        """Each class id's value in the label file (None: background); None for stores made
+        before it was recorded."""
+        values = self.attrs.get("class_values")
+        return None if values is None else list(values)
 
     @property
     def classes(self) -> int:
