@@ -268,6 +268,11 @@ def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool
         if path.resolve() == info.path.resolve():
             raise PipelineError(f"{path}: is the input scene; pick another output name")
     if vectors is not None:
+        if Path(vectors).suffix.lower() != ".gpkg":
+            raise PipelineError(
+                f"{vectors}: polygons are written as a GeoPackage; give --vectors a .gpkg name "
+                "(convert with `ogr2ogr` if you need another format)"
+            )
         check_output(qml_path(vectors), overwrite)
     if len({p.resolve() for p in paths}) != len(paths):
         raise PipelineError(f"{out}: outputs must be different files; give each its own name")

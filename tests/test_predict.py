@@ -219,13 +219,14 @@ def _bad_inputs(tmp_path, make_geotiff):
         "exists": ([good, "--out", exists], "--overwrite"),
         "chunk": ([good, "--out", out, "--chunk", "4"], "--chunk 8"),
         "probs exist": ([good, "--out", out, "--probabilities", exists], "--overwrite"),
+        "shapefile": ([good, "--out", out, "--vectors", out.with_suffix(".shp")], ".gpkg name"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "not a raster", "truncated", "bands", "no folder", "exists", "chunk",
-     "probs exist"],
+     "probs exist", "shapefile"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_error_and_no_output(
     case, checkpoint, tmp_path, make_geotiff, capsys
