@@ -157,7 +157,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", type=Path, help="model checkpoint (.pt) from `geodnn train`")
     p.add_argument("scene", type=Path, help="GeoTIFF scene")
-    p.add_argument("--labels", type=Path, required=True, help="vector labels or a raster mask")
+    p.add_argument(
+        "--labels",
+        type=Path,
+        required=True,
+        help="vector labels (FILE|layername=LAYER for one layer of a file) or a raster mask",
+    )
     p.add_argument("--class-attribute", help="attribute holding the class of each feature")
     p.add_argument("--split", help="spatial split used for tiling, e.g. columns:0.7")
     p.add_argument("--gap", type=int, default=32, help="guard band of the split, in pixels")

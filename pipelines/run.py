@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tiles.labels import split_layer
+
 from .config import SOLVERS, Config, load_config
 from .errors import PipelineError
 from .io import atomic_write_text
@@ -113,7 +115,7 @@ class Pipeline:
         tables = {t: self.config[t] for t in STEP_TABLES[step]}
         files = [self.input_path("image")]
         if self.config["scene"]["labels"]:
-            files.append(self.input_path("labels"))
+            files.append(split_layer(self.input_path("labels"))[0])  # the file of FILE|layername=
         stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
         blob = json.dumps({"tables": tables, "files": stats}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -115,7 +115,8 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--labels",
         required=True,
-        help="vector labels (GeoJSON, GeoPackage, Shapefile; any CRS) or a class mask GeoTIFF",
+        help="vector labels (GeoJSON, GeoPackage, Shapefile; any CRS; one layer of a multi-layer "
+        "file as FILE|layername=LAYER) or a class mask GeoTIFF",
     )
     parser.add_argument("--out", required=True, help="the store to write (e.g. STORE.zarr)")
     parser.add_argument("--tile", type=positive_int, default=128, help="tile size in px (128)")

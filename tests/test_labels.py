@@ -176,6 +176,19 @@ def test_geopackage_and_shapefile_are_read(tmp_path, scene):
         assert whole(load_labels(path, scene), scene).sum() == 9
 
 
+def test_one_layer_of_a_multi_layer_geopackage_is_named_like_qgis_does(tmp_path, scene):
+    path = tmp_path / "labels.gpkg"
+    for layer, box in [("roofs", pixel_box(0, 0, 4, 4)), ("sheds", pixel_box(6, 6, 9, 9))]:
+        gpd.GeoDataFrame(geometry=[box], crs="EPSG:32616").to_file(path, layer=layer)
+    with pytest.raises(LabelError, match="has 2 layers \\(roofs, sheds\\); name one as") as info:
+        load_labels(path, scene)  # before, the first layer alone was read, with no error
+    assert "\n" not in str(info.value) and "labels.gpkg|layername=LAYER" in str(info.value)
+    sheds = load_labels(f"{path}|layername=sheds", scene)
+    assert whole(sheds, scene).sum() == 9 and sheds.class_names == ["background", "sheds"]
+    with pytest.raises(LabelError, match="has no layer 'barns' \\(roofs, sheds\\)"):
+        load_labels(f"{path}|layername=barns", scene)
+
+
 def test_nodata_pixels_of_the_image_are_ignored(tmp_path, scene):
     source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 4, 4)]), scene)
     image = np.ones((2, 4, 4), dtype=np.float32)

@@ -25,6 +25,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyogrio
 import rasterio
 import rasterio.features
 import rasterio.windows
@@ -41,6 +42,7 @@ from .raster import SceneInfo, grid_bounds, io_error_reason
 IGNORE_INDEX = 255
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
+LAYER_SEPARATOR = "|layername="  # FILE|layername=LAYER: one layer of a multi-layer file
 
 # Background black, then strong distinct colors (the same palette as geodnn's checkpoints).
 PALETTE = [
@@ -187,31 +189,59 @@ def _plain(value):
     return int(value)
 
 
+def split_layer(path: str | os.PathLike) -> tuple[Path, str | None]:
+    """(file, layer) of a label path; a layer of a multi-layer file is named as QGIS writes it
+    in a layer's source: `buildings.gpkg|layername=roofs`."""
+    text = os.fspath(path)
+    if LAYER_SEPARATOR in text:
+        file, layer = text.split(LAYER_SEPARATOR, 1)
+        return Path(file), layer
+    return Path(text), None
+
+
 def load_labels(
     path: str | os.PathLike, scene: SceneInfo, class_attribute: str | None = None
 ) -> LabelSource:
-    """Open labels for `scene`: a raster mask (by suffix) or a vector file; raise LabelError
-    (one line, naming the file and the fix) for missing, empty, unprojected or disjoint labels.
-    `LabelSource.match_classes` renumbers them to a trained model's classes."""
-    path = Path(path)
+    """Open labels for `scene`: a raster mask (by suffix) or a vector file (one layer of it with
+    `FILE|layername=LAYER`); raise LabelError (one line, naming the file and the fix) for
+    missing, empty, unprojected or disjoint labels. `LabelSource.match_classes` renumbers them
+    to a trained model's classes."""
+    path, layer = split_layer(path)
     if not path.exists():
         raise LabelError(f"{path}: label file not found; check the path")
     if path.suffix.lower() in RASTER_SUFFIXES:
-        if class_attribute is not None:
+        if class_attribute is not None or layer is not None:
             raise LabelError(
-                f"{path}: --class-attribute applies to vector labels; a raster mask's values "
-                "are its classes, so drop the option"
+                f"{path}: --class-attribute and |layername= apply to vector labels; a raster "
+                "mask's values are its classes, so drop them"
             )
         return _load_raster(path, scene)
-    return _load_vector(path, scene, class_attribute)
+    return _load_vector(path, scene, class_attribute, layer)
 
 
 # --- vector labels -------------------------------------------------------------------------
 
 
-def _read_vector(path: Path) -> gpd.GeoDataFrame:
+def _pick_layer(path: Path, layer: str | None) -> str | None:
+    """The layer to read: the one named, else the file's only one; several unnamed (only the
+    first would be read) or a name the file lacks are a LabelError listing the layers."""
+    names = [str(name) for name, _ in pyogrio.list_layers(path)]
+    if layer is None and len(names) <= 1:
+        return None
+    if layer in names:
+        return layer
+    problem = f"has no layer '{layer}'" if layer is not None else f"has {len(names)} layers"
+    raise LabelError(
+        f"{path}: {problem} ({', '.join(names)}); name one as '{path}{LAYER_SEPARATOR}LAYER'"
+    )
+
+
+def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
     try:
-        frame = gpd.read_file(path, engine="pyogrio")
+        layer = _pick_layer(path, layer)
+        frame = gpd.read_file(path, layer=layer, engine="pyogrio")
+    except LabelError:
+        raise
     except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LabelError(
@@ -281,14 +311,18 @@ def _text_classes(values: np.ndarray, present: np.ndarray, path: Path, attribute
     return ids, ["background"] + uniques, [None] + uniques
 
 
-def _load_vector(path: Path, scene: SceneInfo, attribute: str | None) -> VectorLabels:
-    frame = _read_vector(path)
+def _load_vector(
+    path: Path, scene: SceneInfo, attribute: str | None, layer: str | None = None
+) -> VectorLabels:
+    frame = _read_vector(path, layer)
     if scene.crs is None:
         raise LabelError(
             f"{path}: the scene {scene.path} has no CRS, so vector labels cannot be placed; "
             "assign the scene a CRS (`gdal_edit.py -a_srs`)"
         )
     ids, names, values = _class_ids(frame, path, attribute)
+    if attribute is None and layer is not None:
+        names[1] = layer  # one positive class, named after its layer rather than its file
     geometries = frame.to_crs(scene.crs).geometry.to_numpy()
     tree = shapely.STRtree(geometries)
     if tree.query(shapely.box(*scene.bounds), predicate="intersects").size == 0:
