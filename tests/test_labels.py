@@ -314,3 +314,16 @@ def test_vector_labels_on_a_scene_without_crs(tmp_path, make_geotiff):
     info = open_scene(make_geotiff(np.ones((1, 8, 8), dtype=np.uint8), crs=None))
     with pytest.raises(LabelError, match="has no CRS"):
         load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), info)
+
+
+def test_mask_without_crs_on_the_scene_grid_is_read_with_a_warning(make_geotiff, scene):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:5, 3:9] = 1
+    with pytest.warns(UserWarning, match="mask has no CRS but the scene's shape"):
+        source = load_labels(make_geotiff(mask, name="m.tif", crs=None), scene)
+    np.testing.assert_array_equal(whole(source, scene), mask)
+    shifted = make_geotiff(
+        mask, name="s.tif", crs=None, transform=from_origin(X0 + 5, Y0, 0.5, 0.5)
+    )
+    with pytest.raises(LabelError, match="different grids and one has no CRS"):
+        load_labels(shifted, scene)

@@ -345,8 +345,10 @@ def _load_vector(
 
 
 def _same_grid(src, scene: SceneInfo) -> bool:
-    """True when the mask's pixels are the scene's pixels (same CRS, transform and shape)."""
-    if (src.height, src.width) != scene.shape or (src.crs is None) != (scene.crs is None):
+    """True when the mask's pixels are the scene's pixels (same transform and shape, and the
+    same CRS or none on the mask: a mask saved without one, e.g. from numpy, is taken as drawn
+    on the scene's grid, with a warning in `_load_raster`)."""
+    if (src.height, src.width) != scene.shape:
         return False
     if src.crs is not None and src.crs != scene.crs:
         return False
@@ -398,6 +400,12 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             same = _same_grid(src, scene)
             if not same:
                 _check_raster_overlap(src, path, scene)
+            elif src.crs is None and scene.crs is not None:
+                warnings.warn(
+                    f"{path}: mask has no CRS but the scene's shape and transform; read as on "
+                    "the scene's grid (set its CRS with `gdal_edit.py -a_srs` to silence this)",
+                    stacklevel=2,
+                )
             values = _mask_values(src, path)
             nodata = src.nodata
     except RasterioIOError as exc:
