@@ -642,6 +642,9 @@ def run_epochs(
     bar = progress_bar(total, solver.iteration, f"train {setup.solver_name}", progress)
     start = time.perf_counter() - elapsed0
     losses: list[float] = []
+    if solver.iteration < total and _finished(solver):  # a resumed run its rule had ended
+        log.info("not training on: %s (iteration %d)", _finished(solver), solver.iteration)
+        total = solver.iteration
     while solver.iteration < total:
         stats = solver.step()
         if "loss" in stats:
@@ -649,7 +652,7 @@ def run_epochs(
             if not math.isfinite(losses[-1]):
                 check_divergence(losses[-1], best, 1.0, solver.iteration)
         bar.update(1)
-        stop = solver.finished() if hasattr(solver, "finished") else None
+        stop = _finished(solver)
         if stop:
             log.info("stopping at iteration %d: %s", solver.iteration, stop)
         if solver.iteration % epoch and solver.iteration < total and not stop:
@@ -674,6 +677,11 @@ def run_epochs(
         if stop:
             break
     bar.close()
+
+
+def _finished(solver) -> str | None:
+    """Why the solver's stopping rule ends the run (max_iterations, patience), or None."""
+    return solver.finished() if hasattr(solver, "finished") else None
 
 
 def settle(solver, stats: dict, losses: list[float]) -> dict:

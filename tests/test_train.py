@@ -209,6 +209,9 @@ def test_solver_stopping_rule_ends_training_with_a_checkpoint(tmp_path, store, t
     result = train(config, tmp_path / "run", progress=False)
     assert [r.iteration for r in result.records] == [3, 4]
     assert geodnn.load_checkpoint(result.checkpoint).metadata["iteration"] == 4
+    again = train(config, tmp_path / "run", resume=True, progress=False)  # nothing left to do
+    assert [r.iteration for r in again.records] == [3, 4]  # before: one more step each resume
+    assert geodnn.load_checkpoint(again.checkpoint).metadata["iteration"] == 4
 
 
 def test_guard_band_narrower_than_the_halo_warns(tmp_path):
