@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -56,6 +58,7 @@ from geodnn.parallel.rankstate import (
 )
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
+from tiles.errors import StoreError
 from tiles.store import TileStore
 
 from .config import SOLVERS, Config, load_config
@@ -325,7 +328,9 @@ class TrainResult:
     records: list[EpochRecord]
 
 
+STORE_RECORD = "store.json"  # which tile store the run trains on, by content
 RUN_FILES = ("config.toml", "metrics.csv", "curves.png", "last.pt", "model.pt", "state.pt")
+RUN_FILES += (STORE_RECORD,)
 RANK_FILES = (LATEST, "rank*-of-*-it*.pt")
 
 
@@ -417,6 +422,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
         check_resume_config(config, run_dir)
+        check_resume_store(config, run_dir)
         atomic_write_text(run_dir / "config.toml", config_as_run(config))
         return
     if has_state(run_dir) or (run_dir / "model.pt").exists():
@@ -428,6 +434,37 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config_as_run(config))
+    record = store_record(config)
+    if record is not None:
+        atomic_write_text(run_dir / STORE_RECORD, json.dumps(record, indent=1))
+
+
+def store_record(config: Config) -> dict | None:
+    """The config's tile store and a hash of its metadata (scene, labels, grid, split, classes,
+    statistics, tiles): a store rebuilt from other data at the same path hashes differently.
+    None when the store does not open (training itself then says why)."""
+    path = config.resolve(config["data"]["store"])
+    try:
+        attrs = TileStore.open(path).attrs
+    except StoreError:  # build_setup reports it with the config's context
+        return None
+    blob = json.dumps(attrs, sort_keys=True, default=str).encode()
+    return {"store": str(path), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def check_resume_store(config: Config, run_dir: Path) -> None:
+    """Refuse to resume on a tile store whose content changed since the run started (e.g.
+    re-tiled from another scene at the same path); runs from before the record pass."""
+    saved_path = run_dir / STORE_RECORD
+    if not saved_path.is_file():
+        return
+    saved, current = json.loads(saved_path.read_text()), store_record(config)
+    if current is not None and current["sha256"] != saved["sha256"]:
+        raise PipelineError(
+            f"{current['store']}: the tile store changed since this run started (re-tiled "
+            "from other data?); resume on the store it was trained on, or start a new run "
+            "with --out"
+        )
 
 
 # settings a resumed run may change: how long it runs, how often it reports, how long it waits

@@ -241,6 +241,26 @@ def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
     assert code == 2 and "[model] width" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_store_rebuilt_from_other_data(tmp_path, store, train_config, capsys):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    config = train_config(copy, iterations=3)
+    run = tmp_path / "run"
+    assert main(["train", str(config.path), "--out", str(run)]) == 0
+    more = train_config(copy, iterations=6)
+    assert main(["train", str(more.path), "--out", str(run), "--resume"]) == 0  # same store
+    group = zarr.open_group(str(copy), mode="r+")  # as if re-tiled from another scene
+    group.attrs["scene_path"] = "/elsewhere/atlanta.tif"
+    longer = train_config(copy, iterations=9)
+    code = main(["train", str(longer.path), "--out", str(run), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "tile store changed since this run started" in err and str(copy) in err
+
+
 def test_a_solver_table_may_set_its_own_batch():
     config_file = Path(__file__).resolve().parent.parent / "pipelines/configs/vegas-roads.toml"
     config = load_config(config_file, {"admm": {"batch_size": 8}})
