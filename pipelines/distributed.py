@@ -59,10 +59,8 @@ def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[objec
             blocks=[tuple(b) for b in blocks] if blocks else None,
         )
         return solver, state
-    raise PipelineError(
-        f"{config.path}: solver '{setup.solver_name}' runs in one process; use --solver admm "
-        "(layer-parallel) or --solver pipeline (GPipe / 1F1B) with several workers"
-    )
+    # `pipelines.train.check_parallel` refuses other solvers before any rank gets here
+    raise PipelineError(f"{config.path}: solver '{setup.solver_name}' has no multi-rank form")
 
 
 def admm_rank_solver(ctx, setup, admm: AdmmSettings, seed: int, blocks) -> RankAdmmSolver:

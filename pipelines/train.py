@@ -417,20 +417,27 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
+    --workers N checks it before starting any rank)."""
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
         check_resume_config(config, run_dir)
         check_resume_store(config, run_dir)
+    elif (has_state(run_dir) or (run_dir / "model.pt").exists()) and not overwrite:
+        raise PipelineError(
+            f"{run_dir}: run folder already holds a run; pass --resume to continue it "
+            "or --overwrite to start again"
+        )
+
+
+def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    check_run_dir(config, run_dir, resume, overwrite)
+    if resume:
         atomic_write_text(run_dir / "config.toml", config_as_run(config))
         return
     if has_state(run_dir) or (run_dir / "model.pt").exists():
-        if not overwrite:
-            raise PipelineError(
-                f"{run_dir}: run folder already holds a run; pass --resume to continue it "
-                "or --overwrite to start again"
-            )
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config_as_run(config))
@@ -581,6 +588,28 @@ def ranks_to_launch(config: Config) -> int:
     it trains in this process."""
     workers = config["parallel"]["workers"]
     return workers if workers > 1 or config.solver == "pipeline" else 0
+
+
+def check_parallel(config: Config) -> None:
+    """[parallel] settings the ranks could not run, refused before any rank starts: a solver
+    without a multi-rank form, more ranks than layers, compression outside 1..8 bits."""
+    parallel, ranks = config["parallel"], world_size_for(config)
+    if ranks > 1 and config.solver not in ("admm", "pipeline"):
+        raise PipelineError(
+            f"{config.path}: solver '{config.solver}' runs in one process; use --solver admm "
+            "(layer-parallel) or --solver pipeline (GPipe / 1F1B) with several workers"
+        )
+    layers = config["model"]["depth"] + 2  # stem, hidden layers, head: each rank owns some
+    if ranks > layers:
+        raise PipelineError(
+            f"{config.path}: {ranks} workers for a chain of {layers} layers; pass --workers "
+            f"{layers} or fewer (each rank owns at least one layer)"
+        )
+    bits = parallel["compress_bits"]
+    if bits and not 1 <= bits <= 8:
+        raise PipelineError(
+            f"{config.path}: compress_bits {bits}; pass 1 to 8 (quantized messages) or 0 (plain)"
+        )
 
 
 def world_size_for(config: Config) -> int:
@@ -833,11 +862,14 @@ def overrides_from(args: argparse.Namespace) -> dict:
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
+    check_parallel(config)
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
     if ranks_to_launch(config) and not is_rank():
         from .distributed import launch_training
 
+        # the ranks would each refuse these, under torchrun's own traceback
+        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
         return launch_training(args, ranks_to_launch(config))
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)

@@ -375,3 +375,28 @@ def test_ranks_validate_and_calibrate_in_shares_as_one_process_would(store):
         assert rank_scale == pytest.approx(scale, abs=1e-7)
         assert torch.equal(confusion, scores.confusion)
         assert rank_loss == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workers", "2", "--solver", "adam"], "solver 'adam' runs in one process"),
+        (["--workers", "5", "--solver", "admm"], "5 workers for a chain of 4 layers"),
+        (["--compress-bits", "33"], "compress_bits 33; pass 1 to 8"),
+        (["--workers", "2", "--solver", "admm", "--compress-bits", "9"], "compress_bits 9"),
+        (["--workers", "2", "--solver", "admm"], "already holds a run; pass --resume"),
+    ],
+)
+def test_multi_rank_user_errors_are_refused_before_any_rank_starts(
+    args, message, tmp_path, store, train_config, capsys, monkeypatch
+):
+    import pipelines.distributed
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"an earlier run")
+    monkeypatch.setattr(pipelines.distributed, "launch_training", lambda *a: pytest.fail("ran"))
+    config = train_config(store, iterations=3)
+    code = main(["train", str(config.path), "--out", str(run), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
