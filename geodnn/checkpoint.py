@@ -6,6 +6,9 @@ Files hold only tensors and plain Python values so they load with `torch.load(we
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,58 @@ def plain_value(value: Any, key: str, path: str | os.PathLike) -> Any:
     )
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+PICKLE_MAGIC = tuple(b"\x80" + bytes([protocol]) for protocol in range(2, 6))
+
+
+def check_torch_header(path: Path) -> None:
+    """Refuse a file that is no torch.save output at all (neither a zip nor a pickle), so a
+    GeoTIFF passed as the checkpoint is named for what it is, not as a torch load failure."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
+    if head.startswith(b"PK\x03\x04") or head[:2] in PICKLE_MAGIC:
+        return
+    what = "an empty file, " if not head else "a TIFF image, " if head in TIFF_MAGIC else ""
+    raise CheckpointError(
+        f"{path}: not a geodnn checkpoint ({what}not a PyTorch file); "
+        "pass the .pt file that `geodnn train` wrote"
+    )
+
+
+def read_torch_file(path: Path, map_location: str | torch.device) -> Any:
+    """`torch.load(weights_only=True)` of `path`, its failures as one short line each."""
+    check_torch_header(path)
+    try:
+        with warnings.catch_warnings():  # torch's note on pickle protocols: noise for a user
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
+            raise CheckpointError(
+                f"{path}: not a geodnn checkpoint: it holds Python objects ({refused[1]}) that "
+                "safe loading (weights_only) refuses; re-save the model with geodnn"
+            ) from None
+        raise CheckpointError(
+            f"{path}: not a geodnn checkpoint (not a torch.save file); "
+            "pass the .pt file that `geodnn train` wrote"
+        ) from None
+    except Exception as exc:  # torch raises many types for damaged zips and pickles
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({first_sentence(exc)}); "
+            "pass the .pt file that `geodnn train` wrote"
+        ) from None
+
+
+def first_sentence(exc: Exception) -> str:
+    """The gist of a torch error: its first sentence without C++ source locations, capped."""
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(exc).strip())
+    return re.split(r"(?<=\.) |\n", text)[0][:120] if text else type(exc).__name__
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> Checkpoint:
@@ -107,13 +162,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: checkpoint not found; pass the .pt file written by training"
         )
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path}: not a readable geodnn checkpoint ({first}); re-save it with geodnn"
-        ) from None
+    payload = read_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a geodnn checkpoint; use a file from `geodnn train`")
     if payload.get("version") != VERSION:

@@ -6,7 +6,10 @@ is a separate module with its own weights, so a worker can own any contiguous bl
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from numbers import Integral
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +17,48 @@ from torch.nn import functional as F
 
 MAX_DEPTH = 1024
 MAX_CLASSES = 255  # ids 0..254: 255 is the ignore index of labels and class maps
+INITS = ("dirac", "kaiming")
+
+
+def _whole(value: Any, low: int, high: int | None = None) -> bool:
+    """`value` is a whole number (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        return False
+    return low <= value and (high is None or value <= high)
+
+
+def _odd(value: Any) -> bool:
+    return _whole(value, 1) and value % 2 == 1
+
+
+def _dilations(value: Any) -> bool:
+    return isinstance(value, list | tuple) and len(value) > 0 and all(_whole(d, 1) for d in value)
+
+
+# The rules of every ChainConfig option: (test, what a valid value is). One source of truth for
+# ChainConfig itself and for job configs, which check their [model] table before any work.
+OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bands": (lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    "classes": (
+        lambda v: _whole(v, 2, MAX_CLASSES),
+        f"must be 2 to {MAX_CLASSES} (255 marks ignored pixels)",
+    ),
+    "depth": (lambda v: _whole(v, 0, MAX_DEPTH), f"must be a whole number 0 to {MAX_DEPTH}"),
+    "width": (lambda v: _whole(v, 1), "must be a whole number >= 1"),
+    "kernel_size": (_odd, "must be odd and >= 1, e.g. 3 (the centre pixel is the output)"),
+    "stem_kernel_size": (_odd, "must be odd and >= 1, e.g. 3 (the centre pixel is the output)"),
+    "dilations": (_dilations, "must be a non-empty list of whole numbers >= 1, e.g. [1, 2, 4, 8]"),
+    "init": (lambda v: isinstance(v, str) and v in INITS, "must be 'dirac' or 'kaiming'"),
+}
+
+
+def option_problems(options: Mapping[str, Any]) -> list[str]:
+    """One 'key = value must be ...' line per bad model option (options without a rule pass)."""
+    return [
+        f"{key} = {value!r} {OPTION_RULES[key][1]}"
+        for key, value in options.items()
+        if key in OPTION_RULES and not OPTION_RULES[key][0](value)
+    ]
 
 
 @dataclass(frozen=True)
@@ -46,24 +91,10 @@ class ChainConfig:
     init: str = "dirac"
 
     def __post_init__(self) -> None:
+        problems = option_problems(asdict(self))
+        if problems:
+            raise ValueError(f"invalid model option(s): {'; '.join(problems)}")
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
-        checks = {
-            "bands": self.bands >= 1,
-            "classes": 2 <= self.classes <= MAX_CLASSES,
-            "depth": 0 <= self.depth <= MAX_DEPTH,
-            "width": self.width >= 1,
-            "kernel_size": self.kernel_size >= 1 and self.kernel_size % 2 == 1,
-            "stem_kernel_size": self.stem_kernel_size >= 1 and self.stem_kernel_size % 2 == 1,
-            "dilations": len(self.dilations) > 0 and min(self.dilations) >= 1,
-            "init": self.init in ("dirac", "kaiming"),
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid model option(s) {', '.join(bad)} in {self}: bands>=1, "
-                f"2<=classes<={MAX_CLASSES} (255 marks ignored pixels), "
-                f"0<=depth<={MAX_DEPTH}, odd kernel sizes, dilations>=1, init 'dirac' or 'kaiming'"
-            )
 
     def layer_specs(self) -> list[LayerSpec]:
         """Stem, `depth` hidden layers (dilations cycled), then a 1x1 head without activation."""

@@ -210,8 +210,19 @@ def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
             raise PipelineError(f"{path}: {exc}") from None
 
 
+def check_model_table(model: dict[str, Any], path: Path) -> None:
+    """[model] against the network's own rules (geodnn.model.OPTION_RULES), so a bad value fails
+    at load time, naming the file, before `geodnn run` tiles or `geodnn train` writes anything."""
+    from geodnn.model import option_problems
+
+    problems = option_problems(model)
+    if problems:
+        raise PipelineError(f"{path}: [model] {'; '.join(problems)}")
+
+
 def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
     check_types(tables, path)
+    check_model_table(tables["model"], path)
     check_solver_tables(tables, path)
     train = tables["train"]
     if train["solver"] not in SOLVERS:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,7 @@ def test_missing_and_foreign_files_raise_checkpoint_error(tmp_path):
         geodnn.load_checkpoint(tmp_path / "nope.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(geodnn.CheckpointError, match="not a readable"):
+    with pytest.raises(geodnn.CheckpointError, match="not a geodnn checkpoint .not a PyTorch"):
         geodnn.load_checkpoint(junk)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
@@ -63,8 +64,6 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
 
 
 def test_numpy_and_path_metadata_are_saved_plain(tmp_path):
-    import numpy as np
-
     path = tmp_path / "m.pt"
     meta = {"threshold": np.float32(0.25), "counts": np.array([3, 4]), "scene": tmp_path / "s.tif"}
     geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=1), path, **meta)
@@ -82,3 +81,36 @@ def test_a_checkpoint_whose_model_does_not_fit_is_a_clear_error(tmp_path):
     torch.save(payload, path)
     with pytest.raises(geodnn.CheckpointError, match="does not fit this geodnn"):
         geodnn.load_checkpoint(path)
+
+
+def test_a_geotiff_given_as_checkpoint_is_named_as_such(make_geotiff):
+    scene = make_geotiff(np.zeros((1, 8, 8), dtype=np.uint8))
+    with pytest.raises(geodnn.CheckpointError) as info:
+        geodnn.load_checkpoint(scene)
+    message = str(info.value)
+    assert "not a geodnn checkpoint (a TIFF image, not a PyTorch file)" in message
+    assert "`geodnn train` wrote" in message and "weights_only" not in message
+    assert "\n" not in message and len(message) < 120 + len(str(scene))
+
+
+class Foreign:
+    """A class torch's weights_only loading refuses."""
+
+
+def test_torch_files_with_refused_objects_and_damaged_files_are_short_errors(tmp_path):
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": Foreign()}, unsafe)
+    with pytest.raises(geodnn.CheckpointError, match=r"objects \(.*Foreign\) that safe loading"):
+        geodnn.load_checkpoint(unsafe)
+    whole = tmp_path / "whole.pt"
+    geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=1), whole)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(whole.read_bytes()[:200])
+    for path in (unsafe, damaged):
+        with pytest.raises(geodnn.CheckpointError) as info:
+            geodnn.load_checkpoint(path)
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 200 + len(str(path))
+        assert "PyTorch 2.6" not in message
+    with pytest.raises(geodnn.CheckpointError, match="not a readable checkpoint"):
+        geodnn.load_checkpoint(damaged)

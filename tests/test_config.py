@@ -4,6 +4,7 @@ import pytest
 
 from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import AdmmSettings
+from pipelines.cli import main
 from pipelines.config import DEFAULTS, load_config
 from pipelines.distributed import PIPELINE_ONLY
 from pipelines.errors import PipelineError
@@ -61,6 +62,41 @@ def test_bad_configs_name_the_file_and_the_fix(tmp_path, text, match):
     with pytest.raises(PipelineError, match=match) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+BAD_MODEL = {
+    "dilations = []": "dilations",
+    "dilations = [1, 0]": "dilations",
+    "dilations = [1.5]": "dilations",
+    'init = "xavier"': "init",
+    "kernel_size = 4": "kernel_size",
+    "depth = 5000": "depth",
+}
+
+
+@pytest.mark.parametrize("line", BAD_MODEL)
+def test_bad_model_values_fail_at_load_naming_the_file_and_key(tmp_path, line):
+    path = write(tmp_path, f"[model]\n{line}\n")
+    with pytest.raises(PipelineError, match=rf"\[model\] {BAD_MODEL[line]} = .* must be") as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("job", ["train", "run"])
+@pytest.mark.parametrize("line", BAD_MODEL)
+def test_bad_model_values_exit_2_in_one_line_before_any_work(tmp_path, capsys, job, line):
+    path = write(tmp_path, f'[data]\nstore = "tiles.zarr"\n[model]\n{line}\n')
+    out = tmp_path / "out"
+    assert main([job, str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and f"[model] {BAD_MODEL[line]} = " in err
+    assert not out.exists()
+
+
+def test_good_model_table_loads(tmp_path):
+    text = '[model]\ndepth = 4\nwidth = 8\nkernel_size = 5\ndilations = [1, 3]\ninit = "kaiming"\n'
+    config = load_config(write(tmp_path, text))
+    assert config["model"]["dilations"] == [1, 3] and config["model"]["init"] == "kaiming"
 
 
 def test_missing_config(tmp_path):

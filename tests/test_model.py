@@ -3,7 +3,7 @@ import torch
 from torch.nn import functional as F
 
 import geodnn
-from geodnn.model import ChainConfig
+from geodnn.model import MAX_DEPTH, ChainConfig, option_problems
 
 
 def test_chain_has_stem_hidden_and_head():
@@ -65,8 +65,16 @@ def test_nodata_reads_as_band_mean():
 )
 def test_bad_options_raise_clear_error(options):
     kwargs = {"bands": 1, "classes": 2, **options}
-    with pytest.raises(ValueError, match="invalid model option"):
+    key = next(iter(options))
+    with pytest.raises(ValueError, match=rf"invalid model option.*: {key} = .* must be"):
         geodnn.build_model(**kwargs)
+
+
+def test_option_problems_name_each_bad_key_and_pass_good_or_unknown_ones():
+    bad = {"dilations": [1, True], "depth": MAX_DEPTH + 1, "width": 0, "init": "dirac"}
+    problems = option_problems(bad)
+    assert [p.split(" = ")[0] for p in problems] == ["dilations", "depth", "width"]
+    assert option_problems({"kernel_size": 5, "dilations": [1, 2], "seed": 3}) == []
 
 
 def test_float64_input_and_the_class_limit():
