@@ -6,8 +6,11 @@ GeoPackage), an overlay picture and report.md / report.html. The run is idempote
 inputs (config tables, input files) are unchanged and whose outputs exist is skipped, so a rerun
 finishes at once and an interrupted run picks up where it stopped (`--force` redoes everything):
 a solver whose folder holds a finished run of the same training config is kept, an unfinished one
-resumes, and outputs the config no longer asks for are removed. Each solver trains in one process
-(admm or adam); the pipeline baseline and [parallel] workers > 1 need `geodnn train --workers N`.
+resumes, and outputs the config no longer asks for (solvers dropped from `compare` included) are
+removed. A solver that diverges stops the run (exit code 3): lower its step size in the config
+and rerun, which resumes it from its last good checkpoint (see `train_mode`). Each solver trains
+in one process (admm or adam); the pipeline baseline and [parallel] workers > 1 need
+`geodnn train --workers N`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import argparse
 import hashlib
 import json
 import logging
+import shlex
 import shutil
+import sys
 import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from geodnn.errors import DivergenceError
 from tiles.labels import split_layer
 
 from .config import SOLVERS, Config, load_config
@@ -40,6 +46,11 @@ STEP_TABLES = {
     "report": tuple(),
 }
 RUN_SOLVERS = ("admm", "adam")  # solvers `geodnn run` trains (each in one process)
+# what to turn in the config after a solver diverged (`geodnn train`'s RECOVERY, per solver)
+STEP_SIZE_FIX = {
+    "adam": "lower [adam] lr",
+    "admm": "raise [admm] head_nu or lam, or lower max_rel_step",
+}
 
 
 @dataclass
@@ -86,6 +97,13 @@ class Pipeline:
 
     config: Config
     folder: RunFolder
+    options: tuple[str, ...] = ()  # command-line overrides a rerun must repeat: --iterations N
+
+    @property
+    def rerun(self) -> str:
+        """The command that reruns this pipeline into the same folder."""
+        root, path = str(self.folder.root), str(self.config.path)
+        return shlex.join(["geodnn", "run", path, "--out", root, *self.options])
 
     @property
     def solvers(self) -> list[str]:
@@ -222,39 +240,120 @@ def training_tables(text: str, solver: str) -> dict | None:
     return {name: values for name, values in tables.items() if name in keep}
 
 
-def train_mode(config: Config, run_dir: Path) -> str:
-    """'done' when `run_dir` holds a finished run of this training config, 'resume' when it holds
-    an unfinished one, else 'new' (what is there is replaced)."""
-    from .train import config_as_run, has_state
+def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:
+    """The (table, key) pairs whose values differ between two sets of config tables."""
 
+    def table(tables: dict, name: str) -> dict:
+        return tables[name] if isinstance(tables.get(name), dict) else {}  # a hand-edited file
+
+    return {
+        (t, k)
+        for t in saved.keys() | current.keys()
+        for k in table(saved, t).keys() | table(current, t).keys()
+        if table(saved, t).get(k, saved) != table(current, t).get(k, current)
+    }
+
+
+def train_mode(config: Config, run_dir: Path) -> tuple[str, list[str]]:
+    """'done' when `run_dir` holds a finished run of this training config, 'resume' when it holds
+    an unfinished one, else 'new' (what is there is replaced); with the tuned settings.
+
+    Settings `geodnn train --resume` may tune (RESUME_MAY_TUNE: step sizes, stopping rules,
+    divergence factors; returned as "[table] key") do not make another run: an unfinished run
+    resumes with them (so lowering [adam] lr after a divergence continues from the last good
+    checkpoint), and a finished run is kept. They are the knobs of a recovery, some shared by all
+    solvers ([train] divergence_factor): turning one to rescue a solver must not throw away
+    another that trained well; to train a finished solver again with them, remove its
+    train-SOLVER folder. Any other change retrains."""
+    from .train import RESUME_MAY_TUNE, config_as_run, has_state
+
+    saved = saved_training_tables(run_dir, config.solver)
+    if saved is None:
+        return "new", []
+    changed = changed_settings(saved, training_tables(config_as_run(config), config.solver))
+    if not changed <= RESUME_MAY_TUNE:
+        return "new", []
+    tuned = [f"[{t}] {k}" for t, k in sorted(changed)]
+    if (run_dir / "model.pt").is_file():
+        return "done", tuned
+    return ("resume" if has_state(run_dir) else "new"), tuned
+
+
+def saved_training_tables(run_dir: Path, solver: str) -> dict | None:
+    """The training tables of the config.toml in `run_dir`; None when it is missing or
+    unreadable (what is there is then replaced)."""
     saved = run_dir / "config.toml"
     if not saved.is_file():
-        return "new"
-    current = training_tables(config_as_run(config), config.solver)
+        return None
     try:
-        text = saved.read_text()
-    except (OSError, UnicodeDecodeError):  # unreadable: what is there is replaced
-        return "new"
-    if training_tables(text, config.solver) != current:
-        return "new"
-    if (run_dir / "model.pt").is_file():
-        return "done"
-    return "resume" if has_state(run_dir) else "new"
+        return training_tables(saved.read_text(), solver)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def step_train(p: Pipeline) -> list[Path]:
+    outputs = [train_solver(p, solver) for solver in p.solvers]
+    remove_dropped_solvers(p)
+    return outputs
+
+
+def train_solver(p: Pipeline, solver: str) -> Path:
+    """Train `solver` in its folder, resume it there or keep its finished run (`train_mode`);
+    returns its model.pt."""
     from .train import train
 
-    outputs = []
-    for solver in p.solvers:
-        config, run_dir = training_config(p, solver), p.folder.train_dir(solver)
-        mode = train_mode(config, run_dir)
-        if mode == "done":
-            log.info("train %s: %s holds a finished run of this config, kept", solver, run_dir)
-        else:
+    config, run_dir = training_config(p, solver), p.folder.train_dir(solver)
+    mode, tuned = train_mode(config, run_dir)
+    if mode == "done" and tuned:
+        log.warning(
+            "train %s: %s holds a finished run, kept; changed settings (%s) apply to unfinished "
+            "training only: remove the folder to train %s again with them",
+            solver,
+            run_dir,
+            ", ".join(tuned),
+            solver,
+        )
+    elif mode == "done":
+        log.info("train %s: %s holds a finished run of this config, kept", solver, run_dir)
+    else:
+        try:
             train(config, run_dir, resume=mode == "resume", overwrite=mode == "new")
-        outputs.append(run_dir / "model.pt")
-    return outputs
+        except DivergenceError as exc:
+            raise DivergenceError(divergence_message(p, solver, exc)) from exc
+    return run_dir / "model.pt"
+
+
+def divergence_message(p: Pipeline, solver: str, exc: DivergenceError) -> str:
+    """`geodnn train`'s divergence message with the fix that works in `geodnn run`, which has
+    no --resume: a rerun resumes the solver by itself (`train_mode`)."""
+    from .train import has_state
+
+    run_dir = p.folder.train_dir(solver)
+    diagnosis = str(exc).split("; ")[0]  # what follows is `geodnn train`'s fix
+    then = "continues it from its last good checkpoint" if has_state(run_dir) else "starts it again"
+    return (
+        f"{run_dir}: {diagnosis}; {STEP_SIZE_FIX[solver]} in {p.config.path} and rerun "
+        f"`{p.rerun}`, which {then}"
+    )
+
+
+def remove_dropped_solvers(p: Pipeline) -> None:
+    """Remove the train-SOLVER folders of solvers the config no longer trains (dropped from
+    `compare`): only the files a training run writes, then the folder if nothing else is in it."""
+    from .train import clear_run_dir
+
+    for solver in RUN_SOLVERS:
+        run_dir = p.folder.train_dir(solver)
+        if solver in p.solvers or not run_dir.is_dir():
+            continue
+        clear_run_dir(run_dir)
+        if any(run_dir.iterdir()):
+            log.warning(
+                "%s: removed the training run (no longer asked for), kept your files", run_dir
+            )
+        else:
+            run_dir.rmdir()
+            log.info("train %s: removed %s (the config no longer trains it)", solver, run_dir)
 
 
 def step_evaluate(p: Pipeline) -> list[Path]:
@@ -343,14 +442,17 @@ def clear_run_folder(folder: RunFolder) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def run_pipeline(config: Config, run_dir: Path, force: bool = False) -> Pipeline:
-    """Run every step that is not already up to date; return the finished pipeline."""
+def run_pipeline(
+    config: Config, run_dir: Path, force: bool = False, options: tuple[str, ...] = ()
+) -> Pipeline:
+    """Run every step that is not already up to date; return the finished pipeline. `options`:
+    the command-line overrides in `config`, which the rerun an error suggests must repeat."""
     check_solvers(config)
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     if force and run_dir.exists():
         clear_run_folder(RunFolder(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(config, RunFolder(run_dir))
+    pipeline = Pipeline(config, RunFolder(run_dir), options)
     pipeline.input_path("image")
     ran = False
     for step in STEPS:
@@ -372,6 +474,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, {"train": {"iterations": args.iterations}})
     run_dir = args.out or Path("runs") / config.path.stem
-    pipeline = run_pipeline(config, run_dir, force=args.force)
+    options = ("--iterations", str(args.iterations)) if args.iterations is not None else ()
+    try:
+        pipeline = run_pipeline(config, run_dir, force=args.force, options=options)
+    except DivergenceError as exc:  # exit code 3, as `geodnn train`
+        print(f"geodnn: error: {exc}", file=sys.stderr)
+        return 3
     print(f"done: {pipeline.folder.root / 'report.html'}")
     return 0

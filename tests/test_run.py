@@ -7,6 +7,7 @@ import rasterio
 from rasterio.windows import Window
 
 import pipelines.train
+from geodnn.errors import DivergenceError
 from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.run import run_pipeline
@@ -172,7 +173,7 @@ def test_rerun_keeps_a_finished_solver_and_resumes_the_interrupted_one(tiny, tmp
     assert steps(run_dir)["train"]["outputs"] == ["train-adam/model.pt", "train-admm/model.pt"]
 
     calls.clear()  # a changed adam table retrains adam alone
-    run_pipeline(load_config(tiny(extra="[adam]\nlr = 0.01\n")), run_dir)
+    run_pipeline(load_config(tiny(extra="[adam]\nslots = 2\n")), run_dir)
     assert calls == [("adam", False, True)]
 
 
@@ -223,3 +224,78 @@ def test_rerun_removes_outputs_the_config_turned_off(tiny, tmp_path):
     assert steps(run_dir)["predict"]["outputs"] == ["map/classes.tif"]
     report = (run_dir / "report.md").read_text() + (run_dir / "report.html").read_text()
     assert "probabilities.tif" not in report and "polygons" not in report
+
+
+def test_a_divergence_exits_3_with_the_fix_that_works_in_run(tiny, tmp_path, capsys):
+    config, run_dir = tiny(compare="[]", extra="[adam]\nlr = 1e6\n"), tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run_dir), "--iterations", "4"]) == 3
+    [err] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    err = err[err.index("geodnn: error:") :]  # after the progress bar's last redraw
+    assert err.startswith(f"geodnn: error: {run_dir / 'train-adam'}: training diverged")
+    assert f"lower [adam] lr in {config}" in err and "--resume" not in err
+    assert f"`geodnn run {config} --out {run_dir} --iterations 4`" in err  # the override too
+    assert err.endswith("which starts it again")  # diverged before its first checkpoint
+
+
+def diverge_after_first_epoch(monkeypatch, solver: str) -> None:
+    """`solver` diverges in its second epoch, as `geodnn train` reports it."""
+    real_end_epoch = pipelines.train.end_epoch
+
+    def diverging(setup, solver_, *args, **kwargs):
+        if setup.solver_name == solver and solver_.iteration >= 4:
+            raise DivergenceError(
+                f"training diverged at iteration {solver_.iteration} (loss 1e9, best 0.5); the "
+                "last good checkpoint is kept: lower the step size and rerun with --resume"
+            )
+        return real_end_epoch(setup, solver_, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.train, "end_epoch", diverging)
+
+
+def test_lowering_the_step_size_after_a_divergence_resumes_from_the_checkpoint(
+    tiny, tmp_path, monkeypatch, capsys, caplog
+):
+    run_dir = tmp_path / "run"
+    diverge_after_first_epoch(monkeypatch, "adam")
+    assert main(["run", str(tiny()), "--out", str(run_dir)]) == 3
+    err = capsys.readouterr().err
+    assert "diverged at iteration 4" in err and "--resume" not in err
+    assert "which continues it from its last good checkpoint" in err
+    monkeypatch.undo()
+
+    calls = spy_on_training(monkeypatch)  # a lower lr: adam resumes, admm trains
+    run_pipeline(load_config(tiny(extra="[adam]\nlr = 0.001\n")), run_dir)
+    assert calls == [("adam", True, False), ("admm", False, True)]
+    assert metrics_iterations(run_dir / "train-adam") == [2, 4]
+    assert "lr = 0.001" in (run_dir / "train-adam" / "config.toml").read_text()
+
+    calls.clear()  # finished: another lr keeps it, with a warning (a tuning knob, not a new run)
+    model = run_dir / "train-adam" / "model.pt"
+    finished = model.stat().st_mtime_ns
+    run_pipeline(load_config(tiny(extra="[adam]\nlr = 0.0005\n")), run_dir)
+    assert calls == [] and model.stat().st_mtime_ns == finished
+    assert "holds a finished run, kept; changed settings ([adam] lr)" in caplog.text
+
+    calls.clear()  # a shared tuning knob keeps both finished solvers
+    text = tiny(extra="[adam]\nlr = 0.0005\n").read_text()
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text(text.replace("batch_size = 4", "batch_size = 4\ndivergence_factor = 50.0"))
+    run_pipeline(load_config(tuned), run_dir)
+    assert calls == []
+
+
+def test_dropping_a_solver_from_compare_removes_its_training_folder(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny()), run_dir)
+    assert (run_dir / "train-admm" / "model.pt").exists()
+
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert not (run_dir / "train-admm").exists()
+    assert steps(run_dir)["train"]["outputs"] == ["train-adam/model.pt"]
+    assert list(json.loads((run_dir / "evaluation.json").read_text())) == ["adam"]
+    assert "train-admm" not in (run_dir / "report.md").read_text()
+
+    run_pipeline(load_config(tiny()), run_dir)  # back, with a file of the user's in its folder
+    (run_dir / "train-admm" / "notes.txt").write_text("mine")
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert [p.name for p in (run_dir / "train-admm").iterdir()] == ["notes.txt"]
