@@ -705,44 +705,45 @@ def run_epochs(
     total, epoch = train_cfg["iterations"], train_cfg["epoch"]
     finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
     best, first = min(finite, default=math.inf), (finite or [math.nan])[0]
-    bar = progress_bar(total, solver.iteration, f"train {setup.solver_name}", progress)
-    start = time.perf_counter() - elapsed0
-    losses: list[float] = []
-    if solver.iteration < total and _finished(solver):  # a resumed run its rule had ended
-        log.info("not training on: %s (iteration %d)", _finished(solver), solver.iteration)
-        total = solver.iteration
-    while solver.iteration < total:
-        stats = solver.step()
-        if "loss" in stats:
-            losses.append(float(stats["loss"]))
-            if not math.isfinite(losses[-1]):
-                check_divergence(losses[-1], best, 1.0, solver.iteration)
-        bar.update(1)
-        stop = _finished(solver)
-        if stop:
-            log.info("stopping at iteration %d: %s", solver.iteration, stop)
-        if solver.iteration % epoch and solver.iteration < total and not stop:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up", refresh=False)
-            continue
-        stats = settle(solver, stats, losses)
-        mean_loss = epoch_loss(losses)
-        if losses:
-            factor = train_cfg["divergence_factor"]
-            # no best epoch yet: the first loss seen (the untrained network's) stands in
-            reference = best if math.isfinite(best) else losses[0]
-            untrained = first if math.isfinite(first) else losses[0]
-            check_divergence(mean_loss, reference, factor, solver.iteration, untrained)
-            best = min(best, mean_loss)
-            first = mean_loss if math.isnan(first) else first
-        losses = []
-        paused = time.perf_counter()
-        record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
-        start += time.perf_counter() - paused  # elapsed_s counts training, not validation
-        if record is not None:
-            bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
-        if stop:
-            break
-    bar.close()
+    desc = f"train {setup.solver_name}"
+    # `with`: the bar is closed on an error too, so the error's message gets its own line
+    with progress_bar(total, solver.iteration, desc, progress) as bar:
+        start = time.perf_counter() - elapsed0
+        losses: list[float] = []
+        if solver.iteration < total and _finished(solver):  # a resumed run its rule had ended
+            log.info("not training on: %s (iteration %d)", _finished(solver), solver.iteration)
+            total = solver.iteration
+        while solver.iteration < total:
+            stats = solver.step()
+            if "loss" in stats:
+                losses.append(float(stats["loss"]))
+                if not math.isfinite(losses[-1]):
+                    check_divergence(losses[-1], best, 1.0, solver.iteration)
+            bar.update(1)
+            stop = _finished(solver)
+            if stop:
+                log.info("stopping at iteration %d: %s", solver.iteration, stop)
+            if solver.iteration % epoch and solver.iteration < total and not stop:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up", refresh=False)
+                continue
+            stats = settle(solver, stats, losses)
+            mean_loss = epoch_loss(losses)
+            if losses:
+                factor = train_cfg["divergence_factor"]
+                # no best epoch yet: the first loss seen (the untrained network's) stands in
+                reference = best if math.isfinite(best) else losses[0]
+                untrained = first if math.isfinite(first) else losses[0]
+                check_divergence(mean_loss, reference, factor, solver.iteration, untrained)
+                best = min(best, mean_loss)
+                first = mean_loss if math.isnan(first) else first
+            losses = []
+            paused = time.perf_counter()
+            record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
+            start += time.perf_counter() - paused  # elapsed_s counts training, not validation
+            if record is not None:
+                bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+            if stop:
+                break
 
 
 def _finished(solver) -> str | None:
