@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,13 @@ def test_lazy_scene_is_dask_backed_and_masked(data_dir):
     assert lazy.chunks is not None and lazy.shape == (1, 900, 900)
     block = lazy[:, :256, :256].compute().values
     assert block.dtype == np.float32
+
+
+def test_lazy_scene_opened_by_a_relative_path_reads_after_a_chdir(data_dir, monkeypatch, tmp_path):
+    monkeypatch.chdir(data_dir)
+    lazy = open_lazy(Path("atlanta-buildings") / "image.tif", chunks=256)
+    monkeypatch.chdir(tmp_path)  # e.g. a notebook changing folder, or a Dask worker elsewhere
+    assert float(lazy[:, :64, :64].mean().compute()) > 0
 
 
 @pytest.mark.parametrize(

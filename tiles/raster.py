@@ -164,11 +164,12 @@ def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> 
     """The scene's data bands (no alpha) as a lazy, Dask-backed (band, y, x) float32 DataArray
     with NaN for nodata."""
     info = open_scene(path, check_data=False)
+    source = Path(info.path).resolve()  # the lazy reads happen later, maybe in another folder
     if isinstance(chunks, int):
         chunks = (chunks, chunks)
-    with rasterio.open(info.path) as src:
+    with rasterio.open(source) as src:
         bands = data_bands(src)
     array = rioxarray.open_rasterio(
-        info.path, chunks={"band": -1, "y": chunks[0], "x": chunks[1]}, masked=True, lock=False
+        source, chunks={"band": -1, "y": chunks[0], "x": chunks[1]}, masked=True, lock=False
     ).sel(band=bands)
     return array.astype(np.float32).where(np.isfinite(array))
