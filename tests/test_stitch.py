@@ -272,3 +272,18 @@ def test_decide_is_the_argmax_of_the_scaled_probabilities(classes):
     expected = (probs * scale.reshape(-1, 1, 1)).argmax(0)
     np.testing.assert_array_equal(decide(probs, list(scale)), expected)
     assert decide(probs).dtype == np.uint8
+
+
+def test_the_local_dask_client_listens_on_loopback_only():
+    import psutil
+
+    from tiles.stitch import dask_client
+
+    def listening() -> set[tuple[str, int]]:
+        sockets = psutil.Process().net_connections(kind="tcp")
+        return {(c.laddr.ip, c.laddr.port) for c in sockets if c.status == psutil.CONN_LISTEN}
+
+    before = listening()
+    with dask_client():
+        opened = listening() - before
+    assert opened and all(ip in ("127.0.0.1", "::1") for ip, _ in opened)  # before: 0.0.0.0:8787

@@ -39,6 +39,7 @@ FALLBACK_BLOCK = 256  # GeoTIFF tile size when no multiple of 16 divides the chu
 # Sidecars GDAL reads next to a GeoTIFF: PAM metadata, external overviews, external mask.
 GEOTIFF_SIDECARS = (".aux.xml", ".ovr", ".msk")
 SCHEDULER_TIMEOUT = "15s"
+LOOPBACK = "127.0.0.1:0"  # a free port on this machine only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,8 +163,14 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
                 f"{scheduler}` or drop --scheduler to run locally"
             ) from None
     else:
+        # None would still serve the scheduler's HTTP routes on 0.0.0.0:8787 (and warn when
+        # that port is taken): both HTTP servers listen on a free loopback port instead
         client = Client(
-            processes=False, n_workers=1, threads_per_worker=workers, dashboard_address=None
+            processes=False,
+            n_workers=1,
+            threads_per_worker=workers,
+            dashboard_address=LOOPBACK,
+            worker_dashboard_address=LOOPBACK,
         )
     try:
         yield client
