@@ -649,14 +649,27 @@ def check_divergence(
 
 def train(
     config: Config,
-    run_dir: Path,
+    run_dir: str | os.PathLike,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Run (or resume) training as the config says; returns where the final checkpoint is."""
-    train_cfg = config["train"]
-    torch.set_num_threads(train_cfg["threads"])
+    """Run (or resume) training as the config says; returns where the final checkpoint is.
+
+    Trains with [train] threads torch threads and gives the caller's count back at the end (a
+    notebook's kernel keeps its own); the allocator keeps freed memory for reuse from then on
+    (`retain_freed_memory`, process-wide and irreversible)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["train"]["threads"])
+    try:
+        return _train(config, Path(run_dir), resume, overwrite, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool
+) -> TrainResult:
     retain_freed_memory()  # every layer step reallocates MBs of tensors: reuse, don't refault
     if is_leader():
         prepare_run_dir(config, run_dir, resume, overwrite)

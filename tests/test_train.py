@@ -204,6 +204,16 @@ def test_cli_train_then_predict(tmp_path, store, train_config, capsys):
         assert src.shape == (320, 320) and src.dtypes[0] == "uint8"
 
 
+def test_train_takes_a_text_path_and_gives_back_the_callers_threads(tmp_path, store, train_config):
+    torch.set_num_threads(2)
+    try:
+        result = train(train_config(store, iterations=3), str(tmp_path / "run"), progress=False)
+        assert result.checkpoint == tmp_path / "run" / "model.pt"
+        assert torch.get_num_threads() == 2  # the config's 1 thread was for training only
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_solver_stopping_rule_ends_training_with_a_checkpoint(tmp_path, store, train_config):
     config = train_config(store, iterations=30, extra="[adam]\nmax_iterations = 4\n")
     result = train(config, tmp_path / "run", progress=False)
