@@ -16,7 +16,11 @@ import ctypes.util
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -75,6 +79,38 @@ def wait_for_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+class StopSignal(BaseException):
+    """SIGTERM or SIGHUP arrived (see `stop_signals_raise`); `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame) -> None:
+    raise StopSignal(signum)
+
+
+@contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise StopSignal in the main thread, as Ctrl-C
+    raises KeyboardInterrupt, so every `with` and `finally` on the way out runs (temporary
+    files are removed, child processes stopped) instead of the process dying where it stands.
+    A no-op outside the main thread (signal handlers can only be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
+
+
 FUSED_SWITCH = "GEODNN_FUSED"
 
 
@@ -93,7 +129,10 @@ def compiled_loops(module: str, *names: str) -> tuple | None:
 __all__ = [
     "FUSED_SWITCH",
     "OPT_OUT",
+    "STOP_SIGNALS",
+    "StopSignal",
     "compiled_loops",
     "retain_freed_memory",
+    "stop_signals_raise",
     "wait_for_device",
 ]

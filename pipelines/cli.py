@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 import warnings
 
 from rasterio.errors import NotGeoreferencedWarning
 
 from geodnn.errors import GeodnnError
+from geodnn.runtime import StopSignal, stop_signals_raise
 from tiles.errors import TilesError
 
 from .errors import PipelineError
@@ -64,13 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     warnings.formatwarning = one_line_warning
     try:
-        return int(args.func(args) or 0)
+        with stop_signals_raise():  # SIGTERM, SIGHUP unwind like Ctrl-C: no temporary file left
+            return int(args.func(args) or 0)
     except USER_ERRORS as exc:
         print(f"geodnn: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("geodnn: interrupted", file=sys.stderr)
         return 130
+    except StopSignal as stop:
+        print(f"geodnn: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

@@ -375,3 +375,36 @@ def test_rgba_scene_transparent_pixels_are_nodata_in_the_class_map(tmp_path, mak
     save_checkpoint(small_model(bands=4), ckpt, class_names=CLASSES)
     with pytest.raises(Exception, match="has 3 band.s. and an alpha band.*retrain"):
         predict_scene(ckpt, scene, tmp_path / "four.tif", chunk=16)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stopped_predict_leaves_no_temporary_file(tmp_path, make_geotiff, stop):
+    """SIGTERM (a scheduler, `kill`) or SIGHUP (a closed terminal) unwind like Ctrl-C: the
+    temporary outputs are removed and an earlier output stays as it was."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt = tmp_path / "deep.pt"
+    save_checkpoint(build_model(1, 3, depth=12, width=16, seed=0), ckpt, class_names=CLASSES)
+    scene = make_geotiff(np.random.default_rng(0).random((1, 1536, 1536), dtype=np.float32))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.tif").write_bytes(b"the earlier map")
+    args = [sys.executable, "-m", "pipelines.cli", "predict", str(ckpt), str(scene), "--out",
+            str(out / "c.tif"), "--probabilities", str(out / "p.tif"), "--overwrite"]  # fmt: skip
+    job = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".*tmp*")) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the temporary outputs exist: the job is writing
+        assert list(out.glob(".*tmp*"))
+        job.send_signal(getattr(signal, stop))
+        assert job.wait(timeout=60) == 128 + getattr(signal, stop)
+        assert f"stopped by {stop}" in job.stderr.read()
+    finally:
+        job.kill()
+    assert sorted(p.name for p in out.iterdir()) == ["c.tif"]
+    assert (out / "c.tif").read_bytes() == b"the earlier map"

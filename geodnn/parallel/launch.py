@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from ..runtime import StopSignal, stop_signals_raise
 from .group import RankFailureError, free_port
 
 
@@ -42,19 +42,6 @@ def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str
 
 # Ranks write their exit code here (torchrun itself exits 1 whatever its ranks returned).
 EXIT_CODES_ENV = "GEODNN_EXIT_CODES"
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
-class _Stopped(BaseException):
-    """The launcher was asked to stop (SIGTERM, SIGHUP): its ranks must stop too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_stopped(signum, frame) -> None:
-    raise _Stopped(signum)
 
 
 def launch(
@@ -88,9 +75,9 @@ def launch(
 def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> int:
     """torchrun's exit code; its process group is killed on timeout, on a stop signal and on
     Ctrl-C (it runs in a session of its own, so nothing else would stop it)."""
-    handlers = _catch_stop_signals()
     try:
-        return process.wait(timeout=timeout_s)
+        with stop_signals_raise():
+            return process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         print(
             f"geodnn: error: {workers}-rank job exceeded {timeout_s:g} s; stopping it",
@@ -98,22 +85,12 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
         )
         _kill_group(process)
         return 124
-    except _Stopped as stop:
+    except StopSignal as stop:
         _kill_group(process)
         raise SystemExit(128 + stop.signum) from None
     except KeyboardInterrupt:
         _kill_group(process)
         raise
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-
-
-def _catch_stop_signals() -> dict:
-    """Turn SIGTERM and SIGHUP into `_Stopped` (main thread only); the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
 
 
 def report_exit_code(code: int) -> None:
