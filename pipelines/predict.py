@@ -255,6 +255,7 @@ def predict_scene(
                 VectorOptions(min_area=min_area, simplify=simplify, window=chunk),
                 overwrite=overwrite,
                 outputs=outputs,
+                progress=progress,
             )
         outputs.commit()
     summary.seconds = time.perf_counter() - started

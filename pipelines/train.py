@@ -28,7 +28,6 @@ import numpy as np
 import tomli_w
 import torch
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 import geodnn
 from geodnn.atomic import atomic_path
@@ -59,6 +58,7 @@ from geodnn.parallel.rankstate import (
 from geodnn.runtime import retain_freed_memory
 from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
+from tiles.progress import progress_bar
 from tiles.store import TileStore
 
 from .config import SOLVERS, Config, load_config
@@ -692,19 +692,6 @@ def _train(
     return TrainResult(run_dir=run_dir, checkpoint=final, records=records)
 
 
-def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    """A tqdm bar on stderr; redrawn sparsely when stderr is a log file, not a terminal."""
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        unit="it",
-        desc=desc,
-        file=sys.stderr,
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,
-    )
-
-
 def epoch_loss(losses: list[float]) -> float:
     """Mean real-network loss of an epoch; NaN when no iteration reported one yet (a pipelined
     solver reports none until the first batch has reached the head)."""
@@ -720,7 +707,7 @@ def run_epochs(
     best, first = min(finite, default=math.inf), (finite or [math.nan])[0]
     desc = f"train {setup.solver_name}"
     # `with`: the bar is closed on an error too, so the error's message gets its own line
-    with progress_bar(total, solver.iteration, desc, progress) as bar:
+    with progress_bar(total, desc, "it", progress, initial=solver.iteration) as bar:
         start = time.perf_counter() - elapsed0
         losses: list[float] = []
         if solver.iteration < total and _finished(solver):  # a resumed run its rule had ended

@@ -408,3 +408,10 @@ def test_a_stopped_predict_leaves_no_temporary_file(tmp_path, make_geotiff, stop
         job.kill()
     assert sorted(p.name for p in out.iterdir()) == ["c.tif"]
     assert (out / "c.tif").read_bytes() == b"the earlier map"
+
+
+def test_progress_reaches_a_log_file_too(checkpoint, make_geotiff, tmp_path, capsys):
+    scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8))
+    predict_scene(checkpoint, scene, tmp_path / "c.tif", chunk=16, progress=True)
+    err = capsys.readouterr().err  # not a terminal: before, tqdm's auto mode drew nothing
+    assert "predict" in err and "9/9" in err

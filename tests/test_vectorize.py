@@ -165,3 +165,15 @@ def test_empty_layer_has_the_same_schema_as_a_full_one(make_geotiff, tmp_path, m
     for key in ("fields", "dtypes", "ogr_types"):
         assert list(empty_info[key]) == list(full_info[key])
     assert list(empty_info["ogr_types"]) == ["OFTInteger", "OFTString", "OFTReal"]
+
+
+def test_polygon_export_shows_its_progress_by_rows_of_windows(make_geotiff, tmp_path, capsys):
+    classes = np.zeros((64, 64), dtype=np.uint8)
+    classes[5:40, 5:40] = 1
+    path = class_map(make_geotiff, classes)
+    vectorize_classes(path, tmp_path / "a.gpkg", NAMES, COLORS, VectorOptions(window=16))
+    assert "polygons" not in capsys.readouterr().err  # off unless asked
+    opts = VectorOptions(window=16)
+    vectorize_classes(path, tmp_path / "b.gpkg", NAMES, COLORS, opts, progress=True)
+    err = capsys.readouterr().err  # stderr is no terminal here: the bar is drawn at its end
+    assert "polygons" in err and "4/4" in err

@@ -25,12 +25,13 @@ import rasterio
 import rasterio.shutil
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
-from tqdm import tqdm
 
 from .errors import OutputError, RasterInputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
+from .progress import progress_bar
 from .raster import SceneInfo
 
+log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 CLASS_NODATA = 255
@@ -229,7 +230,7 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
         pending.add(fut)
         return True
 
-    bar = tqdm(total=len(grid), unit="chunk", disable=not progress or None, desc="predict")
+    bar = progress_bar(len(grid), "predict", "chunk", progress)  # in a log file too
     try:
         for _ in range(limit):
             if not submit():
@@ -505,6 +506,8 @@ class PredictionWriter:
             targets.append((self.probabilities_path, "AVERAGE"))
         for final, resampling in targets:
             tiled, copy = self.outputs.swap(final)
+            what = "Cloud-Optimized GeoTIFF with overviews" if cog else "compressed GeoTIFF"
+            log.info("writing %s as a %s (one GDAL copy, no progress bar)", final, what)
             if cog:
                 convert_to_cog(tiled, copy, resampling, self.block)
             else:

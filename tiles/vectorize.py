@@ -30,6 +30,7 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from .grid import ChunkGrid
+from .progress import progress_rows
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output
 from .style import class_style_qml, embed_layer_style
 
@@ -169,15 +170,17 @@ def write_class_polygons(
     class_names: Sequence[str],
     class_colors: Sequence[tuple[int, int, int]],
     options: VectorOptions = VectorOptions(),
+    progress: bool = False,
 ) -> int:
     """Polygonize `class_map` into layer `classes` of `gpkg` (written in place); returns the
-    number of polygons. Adds the QGIS style to the GeoPackage and a sidecar `.qml` next to it."""
+    number of polygons. Adds the QGIS style to the GeoPackage and a sidecar `.qml` next to it.
+    `progress`: a bar over the rows of windows (this can take minutes on a large, busy map)."""
     gpkg = Path(gpkg)
     with rasterio.open(class_map) as src:
         layer = _Layer(gpkg, src.crs, class_names, src.transform, options, [])
         border: dict[int, list[shapely.Geometry]] = defaultdict(list)
         grid = ChunkGrid(src.height, src.width, options.window, 0)
-        for i in range(grid.rows):
+        for i in progress_rows(grid.rows, "polygons", progress):
             for j in range(grid.cols):
                 window = grid.chunk_at(i, j).window
                 classes = src.read(1, window=window)
@@ -231,6 +234,7 @@ def vectorize_classes(
     options: VectorOptions = VectorOptions(),
     overwrite: bool = False,
     outputs: AtomicOutputs | None = None,
+    progress: bool = False,
 ) -> int:
     """Write class polygons to GeoPackage `out` and its `.qml` style, atomically.
 
@@ -243,7 +247,7 @@ def vectorize_classes(
     try:
         warn_if_geographic(class_map, out)
         tmp = outputs.reserve(out)
-        count = write_class_polygons(class_map, tmp, class_names, class_colors, options)
+        count = write_class_polygons(class_map, tmp, class_names, class_colors, options, progress)
         ids = [i for i in range(len(class_names)) if i != options.background]
         qml = class_style_qml(ids, class_names, class_colors)
         outputs.reserve(qml_path(out)).write_text(qml)
