@@ -99,11 +99,13 @@ def stop_signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGHUP raise StopSignal in the main thread, as Ctrl-C
     raises KeyboardInterrupt, so every `with` and `finally` on the way out runs (temporary
     files are removed, child processes stopped) instead of the process dying where it stands.
-    A no-op outside the main thread (signal handlers can only be set there)."""
+    Only a signal left at its default is taken over: one ignored (`nohup` ignores SIGHUP) or
+    handled by the caller stays so. A no-op outside the main thread (where handlers are set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    kept = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
+    default = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+    kept = {signum: signal.signal(signum, _raise_stop) for signum in default}
     try:
         yield
     finally:

@@ -83,3 +83,23 @@ def test_compiled_loops_follow_the_switch_and_a_missing_module(monkeypatch):
     assert runtime.compiled_loops("geodnn.no_such_kernels", "loop") is None  # torch instead
     monkeypatch.setenv(runtime.FUSED_SWITCH, "0")
     assert runtime.compiled_loops("geodnn.parallel.compress_kernels", "quantize_loop") is None
+
+
+def test_stop_signals_raise_takes_over_default_handlers_only():
+    import os
+    import signal
+
+    from geodnn.runtime import StopSignal, stop_signals_raise
+
+    kept = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under `nohup`
+    try:
+        with stop_signals_raise():
+            os.kill(os.getpid(), signal.SIGHUP)  # ignored: the command goes on
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(StopSignal) as stop, stop_signals_raise():
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert stop.value.signum == signal.SIGHUP
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # given back
+    finally:
+        signal.signal(signal.SIGHUP, kept)
