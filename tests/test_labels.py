@@ -189,6 +189,15 @@ def test_one_layer_of_a_multi_layer_geopackage_is_named_like_qgis_does(tmp_path,
         load_labels(f"{path}|layername=barns", scene)
 
 
+def test_a_geopackage_with_one_feature_layer_and_a_style_table_is_read(tmp_path, scene):
+    from tiles.style import embed_layer_style
+
+    path = tmp_path / "styled.gpkg"  # as QGIS saves a style, and geodnn's own polygons carry
+    gpd.GeoDataFrame(geometry=[pixel_box(0, 0, 4, 4)], crs="EPSG:32616").to_file(path, layer="a")
+    embed_layer_style(path, "a", "<qgis/>", geometry_column="geometry")
+    assert whole(load_labels(path, scene), scene).sum() == 16
+
+
 def test_nodata_pixels_of_the_image_are_ignored(tmp_path, scene):
     source = load_labels(write_vector(tmp_path, [pixel_box(0, 0, 4, 4)]), scene)
     image = np.ones((2, 4, 4), dtype=np.float32)

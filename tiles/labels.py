@@ -105,7 +105,8 @@ class LabelSource(ABC):
         recorded when it was trained). A file with one positive class matches a list with one
         whatever the values; otherwise classes match by value, and a value the list lacks is a
         LabelError naming it."""
-        ours, theirs = [_plain(v) for v in self.class_values], [_plain(v) for v in values]
+        ours = [plain_class_value(v) for v in self.class_values]
+        theirs = [plain_class_value(v) for v in values]
         lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[0] = 0
         if len(ours) == 2 and len(theirs) == 2:
@@ -182,8 +183,9 @@ class RasterLabels(LabelSource):
         return labels
 
 
-def _plain(value):
-    """A class value comparable across sources: numbers as int, text as is."""
+def plain_class_value(value):
+    """A class value comparable across sources and storable as JSON: numbers as int, text (and
+    None, the background's) as is."""
     if value is None or isinstance(value, str):
         return value
     return int(value)
@@ -225,7 +227,9 @@ def load_labels(
 def _pick_layer(path: Path, layer: str | None) -> str | None:
     """The layer to read: the one named, else the file's only one; several unnamed (only the
     first would be read) or a name the file lacks are a LabelError listing the layers."""
-    names = [str(name) for name, _ in pyogrio.list_layers(path)]
+    # feature layers only: a style table (`layer_styles`, which QGIS and geodnn's polygons add)
+    # or another attribute-only table is no candidate
+    names = [str(name) for name, kind in pyogrio.list_layers(path) if kind is not None]
     if layer is None and len(names) <= 1:
         return None
     if layer in names:

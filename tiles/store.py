@@ -36,7 +36,7 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from .errors import OutputError, StoreError, TilesError
-from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels
+from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels, plain_class_value
 from .raster import SceneInfo, open_scene, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 
@@ -161,10 +161,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def _json_value(value):
-    return value if isinstance(value, str) else int(value)
-
-
 def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int) -> dict:
     return {
         "format": FORMAT,
@@ -179,7 +175,7 @@ def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int)
         "class_names": list(labels.class_names),
         # each class id's value in the label file (None: background), so that another label
         # file can be numbered the same way (`geodnn evaluate`)
-        "class_values": [None if v is None else _json_value(v) for v in labels.class_values],
+        "class_values": [plain_class_value(v) for v in labels.class_values],
         "class_colors": [list(c) for c in labels.class_colors],
         "ignore_index": IGNORE_INDEX,
         "split": {
