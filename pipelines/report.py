@@ -138,6 +138,12 @@ def comparison_png(curves: dict[str, list[dict]], path: Path, positive: str) -> 
     return path
 
 
+def score_text(value: float | None) -> str:
+    """A score for the report table; None (a class absent from labels and prediction, see
+    `SegmentationScores.to_dict`) reads "absent"."""
+    return "absent" if value is None else f"{value:.3f}"
+
+
 def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[str]]:
     rows = []
     for solver, curve in curves.items():
@@ -145,9 +151,9 @@ def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[s
         scores = evaluation[solver]
         rows.append(
             [solver]
-            + [f"{v:.3f}" for v in scores["iou"].values()]
+            + [score_text(v) for v in scores["iou"].values()]
             + [
-                f"{list(scores['f1'].values())[-1]:.3f}",
+                score_text(list(scores["f1"].values())[-1]),
                 f"{scores['pixel_accuracy']:.3f}",
                 f"{int(last.get('iteration', 0))}",
                 f"{last.get('elapsed_s', 0):.0f}",

@@ -23,3 +23,18 @@ def test_stretch_shows_band_one_of_a_two_band_array():
     image = np.ma.masked_invalid(np.stack([np.arange(12.0).reshape(3, 4), np.ones((3, 4))]))
     assert stretch(image).shape == (3, 4)
     np.testing.assert_array_equal(stretch(image), stretch(image[:1]))
+
+
+def test_report_rows_show_a_class_absent_from_the_validation_region():
+    import json
+
+    import torch
+
+    from geodnn.metrics import SegmentationScores
+    from pipelines.report import metrics_rows
+
+    confusion = torch.tensor([[50, 2, 0], [3, 20, 0], [0, 0, 0]])  # class 2: nowhere
+    scores = json.loads(json.dumps(SegmentationScores(confusion).to_dict(["bg", "a", "b"])))
+    curve = [{"iteration": 40.0, "elapsed_s": 12.0, "train_loss": 0.3}]
+    [row] = metrics_rows({"admm": curve}, {"admm": scores})
+    assert row[1:5] == ["0.909", "0.800", "absent", "absent"]  # before: TypeError on None
