@@ -465,8 +465,15 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
     saved_path = run_dir / STORE_RECORD
     if not saved_path.is_file():
         return
-    saved, current = json.loads(saved_path.read_text()), store_record(config)
-    if current is not None and current["sha256"] != saved["sha256"]:
+    try:
+        saved = json.loads(saved_path.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise PipelineError(
+            f"{saved_path}: unreadable record of the run's tile store; restore it, or start a "
+            "new run with --out"
+        ) from None
+    current = store_record(config)
+    if current is not None and current["sha256"] != saved:
         raise PipelineError(
             f"{current['store']}: the tile store changed since this run started (re-tiled "
             "from other data?); resume on the store it was trained on, or start a new run "

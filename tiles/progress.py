@@ -1,9 +1,8 @@
-"""Progress bars for long steps (tiling, prediction, polygons; `geodnn train` uses them too)."""
+"""Progress bars for long steps (prediction, polygons; `geodnn train` uses them too)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 
 from tqdm import tqdm
 
@@ -20,11 +19,3 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool, initial: int =
         file=sys.stderr,
         mininterval=0.5 if sys.stderr.isatty() else 30.0,
     )
-
-
-def progress_rows(rows: int, desc: str, enabled: bool) -> Iterator[int]:
-    """range(rows), counted on a bar of rows of windows."""
-    with progress_bar(rows, desc, "row", enabled) as bar:
-        for row in range(rows):
-            yield row
-            bar.update(1)

@@ -30,7 +30,7 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from .grid import ChunkGrid
-from .progress import progress_rows
+from .progress import progress_bar
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output
 from .style import class_style_qml, embed_layer_style
 
@@ -180,24 +180,31 @@ def write_class_polygons(
         layer = _Layer(gpkg, src.crs, class_names, src.transform, options, [])
         border: dict[int, list[shapely.Geometry]] = defaultdict(list)
         grid = ChunkGrid(src.height, src.width, options.window, 0)
-        for i in progress_rows(grid.rows, "polygons", progress):
-            for j in range(grid.cols):
-                window = grid.chunk_at(i, j).window
-                classes = src.read(1, window=window)
-                for class_id, piece in _pieces(
-                    classes, window.col_off, window.row_off, options.background
-                ):
-                    if _on_inner_border(piece.bounds, window, src.height, src.width):
-                        border[class_id].append(piece)
-                    else:
-                        layer.add(class_id, piece)
-            last = i == grid.rows - 1
-            _settle(border, None if last else window.row_off + window.height, layer)
+        with progress_bar(grid.rows, "polygons", "row", progress) as bar:
+            for i in range(grid.rows):
+                window = _polygonize_row(src, grid, i, options.background, layer, border)
+                last = i == grid.rows - 1
+                _settle(border, None if last else window.row_off + window.height, layer)
+                bar.update(1)
         layer.flush(force=True)
     ids = [i for i in range(len(class_names)) if i != options.background]
     qml = class_style_qml(ids, class_names, class_colors)
     embed_layer_style(gpkg, LAYER, qml, geometry_column=_geometry_column(gpkg))
     return layer.written
+
+
+def _polygonize_row(src, grid: ChunkGrid, i: int, background, layer: _Layer, border: dict):
+    """Polygonize row `i` of windows: regions inside a window are written, those touching an
+    inner window border are kept in `border` for merging; returns the row's last window."""
+    for j in range(grid.cols):
+        window = grid.chunk_at(i, j).window
+        classes = src.read(1, window=window)
+        for class_id, piece in _pieces(classes, window.col_off, window.row_off, background):
+            if _on_inner_border(piece.bounds, window, src.height, src.width):
+                border[class_id].append(piece)
+            else:
+                layer.add(class_id, piece)
+    return window
 
 
 def _geometry_column(gpkg: Path) -> str:
