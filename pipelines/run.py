@@ -46,11 +46,6 @@ STEP_TABLES = {
     "report": tuple(),
 }
 RUN_SOLVERS = ("admm", "adam")  # solvers `geodnn run` trains (each in one process)
-# what to turn in the config after a solver diverged (`geodnn train`'s RECOVERY, per solver)
-STEP_SIZE_FIX = {
-    "adam": "lower [adam] lr",
-    "admm": "raise [admm] head_nu or lam, or lower max_rel_step",
-}
 
 
 @dataclass
@@ -240,20 +235,6 @@ def training_tables(text: str, solver: str) -> dict | None:
     return {name: values for name, values in tables.items() if name in keep}
 
 
-def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:
-    """The (table, key) pairs whose values differ between two sets of config tables."""
-
-    def table(tables: dict, name: str) -> dict:
-        return tables[name] if isinstance(tables.get(name), dict) else {}  # a hand-edited file
-
-    return {
-        (t, k)
-        for t in saved.keys() | current.keys()
-        for k in table(saved, t).keys() | table(current, t).keys()
-        if table(saved, t).get(k, saved) != table(current, t).get(k, current)
-    }
-
-
 def train_mode(config: Config, run_dir: Path) -> tuple[str, list[str]]:
     """'done' when `run_dir` holds a finished run of this training config, 'resume' when it holds
     an unfinished one, else 'new' (what is there is replaced); with the tuned settings.
@@ -265,7 +246,7 @@ def train_mode(config: Config, run_dir: Path) -> tuple[str, list[str]]:
     solvers ([train] divergence_factor): turning one to rescue a solver must not throw away
     another that trained well; to train a finished solver again with them, remove its
     train-SOLVER folder. Any other change retrains."""
-    from .train import RESUME_MAY_TUNE, config_as_run, has_state
+    from .train import RESUME_MAY_TUNE, changed_settings, config_as_run, has_state
 
     saved = saved_training_tables(run_dir, config.solver)
     if saved is None:
@@ -326,7 +307,7 @@ def train_solver(p: Pipeline, solver: str) -> Path:
 def divergence_message(p: Pipeline, solver: str, exc: DivergenceError) -> str:
     """`geodnn train`'s divergence message with the fix that works in `geodnn run`, which has
     no --resume: a rerun resumes the solver by itself (`train_mode`)."""
-    from .train import has_state
+    from .train import STEP_SIZE_FIX, has_state
 
     run_dir = p.folder.train_dir(solver)
     diagnosis = str(exc).split("; ")[0]  # what follows is `geodnn train`'s fix

@@ -503,9 +503,15 @@ STEP_SETTINGS = {
 STOPPING = ("max_iterations", "patience", "divergence_factor", "divergence_warmup")
 RESUME_MAY_TUNE = {(t, k) for t, keys in STEP_SETTINGS.items() for k in (*keys, *STOPPING)}
 RESUME_MAY_TUNE.add(("train", "divergence_factor"))
+# what to turn in the config after a solver diverged (`geodnn run` says it per solver)
+STEP_SIZE_FIX = {
+    "adam": "lower [adam] lr",
+    "pipeline": "lower [pipeline] lr",
+    "admm": "raise [admm] head_nu or lam, or lower max_rel_step",
+}
 RECOVERY = (
-    "lower the step size in the config ([adam] lr; [admm] raise head_nu or lam, or lower "
-    "max_rel_step) and rerun with --resume, which continues from that checkpoint"
+    f"in the config, {STEP_SIZE_FIX['adam']} or {STEP_SIZE_FIX['pipeline']}, or "
+    f"{STEP_SIZE_FIX['admm']}; then rerun with --resume, which continues from that checkpoint"
 )
 
 
@@ -521,6 +527,20 @@ def config_as_run(config: Config) -> str:
     return tomli_w.dumps(tables)
 
 
+def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:
+    """The (table, key) pairs whose values differ between two sets of config tables."""
+
+    def table(tables: dict, name: str) -> dict:
+        return tables[name] if isinstance(tables.get(name), dict) else {}  # a hand-edited file
+
+    return {
+        (t, k)
+        for t in saved.keys() | current.keys()
+        for k in table(saved, t).keys() | table(current, t).keys()
+        if table(saved, t).get(k, saved) != table(current, t).get(k, current)
+    }
+
+
 def check_resume_config(config: Config, run_dir: Path) -> None:
     """Resuming with other hyperparameters would not continue the same run: refuse it."""
     saved_path = run_dir / "config.toml"
@@ -531,9 +551,8 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
         (t, k)
-        for t in (set(saved) | set(current)) - ignored
-        for k in set(saved.get(t, {})) | set(current.get(t, {}))
-        if saved.get(t, {}).get(k) != current.get(t, {}).get(k) and (t, k) not in RESUME_MAY_CHANGE
+        for t, k in changed_settings(saved, current)
+        if t not in ignored and (t, k) not in RESUME_MAY_CHANGE
     )
     fixed = [f"[{t}] {k}" for t, k in changed if (t, k) not in RESUME_MAY_TUNE]
     if fixed:
