@@ -132,6 +132,11 @@ def evaluate_scene(
             torch.from_numpy(truth.astype(np.int64)),
             classes,
         )
+    if int(confusion.sum()) == 0:  # scores of nothing would read as zeros
+        raise PipelineError(
+            f"{labels}: no labeled pixel of {info.path.name} falls in the scored region "
+            f"({region}); pass labels that cover it, or another --split / --region"
+        )
     return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
 
 

@@ -142,6 +142,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     )
     model.set_normalization(train_data.band_mean, train_data.band_std)
     warn_if_halo_crosses_split(store, train_data.store.attrs, model.receptive_radius)
+    check_labeled_pixels(store, train_data, val_data, data["val_tiles"])
     weights = weights_from_counts(train_data.class_counts, train["class_weight_power"])
     device = training_device(train["device"], f"{config.path}: [train] device")
     return TrainSetup(
@@ -157,6 +158,31 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
         device=device,
         calibration_data=calibration_windows(train_data.store, data, model),
     )
+
+
+def check_labeled_pixels(store, train_data: StoreBatches, val_data, val_tiles: int) -> None:
+    """Refuse a store whose training region, or whose scored validation tiles (the first
+    [data] val_tiles), hold no labeled pixel: training would learn nothing and metrics.csv would
+    show zeros that look like scores. Warn for classes without training pixels (weight 0)."""
+    counts = np.asarray(train_data.class_counts)
+    if counts.sum() == 0:
+        raise PipelineError(
+            f"{store}: the training region has no labeled pixels; re-tile with another --split "
+            "or labels that cover it"
+        )
+    scored = val_data.tile_labels(list(range(min(len(val_data), val_tiles))))
+    if not (scored != IGNORE_INDEX).any():
+        raise PipelineError(
+            f"{store}: the {min(len(val_data), val_tiles)} validation tile(s) scored ([data] "
+            "val_tiles) hold no labeled pixels; raise val_tiles or re-tile with another --split"
+        )
+    missing = [n for n, c in zip(train_data.class_names, counts.tolist()) if c == 0]
+    if missing:
+        warnings.warn(
+            f"{store}: class(es) {', '.join(missing)} have no training pixels, so training "
+            "gives them no signal (weight 0); re-tile with another --split to train them",
+            stacklevel=3,
+        )
 
 
 def calibration_windows(

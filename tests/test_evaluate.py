@@ -134,3 +134,17 @@ def test_evaluate_follows_the_checkpoint_threshold_unless_argmax(atlanta, tmp_pa
     assert calibrated[:, 0].sum() == 0 and calibrated[:, 1].sum() > 0
     plain = evaluate_scene(ckpt, scene, labels, chunk=256, argmax=True).scores.confusion
     assert torch.equal(plain, whole_scene_confusion(scene, labels, model))
+
+
+def test_a_region_without_labeled_pixels_is_an_error_not_zero_scores(atlanta, tmp_path, capsys):
+    scene, labels, ckpt, _ = atlanta
+    with rasterio.open(scene) as src:  # a mask of the west half: the rest is unlabeled
+        profile = src.profile | {"count": 1, "dtype": "uint8", "width": 450, "nodata": None}
+    with rasterio.open(tmp_path / "west.tif", "w", **profile) as dst:
+        dst.write(np.ones((1, src.height, 450), dtype=np.uint8))
+    args = ["evaluate", str(ckpt), str(scene), "--labels", str(tmp_path / "west.tif")]
+    assert main(args) == 0
+    capsys.readouterr()
+    code = main([*args, "--split", "columns:0.7", "--region", "validation"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
+    assert code == 2 and error.startswith("geodnn: error:") and "no labeled pixel" in error

@@ -410,3 +410,33 @@ def test_multi_rank_user_errors_are_refused_before_any_rank_starts(
     code = main(["train", str(config.path), "--out", str(run), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and "\n" not in err
+
+
+def test_stores_without_labeled_pixels_to_learn_or_score_are_refused(
+    tmp_path, store, train_config, capsys
+):
+    import shutil
+    import warnings
+
+    import zarr
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    assert (
+        main(["train", str(train_config(copy, iterations=3).path), "--out", str(tmp_path / "a")])
+        == 0
+    )
+    no_val = train_config(copy).path.read_text().replace("val_tiles = 4", "val_tiles = 0")
+    (tmp_path / "noval.toml").write_text(no_val)
+    assert main(["train", str(tmp_path / "noval.toml"), "--out", str(tmp_path / "b")]) == 2
+    assert "hold no labeled pixels; raise val_tiles" in capsys.readouterr().err
+    group = zarr.open_group(str(copy), mode="r+")
+    counts = list(group.attrs["class_pixel_counts"])
+    group.attrs["class_pixel_counts"] = [counts[0], 0]  # roads only in validation
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(train_config(copy, iterations=3), tmp_path / "c", progress=False)
+    assert any("roads have no training pixels" in str(w.message) for w in caught)
+    group.attrs["class_pixel_counts"] = [0, 0]  # nothing labeled where training happens
+    assert main(["train", str(train_config(copy).path), "--out", str(tmp_path / "d")]) == 2
+    assert "training region has no labeled pixels" in capsys.readouterr().err
