@@ -263,3 +263,10 @@ def test_labels_follow_vector_polygons(tmp_path, make_geotiff):
     labels = store.labels([first])[0]
     assert labels[2:12, 2:12].all() and labels.sum() == 100
     assert store.attrs["split"]["codes"] == {"train": TRAIN, "validation": VALIDATION}
+
+
+def test_a_tile_larger_than_the_scene_is_fitted_to_it(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask  # 70 x 100
+    with pytest.warns(UserWarning, match="--tile 3000 is larger than the scene"):
+        store = build(scene, mask, tmp_path / "s.zarr", tile=3000)
+    assert store.tile_size == 100 and store.images([0]).shape == (1, 2, 100, 100)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -161,6 +162,20 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
+    """The tile size, at most the scene's longer side: a larger tile would only be padding,
+    read, stored and copied into every batch (a 50 x 60 scene at --tile 3000 took 1.9 GB)."""
+    longest = max(shape)
+    if tile <= longest:
+        return tile
+    warnings.warn(
+        f"{scene}: --tile {tile} is larger than the scene ({shape[0]} x {shape[1]} px); "
+        f"tiles of {longest} px are used",
+        stacklevel=3,
+    )
+    return longest
+
+
 def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int) -> dict:
     return {
         "format": FORMAT,
@@ -275,6 +290,7 @@ def build_store(
             )
         source.class_names = list(class_names)
     _check_distinct_names(source.class_names, labels, given=class_names is not None)
+    tile = _fitted_tile(tile, info.shape, scene)
     tiles = split_tiles(info.shape, split, tile)
     if on_start is not None:
         on_start(len(tiles))
