@@ -43,6 +43,7 @@ class SceneInfo:
     has_mask: bool
     block_shape: tuple[int, int]
     alpha_bands: int = 0  # alpha bands in the file, left out of `count`
+    band_indexes: tuple[int, ...] = ()  # 1-based indexes of the data bands (`data_bands`)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -107,18 +108,20 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
         raise RasterInputError(f"{path}: is a folder; pass a GeoTIFF file")
     try:
         with rasterio.open(path) as src:
+            bands = tuple(data_bands(src))
             info = SceneInfo(
                 path=path,
                 width=src.width,
                 height=src.height,
-                count=len(data_bands(src)),
+                count=len(bands),
                 dtype=src.dtypes[0],
                 crs=src.crs,
                 transform=src.transform,
                 nodata=src.nodata,
                 has_mask=_needs_mask(src),
                 block_shape=tuple(src.block_shapes[0]),
-                alpha_bands=src.count - len(data_bands(src)),
+                alpha_bands=src.count - len(bands),
+                band_indexes=bands,
             )
             if check_data:
                 src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
@@ -167,9 +170,7 @@ def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> 
     source = Path(info.path).resolve()  # the lazy reads happen later, maybe in another folder
     if isinstance(chunks, int):
         chunks = (chunks, chunks)
-    with rasterio.open(source) as src:
-        bands = data_bands(src)
     array = rioxarray.open_rasterio(
         source, chunks={"band": -1, "y": chunks[0], "x": chunks[1]}, masked=True, lock=False
-    ).sel(band=bands)
+    ).sel(band=list(info.band_indexes))
     return array.astype(np.float32).where(np.isfinite(array))
