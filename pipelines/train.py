@@ -355,8 +355,9 @@ class TrainResult:
 
 
 STORE_RECORD = "store.json"  # which tile store the run trains on, by content
-RUN_FILES = ("config.toml", "metrics.csv", "curves.png", "last.pt", "model.pt", "state.pt")
-RUN_FILES += (STORE_RECORD,)
+RUN_FILES = (
+    "config.toml", "metrics.csv", "curves.png", "last.pt", "model.pt", "state.pt", STORE_RECORD
+)  # fmt: skip
 RANK_FILES = (LATEST, "rank*-of-*-it*.pt")
 
 
@@ -367,6 +368,11 @@ def ranked(solver) -> bool:
 
 def has_state(run_dir: Path) -> bool:
     return (run_dir / "state.pt").is_file() or latest_iteration(run_dir) is not None
+
+
+def holds_run(run_dir: Path) -> bool:
+    """A run (finished or not) is in `run_dir`: starting another there needs --overwrite."""
+    return has_state(run_dir) or (run_dir / "model.pt").exists()
 
 
 def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
@@ -451,7 +457,7 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
         check_resume_config(config, run_dir)
         check_resume_store(config, run_dir)
-    elif (has_state(run_dir) or (run_dir / "model.pt").exists()) and not overwrite:
+    elif holds_run(run_dir) and not overwrite:
         raise PipelineError(
             f"{run_dir}: run folder already holds a run; pass --resume to continue it "
             "or --overwrite to start again"
@@ -463,7 +469,7 @@ def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool
     if resume:
         atomic_write_text(run_dir / "config.toml", config_as_run(config))
         return
-    if has_state(run_dir) or (run_dir / "model.pt").exists():
+    if holds_run(run_dir):
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config_as_run(config))
@@ -762,8 +768,9 @@ def run_epochs(
     with progress_bar(total, desc, "it", progress, initial=solver.iteration) as bar:
         start = time.perf_counter() - elapsed0
         losses: list[float] = []
-        if solver.iteration < total and _finished(solver):  # a resumed run its rule had ended
-            log.info("not training on: %s (iteration %d)", _finished(solver), solver.iteration)
+        ended = _finished(solver) if solver.iteration < total else None
+        if ended:  # a resumed run its stopping rule had ended
+            log.info("not training on: %s (iteration %d)", ended, solver.iteration)
             total = solver.iteration
         while solver.iteration < total:
             stats = solver.step()
