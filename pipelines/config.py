@@ -46,7 +46,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "threads": 1,  # torch compute threads per process (on CPU)
         "device": "auto",  # auto (the GPU when PyTorch sees one) | cpu | cuda; ranks: nccl on GPUs
         "class_weight_power": 0.5,  # class weight = (pixel frequency) ** -power, mean 1
-        "divergence_factor": 20.0,  # stop when the loss exceeds this x its best
+        # stop when the training loss (epochs pooled to >= 50 iterations) exceeds this x its
+        # best and the untrained network's (the solver also watches every iteration's)
+        "divergence_factor": 20.0,
     },
     # Solver settings, passed through to geodnn.solvers (documented there and in the configs).
     "admm": {},

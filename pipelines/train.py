@@ -694,13 +694,49 @@ def is_leader() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+DIVERGENCE_WINDOW = 50  # iterations: the epoch check compares losses over at least this many
+
+
+@dataclass
+class EpochLosses:
+    """The epochs' mean training losses, compared for divergence over windows of at least
+    DIVERGENCE_WINDOW iterations (`span` epochs): an epoch of 10 batches of 4 crops is about as
+    noisy as one batch, and one lucky epoch of 0.03 made the next ordinary one (0.68) look like a
+    divergence. Rebuilt from metrics.csv on resume, so it needs no state of its own."""
+
+    span: int
+    losses: list[float] = field(default_factory=list)
+    untrained: float = math.nan  # the run's first loss (on resume: its first epoch's)
+
+    @classmethod
+    def from_records(cls, records: list[EpochRecord], epoch: int) -> EpochLosses:
+        finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
+        span = max(1, math.ceil(DIVERGENCE_WINDOW / epoch))
+        return cls(span, finite, (finite or [math.nan])[0])
+
+    def check(self, loss: float, iteration: int, factor: float, first_loss: float) -> None:
+        """Add an epoch's mean loss (`first_loss`: its first iteration's) and raise
+        DivergenceError when it is non-finite, or when the mean of the latest `span` epochs is
+        over `factor` x the best earlier full window (before there is one: the untrained
+        network's loss, which no lucky batch lowers) and over the untrained network's loss."""
+        if math.isnan(self.untrained):
+            self.untrained = first_loss
+        self.losses.append(loss)
+        n = self.span
+        recent = self.losses[-n:]
+        earlier = [sum(self.losses[i - n : i]) / n for i in range(n, len(self.losses))]
+        best = min(earlier, default=self.untrained)
+        check_divergence(sum(recent) / len(recent), best, factor, iteration, self.untrained)
+
+
 def check_divergence(
     loss: float, best: float, factor: float, iteration: int, first: float = math.nan
 ) -> None:
     """Non-finite, or over `factor` x the best epoch and over the first epoch's loss."""
     if not math.isfinite(loss) or (math.isfinite(best) and exploded(loss, best, first, factor)):
+        than = f", best {best:.4g}" if math.isfinite(best) else ""
         raise DivergenceError(
-            f"training diverged at iteration {iteration} (loss {loss:.4g}, best {best:.4g}); "
+            f"training diverged at iteration {iteration} (loss {loss:.4g}{than}); "
             f"the last good checkpoint is kept: {RECOVERY}"
         )
 
@@ -761,8 +797,7 @@ def run_epochs(
 ) -> None:
     train_cfg = setup.config["train"]
     total, epoch = train_cfg["iterations"], train_cfg["epoch"]
-    finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
-    best, first = min(finite, default=math.inf), (finite or [math.nan])[0]
+    epoch_losses = EpochLosses.from_records(records, epoch)
     desc = f"train {setup.solver_name}"
     # `with`: the bar is closed on an error too, so the error's message gets its own line
     with progress_bar(total, desc, "it", progress, initial=solver.iteration) as bar:
@@ -777,7 +812,7 @@ def run_epochs(
             if "loss" in stats:
                 losses.append(float(stats["loss"]))
                 if not math.isfinite(losses[-1]):
-                    check_divergence(losses[-1], best, 1.0, solver.iteration)
+                    check_divergence(losses[-1], math.inf, 1.0, solver.iteration)
             bar.update(1)
             stop = _finished(solver)
             if stop:
@@ -789,12 +824,7 @@ def run_epochs(
             mean_loss = epoch_loss(losses)
             if losses:
                 factor = train_cfg["divergence_factor"]
-                # no best epoch yet: the first loss seen (the untrained network's) stands in
-                reference = best if math.isfinite(best) else losses[0]
-                untrained = first if math.isfinite(first) else losses[0]
-                check_divergence(mean_loss, reference, factor, solver.iteration, untrained)
-                best = min(best, mean_loss)
-                first = mean_loss if math.isnan(first) else first
+                epoch_losses.check(mean_loss, solver.iteration, factor, losses[0])
             losses = []
             paused = time.perf_counter()
             record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)

@@ -57,6 +57,48 @@ def test_epoch_check_uses_the_first_epoch_as_the_floor():
         check_divergence(math.inf, 0.01, 20.0, 700, first=0.7)
 
 
+def test_a_lucky_small_epoch_is_no_best_to_diverge_from():
+    """Epochs of 10 batches of 4 crops: one epoch's 0.03 made the next ordinary 0.68 a
+    'divergence' (over 20x the best and over the first epoch's 0.5)."""
+    from pipelines.train import EpochLosses
+
+    with pytest.raises(DivergenceError):
+        check_divergence(0.68, 0.03, 20.0, 30, first=0.5)  # what the epoch check did
+    watch = EpochLosses.from_records([], epoch=10)
+    assert watch.span == 5
+    for i, loss in enumerate([0.5, 0.03, 0.68, 0.4, 0.35, 0.6, 0.7, 0.02, 0.66]):
+        watch.check(loss, 10 * (i + 1), 20.0, first_loss=0.69)
+
+
+@pytest.mark.parametrize("epoch", [10, 100])
+def test_a_real_explosion_still_stops_small_and_large_epochs(epoch):
+    from pipelines.train import EpochLosses
+
+    watch = EpochLosses.from_records([], epoch=epoch)
+    for i in range(10):
+        watch.check(0.1, epoch * (i + 1), 20.0, first_loss=0.69)
+    with pytest.raises(DivergenceError, match="diverged at iteration"):
+        for i in range(10, 10 + watch.span + 1):
+            watch.check(8.0, epoch * (i + 1), 20.0, first_loss=0.05)
+
+
+def test_epoch_windows_after_a_resume_are_those_of_the_uninterrupted_run():
+    from types import SimpleNamespace
+
+    from pipelines.train import EpochLosses
+
+    losses = [0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3]
+    straight = EpochLosses.from_records([], epoch=25)
+    for loss in losses:
+        straight.check(loss, 0, 20.0, first_loss=0.69)
+    records = [SimpleNamespace(train_loss=x) for x in [math.nan, *losses]]  # no loss yet: NaN
+    resumed = EpochLosses.from_records(records, epoch=25)
+    assert resumed.losses == straight.losses and resumed.span == straight.span == 2
+    with pytest.raises(DivergenceError):  # (0.3 + 3.3) / 2 over 20x the best window (0.08)
+        resumed.check(3.3, 200, 20.0, first_loss=0.3)
+    straight.check(2.8, 200, 20.0, first_loss=0.3)  # (0.3 + 2.8) / 2 = 1.55 < 20 x 0.08
+
+
 def test_key_value_overrides_read_json_values_and_name_a_malformed_item():
     from geodnn.errors import GeodnnError
     from geodnn.solvers.base import settings_overrides
