@@ -10,4 +10,13 @@ class CheckpointError(GeodnnError):
 
 
 class DivergenceError(GeodnnError):
-    """Training produced non-finite values or an exploding loss."""
+    """Training produced non-finite values or an exploding loss: what happened (`diagnosis`)
+    and, apart, what to do (`fix`), so that a caller with other means (`geodnn run`) can give
+    its own fix with the same diagnosis."""
+
+    def __init__(self, diagnosis: str, fix: str = "") -> None:
+        super().__init__(diagnosis, fix)  # both in args: the error pickles across ranks
+        self.diagnosis, self.fix = diagnosis, fix
+
+    def __str__(self) -> str:
+        return f"{self.diagnosis}; {self.fix}" if self.fix else self.diagnosis

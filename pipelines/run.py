@@ -300,22 +300,19 @@ def train_solver(p: Pipeline, solver: str) -> Path:
         try:
             train(config, run_dir, resume=mode == "resume", overwrite=mode == "new")
         except DivergenceError as exc:
-            raise DivergenceError(divergence_message(p, solver, exc)) from exc
+            raise run_divergence(p, solver, exc) from exc
     return run_dir / "model.pt"
 
 
-def divergence_message(p: Pipeline, solver: str, exc: DivergenceError) -> str:
-    """`geodnn train`'s divergence message with the fix that works in `geodnn run`, which has
-    no --resume: a rerun resumes the solver by itself (`train_mode`)."""
+def run_divergence(p: Pipeline, solver: str, exc: DivergenceError) -> DivergenceError:
+    """`geodnn train`'s divergence with the fix that works in `geodnn run`, which has no
+    --resume: a rerun resumes the solver by itself (`train_mode`)."""
     from .train import STEP_SIZE_FIX, has_state
 
     run_dir = p.folder.train_dir(solver)
-    diagnosis = str(exc).split("; ")[0]  # what follows is `geodnn train`'s fix
     then = "continues it from its last good checkpoint" if has_state(run_dir) else "starts it again"
-    return (
-        f"{run_dir}: {diagnosis}; {STEP_SIZE_FIX[solver]} in {p.config.path} and rerun "
-        f"`{p.rerun}`, which {then}"
-    )
+    fix = f"{STEP_SIZE_FIX[solver]} in {p.config.path} and rerun `{p.rerun}`, which {then}"
+    return DivergenceError(f"{run_dir}: {exc.diagnosis}", fix)
 
 
 def remove_dropped_solvers(p: Pipeline) -> None:

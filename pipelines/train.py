@@ -736,8 +736,8 @@ def check_divergence(
     if not math.isfinite(loss) or (math.isfinite(best) and exploded(loss, best, first, factor)):
         than = f", best {best:.4g}" if math.isfinite(best) else ""
         raise DivergenceError(
-            f"training diverged at iteration {iteration} (loss {loss:.4g}{than}); "
-            f"the last good checkpoint is kept: {RECOVERY}"
+            f"training diverged at iteration {iteration} (loss {loss:.4g}{than})",
+            f"the last good checkpoint is kept: {RECOVERY}",
         )
 
 
@@ -877,7 +877,8 @@ def end_epoch(
     if not math.isfinite(record.val_loss):
         raise DivergenceError(
             f"training diverged at iteration {solver.iteration}: the validation loss is "
-            f"{record.val_loss}; the last good checkpoint is kept: {RECOVERY}"
+            f"{record.val_loss}",
+            f"the last good checkpoint is kept: {RECOVERY}",
         )
     if is_leader():
         records.append(record)
@@ -890,8 +891,8 @@ def check_finite_model(model: geodnn.ChainNet, iteration: int) -> None:
     """Refuse to checkpoint a model whose weights hold NaN or inf."""
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise DivergenceError(
-            f"training diverged at iteration {iteration}: the model has non-finite weights; "
-            f"the last good checkpoint is kept: {RECOVERY}"
+            f"training diverged at iteration {iteration}: the model has non-finite weights",
+            f"the last good checkpoint is kept: {RECOVERY}",
         )
 
 

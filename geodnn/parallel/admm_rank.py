@@ -268,8 +268,9 @@ class RankAdmmSolver:
             raise reduce.failure
         if shared[2] > 0:
             raise DivergenceError(
-                f"ADMM diverged on another rank at iteration {reduce.iteration}; raise [admm] "
-                "lam or head_nu, or lower max_rel_step, and resume from the last checkpoint"
+                f"ADMM diverged on another rank at iteration {reduce.iteration}",
+                "raise [admm] lam or head_nu, or lower max_rel_step, and resume from the last "
+                "checkpoint",
             )
         stats = self._stats(reduce.times, shared)
         if "loss" in stats:

@@ -496,8 +496,9 @@ def _local_update(state, p, z0, dz, settings: AdmmSettings, fit: _Fit, stats):
     weight, bias = add_step(fit.weight, fit.bias, step)
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
         raise DivergenceError(
-            f"ADMM diverged: layer {state.index} got non-finite weights; raise [admm] lam or "
-            "head_nu, or lower max_rel_step or momentum, and resume from the last checkpoint"
+            f"ADMM diverged: layer {state.index} got non-finite weights",
+            "raise [admm] lam or head_nu, or lower max_rel_step or momentum, and resume from the "
+            "last checkpoint",
         )
     dp = None
     if not state.is_stem:

@@ -118,8 +118,9 @@ class LossWatch:
         """Record `loss`; raise DivergenceError when it is non-finite or explodes."""
         if not math.isfinite(loss):
             raise DivergenceError(
-                f"{solver} diverged: the loss is {loss} at iteration {iteration}; lower the step "
-                "size (adam: lr; admm: raise head_nu or lam) and resume from the last checkpoint"
+                f"{solver} diverged: the loss is {loss} at iteration {iteration}",
+                "lower the step size (adam: lr; admm: raise head_nu or lam) and resume from the "
+                "last checkpoint",
             )
         a = self.smoothing
         self.average = loss if math.isnan(self.average) else (1 - a) * self.average + a * loss
@@ -128,8 +129,8 @@ class LossWatch:
             raise DivergenceError(
                 f"{solver} diverged: smoothed loss {self.average:.4g} at iteration {iteration} is "
                 f"more than {self.factor:g}x its best {self.best:.4g} and above its first "
-                f"{self.start:.4g}; lower the step size and "
-                "resume from the last checkpoint"
+                f"{self.start:.4g}",
+                "lower the step size and resume from the last checkpoint",
             )
         if self.average < self.best * (1 - 1e-4):
             self.best, self.best_iteration = self.average, iteration
