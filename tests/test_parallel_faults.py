@@ -45,10 +45,29 @@ def test_dead_or_hung_rank_fails_fast_and_is_named(mode):
         assert "did not complete" in str(info.value)
 
 
-def test_torchrun_job_with_a_dead_rank_exits_nonzero():
-    argv = ["--fail-rank", "1", "--fail-mode", "die", "--timeout", "4"]
+@pytest.mark.parametrize(
+    ("mode", "named"), [("die", "crashed (exit code 3"), ("kill", "was killed by SIGKILL")]
+)
+def test_torchrun_job_with_a_dead_rank_names_it_in_one_line(mode, named, capfd):
+    argv = ["--fail-rank", "1", "--fail-mode", mode, "--timeout", "4"]
     code = launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=60)
     assert code not in (0, 124)
+    err = capfd.readouterr().err
+    assert "geodnn: error: rank 1 (pid " in err and named in err  # rank 0 printed its own
+    assert "rank 0: rank 1 did not complete" in err or "rank 0: cannot exchange" in err
+    assert "Traceback" not in err and "ChildFailedError" not in err  # not torchrun's 35 lines
+    assert "pair.cc" not in err  # gloo's source tag is cut from the reason
+
+
+def test_a_rank_that_reported_its_error_gets_no_second_line():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from geodnn.parallel.agent import failed_rank_line
+
+    failure = ProcessFailure(local_rank=1, pid=42, exitcode=3, error_file="<N/A>")
+    error = ChildFailedError("pipelines.train", {1: failure})
+    assert failed_rank_line(error, reported={1}) is None  # its divergence line is the message
+    assert "rank 1 (pid 42) crashed (exit code 3" in failed_rank_line(error, reported={0})
 
 
 @pytest.mark.slow

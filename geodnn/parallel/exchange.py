@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from ..model import activation_format, as_activation
 from .compress import CompressionSettings, ErrorFeedbackEncoder, decode
-from .group import RankContext, RankFailureError, post_or_fail, wait_or_fail
+from .group import RankContext, RankFailureError, link_cause, post_or_fail, wait_or_fail
 
 HEADER_LEN = 12
 MAX_DIMS = HEADER_LEN - 6
@@ -295,7 +295,7 @@ class BoundaryExchange:
         except RuntimeError as exc:
             raise RankFailureError(
                 f"rank {self.ctx.rank}: cannot exchange {what} with its neighbours (one died or "
-                f"the link broke): {str(exc).splitlines()[0][:200]}"
+                f"the link broke): {link_cause(exc)}"
             ) from exc
         for work in works:
             wait_or_fail(work, self.ctx, None, what)

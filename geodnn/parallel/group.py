@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,15 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 class RankFailureError(GeodnnError):
     """A peer rank did not answer within the timeout: it died, hangs, or the link broke."""
+
+
+def link_cause(exc: BaseException) -> str:
+    """The transport's reason in a few words: the first sentence of its first line, without
+    gloo's source tag ("Connection closed by peer [127.0.0.1]:54149", not the 300 characters of
+    "[.../pair.cc:553] Connection closed ... Check the logs of the remote worker ...")."""
+    lines = str(exc).splitlines() or [type(exc).__name__]
+    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+    return line.split(". ")[0].rstrip(".")[:200]
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,7 @@ def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
         who = f"rank {peer}" if peer is not None else "another rank"
         raise RankFailureError(
             f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
-            f"({who} died, hangs, or the link broke): {str(exc).splitlines()[0][:200]}"
+            f"({who} died, hangs, or the link broke): {link_cause(exc)}"
         ) from exc
 
 
@@ -160,7 +170,7 @@ def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
     except RuntimeError as exc:
         raise RankFailureError(
             f"rank {ctx.rank}: another rank did not complete {what} within {ctx.timeout_s:g} s "
-            f"(it died, hangs, or the link broke): {str(exc).splitlines()[0][:200]}"
+            f"(it died, hangs, or the link broke): {link_cause(exc)}"
         ) from exc
 
 
@@ -212,5 +222,5 @@ def post_or_fail(op, tensor: torch.Tensor, peer: int, tag: int, ctx: RankContext
     except RuntimeError as exc:
         raise RankFailureError(
             f"rank {ctx.rank}: cannot exchange {what} with rank {peer} (rank {peer} died or the "
-            f"link broke): {str(exc).splitlines()[0][:200]}"
+            f"link broke): {link_cause(exc)}"
         ) from exc

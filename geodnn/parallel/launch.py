@@ -27,11 +27,12 @@ from .group import RankFailureError, free_port
 
 
 def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str]:
-    """The torchrun command line for one machine (`--standalone` picks a free rendezvous port)."""
+    """The torchrun command line for one machine (`--standalone` picks a free rendezvous port),
+    run through `python -m geodnn.parallel.agent` (torchrun's own launcher, quieter)."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "geodnn.parallel.agent",
         "--standalone",
         f"--nproc-per-node={workers}",
         "-m",

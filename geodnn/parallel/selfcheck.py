@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -20,6 +21,7 @@ from .blocks import JacobiBlock, jacobi_reference
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange, BoundaryMessage
 from .group import RankFailureError, call_or_fail, init_ranks, shutdown
+from .launch import report_exit_code
 from .partition import even_blocks
 
 SHAPE = (2, 3, 5, 4)
@@ -89,6 +91,8 @@ def run_rank(
 def _fail(mode: str) -> None:
     if mode == "die":
         os._exit(3)
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer or `kill -9` does
     time.sleep(3600)  # "hang": the neighbours must give up on their own
 
 
@@ -103,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fail-rank", type=int, default=None, help="make this rank fail on purpose"
     )
-    parser.add_argument("--fail-mode", choices=("die", "hang"), default="die")
+    parser.add_argument("--fail-mode", choices=("die", "kill", "hang"), default="die")
     args = parser.parse_args(argv)
+    code = _check(args)
+    report_exit_code(code)  # this rank's error, if any, is printed: `launch` says no more
+    return code
+
+
+def _check(args: argparse.Namespace) -> int:
     try:
         result = run_rank(
             args.depth, args.iterations, args.bits, args.timeout, args.fail_rank, args.fail_mode

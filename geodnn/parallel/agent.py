@@ -1,0 +1,55 @@
+"""`python -m geodnn.parallel.agent`: torchrun (`torch.distributed.run`, the same options and
+engine) as `launch` runs it for `--workers N`. When a rank fails, the user sees that rank's own
+one-line error, or one line naming the rank that crashed or was killed, instead of torchrun's
+35-line traceback and its agent's log lines. Users of torchrun itself see torchrun's report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from .launch import EXIT_CODES_ENV
+
+
+def failed_rank_line(error: ChildFailedError, reported: set[int]) -> str | None:
+    """One line for torchrun's report of failed ranks: the first failure, unless that rank
+    printed its own error (it left an exit code: `report_exit_code`)."""
+    rank, failure = error.get_first_failure()
+    if rank in reported:
+        return None
+    if failure.exitcode < 0:
+        how = f"was killed by {failure.signal_name()}"
+    else:
+        how = f"crashed (exit code {failure.exitcode}, no error reported)"
+    return f"geodnn: error: rank {rank} (pid {failure.pid}) {how}; the other ranks were stopped"
+
+
+def reported_ranks() -> set[int]:
+    """The ranks that left an exit code in EXIT_CODES_ENV's folder (they printed their error)."""
+    folder = os.environ.get(EXIT_CODES_ENV)
+    if not folder or not os.path.isdir(folder):
+        return set()
+    return {int(p.name[4:]) for p in Path(folder).glob("rank*") if p.name[4:].isdigit()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun (`torch.distributed.run`, same options) for `launch`: when a rank fails, one
+    line naming it instead of torchrun's 35-line traceback after the rank's own message."""
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except ChildFailedError as error:
+        line = failed_rank_line(error, reported_ranks())
+        if line:
+            print(line, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
