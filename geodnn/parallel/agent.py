@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from .launch import EXIT_CODES_ENV
@@ -37,10 +38,19 @@ def reported_ranks() -> set[int]:
     return {int(p.name[4:]) for p in Path(folder).glob("rank*") if p.name[4:].isdigit()}
 
 
+def quiet_agent_logs() -> None:
+    """Only errors worth a user's eye from torchrun's agent: it logs each rank's stop as a
+    warning and each failure as an error, which the one-line report says already."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     """torchrun (`torch.distributed.run`, same options) for `launch`: when a rank fails, one
-    line naming it instead of torchrun's 35-line traceback after the rank's own message."""
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    line naming it instead of torchrun's 35-line traceback after the rank's own message; stopped
+    by a signal (`launch` passes SIGTERM on), it exits 128 + the signal without a traceback."""
+    quiet_agent_logs()
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as error:
@@ -48,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if line:
             print(line, file=sys.stderr)
         return 1
+    except SignalException as stop:
+        return 128 + int(stop.sigval)
     return 0
 
 
