@@ -56,6 +56,25 @@ def test_windowed_polygons_equal_whole_scene_polygons(make_geotiff, tmp_path):
         assert ua.symmetric_difference(ub).area == pytest.approx(0.0)
 
 
+@pytest.mark.parametrize("holes", [0.01, 0.08])
+def test_a_region_spanning_every_window_keeps_each_hole(make_geotiff, tmp_path, holes):
+    """Its outlines are unioned and its pieces' holes put back (not one overlay of everything):
+    the same polygons as polygonizing the scene in one window, holes next to window borders,
+    holes touching each other or the outline at a corner included."""
+    rng = np.random.default_rng(3)
+    classes = np.ones((96, 80), dtype=np.uint8)
+    classes[rng.random(classes.shape) < holes] = 0
+    path = class_map(make_geotiff, classes)
+    vectorize_classes(path, tmp_path / "a.gpkg", NAMES, COLORS, VectorOptions(window=16))
+    vectorize_classes(path, tmp_path / "b.gpkg", NAMES, COLORS, VectorOptions(window=999))
+    a, b = (read(tmp_path / f"{n}.gpkg").sort_values("area") for n in "ab")
+    assert len(a) == len(b) and (a.area.values == b.area.values).all()
+    assert all(shapely.equals(a.geometry.values, b.geometry.values))
+    assert shapely.is_valid(a.geometry.values).all()
+    biggest = a.geometry.values[-1]
+    assert len(biggest.interiors) == len(b.geometry.values[-1].interiors) > 10
+
+
 def test_ring_across_windows_keeps_its_hole(make_geotiff, tmp_path):
     classes = np.zeros((40, 40), dtype=np.uint8)
     classes[5:35, 5:35] = 2
