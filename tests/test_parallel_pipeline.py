@@ -101,3 +101,29 @@ def test_settings_errors_come_before_any_communication(data):
         PipelineSolver(ctx, _model(), data, settings, 0, microbatches=3)
     with pytest.raises(GeodnnError, match="unknown pipeline schedule"):
         PipelineSolver(ctx, _model(), data, settings, 0, schedule="zb")
+
+
+def _pipeline_with_a_dead_stage(data) -> None:
+    import os
+
+    ctx = init_ranks(timeout_s=4)
+    try:
+        settings = AdamSettings.from_dict(SETTINGS)
+        solver = PipelineSolver(ctx, _model(), data, settings, 11, "1f1b", microbatches=2)
+        for _ in range(4):
+            if ctx.rank == 1 and solver.iteration == 2:
+                os._exit(3)  # a stage dies mid-run
+            solver.step()
+    finally:
+        shutdown()
+
+
+def test_a_dead_stage_is_named_by_its_neighbour_in_one_line(data):
+    from geodnn.parallel.group import RankFailureError
+
+    with pytest.raises(RankFailureError) as info:
+        spawn(_pipeline_with_a_dead_stage, 2, args=(data,), timeout_s=60)
+    message = str(info.value)
+    named = "rank 0 failed: RankFailureError: rank 0: rank 1 did not complete the pipeline"
+    assert named in message
+    assert "of iteration 2 within 4 s" in message and "pair.cc" not in message.splitlines()[0]

@@ -62,6 +62,14 @@ class RankContext:
     def timeout(self) -> datetime.timedelta:
         return datetime.timedelta(seconds=self.timeout_s)
 
+    def peers(self, *ranks: int | None) -> str:
+        """Who may be missing, for an error message: the given ranks that exist ("rank 1",
+        "rank 0 or rank 2"), else, with two ranks, the other one, else "another rank"."""
+        named = [r for r in ranks if r is not None]
+        if not named and self.world_size == 2:
+            named = [1 - self.rank]
+        return " or ".join(f"rank {r}" for r in named) or "another rank"
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on this host (for tests and single-machine runs)."""
@@ -121,6 +129,14 @@ def init_ranks(
         if threads is not None:
             torch.set_num_threads(threads)
     if not dist.is_initialized():
+        _join(backend, rank, world_size, timeout_s)
+    return RankContext(rank, world_size, local_rank, backend, device, float(timeout_s))
+
+
+def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """init_process_group; a rank that never joins (died or hung at start-up, or an unreachable
+    MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
+    try:
         dist.init_process_group(
             backend,
             init_method="env://",
@@ -128,7 +144,13 @@ def init_ranks(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    return RankContext(rank, world_size, local_rank, backend, device, float(timeout_s))
+    except (RuntimeError, TimeoutError) as exc:  # DistStoreError is a RuntimeError
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise RankFailureError(
+            f"rank {rank}: the {world_size} ranks did not all join at {where} within "
+            f"{timeout_s:g} s (a rank died or hangs while starting, or the address is "
+            f"unreachable): {link_cause(exc)}"
+        ) from exc
 
 
 def shutdown() -> None:
@@ -155,7 +177,7 @@ def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
     try:
         work.wait(timeout=ctx.timeout)
     except RuntimeError as exc:
-        who = f"rank {peer}" if peer is not None else "another rank"
+        who = ctx.peers(peer)
         raise RankFailureError(
             f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
             f"({who} died, hangs, or the link broke): {link_cause(exc)}"
@@ -168,10 +190,18 @@ def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
     try:
         return collective(*args, **kwargs)
     except RuntimeError as exc:
+        who = ctx.peers()
         raise RankFailureError(
-            f"rank {ctx.rank}: another rank did not complete {what} within {ctx.timeout_s:g} s "
-            f"(it died, hangs, or the link broke): {link_cause(exc)}"
+            f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
+            f"({who} died, hangs, or the link broke): {link_cause(exc)}"
         ) from exc
+
+
+def is_link_failure(exc: BaseException) -> bool:
+    """Whether a RuntimeError from a communication library says a peer or the link failed (a
+    timeout, a closed connection), not a bug in what was sent."""
+    text = str(exc).lower()
+    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
 
 
 def broadcast_from_leader(ctx: RankContext, tensor: torch.Tensor, what: str) -> torch.Tensor:

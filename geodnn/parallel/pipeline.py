@@ -24,7 +24,14 @@ from ..solvers.adam import AdamSettings, use_step_settings
 from ..solvers.admm import make_pool
 from ..solvers.base import LossWatch
 from ..solvers.subproblems import weighted_cross_entropy
-from .group import RankContext, post_or_fail, wait_or_fail
+from .group import (
+    RankContext,
+    RankFailureError,
+    is_link_failure,
+    link_cause,
+    post_or_fail,
+    wait_or_fail,
+)
 from .partition import Blocks, even_blocks
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -130,7 +137,7 @@ class PipelineSolver:
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
         kwargs = {"target": y, "losses": losses} if last else {}
-        self.schedule.step(*args, **kwargs)
+        self._run_schedule(args, kwargs)
         self.optimizer.step()
         shared = torch.zeros(1, dtype=torch.float64)
         if last:
@@ -141,6 +148,21 @@ class PipelineSolver:
         self.watch.update(loss, self.iteration, "pipeline Adam")
         self.iteration += 1
         return {"loss": loss}
+
+    def _run_schedule(self, args: tuple, kwargs: dict) -> None:
+        """The schedule's step; its exchange with a neighbour stage that died or hangs is a
+        RankFailureError naming the neighbours (torch raises a bare RuntimeError)."""
+        try:
+            self.schedule.step(*args, **kwargs)
+        except RuntimeError as exc:
+            if not is_link_failure(exc):
+                raise
+            who = self.ctx.peers(self.ctx.below, self.ctx.above)
+            raise RankFailureError(
+                f"rank {self.ctx.rank}: {who} did not complete the pipeline schedule's exchange "
+                f"of iteration {self.iteration} within {self.ctx.timeout_s:g} s ({who} died, "
+                f"hangs, or the link broke): {link_cause(exc)}"
+            ) from exc
 
     def finished(self) -> str | None:
         return self.watch.finished(self.iteration)
