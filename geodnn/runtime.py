@@ -50,6 +50,18 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") else None
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask Linux to send this process `signum` when its parent dies (no-op elsewhere): a
+    launcher or torchrun agent killed with SIGKILL must not leave its ranks training unwatched.
+    Usable as a subprocess preexec_fn."""
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signum))
+
+
 def retain_freed_memory() -> bool:
     """Ask glibc to keep freed heap memory (no mmap for blocks up to 32 MiB, no trimming).
 
@@ -134,6 +146,7 @@ __all__ = [
     "STOP_SIGNALS",
     "StopSignal",
     "compiled_loops",
+    "die_with_parent",
     "retain_freed_memory",
     "stop_signals_raise",
     "wait_for_device",

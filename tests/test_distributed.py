@@ -100,3 +100,23 @@ def test_a_rank_exits_1_when_a_peer_failed_and_2_for_a_user_error(monkeypatch, t
 
         monkeypatch.setattr(training, "run_command", failing)
         assert training.main([str(tmp_path / "any.toml")]) == code
+
+
+@pytest.mark.parametrize("signum", [15, 1])
+def test_a_stopped_multi_worker_launch_says_so(tmp_path, store, train_config, capsys, signum):
+    """SIGTERM or SIGHUP to `geodnn train --workers N` (its ranks already stopped by `launch`)
+    ends like the single-process path: one line naming the signal, exit 128 + signal."""
+    import signal
+
+    import pipelines.distributed as distributed
+    from geodnn.runtime import StopSignal
+
+    def stopped(*args, **kwargs):
+        raise StopSignal(signum)
+
+    config = train_config(store, solver="admm")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distributed, "launch", stopped)
+        code = main(["train", str(config.path), "--workers", "2", "--out", str(tmp_path / "r")])
+    assert code == 128 + signum
+    assert f"geodnn: stopped by {signal.Signals(signum).name}" in capsys.readouterr().err

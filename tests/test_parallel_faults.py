@@ -145,33 +145,77 @@ def _selfcheck_processes(marker: str) -> list[str]:
 LAUNCHER = """
 import sys
 from geodnn.parallel.launch import launch
-argv = ["--fail-rank", "1", "--fail-mode", "hang", "--timeout", sys.argv[1]]
-sys.exit(launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=100))
+from geodnn.runtime import StopSignal
+argv = ["--fail-rank", "1", "--fail-mode", sys.argv[2], "--timeout", sys.argv[1]]
+try:
+    sys.exit(launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=100))
+except StopSignal as stop:  # as `geodnn` does
+    sys.exit(128 + stop.signum)
 """
+
+
+def _start_launcher(marker_seconds: str, mode: str) -> subprocess.Popen:
+    """A launcher of the self-check whose rank 1 fails in `mode`, once torchrun's agent and both
+    ranks are up (their command lines carry `--timeout marker_seconds`)."""
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, marker_seconds, mode])
+    marker = f"--timeout {marker_seconds}"
+    deadline = time.monotonic() + 60
+    while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(_selfcheck_processes(marker)) == 3
+    return launcher
+
+
+def _all_gone(marker_seconds: str, within_s: float = 15) -> bool:
+    marker = f"--timeout {marker_seconds}"
+    deadline = time.monotonic() + within_s
+    while _selfcheck_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _selfcheck_processes(marker) == []
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stopped_launcher_stops_every_rank(stop):
     """torchrun runs in a session of its own: SIGTERM (a scheduler, `kill`, `timeout`) or SIGHUP
-    (a closed terminal) to `geodnn train --workers N` must take its ranks down too."""
+    (a closed terminal) to `geodnn train --workers N` must take its ranks down too, even one
+    frozen by SIGSTOP (its own session: the agent's process group does not reach it)."""
     seconds = str(290 + int(stop))  # a marker for this test's ranks, which hang far longer
-    marker = f"--timeout {seconds}"
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, seconds])
+    launcher = _start_launcher(seconds, "stop")
     try:
-        deadline = time.monotonic() + 60
-        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)  # torchrun and its two ranks are up
-        assert len(_selfcheck_processes(marker)) == 3
+        time.sleep(1)  # rank 1 has stopped itself
         launcher.send_signal(stop)
         assert launcher.wait(timeout=30) == 128 + stop
-        deadline = time.monotonic() + 15
-        while _selfcheck_processes(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _selfcheck_processes(marker) == []
+        assert _all_gone(seconds)
     finally:  # never leave a hung job behind, whatever failed
         launcher.kill()
-        subprocess.run(["pkill", "-f", "--", marker])
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--timeout {seconds}"])
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_launcher_takes_its_agent_and_ranks_down():
+    """SIGKILL to the launcher (no handler runs): the agent follows it (Linux parent-death
+    signal) and stops its ranks, instead of training on unwatched."""
+    seconds = "297"
+    launcher = _start_launcher(seconds, "hang")
+    try:
+        launcher.kill()
+        launcher.wait()
+        assert _all_gone(seconds)
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", "--", f"--timeout {seconds}"])
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_rank_fails_the_job_soon_after_the_timeout(capfd):
+    """A rank frozen by SIGSTOP ignores torchrun's SIGTERM: the agent now kills it after
+    SHUTDOWN_GRACE_S, not its own 30 s, so the job ends near `timeout_s` (4 s here)."""
+    argv = ["--fail-rank", "1", "--fail-mode", "stop", "--timeout", "4"]
+    # start-up (~5-10 s on a loaded 2-core machine) + 4 s + 5 s grace, well inside launch's own
+    # 35 s guard (124); torchrun's 30 s grace took 45-50 s
+    code = launch(argv, 2, module="geodnn.parallel.selfcheck", timeout_s=35)
+    assert code not in (0, 124)
+    assert "rank 0: rank 1 did not complete" in capfd.readouterr().err
 
 
 def test_the_ranks_exit_code_is_the_jobs(tmp_path, monkeypatch):

@@ -1,12 +1,15 @@
 """`python -m geodnn.parallel.agent`: torchrun (`torch.distributed.run`, the same options and
 engine) as `launch` runs it for `--workers N`. When a rank fails, the user sees that rank's own
 one-line error, or one line naming the rank that crashed or was killed, instead of torchrun's
-35-line traceback and its agent's log lines. Users of torchrun itself see torchrun's report."""
+35-line traceback and its agent's log lines. Users of torchrun itself see torchrun's report.
+Two more differences: the agent waits SHUTDOWN_GRACE_S (not 30 s) for a rank to end after
+SIGTERM, and it stops its ranks when the launcher dies, even by SIGKILL."""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from .launch import EXIT_CODES_ENV
+from ..runtime import die_with_parent
+from .launch import EXIT_CODES_ENV, LAUNCHER_ENV, SHUTDOWN_GRACE_S
 
 
 def failed_rank_line(error: ChildFailedError, reported: set[int]) -> str | None:
@@ -46,11 +50,42 @@ def quiet_agent_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def stop_ranks_quickly(grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """torchrun's agent stops the other ranks of a failed job with SIGTERM and waits 30 s for
+    them before SIGKILL (its process context's default), so a stopped or stuck rank made a job
+    fail 30 s after `timeout_s`. Every such wait is capped at `grace_s`; on a torch without
+    this hook the agent keeps its own waits."""
+    try:
+        from torch.distributed.elastic.multiprocessing.api import PContext
+    except ImportError:
+        return
+    close = PContext.close
+
+    def close_quickly(self, death_sig=None, timeout: float = grace_s) -> None:
+        close(self, death_sig, min(timeout, grace_s))
+
+    PContext.close = close_quickly
+
+
+def follow_launcher() -> bool:
+    """Get SIGTERM when `launch`'s process dies (Linux), so a launcher killed with SIGKILL does
+    not leave the agent and its ranks training unwatched: the agent stops them as on any
+    SIGTERM. False when the launcher is already gone."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher:
+        return True  # started by hand
+    die_with_parent(signal.SIGTERM)
+    return os.getppid() == int(launcher)
+
+
 def main(argv: list[str] | None = None) -> int:
     """torchrun (`torch.distributed.run`, same options) for `launch`: when a rank fails, one
     line naming it instead of torchrun's 35-line traceback after the rank's own message; stopped
     by a signal (`launch` passes SIGTERM on), it exits 128 + the signal without a traceback."""
     quiet_agent_logs()
+    stop_ranks_quickly()
+    if not follow_launcher():
+        return 128 + signal.SIGTERM
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as error:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.multiprocessing as mp
 
@@ -41,6 +42,8 @@ def torchrun_command(module: str, argv: Sequence[str], workers: int) -> list[str
     ]
 
 
+# The launcher's pid: torchrun's agent (geodnn.parallel.agent) stops when that process dies.
+LAUNCHER_ENV = "GEODNN_LAUNCHER_PID"
 # Ranks write their exit code here (torchrun itself exits 1 whatever its ranks returned).
 EXIT_CODES_ENV = "GEODNN_EXIT_CODES"
 
@@ -65,7 +68,7 @@ def launch(
     command = torchrun_command(module, argv_for_module, workers)
     codes = tempfile.mkdtemp(prefix="geodnn-exit-")
     child_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    child_env.update(env or {}, **{EXIT_CODES_ENV: codes})
+    child_env.update(env or {}, **{EXIT_CODES_ENV: codes, LAUNCHER_ENV: str(os.getpid())})
     try:
         process = subprocess.Popen(command, env=child_env, start_new_session=True)
         return ranks_exit_code(_wait(process, workers, timeout_s), codes)
@@ -86,10 +89,7 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
         )
         _kill_group(process)
         return 124
-    except StopSignal as stop:
-        _kill_group(process)
-        raise SystemExit(128 + stop.signum) from None
-    except KeyboardInterrupt:
+    except (StopSignal, KeyboardInterrupt):  # the CLI says which and exits 128 + signal
         _kill_group(process)
         raise
 
@@ -119,13 +119,32 @@ def ranks_exit_code(torchrun_code: int, folder: str) -> int:
 
 
 def _kill_group(process: subprocess.Popen) -> None:
+    """Stop torchrun's agent and every rank. The ranks run in sessions of their own, so the
+    agent's process group does not reach them: they are listed first, and any still alive once
+    the agent is gone (a stopped or stuck rank the agent gave up on) is killed."""
+    ranks = _descendants(process.pid)
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
+        process.wait(timeout=SHUTDOWN_GRACE_S + 5)  # the agent stops its ranks first
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    for rank in ranks:
+        with contextlib.suppress(psutil.Error):
+            rank.kill()
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+# Seconds torchrun's agent waits for a rank to end after SIGTERM before SIGKILL (geodnn.parallel.
+# agent sets it; torchrun's own default, 30 s, made a hung job fail 30 s after timeout_s).
+SHUTDOWN_GRACE_S = 5
 
 
 def _rank_main(rank: int, fn: Callable, workers: int, port: int, args: tuple, results) -> None:

@@ -93,6 +93,8 @@ def _fail(mode: str) -> None:
         os._exit(3)
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer or `kill -9` does
+    if mode == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen: deaf to SIGTERM until killed
     time.sleep(3600)  # "hang": the neighbours must give up on their own
 
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fail-rank", type=int, default=None, help="make this rank fail on purpose"
     )
-    parser.add_argument("--fail-mode", choices=("die", "kill", "hang"), default="die")
+    parser.add_argument("--fail-mode", choices=("die", "kill", "stop", "hang"), default="die")
     args = parser.parse_args(argv)
     code = _check(args)
     report_exit_code(code)  # this rank's error, if any, is printed: `launch` says no more
