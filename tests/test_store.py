@@ -3,6 +3,9 @@ atomic writes."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import geopandas as gpd
 import numpy as np
 import pytest
@@ -270,3 +273,201 @@ def test_a_tile_larger_than_the_scene_is_fitted_to_it(tmp_path, scene_and_mask):
     with pytest.warns(UserWarning, match="--tile 3000 is larger than the scene"):
         store = build(scene, mask, tmp_path / "s.zarr", tile=3000)
     assert store.tile_size == 100 and store.images([0]).shape == (1, 2, 100, 100)
+
+
+def edit_metadata(store_path, edit) -> None:
+    """Apply `edit` to the attributes in the store's zarr.json, as a user editing it would."""
+    meta = store_path / "zarr.json"
+    data = json.loads(meta.read_text())
+    edit(data["attributes"])
+    meta.write_text(json.dumps(data))
+
+
+def test_overwrite_refuses_a_file_that_is_not_a_store(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    out.write_text("important")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="is a file, not a geodnn tile store") as info:
+            build(scene, mask, out, overwrite=overwrite)
+        assert str(out) in str(info.value) and "pick another --out" in str(info.value)
+    assert out.read_text() == "important"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_store(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "notes.txt").write_text("important")
+    with pytest.raises(OutputError, match="folder that is not a geodnn tile store") as info:
+        build(scene, mask, out, overwrite=True)
+    assert "remove it yourself" in str(info.value)
+    assert (out / "notes.txt").read_text() == "important" and len(list(out.iterdir())) == 1
+
+
+def test_overwrite_refuses_a_zarr_group_of_another_program(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "other.zarr"
+    zarr.open_group(str(out), mode="w").attrs["format"] = "something"
+    with pytest.raises(OutputError, match="not a geodnn tile store"):
+        build(scene, mask, out, overwrite=True)
+    assert zarr.open_group(str(out), mode="r").attrs["format"] == "something"
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    target = build(scene, mask, tmp_path / "s.zarr").path
+    link = tmp_path / "link.zarr"
+    link.symlink_to(target)
+    with pytest.raises(OutputError, match="symbolic link"):
+        build(scene, mask, link, tile=16, overwrite=True)
+    assert link.is_symlink() and TileStore.open(target).tile_size == 32
+
+
+def test_overwrite_reuses_an_empty_folder(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        build(scene, mask, out)
+    assert build(scene, mask, out, overwrite=True).tile_size == 32
+
+
+def test_overwrite_replaces_a_store_of_another_version_or_with_broken_metadata(
+    tmp_path, scene_and_mask
+):
+    scene, mask, _, _ = scene_and_mask
+    out = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(out, lambda attrs: attrs.update(version=VERSION + 1))
+    assert build(scene, mask, out, tile=16, overwrite=True).tile_size == 16
+    edit_metadata(out, lambda attrs: attrs.pop("band_mean"))
+    assert build(scene, mask, out, tile=32, overwrite=True).tile_size == 32
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_store_path_taken_over_during_the_build_is_left_alone(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    out = build(scene, mask, tmp_path / "s.zarr").path
+
+    def replace_by_a_user_folder(_: int) -> None:
+        if (out / "zarr.json").exists():
+            shutil.rmtree(out)
+            out.mkdir()
+            (out / "notes.txt").write_text("important")
+
+    with pytest.raises(OutputError, match="folder that is not a geodnn tile store"):
+        build(scene, mask, out, tile=16, overwrite=True, progress=replace_by_a_user_folder)
+    assert (out / "notes.txt").read_text() == "important" and len(list(out.iterdir())) == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_output_that_is_an_input_is_refused(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    before = mask.read_bytes(), scene.read_bytes()
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OutputError, match="is the labels file; pick another output name"):
+        build(scene, mask, tmp_path / "sub" / ".." / mask.name, overwrite=True)
+    with pytest.raises(OutputError, match="is the input scene; pick another output name"):
+        build(scene, mask, scene, overwrite=True)
+    assert (mask.read_bytes(), scene.read_bytes()) == before
+
+
+def test_an_output_that_is_a_vector_label_file_with_a_layer_is_refused(tmp_path, make_geotiff):
+    scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8))
+    square = shapely.box(X0 + 2 * PIXEL, Y0 - 12 * PIXEL, X0 + 12 * PIXEL, Y0 - 2 * PIXEL)
+    path = tmp_path / "labels.gpkg"
+    gpd.GeoDataFrame(geometry=[square], crs="EPSG:32616").to_file(path, layer="roofs")
+    with pytest.raises(OutputError, match="is the labels file"):
+        build(scene, f"{path}|layername=roofs", path, overwrite=True)
+    assert gpd.read_file(path, layer="roofs").shape[0] == 1
+
+
+NEEDED_METADATA = [
+    "bands",
+    "tile_size",
+    "class_names",
+    "class_colors",
+    "class_pixel_counts",
+    "band_mean",
+    "band_std",
+    "scene_path",
+    "scene_transform",
+    "scene_shape",
+    "tiles_per_split",
+    "version",
+]
+
+
+@pytest.mark.parametrize("key", NEEDED_METADATA)
+def test_store_missing_a_metadata_key_is_refused_on_open(tmp_path, scene_and_mask, key):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(path, lambda attrs: attrs.pop(key))
+    with pytest.raises(StoreError, match=f"metadata '{key}' is missing") as info:
+        TileStore.open(path)
+    assert str(path) in str(info.value) and "geodnn tile" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("tile_size", "32", "'32' (text)"),
+        ("bands", 2.5, "2.5"),
+        ("bands", True, "True"),
+        ("class_names", "mask", "'mask' (text)"),
+        ("class_colors", [[0, 0], [1, 2, 3]], "[[0, 0], [1, 2, 3]]"),
+        ("band_mean", [1.0, "x"], "[1.0, 'x']"),
+        ("class_pixel_counts", None, "None"),
+        ("scene_transform", [1, 2, 3], "[1, 2, 3]"),
+        ("tiles_per_split", {"train": 6}, "{'train': 6}"),
+        ("crs", 4326, "4326"),
+        ("split", [], "[]"),
+    ],
+)
+def test_store_with_a_wrong_metadata_value_is_refused_on_open(
+    tmp_path, scene_and_mask, key, value, shown
+):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(path, lambda attrs: attrs.update({key: value}))
+    with pytest.raises(StoreError, match=f"metadata '{key}' is ") as info:
+        TileStore.open(path)
+    message = str(info.value)
+    assert str(path) in message and shown in message and "geodnn tile" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("band_mean", [1.0], "'band_mean' has 1 values for 2 bands"),
+        ("band_std", [1.0, 2.0, 3.0], "'band_std' has 3 values for 2 bands"),
+        ("class_colors", [[0, 0, 0]], "'class_colors' has 1 values for 2 classes"),
+        ("class_pixel_counts", [1, 2, 3], "'class_pixel_counts' has 3 values for 2 classes"),
+    ],
+)
+def test_store_with_metadata_of_the_wrong_length_is_refused_on_open(
+    tmp_path, scene_and_mask, key, value, fragment
+):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(path, lambda attrs: attrs.update({key: value}))
+    with pytest.raises(StoreError, match=fragment):
+        TileStore.open(path)
+
+
+def test_store_with_a_text_version_says_so(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(path, lambda attrs: attrs.update(version=str(VERSION)))
+    with pytest.raises(StoreError, match=rf"version '{VERSION}' \(text\), this geodnn reads"):
+        TileStore.open(path)
+
+
+def test_store_without_optional_metadata_opens(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    edit_metadata(path, lambda attrs: [attrs.pop(k) for k in ("class_values", "crs", "split")])
+    store = TileStore.open(path)
+    assert store.class_values is None and store.crs is None and store.band_mean.shape == (2,)

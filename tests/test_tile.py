@@ -178,3 +178,29 @@ def test_negative_gap_is_a_usage_error(tmp_path, scene, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["tile", str(scene), "--labels", "l", "--out", "o", "--gap", "-3"])
     assert exit_info.value.code == 2 and "--gap" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_a_file_or_folder_that_is_not_a_store(tmp_path, scene, capsys):
+    labels = write_vector(tmp_path / "l.geojson", [inside()])
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("important")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("important")
+    for out in (folder, plain):
+        code, err = run_cli(capsys, scene, "--labels", labels, "--out", out, "--overwrite", "-q")
+        assert_one_line_error(code, err, str(out), "not a geodnn tile store", "pick another --out")
+    assert (folder / "notes.txt").read_text() == "important" and len(list(folder.iterdir())) == 1
+    assert plain.read_text() == "important"
+
+
+def test_out_that_is_an_input_is_refused(tmp_path, scene, make_geotiff, capsys):
+    (tmp_path / "copy").mkdir()
+    mask = make_geotiff(np.ones((64, 64), dtype=np.uint8), name="copy/roads.tif")
+    before = mask.read_bytes(), scene.read_bytes()
+    argv = [scene, "--labels", mask, "--overwrite", "-q", "--out"]
+    code, err = run_cli(capsys, *argv, mask)
+    assert_one_line_error(code, err, str(mask), "is the labels file; pick another output name")
+    code, err = run_cli(capsys, *argv, tmp_path / "copy" / ".." / "scene.tif")
+    assert_one_line_error(code, err, "scene.tif", "is the input scene; pick another output name")
+    assert (mask.read_bytes(), scene.read_bytes()) == before

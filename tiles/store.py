@@ -37,7 +37,14 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from .errors import OutputError, StoreError, TilesError
-from .labels import IGNORE_INDEX, LabelSource, ignore_nodata, load_labels, plain_class_value
+from .labels import (
+    IGNORE_INDEX,
+    LabelSource,
+    ignore_nodata,
+    load_labels,
+    plain_class_value,
+    split_layer,
+)
 from .raster import SceneInfo, open_scene, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 
@@ -142,24 +149,84 @@ def _create_arrays(group, capacity: int, bands: int, size: int) -> dict:
     }
 
 
-def _prepare_target(out: Path, overwrite: bool) -> Path:
+def _is_tile_store(path: Path) -> bool:
+    """Whether `path` is a geodnn tile store of any format version: a Zarr group marked with our
+    format name. Only such a folder is ours to replace."""
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+    except Exception:  # not a Zarr group at all
+        return False
+
+
+def _occupant(path: Path) -> str | None:
+    """What is at `path`: None (nothing), "store" (a geodnn tile store), "empty" (an empty
+    folder), or, for anything else, what it is in words (for the refusal)."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "a file, not a geodnn tile store"
+    if _is_tile_store(path):
+        return "store"
+    if not any(path.iterdir()):
+        return "empty"
+    return "a folder that is not a geodnn tile store"
+
+
+def _check_replaceable(out: Path, found: str | None, overwrite: bool) -> None:
+    """Refuse anything at `out` but a tile store or an empty folder (replaced only with
+    `overwrite`): --overwrite must never delete a user's file or folder."""
+    if found in (None, "store", "empty"):
+        if found is not None and not overwrite:
+            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+        return
+    only = " (--overwrite replaces only a tile store)" if overwrite else ""
+    raise OutputError(f"{out}: is {found}{only}; pick another --out or remove it yourself")
+
+
+def _check_not_an_input(out: Path, scene: str | os.PathLike, labels: str | os.PathLike) -> None:
+    """Refuse an output that is (or holds) the scene or the labels file, however spelled."""
+    target = out.resolve()
+    for given, what in (
+        (Path(scene), "the input scene"),
+        (split_layer(labels)[0], "the labels file"),
+    ):
+        source = given.resolve()
+        if source == target:
+            raise OutputError(f"{out}: is {what}; pick another output name")
+        if target in source.parents:
+            raise OutputError(f"{out}: holds {what} {given}; pick another output name")
+
+
+def _prepare_target(
+    out: Path, overwrite: bool, scene: str | os.PathLike, labels: str | os.PathLike
+) -> Path:
     """Check the output location; return the temporary folder the store is built in."""
     if not out.parent.is_dir():
         raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    _check_not_an_input(out, scene, labels)
+    _check_replaceable(out, _occupant(out), overwrite)
     return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Replace `out` with the finished store `tmp`; the old store is removed only after."""
-    old = None
-    if out.exists():
+    """Replace `out` with the finished store `tmp`; the old store is removed only after.
+
+    What is at `out` is checked again once moved aside (the build takes a while, and the path
+    may have changed meanwhile): anything but a store or an empty folder is moved back, intact.
+    """
+    old, found = None, None
+    if os.path.lexists(out):
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
+        found = _occupant(old)
+        if found not in ("store", "empty"):
+            os.replace(old, out)
+            _check_replaceable(out, found, overwrite=True)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        shutil.rmtree(old) if found == "store" else old.rmdir()
 
 
 def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
@@ -279,7 +346,7 @@ def build_store(
     """
     out = Path(out)
     split = split or SplitSpec()
-    tmp = _prepare_target(out, overwrite)
+    tmp = _prepare_target(out, overwrite, scene, labels)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute)
     if class_names is not None:
@@ -321,6 +388,109 @@ def build_store(
     return out
 
 
+REBUILD = "rebuild it with `geodnn tile ... --overwrite`"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a number
+
+
+def _is_count(value: object) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_number(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _list_of(check: Callable[[object], bool], length: int | None = None) -> Callable:
+    """A check for a JSON list (of `length` items, if given) whose items all pass `check`."""
+
+    def test(value: object) -> bool:
+        if not isinstance(value, list) or (length is not None and len(value) != length):
+            return False
+        return all(check(item) for item in value)
+
+    return test
+
+
+def _is_names(value: object) -> bool:
+    return bool(value) and _list_of(lambda name: isinstance(name, str))(value)
+
+
+def _split_counts(value: object) -> bool:
+    return isinstance(value, dict) and all(_is_int(value.get(k)) for k in SPLIT_NAMES.values())
+
+
+# The metadata a store must have to be read, and what each is (for the refusal).
+NEEDED = {
+    "scene_path": (lambda v: isinstance(v, str), "a file path"),
+    "scene_transform": (_list_of(_is_number, 6), "a list of 6 numbers"),
+    "scene_shape": (_list_of(_is_count, 2), "a list of 2 whole numbers >= 1"),
+    "bands": (_is_count, "a whole number >= 1"),
+    "tile_size": (_is_count, "a whole number >= 1"),
+    "class_names": (_is_names, "a list of names"),
+    "class_colors": (_list_of(_list_of(_is_int, 3)), "a list of [red, green, blue] colors"),
+    "class_pixel_counts": (_list_of(_is_int), "a list of whole numbers"),
+    "band_mean": (_list_of(_is_number), "a list of numbers"),
+    "band_std": (_list_of(_is_number), "a list of numbers"),
+    "tiles_per_split": (_split_counts, "a table of tile counts per split"),
+}
+# Metadata a store may lack (older stores, a scene without CRS), checked when present.
+OPTIONAL = {
+    "crs": (lambda v: v is None or isinstance(v, str), "WKT text"),
+    "class_values": (lambda v: v is None or isinstance(v, list), "a list"),
+    "split": (lambda v: isinstance(v, dict), "a table"),
+}
+
+
+def _shown(value: object) -> str:
+    """A metadata value as a message shows it: short, and text marked as text."""
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} (text)" if isinstance(value, str) else text
+
+
+def _check_version(path: Path, attrs) -> None:
+    """Refuse a store of another format version (a version written as text is one too)."""
+    if "version" not in attrs:
+        raise StoreError(f"{path}: tile store metadata 'version' is missing; {REBUILD}")
+    version = attrs["version"]
+    if not _is_int(version) or version != VERSION:
+        raise StoreError(
+            f"{path}: tile store format version {_shown(version)}, this geodnn reads "
+            f"version {VERSION}; {REBUILD}"
+        )
+
+
+def _check_metadata(path: Path, attrs) -> None:
+    """Refuse a store whose metadata (edited by hand, or old) lacks a key this geodnn reads or
+    holds a value of the wrong kind or length: one line naming the key, not a KeyError later."""
+    for key, (check, kind) in {**NEEDED, **OPTIONAL}.items():
+        if key not in attrs:
+            if key in NEEDED:
+                raise StoreError(f"{path}: tile store metadata {key!r} is missing; {REBUILD}")
+            continue
+        if not check(attrs[key]):
+            raise StoreError(
+                f"{path}: tile store metadata {key!r} is {_shown(attrs[key])}, not {kind}; "
+                f"{REBUILD}"
+            )
+    classes = len(attrs["class_names"])
+    lengths = {
+        "band_mean": (attrs["bands"], "bands"),
+        "band_std": (attrs["bands"], "bands"),
+        "class_colors": (classes, "classes"),
+        "class_pixel_counts": (classes, "classes"),
+    }
+    for key, (n, what) in lengths.items():
+        if len(attrs[key]) != n:
+            raise StoreError(
+                f"{path}: tile store metadata {key!r} has {len(attrs[key])} values for {n} "
+                f"{what}; {REBUILD}"
+            )
+
+
 class TileStore:
     """Read access to a tile store: metadata, tiles by index, and tile indices per split."""
 
@@ -347,18 +517,14 @@ class TileStore:
                 f"{path}: not a geodnn tile store (format {attrs.get('format')!r}); "
                 "build one with `geodnn tile`"
             )
-        if attrs.get("version") != VERSION:
-            raise StoreError(
-                f"{path}: tile store format version {attrs.get('version')}, this geodnn reads "
-                f"version {VERSION}; rebuild it with `geodnn tile ... --overwrite`"
-            )
+        _check_version(path, attrs)
+        _check_metadata(path, attrs)
         missing = [name for name in ARRAYS if name not in group]
         if missing:
             raise StoreError(
-                f"{path}: tile store is incomplete (no {', '.join(missing)}); rebuild it with "
-                "`geodnn tile ... --overwrite`"
+                f"{path}: tile store is incomplete (no {', '.join(missing)}); {REBUILD}"
             )
-        repeated = _duplicates(list(attrs.get("class_names", [])))
+        repeated = _duplicates(list(attrs["class_names"]))
         if repeated:
             raise StoreError(
                 f"{path}: tile store attribute class_names repeats "
