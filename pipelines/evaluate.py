@@ -122,15 +122,22 @@ def evaluate_scene(
         )
     box = region_box(info.shape, split, gap, region)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
+    labeled = 0  # labeled pixels in the region, whether the scene has data there or not
     for chunk_pred in iter_predictions(
         ckpt, info.path, chunk=chunk, probabilities=False, progress=progress, argmax=argmax
     ):
         truth = clip(source.rasterize(chunk_pred.window), chunk_pred.window, box)
+        labeled += int((truth != IGNORE_INDEX).sum())
         truth = np.where(chunk_pred.classes == IGNORE_INDEX, IGNORE_INDEX, truth)
         confusion += confusion_matrix(
             torch.from_numpy(chunk_pred.classes.astype(np.int64)),
             torch.from_numpy(truth.astype(np.int64)),
             classes,
+        )
+    if int(confusion.sum()) == 0 and labeled:  # the labels are there, the imagery is not
+        raise PipelineError(
+            f"{info.path}: no valid pixel (every band nodata, NaN or inf) under the {labeled} "
+            f"labeled pixels of the scored region ({region}); check the scene and its nodata"
         )
     if int(confusion.sum()) == 0:  # scores of nothing would read as zeros
         raise PipelineError(

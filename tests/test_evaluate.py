@@ -148,3 +148,18 @@ def test_a_region_without_labeled_pixels_is_an_error_not_zero_scores(atlanta, tm
     code = main([*args, "--split", "columns:0.7", "--region", "validation"])
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines
     assert code == 2 and error.startswith("geodnn: error:") and "no labeled pixel" in error
+
+
+def test_a_scene_without_valid_pixels_under_the_labels_is_named_not_the_labels(
+    atlanta, tmp_path, capsys
+):
+    scene, labels, ckpt, _ = atlanta
+    with rasterio.open(scene) as src:
+        profile, data = src.profile, src.read()
+    blank = tmp_path / "blank.tif"
+    with rasterio.open(blank, "w", **(profile | {"dtype": "float32", "nodata": None})) as dst:
+        dst.write(np.full(data.shape, np.nan, dtype=np.float32))  # every band NaN everywhere
+    code = main(["evaluate", str(ckpt), str(blank), "--labels", str(labels)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith(f"geodnn: error: {blank}: no valid pixel")
+    assert "check the scene and its nodata" in error
