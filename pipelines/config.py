@@ -118,6 +118,7 @@ AT_LEAST_ONE = {
     ("tile", "tile"), ("data", "crop"), ("train", "iterations"), ("train", "epoch"),
     ("train", "batch_size"), ("train", "threads"), ("parallel", "workers"),
     ("predict", "chunk"), ("predict", "batch"), ("model", "width"), ("model", "kernel_size"),
+    ("pipeline", "microbatches"),
 }  # fmt: skip
 POSITIVE = {("train", "divergence_factor"), ("parallel", "timeout_s")}
 
@@ -212,6 +213,43 @@ def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
             raise PipelineError(f"{path}: {exc}") from None
 
 
+# geodnn.parallel.pipeline.SCHEDULES' names (not imported: that loads torch.distributed.pipelining)
+PIPELINE_SCHEDULES = ("gpipe", "1f1b")
+
+
+def check_pipeline_table(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    """[pipeline] schedule, checked at load so that the error names the file once, before
+    torchrun starts ranks that would each refuse it; refused in a run of another solver too (a
+    typo is a typo). microbatches >= 1 is checked with the types (AT_LEAST_ONE)."""
+    schedule = tables["pipeline"]["schedule"]
+    if schedule not in PIPELINE_SCHEDULES:
+        raise PipelineError(
+            f"{path}: [pipeline] schedule = {schedule!r} is unknown; use "
+            f"{' or '.join(repr(s) for s in PIPELINE_SCHEDULES)}"
+        )
+
+
+def check_pipeline_batch(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    """A pipeline run cuts each batch ([pipeline] batch_size, else [train] batch_size) into
+    [pipeline] microbatches equal parts: refuse a count that does not divide it. Checked before
+    `geodnn train` starts ranks (pipelines.train.check_parallel), not at load: `geodnn run`
+    refuses the pipeline solver itself, with its own fix."""
+    table = tables["pipeline"]
+    batch, parts = table.get("batch_size", tables["train"]["batch_size"]), table["microbatches"]
+    if tables["train"]["solver"] == "pipeline" and batch % parts:
+        where = "[pipeline]" if "batch_size" in table else "[train]"
+        raise PipelineError(
+            f"{path}: [pipeline] microbatches = {parts} does not divide the batch of {batch} "
+            f"({where} batch_size); use a divisor of {batch}, e.g. microbatches = "
+            f"{largest_divisor(batch, parts)}"
+        )
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of `n` that is at most `at_most` (1 at least)."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
 def check_model_table(model: dict[str, Any], path: Path) -> None:
     """[model] against the network's own rules (geodnn.model.OPTION_RULES), so a bad value fails
     at load time, naming the file, before `geodnn run` tiles or `geodnn train` writes anything."""
@@ -240,6 +278,7 @@ def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
         )
     if tables["parallel"]["workers"] < 1:
         raise PipelineError(f"{path}: [parallel] workers must be >= 1")
+    check_pipeline_table(tables, path)
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -16,11 +16,14 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import tomllib
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +31,13 @@ import numpy as np
 import tomli_w
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import geodnn
 from geodnn.atomic import atomic_path
-from geodnn.checkpoint import atomic_torch_save
+from geodnn.checkpoint import atomic_torch_save, check_torch_header, read_torch_file
 from geodnn.data import weights_from_counts
-from geodnn.errors import DivergenceError
+from geodnn.errors import CheckpointError, DivergenceError
 from geodnn.metrics import (
     IGNORE_INDEX,
     SegmentationScores,
@@ -48,20 +52,20 @@ from geodnn.parallel import (
     all_reduce_sum,
     share_module,
 )
-from geodnn.parallel.launch import report_exit_code
+from geodnn.parallel.launch import EXIT_CODES_ENV, report_exit_code
 from geodnn.parallel.rankstate import (
     LATEST,
     latest_iteration,
     latest_world_size,
     save_rank_checkpoint,
 )
-from geodnn.runtime import retain_freed_memory
+from geodnn.runtime import StopSignal, retain_freed_memory, stop_signals_raise
 from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.store import TileStore
 
-from .config import SOLVERS, Config, load_config
+from .config import SOLVERS, Config, check_pipeline_batch, load_config
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
 from .errors import PipelineError
@@ -331,20 +335,39 @@ def write_metrics(path: Path, records: list[EpochRecord], class_names: list[str]
     atomic_write_text(path, buffer.getvalue())
 
 
+MARKED_POINTS = 30  # curves of up to this many epochs mark each point (one alone is no line)
+
+
 def plot_curves(path: Path, records: list[EpochRecord], class_names: list[str], title: str) -> None:
     """Training loss, validation loss and validation IoU per class against iterations."""
     its = [r.iteration for r in records]
+    style = {"marker": "o", "markersize": 4} if len(records) <= MARKED_POINTS else {}
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_iou = fig.subplots(1, 2)
-    ax_loss.plot(its, [r.train_loss for r in records], label="train (real network)")
-    ax_loss.plot(its, [r.val_loss for r in records], label="validation")
+    ax_loss.plot(its, [r.train_loss for r in records], label="train (real network)", **style)
+    ax_loss.plot(its, [r.val_loss for r in records], label="validation", **style)
     ax_loss.set(xlabel="iteration", ylabel="weighted cross-entropy", title=f"{title}: loss")
-    ax_loss.legend()
+    ax_loss.legend(loc="best")
     for c, name in enumerate(class_names):
-        ax_iou.plot(its, [r.val_iou[c] for r in records], label=name)
+        ax_iou.plot(its, [r.val_iou[c] for r in records], label=name, **style)
     ax_iou.set(xlabel="iteration", ylabel="IoU", ylim=(0, 1), title=f"{title}: validation IoU")
-    ax_iou.legend()
+    # beside the panel: IoUs fill it from 0 (rare classes) to near 1 (background)
+    ax_iou.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    for ax in (ax_loss, ax_iou):
+        iteration_axis(ax, its)
     save_figure(fig, path)
+
+
+def iteration_axis(ax, its: list[int]) -> None:
+    """Iterations from 0 (the untrained network) to just past the last epoch, whole numbers
+    only: one epoch alone would otherwise get a span of +-4 % around its iteration."""
+    ax.set_xlim(0, max(its, default=1) * 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def iou_summary(class_names: list[str], ious: list[float]) -> str:
+    """Per-class IoUs for a person: 'background 0.944, roads 0.037'."""
+    return ", ".join(f"{name} {iou:.3f}" for name, iou in zip(class_names, ious))
 
 
 @dataclass
@@ -352,6 +375,7 @@ class TrainResult:
     run_dir: Path
     checkpoint: Path
     records: list[EpochRecord]
+    class_names: list[str] = field(default_factory=list)  # of the records' per-class scores
 
 
 STORE_RECORD = "store.json"  # which tile store the run trains on, by content
@@ -412,32 +436,134 @@ def save_epoch(
 
 
 def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRecord]:
-    """Rows of an earlier metrics.csv up to iteration `upto` (for an exact resume)."""
-    if not path.is_file():
-        return []
+    """Rows of the run's metrics.csv up to iteration `upto`, the state's (an exact resume);
+    refused when it cannot be read or lacks that row (the earlier epochs' rows would vanish:
+    each row is written before the state of its iteration)."""
+    try:
+        with path.open(newline="") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["iteration"]) <= upto]
+        records = [metrics_record(row, class_names) for row in rows]
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
+        raise damaged_run_file(path, "the run's metrics are unreadable") from None
+    if not records or records[-1].iteration != upto:
+        raise damaged_run_file(
+            path, f"the run's metrics lack the row of iteration {upto}, where its state stands"
+        )
+    return records
+
+
+def metrics_record(row: dict, class_names: list[str]) -> EpochRecord:
+    """One metrics.csv row as the EpochRecord that wrote it."""
     known = {"iteration", "elapsed_s", "train_loss", "val_loss", "pixel_accuracy"}
     known |= {f"val_iou_{n}" for n in class_names} | {f"val_f1_{n}" for n in class_names}
-    records = []
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            if int(row["iteration"]) > upto:
-                break
-            iou = [float(row[f"val_iou_{n}"]) for n in class_names]
-            f1 = [float(row[f"val_f1_{n}"]) for n in class_names]
-            extra = {k: float(v) for k, v in row.items() if k not in known and v != ""}
-            records.append(
-                EpochRecord(
-                    int(row["iteration"]),
-                    float(row["elapsed_s"]),
-                    float(row["train_loss"]),
-                    float(row["val_loss"]),
-                    iou,
-                    f1,
-                    float(row["pixel_accuracy"]),
-                    extra,
-                )
-            )
-    return records
+    return EpochRecord(
+        int(row["iteration"]),
+        float(row["elapsed_s"]),
+        float(row["train_loss"]),
+        float(row["val_loss"]),
+        [float(row[f"val_iou_{n}"]) for n in class_names],
+        [float(row[f"val_f1_{n}"]) for n in class_names],
+        float(row["pixel_accuracy"]),
+        {k: float(v) for k, v in row.items() if k not in known and v != ""},
+    )
+
+
+def damaged_run_file(path: Path, what: str) -> PipelineError:
+    """The one-line refusal of a resume whose run folder lost or damaged a file it needs."""
+    return PipelineError(
+        f"{path}: {what}; restore the file, or start the run again with --overwrite (instead "
+        "of --resume)"
+    )
+
+
+MISSING = "missing, yet the run folder holds a training state to resume"
+
+
+def check_resume_files(run_dir: Path) -> None:
+    """Refuse, before anything is written, a resume whose state.pt is empty or cut short, or
+    whose metrics.csv is missing or unreadable (resuming would drop the earlier epochs' rows);
+    config.toml is checked by `check_resume_config`."""
+    state = run_dir / "state.pt"
+    if state.is_file() and not state_file_is_whole(state):
+        raise unreadable_state(state)
+    metrics = run_dir / "metrics.csv"
+    if not metrics.is_file():
+        raise damaged_run_file(metrics, MISSING)
+    if not metrics_file_is_whole(metrics):
+        raise damaged_run_file(metrics, "the run's metrics are unreadable (no rows of numbers)")
+
+
+def unreadable_state(path: Path) -> PipelineError:
+    return damaged_run_file(path, "the run's training state is unreadable (empty or damaged)")
+
+
+def state_file_is_whole(path: Path) -> bool:
+    """False for an empty or foreign file, or a zip (torch.save's format) cut short: one
+    without its central directory. Cheap; damage inside a whole file shows in `read_state`."""
+    try:
+        check_torch_header(path)
+        with path.open("rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+    except (CheckpointError, OSError):
+        return False
+    return not zipped or zipfile.is_zipfile(path)
+
+
+def read_state(path: Path, device: str) -> dict:
+    """A single-process run's state.pt (safe loading), a damaged one refused in one line."""
+    try:
+        return read_torch_file(path, device)
+    except CheckpointError:
+        raise unreadable_state(path) from None
+
+
+def metrics_file_is_whole(path: Path) -> bool:
+    """True for a metrics.csv with a header and at least one row, each all numbers (or blanks:
+    columns an epoch did not have)."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return bool(rows) and all(numeric_row(row) for row in rows)
+
+
+def numeric_row(row: dict) -> bool:
+    """A csv.DictReader row with an iteration and numbers (a short or long row fails: None
+    values or a None key)."""
+    try:
+        int(row["iteration"])
+        for value in row.values():
+            if value != "":
+                float(value)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+# the temporary names `geodnn.atomic.atomic_path` (under atomic_write_text, atomic_torch_save,
+# save_figure and rankstate's writers) gives a write to NAME in the run folder: '.NAME.',
+# mkstemp's 8 random characters, '.tmp' and NAME's suffix; a process killed mid-write leaves one
+_RUN_TARGETS = [(re.escape(n), Path(n).suffix) for n in (*RUN_FILES, LATEST)]
+_RUN_TARGETS.append((r"rank\d+-of-\d+-it\d+\.pt", ".pt"))
+STALE_TEMP = re.compile(
+    "|".join(rf"\.{name}\.[a-z0-9_]{{8}}\.tmp{re.escape(suffix)}" for name, suffix in _RUN_TARGETS)
+)
+
+
+def remove_stale_temps(run_dir: Path) -> int:
+    """Remove the temporary files geodnn's atomic writers left in `run_dir` when a process was
+    killed mid-write (nothing else: only names `STALE_TEMP` matches); returns how many."""
+    if not run_dir.is_dir():
+        return 0
+    stale = [p for p in run_dir.iterdir() if STALE_TEMP.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info(
+            "%s: removed %d temporary file(s) left by an interrupted write", run_dir, len(stale)
+        )
+    return len(stale)
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -447,6 +573,7 @@ def clear_run_dir(run_dir: Path) -> None:
     for pattern in RANK_FILES:
         for path in run_dir.glob(pattern):
             path.unlink()
+    remove_stale_temps(run_dir)
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -455,6 +582,7 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
+        check_resume_files(run_dir)
         check_resume_config(config, run_dir)
         check_resume_store(config, run_dir)
     elif holds_run(run_dir) and not overwrite:
@@ -465,10 +593,12 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
 
 
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check the run folder (`check_run_dir`) and remove stale temporary files; for a new run,
+    clear an earlier one and record the config as run and the tile store."""
     check_run_dir(config, run_dir, resume, overwrite)
+    remove_stale_temps(run_dir)
     if resume:
-        atomic_write_text(run_dir / "config.toml", config_as_run(config))
-        return
+        return  # config.toml is rewritten once the state is read (`resume_from`)
     if holds_run(run_dir):
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -576,9 +706,7 @@ def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:
 def check_resume_config(config: Config, run_dir: Path) -> None:
     """Resuming with other hyperparameters would not continue the same run: refuse it."""
     saved_path = run_dir / "config.toml"
-    if not saved_path.is_file():
-        return
-    saved = tomllib.loads(saved_path.read_text())
+    saved = read_saved_config(saved_path)
     current = tomllib.loads(config_as_run(config))
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
@@ -602,8 +730,19 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
         )
 
 
+def read_saved_config(path: Path) -> dict:
+    """The run folder's config.toml, the settings the run started with; refused in one line
+    when missing or unreadable (the settings check would be skipped)."""
+    if not path.is_file():
+        raise damaged_run_file(path, MISSING)
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise damaged_run_file(path, f"the run's config is unreadable ({exc})") from None
+
+
 def check_state(state: dict | None, path: Path, solver_name: str) -> dict:
-    if state is None or state.get("format") != STATE_FORMAT:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise PipelineError(f"{path}: not a geodnn training state; drop --resume")
     if state["solver"] != solver_name:
         raise PipelineError(
@@ -628,7 +767,7 @@ def make_solver_for(setup: TrainSetup, resume: bool) -> tuple[object, dict | Non
         setup.model.to(setup.device)
         solver = make_solver(name, setup.model, setup.train_data, solver_settings(setup), seed)
         path = setup.run_dir / "state.pt"
-        state = torch.load(path, map_location=setup.device, weights_only=True) if resume else None
+        state = read_state(path, setup.device) if resume else None
     return solver, (check_state(state, path, name) if resume else None)
 
 
@@ -650,7 +789,8 @@ def ranks_to_launch(config: Config) -> int:
 
 def check_parallel(config: Config) -> None:
     """[parallel] settings the ranks could not run, refused before any rank starts: a solver
-    without a multi-rank form, more ranks than layers, compression outside 1..8 bits."""
+    without a multi-rank form, more ranks than layers, micro-batches that do not divide the
+    batch, compression outside 1..8 bits; compression that would be ignored is warned of."""
     parallel, ranks = config["parallel"], world_size_for(config)
     if ranks > 1 and config.solver not in ("admm", "pipeline"):
         raise PipelineError(
@@ -663,11 +803,26 @@ def check_parallel(config: Config) -> None:
             f"{config.path}: {ranks} workers for a chain of {layers} layers; pass --workers "
             f"{layers} or fewer (each rank owns at least one layer)"
         )
+    check_pipeline_batch(config.tables, config.path)
     bits = parallel["compress_bits"]
     if bits and not 1 <= bits <= 8:
         raise PipelineError(
             f"{config.path}: compress_bits {bits}; pass 1 to 8 (quantized messages) or 0 (plain)"
         )
+    ignored = config.solver != "admm" or ranks < 2
+    if bits and ignored and is_leader() and not launched_rank():
+        warnings.warn(
+            f"{config.path}: compress_bits {bits} has no effect on this run (solver "
+            f"{config.solver}, {ranks} worker(s)): it quantizes only ADMM's boundary messages "
+            "with --workers 2 or more; drop it, or pass --solver admm --workers N",
+            stacklevel=2,
+        )
+
+
+def launched_rank() -> bool:
+    """True in a rank `geodnn train --workers N` started: its launcher ran the pre-launch
+    checks and warned already (a rank torchrun started directly has no launcher)."""
+    return is_rank() and EXIT_CODES_ENV in os.environ
 
 
 def world_size_for(config: Config) -> int:
@@ -774,16 +929,25 @@ def _train(
     records: list[EpochRecord] = []
     elapsed0 = 0.0
     if state is not None:
-        solver.load_state_dict(state["solver_state"])
-        elapsed0 = state["elapsed_s"]
-        records = read_metrics(run_dir / "metrics.csv", setup.class_names, state["iteration"])
-        log.info("resuming %s at iteration %d", run_dir, solver.iteration)
+        records, elapsed0 = resume_from(setup, solver, state)
     run_epochs(setup, solver, records, elapsed0, progress and is_leader())
     final = run_dir / "model.pt"
     if is_leader():
         with atomic_path(final) as tmp:
             shutil.copyfile(run_dir / "last.pt", tmp)
-    return TrainResult(run_dir=run_dir, checkpoint=final, records=records)
+    return TrainResult(run_dir, final, records, setup.class_names)
+
+
+def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecord], float]:
+    """Put a resumed run's state into `solver`; its metrics rows and training time so far.
+    Only then the leader records the config the run goes on with: a run folder refused for a
+    damaged file keeps the config.toml it was started with."""
+    records = read_metrics(setup.run_dir / "metrics.csv", setup.class_names, state["iteration"])
+    solver.load_state_dict(state["solver_state"])
+    if is_leader():
+        atomic_write_text(setup.run_dir / "config.toml", config_as_run(setup.config))
+    log.info("resuming %s at iteration %d", setup.run_dir, solver.iteration)
+    return records, state["elapsed_s"]
 
 
 def epoch_loss(losses: list[float]) -> float:
@@ -803,6 +967,7 @@ def run_epochs(
     with progress_bar(total, desc, "it", progress, initial=solver.iteration) as bar:
         start = time.perf_counter() - elapsed0
         losses: list[float] = []
+        shown: dict[str, str] = {}  # the bar's postfix: running loss, last validation IoU
         ended = _finished(solver) if solver.iteration < total else None
         if ended:  # a resumed run its stopping rule had ended
             log.info("not training on: %s (iteration %d)", ended, solver.iteration)
@@ -818,7 +983,8 @@ def run_epochs(
             if stop:
                 log.info("stopping at iteration %d: %s", solver.iteration, stop)
             if solver.iteration % epoch and solver.iteration < total and not stop:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}" if losses else "warming up", refresh=False)
+                shown["loss"] = f"{losses[-1]:.3f}" if losses else "warming up"
+                bar.set_postfix(shown, refresh=False)  # replaces the postfix: keep the IoU in
                 continue
             stats = settle(solver, stats, losses)
             mean_loss = epoch_loss(losses)
@@ -830,7 +996,8 @@ def run_epochs(
             record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
             start += time.perf_counter() - paused  # elapsed_s counts training, not validation
             if record is not None:
-                bar.set_postfix(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+                shown.update(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+                bar.set_postfix(shown)
             if stop:
                 break
 
@@ -969,7 +1136,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 3
     if is_leader():
         last = result.records[-1] if result.records else None
-        iou = f", validation IoU {last.val_iou}" if last else ""
+        iou = f", validation IoU {iou_summary(result.class_names, last.val_iou)}" if last else ""
         print(f"trained {config.solver}: {result.checkpoint}{iou}")
     return 0
 
@@ -983,11 +1150,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="geodnn: %(levelname)s: %(message)s")
     from .cli import USER_ERRORS
 
+    rank = os.environ.get("RANK", "0")
     try:
-        code = args.func(args)
+        with stop_signals_raise():  # torchrun forwards SIGTERM: unwind, no temporary file left
+            code = args.func(args)
     except USER_ERRORS as exc:
-        print(f"geodnn: error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        print(f"geodnn: error (rank {rank}): {exc}", file=sys.stderr)
         code = 1 if isinstance(exc, RankFailureError) else 2  # a peer failed: not the user's
+    except StopSignal as stop:  # as `geodnn` itself (pipelines/cli.py) ends on one
+        print(f"geodnn: rank {rank} stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        code = 128 + stop.signum
 
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
     return code

@@ -118,3 +118,43 @@ def test_shipped_configs_load_and_point_at_shipped_data(path):
         value = config["scene"][key]
         if value is not None:
             assert config.resolve(value).is_file(), f"{path.name}: {key} {value} missing"
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[pipeline]\nschedule = "zigzag"\n', r"\[pipeline\] schedule = 'zigzag' is unknown"),
+        ('[pipeline]\nschedule = "interleaved"\n', r"\[pipeline\] schedule = 'interleaved'"),
+        ('[train]\nsolver = "admm"\n[pipeline]\nschedule = "zigzag"\n', r"'gpipe' or '1f1b'"),
+        ("[pipeline]\nmicrobatches = 0\n", r"\[pipeline\] microbatches must be >= 1, not 0"),
+    ],
+)
+def test_bad_pipeline_values_fail_at_load_in_any_run(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises(PipelineError, match=match) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pipeline_schedules_known_at_load_are_the_solver_s():
+    from geodnn.parallel.pipeline import SCHEDULES
+    from pipelines.config import PIPELINE_SCHEDULES
+
+    assert set(PIPELINE_SCHEDULES) == set(SCHEDULES)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[train]\nbatch_size = 16\n[pipeline]\nmicrobatches = 3\n", r"16 \(\[train\] batch_size"),
+        ("[pipeline]\nbatch_size = 6\nmicrobatches = 4\n", r"6 \(\[pipeline\] batch_size"),
+    ],
+)
+def test_pipeline_microbatches_must_divide_the_pipeline_s_batch(tmp_path, text, match):
+    from pipelines.config import check_pipeline_batch
+
+    path = write(tmp_path, text)
+    config = load_config(path, {"train": {"solver": "pipeline"}})
+    with pytest.raises(PipelineError, match=rf"\[pipeline\] microbatches = \d does not .*{match}"):
+        check_pipeline_batch(config.tables, path)
+    check_pipeline_batch(load_config(path).tables, path)  # an admm run does not cut batches

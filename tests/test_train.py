@@ -440,3 +440,208 @@ def test_stores_without_labeled_pixels_to_learn_or_score_are_refused(
     group.attrs["class_pixel_counts"] = [0, 0]  # nothing labeled where training happens
     assert main(["train", str(train_config(copy).path), "--out", str(tmp_path / "d")]) == 2
     assert "training region has no labeled pixels" in capsys.readouterr().err
+
+
+def _zip_without_torch_data(path):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "a zip, but no torch.save archive")
+
+
+DAMAGE = {
+    "state-truncated": (
+        "state.pt",
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    ),
+    "state-empty": ("state.pt", lambda p: p.write_bytes(b"")),
+    "state-foreign-zip": ("state.pt", _zip_without_torch_data),
+    "config-not-toml": ("config.toml", lambda p: p.write_text("x = = 1\n")),
+    "config-missing": ("config.toml", lambda p: p.unlink()),
+    "metrics-missing": ("metrics.csv", lambda p: p.unlink()),
+    "metrics-empty": ("metrics.csv", lambda p: p.write_bytes(b"")),
+    "metrics-garbage": ("metrics.csv", lambda p: p.write_text("iteration,val_loss\n3,oops\n")),
+    # rows before the state's iteration only: the last epoch's row would vanish
+    "metrics-cut-short": (
+        "metrics.csv",
+        lambda p: p.write_text("\n".join(p.read_text().splitlines()[:2]) + "\n"),
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_refuses_a_damaged_or_missing_run_file_in_one_line(
+    damage, tmp_path, store, train_config, capsys
+):
+    name, spoil = DAMAGE[damage]
+    run = tmp_path / "run"
+    train(train_config(store, iterations=6), run, progress=False)
+    spoil(run / name)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    config = train_config(store, iterations=9)
+    code = main(["train", str(config.path), "--out", str(run), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert str(run / name) in err and "restore the file" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched
+
+
+def test_progress_bar_keeps_the_validation_iou_beside_the_running_loss(
+    tmp_path, store, train_config, monkeypatch
+):
+    import pipelines.train as training
+
+    postfixes = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            postfixes.append({**(ordered_dict or {}), **kwargs})
+
+    monkeypatch.setattr(training, "progress_bar", Bar)
+    train(train_config(store, iterations=9), tmp_path / "run", progress=True)
+    first_iou = next(i for i, p in enumerate(postfixes) if "iou" in p)
+    later = postfixes[first_iou:]
+    assert len(later) > 3 and all("iou" in p and "loss" in p for p in later), postfixes
+
+
+def _record(iteration, loss, ious):
+    from pipelines.train import EpochRecord
+
+    return EpochRecord(iteration, 1.0, loss, loss, ious, ious, 0.9)
+
+
+def _curves(monkeypatch, records):
+    """The figure `plot_curves` would save for `records`."""
+    import pipelines.train as training
+
+    saved = []
+    monkeypatch.setattr(training, "save_figure", lambda fig, path: saved.append(fig))
+    training.plot_curves(Path("curves.png"), records, ["background", "roads"], "adam")
+    return saved[0]
+
+
+def test_curves_of_one_epoch_show_their_points(monkeypatch):
+    fig = _curves(monkeypatch, [_record(3, 0.7, [0.94, 0.04])])
+    ax_loss, ax_iou = fig.axes[:2]
+    for ax in (ax_loss, ax_iou):
+        assert ax.lines and all(line.get_marker() not in ("None", "", None) for line in ax.lines)
+        low, high = ax.get_xlim()
+        assert low <= 0 and 3 < high <= 4  # from the start of training, not 2.88 to 3.12
+    fig.draw_without_rendering()  # the legend beside the IoU panel, not over its curves
+    legend = ax_iou.get_legend().get_window_extent()
+    assert not legend.overlaps(ax_iou.get_window_extent())
+
+
+def test_cli_names_each_class_s_validation_iou(tmp_path, store, train_config, capsys):
+    import re
+
+    config = train_config(store, iterations=3)
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"validation IoU background \d\.\d{3}, roads \d\.\d{3}$", out), out
+
+
+def test_a_new_resumed_or_overwritten_run_removes_stale_temporary_files(
+    tmp_path, store, train_config, caplog
+):
+    import os
+    import tempfile
+
+    run = tmp_path / "run"
+    run.mkdir()
+    kept = [".notes.txt.abcdefgh.tmp.txt", "my.tmp.pt", ".state.pt.abc.tmp.pt", "curves.png.tmp"]
+    kept += [".curves.png.abcdefgh.tmp.png.bak", ".rank1-of-2-it20.pt.abcdefgh.tmp.txt"]
+    for name in kept:
+        (run / name).write_text("the user's")
+
+    def leave_temps():
+        """What writers killed mid-write leave (geodnn.atomic.atomic_path's names)."""
+        for target in ("state.pt", "curves.png", "rank1-of-2-it20.pt", "ranks-latest.txt"):
+            fd, _ = tempfile.mkstemp(
+                prefix=f".{target}.", suffix=f".tmp{Path(target).suffix}", dir=run
+            )
+            os.close(fd)
+
+    for resume, overwrite, iterations in [(False, False, 3), (True, False, 6), (False, True, 3)]:
+        leave_temps()
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train(train_config(store, iterations=iterations), run, resume, overwrite, False)
+        assert "removed 4 temporary file(s)" in caplog.text
+        assert not [p.name for p in run.iterdir() if ".tmp." in p.name and p.name not in kept]
+        assert all((run / name).read_text() == "the user's" for name in kept)
+
+
+def test_a_rank_stopped_by_sigterm_unwinds_and_reports_128_plus_the_signal(
+    tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    import pipelines.train as training
+    from geodnn.atomic import atomic_path
+
+    codes = []
+
+    def checkpointing(args):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would kill"
+        with atomic_path(tmp_path / "rank1-of-2-it20.pt") as tmp:
+            tmp.write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGTERM)  # as torchrun forwards it
+            pytest.fail("SIGTERM did not unwind")
+        return 0
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(training, "run_command", checkpointing)
+    monkeypatch.setattr(training, "report_exit_code", codes.append)
+    monkeypatch.setenv("RANK", "1")
+    assert training.main(["job.toml"]) == 128 + signal.SIGTERM
+    assert codes == [128 + signal.SIGTERM]
+    assert capsys.readouterr().err.strip() == "geodnn: rank 1 stopped by SIGTERM"
+    assert list(tmp_path.iterdir()) == []  # the temporary file was removed on the way out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize(
+    "solver, workers, warned",
+    [("admm", 1, True), ("adam", 1, True), ("pipeline", 2, True), ("admm", 2, False)],
+)
+def test_compress_bits_without_effect_is_warned_of(solver, workers, warned, store, train_config):
+    import warnings
+
+    from pipelines.train import check_parallel
+
+    path = train_config(store, extra="[pipeline]\nmicrobatches = 2\n").path
+    overrides = {"train": {"solver": solver}, "parallel": {"workers": workers, "compress_bits": 8}}
+    config = load_config(path, overrides)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_parallel(config)
+    notes = [str(w.message) for w in caught if "compress_bits" in str(w.message)]
+    assert len(notes) == (1 if warned else 0), notes
+    assert not warned or ("no effect" in notes[0] and str(path) in notes[0])
+
+
+def test_pipeline_microbatches_that_do_not_divide_the_batch_are_refused_before_launch(
+    tmp_path, store, train_config, monkeypatch, capsys
+):
+    import pipelines.distributed
+
+    monkeypatch.setattr(pipelines.distributed, "launch_training", lambda *a: pytest.fail("ran"))
+    config = train_config(store, iterations=3, extra="[pipeline]\nmicrobatches = 3\n")
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run"), "--solver", "pipeline"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and str(config.path) in err
+    assert "[pipeline] microbatches = 3 does not divide the batch of 4" in err
