@@ -281,8 +281,14 @@ def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
     check_pipeline_table(tables, path)
 
 
-def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Read a TOML config, fill defaults, apply `overrides` (table -> key -> value), validate."""
+def load_config(
+    path: str | Path,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    flags: dict[tuple[str, str], str] | None = None,
+) -> Config:
+    """Read a TOML config, fill defaults, validate, apply `overrides` (table -> key -> value,
+    None = not given) and validate again: a bad value from the command line is blamed on its
+    option (`flags`: (table, key) -> "--option"), not on the file."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise PipelineError(f"{path}: config not found; pass a TOML file (see pipelines/configs/)")
@@ -291,7 +297,23 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
     tables = merge_defaults(raw, path)
-    for table, values in (overrides or {}).items():
-        tables[table].update({k: v for k, v in values.items() if v is not None})
     validate(tables, path)
+    given = {
+        (table, key): value
+        for table, values in (overrides or {}).items()
+        for key, value in values.items()
+        if value is not None
+    }
+    for (table, key), value in given.items():
+        tables[table][key] = value
+    try:
+        validate(tables, path)
+    except PipelineError as exc:
+        said = str(exc).removeprefix(f"{path}: ")
+        raise PipelineError(f"command line {_options(given, flags or {})}: {said}") from None
     return Config(path=path, tables=tables)
+
+
+def _options(given: dict[tuple[str, str], Any], flags: dict[tuple[str, str], str]) -> str:
+    """The overrides as the user gave them: '--iterations 0' (a key without a flag: its table)."""
+    return " ".join(f"{flags.get(key, '[{}] {}'.format(*key))} {v}" for key, v in given.items())

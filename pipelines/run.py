@@ -450,7 +450,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, {"train": {"iterations": args.iterations}})
+    flags = {("train", "iterations"): "--iterations"}
+    config = load_config(args.config, {"train": {"iterations": args.iterations}}, flags)
     run_dir = args.out or Path("runs") / config.path.stem
     options = ("--iterations", str(args.iterations)) if args.iterations is not None else ()
     try:

@@ -807,7 +807,8 @@ def check_parallel(config: Config) -> None:
     bits = parallel["compress_bits"]
     if bits and not 1 <= bits <= 8:
         raise PipelineError(
-            f"{config.path}: compress_bits {bits}; pass 1 to 8 (quantized messages) or 0 (plain)"
+            f"{config.path}: compress_bits {bits} (--compress-bits, else [parallel] "
+            "compress_bits); pass 1 to 8 (quantized messages) or 0 (plain)"
         )
     ignored = config.solver != "admm" or ranks < 2
     if bits and ignored and is_leader() and not launched_rank():
@@ -1117,8 +1118,17 @@ def overrides_from(args: argparse.Namespace) -> dict:
     }
 
 
+# The command-line options of `geodnn train` that override config values, for messages.
+OVERRIDE_FLAGS = {
+    ("train", "solver"): "--solver",
+    ("train", "iterations"): "--iterations",
+    ("parallel", "workers"): "--workers",
+    ("parallel", "compress_bits"): "--compress-bits",
+}
+
+
 def run_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides_from(args))
+    config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
     if args.resume:

@@ -31,6 +31,20 @@ def test_overrides_apply_and_none_keeps_the_file_value(tmp_path):
     assert config["train"]["iterations"] == 50 and config.solver == "adam"
 
 
+def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
+    path = write(tmp_path, "[train]\niterations = 50\n")
+    flags = {("train", "iterations"): "--iterations"}
+    with pytest.raises(PipelineError) as info:
+        load_config(path, {"train": {"iterations": 0, "solver": None}}, flags)
+    said = str(info.value)
+    assert said == "command line --iterations 0: [train] iterations must be >= 1, not 0"
+    with pytest.raises(PipelineError, match=r"^command line \[train\] iterations 0: "):
+        load_config(path, {"train": {"iterations": 0}})  # no flag known: the key
+    bad = write(tmp_path, "[train]\niterations = 0\n")
+    with pytest.raises(PipelineError, match=f"^{bad}: "):  # the file's own value: the file
+        load_config(bad, {"train": {"iterations": 10}}, flags)
+
+
 @pytest.mark.parametrize(
     "text, match",
     [

@@ -392,7 +392,7 @@ def test_ranks_validate_and_calibrate_in_shares_as_one_process_would(store):
     [
         (["--workers", "2", "--solver", "adam"], "solver 'adam' runs in one process"),
         (["--workers", "5", "--solver", "admm"], "5 workers for a chain of 4 layers"),
-        (["--compress-bits", "33"], "compress_bits 33; pass 1 to 8"),
+        (["--compress-bits", "33"], "compress_bits 33 (--compress-bits, else "),
         (["--workers", "2", "--solver", "admm", "--compress-bits", "9"], "compress_bits 9"),
         (["--workers", "2", "--solver", "admm"], "already holds a run; pass --resume"),
     ],
