@@ -1170,6 +1170,9 @@ def main(argv: list[str] | None = None) -> int:
     except StopSignal as stop:  # as `geodnn` itself (pipelines/cli.py) ends on one
         print(f"geodnn: rank {rank} stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         code = 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C to torchrun run by hand reaches every rank as SIGINT
+        print(f"geodnn: rank {rank} interrupted", file=sys.stderr)
+        code = 130
 
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
     return code

@@ -125,8 +125,18 @@ def test_resume_with_other_worker_count_is_a_user_error(tmp_path):
     ctx = RankContext(0, 3, 0, "gloo", torch.device("cpu"), 5.0)
     with pytest.raises(CheckpointError, match="same number of workers"):
         load_rank_checkpoint(tmp_path, ctx)
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError) as info:  # an empty rank file: one line, the fix
         load_rank_checkpoint(tmp_path, RankContext(0, 2, 0, "gloo", torch.device("cpu"), 5.0))
+    said = str(info.value)
+    assert "rank0-of-2-it3.pt: this rank's checkpoint cannot be read" in said
+    assert "--overwrite" in said and "\n" not in said
+
+
+@pytest.mark.parametrize("marker", ["", "iteration=3\n", "iteration=three\nworld_size=2\n"])
+def test_a_damaged_checkpoint_marker_is_one_line(tmp_path, marker):
+    (tmp_path / "ranks-latest.txt").write_text(marker)
+    with pytest.raises(CheckpointError, match=r"ranks-latest.txt: damaged .* --overwrite$"):
+        latest_iteration(tmp_path)
 
 
 def test_missing_torchrun_environment_is_a_user_error(monkeypatch):

@@ -614,6 +614,20 @@ def test_a_rank_stopped_by_sigterm_unwinds_and_reports_128_plus_the_signal(
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def test_an_interrupted_rank_says_so_in_one_line(monkeypatch, capsys):
+    import pipelines.train as training
+
+    def interrupted(args):
+        raise KeyboardInterrupt  # Ctrl-C to a torchrun started by hand
+
+    codes = []
+    monkeypatch.setattr(training, "run_command", interrupted)
+    monkeypatch.setattr(training, "report_exit_code", codes.append)
+    monkeypatch.setenv("RANK", "2")
+    assert training.main(["job.toml"]) == 130 and codes == [130]
+    assert capsys.readouterr().err.strip() == "geodnn: rank 2 interrupted"
+
+
 @pytest.mark.parametrize(
     "solver, workers, warned",
     [("admm", 1, True), ("adam", 1, True), ("pipeline", 2, True), ("admm", 2, False)],

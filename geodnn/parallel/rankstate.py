@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_write_text
-from ..checkpoint import atomic_torch_save
+from ..checkpoint import atomic_torch_save, read_torch_file
 from ..errors import CheckpointError
 from .group import RankContext, wait_or_fail
 
@@ -25,23 +24,32 @@ def rank_file(folder: Path, rank: int, world_size: int, iteration: int) -> Path:
     return Path(folder) / f"rank{rank}-of-{world_size}-it{iteration}.pt"
 
 
-def _latest_fields(folder: str | os.PathLike) -> dict[str, str] | None:
+def _latest_fields(folder: str | os.PathLike) -> dict[str, int] | None:
+    """The marker's iteration and world_size (None: no marker); a damaged one is one line."""
     path = Path(folder) / LATEST
     if not path.exists():
         return None
-    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+    try:
+        text = path.read_text()
+        fields = dict(line.split("=", 1) for line in text.split() if "=" in line)
+        return {key: int(fields[key]) for key in ("iteration", "world_size")}
+    except (OSError, UnicodeDecodeError, KeyError, ValueError):
+        raise CheckpointError(
+            f"{path}: damaged (it names the last iteration every rank saved, as "
+            "'iteration=N world_size=R'); restore it, or start the run again with --overwrite"
+        ) from None
 
 
 def latest_iteration(folder: str | os.PathLike) -> int | None:
     """The last iteration saved by every rank, or None when the folder has no rank checkpoint."""
     fields = _latest_fields(folder)
-    return None if fields is None else int(fields["iteration"])
+    return None if fields is None else fields["iteration"]
 
 
 def latest_world_size(folder: str | os.PathLike) -> int | None:
     """How many ranks wrote the folder's last complete checkpoint (None: no rank checkpoint)."""
     fields = _latest_fields(folder)
-    return None if fields is None else int(fields["world_size"])
+    return None if fields is None else fields["world_size"]
 
 
 def save_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext, state: dict) -> Path:
@@ -74,6 +82,9 @@ def load_rank_checkpoint(folder: str | os.PathLike, ctx: RankContext) -> dict | 
             f"(see {folder / LATEST})"
         )
     try:
-        return torch.load(path, map_location=ctx.device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"cannot read {path} ({exc}); delete it to restart the run") from exc
+        return read_torch_file(path, ctx.device)
+    except CheckpointError:
+        raise CheckpointError(
+            f"{path}: this rank's checkpoint cannot be read (empty or damaged); restore it, or "
+            "start the run again with --overwrite (instead of --resume)"
+        ) from None
