@@ -32,7 +32,7 @@ from geodnn.errors import DivergenceError
 from tiles.labels import split_layer
 
 from .config import SOLVERS, Config, load_config
-from .errors import PipelineError
+from .errors import DamagedRunError, PipelineError
 from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -301,6 +301,9 @@ def train_solver(p: Pipeline, solver: str) -> Path:
             train(config, run_dir, resume=mode == "resume", overwrite=mode == "new")
         except DivergenceError as exc:
             raise run_divergence(p, solver, exc) from exc
+        except DamagedRunError as exc:  # `geodnn run` has no --overwrite: its own fix
+            fix = f"restore the file, or remove {run_dir} to train {solver} again"
+            raise DamagedRunError(exc.path, exc.what, fix) from exc
     return run_dir / "model.pt"
 
 

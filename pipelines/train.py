@@ -68,7 +68,7 @@ from tiles.store import TileStore
 from .config import SOLVERS, Config, check_pipeline_batch, load_config
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
-from .errors import PipelineError
+from .errors import DamagedRunError, PipelineError
 from .io import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -468,12 +468,10 @@ def metrics_record(row: dict, class_names: list[str]) -> EpochRecord:
     )
 
 
-def damaged_run_file(path: Path, what: str) -> PipelineError:
+def damaged_run_file(path: Path, what: str) -> DamagedRunError:
     """The one-line refusal of a resume whose run folder lost or damaged a file it needs."""
-    return PipelineError(
-        f"{path}: {what}; restore the file, or start the run again with --overwrite (instead "
-        "of --resume)"
-    )
+    fix = "restore the file, or start the run again with --overwrite (instead of --resume)"
+    return DamagedRunError(path, what, fix)
 
 
 MISSING = "missing, yet the run folder holds a training state to resume"

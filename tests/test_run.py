@@ -285,6 +285,20 @@ def test_lowering_the_step_size_after_a_divergence_resumes_from_the_checkpoint(
     assert calls == []
 
 
+def test_a_damaged_training_folder_gets_run_s_own_fix(tiny, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    diverge_after_first_epoch(monkeypatch, "adam")  # leaves adam's state of iteration 2
+    assert main(["run", str(tiny()), "--out", str(run_dir)]) == 3
+    monkeypatch.undo()
+    (run_dir / "train-adam" / "metrics.csv").unlink()
+    capsys.readouterr()
+    assert main(["run", str(tiny()), "--out", str(run_dir)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"geodnn: error: {run_dir / 'train-adam' / 'metrics.csv'}: missing")
+    assert error.endswith(f"remove {run_dir / 'train-adam'} to train adam again")
+    assert "--overwrite" not in error  # `geodnn train`'s fix; `geodnn run` has none
+
+
 def test_dropping_a_solver_from_compare_removes_its_training_folder(tiny, tmp_path):
     run_dir = tmp_path / "run"
     run_pipeline(load_config(tiny()), run_dir)
