@@ -75,6 +75,43 @@ def test_a_region_spanning_every_window_keeps_each_hole(make_geotiff, tmp_path, 
     assert len(biggest.interiors) == len(b.geometry.values[-1].interiors) > 10
 
 
+def test_an_inverted_u_is_one_polygon_though_its_legs_meet_above_the_window_edge(
+    make_geotiff, tmp_path
+):
+    """Its two legs reach the next row of windows apart; they are joined by the bar, which
+    does not: both legs must stay one open region."""
+    classes = np.zeros((8, 12), dtype=np.uint8)
+    classes[0, :] = 1
+    classes[0:6, 0] = classes[0:6, 11] = 1
+    path = class_map(make_geotiff, classes)
+    vectorize_classes(path, tmp_path / "v.gpkg", NAMES, COLORS, VectorOptions(window=4))
+    [geom] = read(tmp_path / "v.gpkg").geometry
+    assert geom.area == pytest.approx(22 * 0.25)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_shapes_cut_by_small_windows_are_the_whole_scene_s_polygons(
+    make_geotiff, tmp_path, seed
+):
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).random((60, 52)), 2.0)
+    classes = np.digitize(noise, np.quantile(noise, [0.45, 0.7])).astype(np.uint8)
+    path = class_map(make_geotiff, classes)
+    vectorize_classes(path, tmp_path / "a.gpkg", NAMES, COLORS, VectorOptions(window=7))
+    vectorize_classes(path, tmp_path / "b.gpkg", NAMES, COLORS, VectorOptions(window=999))
+    a, b = (by_place(read(tmp_path / f"{n}.gpkg")) for n in "ab")
+    assert len(a) == len(b) and (a.area.values == b.area.values).all()
+    assert all(shapely.equals(a.geometry.values, b.geometry.values))
+
+
+def by_place(frame):
+    """Polygons in a fixed order: by class, area and centroid (equal areas are common)."""
+    centroids = frame.geometry.centroid
+    frame = frame.assign(cx=centroids.x.round(6), cy=centroids.y.round(6))
+    return frame.sort_values(["class_id", "area", "cx", "cy"])
+
+
 def test_ring_across_windows_keeps_its_hole(make_geotiff, tmp_path):
     classes = np.zeros((40, 40), dtype=np.uint8)
     classes[5:35, 5:35] = 2

@@ -175,9 +175,10 @@ def _edge_pairs(geoms: list[shapely.Geometry]) -> np.ndarray:
     return np.column_stack([i[keep], j[keep]])
 
 
-def _link(items: list[tuple[int, shapely.Geometry]]) -> list[int]:
+def _link(items: list[tuple[_Region | None, shapely.Geometry]]) -> list[int]:
     """Union-find over (owner, piece) items: each item's root after joining every pair of
-    pieces that share an edge."""
+    pieces that share an edge, and the edge pieces of one open region (they may be joined only
+    through its pieces above the edge: the two legs of an inverted U)."""
     parent = list(range(len(items)))
 
     def root(i: int) -> int:
@@ -186,7 +187,9 @@ def _link(items: list[tuple[int, shapely.Geometry]]) -> list[int]:
             i = parent[i]
         return i
 
-    for i, j in _edge_pairs([g for _, g in items]):
+    first: dict[int, int] = {}  # an open region's first item
+    pairs = [(first.setdefault(id(o), k), k) for k, (o, _) in enumerate(items) if o is not None]
+    for i, j in [*pairs, *_edge_pairs([g for _, g in items])]:
         parent[root(int(j))] = root(int(i))
     return [root(i) for i in range(len(items))]
 
