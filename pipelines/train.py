@@ -856,31 +856,30 @@ class EpochLosses:
     """The epochs' mean training losses, compared for divergence over windows of at least
     DIVERGENCE_WINDOW iterations (`span` epochs): an epoch of 10 batches of 4 crops is about as
     noisy as one batch, and one lucky epoch of 0.03 made the next ordinary one (0.68) look like a
-    divergence. Rebuilt from metrics.csv on resume, so it needs no state of its own."""
+    divergence. Everything it compares is in metrics.csv, so a resumed run checks exactly as an
+    uninterrupted one."""
 
     span: int
     losses: list[float] = field(default_factory=list)
-    untrained: float = math.nan  # the run's first loss (on resume: its first epoch's)
 
     @classmethod
     def from_records(cls, records: list[EpochRecord], epoch: int) -> EpochLosses:
         finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
-        span = max(1, math.ceil(DIVERGENCE_WINDOW / epoch))
-        return cls(span, finite, (finite or [math.nan])[0])
+        return cls(max(1, math.ceil(DIVERGENCE_WINDOW / epoch)), finite)
 
     def check(self, loss: float, iteration: int, factor: float, first_loss: float) -> None:
-        """Add an epoch's mean loss (`first_loss`: its first iteration's) and raise
-        DivergenceError when it is non-finite, or when the mean of the latest `span` epochs is
-        over `factor` x the best earlier full window (before there is one: the untrained
-        network's loss, which no lucky batch lowers) and over the untrained network's loss."""
-        if math.isnan(self.untrained):
-            self.untrained = first_loss
+        """Add an epoch's mean loss and raise DivergenceError when it is non-finite, or when the
+        mean of the latest `span` epochs is over `factor` x the best earlier full window and over
+        the first epoch's mean. The first epoch is held to its own first iteration's loss
+        (`first_loss`, the untrained network's), as long as no earlier full window exists."""
+        start = self.losses[0] if self.losses else first_loss
         self.losses.append(loss)
         n = self.span
         recent = self.losses[-n:]
         earlier = [sum(self.losses[i - n : i]) / n for i in range(n, len(self.losses))]
-        best = min(earlier, default=self.untrained)
-        check_divergence(sum(recent) / len(recent), best, factor, iteration, self.untrained)
+        check_divergence(
+            sum(recent) / len(recent), min(earlier, default=start), factor, iteration, start
+        )
 
 
 def check_divergence(

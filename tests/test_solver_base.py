@@ -82,21 +82,33 @@ def test_a_real_explosion_still_stops_small_and_large_epochs(epoch):
             watch.check(8.0, epoch * (i + 1), 20.0, first_loss=0.05)
 
 
-def test_epoch_windows_after_a_resume_are_those_of_the_uninterrupted_run():
+@pytest.mark.parametrize(
+    "losses, last, diverges",
+    [
+        ([0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3], 3.3, True),  # (0.3 + 3.3) / 2 > 20 x 0.08
+        ([0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3], 2.8, False),  # (0.3 + 2.8) / 2 < 20 x 0.08
+        ([0.30, 0.25], 20.0, True),  # no full window yet: held to the first epoch's 0.30
+        ([0.30, 0.25], 5.0, False),
+    ],
+)
+def test_a_resumed_run_checks_divergence_as_the_uninterrupted_one(losses, last, diverges):
     from types import SimpleNamespace
 
     from pipelines.train import EpochLosses
 
-    losses = [0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3]
-    straight = EpochLosses.from_records([], epoch=25)
+    epoch = 25 if len(losses) > 2 else 10  # windows of 2 epochs, or of 5
+    straight = EpochLosses.from_records([], epoch=epoch)
     for loss in losses:
         straight.check(loss, 0, 20.0, first_loss=0.69)
     records = [SimpleNamespace(train_loss=x) for x in [math.nan, *losses]]  # no loss yet: NaN
-    resumed = EpochLosses.from_records(records, epoch=25)
-    assert resumed.losses == straight.losses and resumed.span == straight.span == 2
-    with pytest.raises(DivergenceError):  # (0.3 + 3.3) / 2 over 20x the best window (0.08)
-        resumed.check(3.3, 200, 20.0, first_loss=0.3)
-    straight.check(2.8, 200, 20.0, first_loss=0.3)  # (0.3 + 2.8) / 2 = 1.55 < 20 x 0.08
+    resumed = EpochLosses.from_records(records, epoch=epoch)
+    assert resumed == straight
+    for watch in (straight, resumed):
+        if diverges:
+            with pytest.raises(DivergenceError):
+                watch.check(last, 200, 20.0, first_loss=0.3)
+        else:
+            watch.check(last, 200, 20.0, first_loss=0.3)
 
 
 def test_key_value_overrides_read_json_values_and_name_a_malformed_item():
