@@ -446,9 +446,7 @@ def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRec
     except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError):
         raise damaged_run_file(path, "the run's metrics are unreadable") from None
     if not records or records[-1].iteration != upto:
-        raise damaged_run_file(
-            path, f"the run's metrics lack the row of iteration {upto}, where its state stands"
-        )
+        raise damaged_run_file(path, lacking_row(upto))
     return records
 
 
@@ -487,8 +485,12 @@ def check_resume_files(run_dir: Path) -> None:
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
         raise damaged_run_file(metrics, MISSING)
-    if not metrics_file_is_whole(metrics):
+    rows = metrics_iterations(metrics)
+    if not rows:
         raise damaged_run_file(metrics, "the run's metrics are unreadable (no rows of numbers)")
+    ranked = latest_iteration(run_dir)  # a rank run's state is checked here, before launch
+    if ranked is not None and ranked not in rows:
+        raise damaged_run_file(metrics, lacking_row(ranked))
 
 
 def unreadable_state(path: Path) -> PipelineError:
@@ -515,15 +517,21 @@ def read_state(path: Path, device: str) -> dict:
         raise unreadable_state(path) from None
 
 
-def metrics_file_is_whole(path: Path) -> bool:
-    """True for a metrics.csv with a header and at least one row, each all numbers (or blanks:
-    columns an epoch did not have)."""
+def metrics_iterations(path: Path) -> list[int]:
+    """The iterations of a metrics.csv's rows; empty when it has none or a row is not all
+    numbers (or blanks: columns an epoch did not have)."""
     try:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error):
-        return False
-    return bool(rows) and all(numeric_row(row) for row in rows)
+        return []
+    if not all(numeric_row(row) for row in rows):
+        return []
+    return [int(row["iteration"]) for row in rows]
+
+
+def lacking_row(iteration: int) -> str:
+    return f"the run's metrics lack the row of iteration {iteration}, where its state stands"
 
 
 def numeric_row(row: dict) -> bool:
@@ -981,7 +989,8 @@ def run_epochs(
             if stop:
                 log.info("stopping at iteration %d: %s", solver.iteration, stop)
             if solver.iteration % epoch and solver.iteration < total and not stop:
-                shown["loss"] = f"{losses[-1]:.3f}" if losses else "warming up"
+                if losses or "loss" not in shown:  # a pipelined loss arrives a step late
+                    shown["loss"] = f"{losses[-1]:.3f}" if losses else "warming up"
                 bar.set_postfix(shown, refresh=False)  # replaces the postfix: keep the IoU in
                 continue
             stats = settle(solver, stats, losses)
@@ -1165,7 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"geodnn: error (rank {rank}): {exc}", file=sys.stderr)
         code = 1 if isinstance(exc, RankFailureError) else 2  # a peer failed: not the user's
     except StopSignal as stop:  # as `geodnn` itself (pipelines/cli.py) ends on one
-        print(f"geodnn: rank {rank} stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        if not launched_rank():  # under `--workers N` the launcher says what stopped the job
+            name = signal.Signals(stop.signum).name
+            print(f"geodnn: rank {rank} stopped by {name}", file=sys.stderr)
         code = 128 + stop.signum
     except KeyboardInterrupt:  # Ctrl-C to torchrun run by hand reaches every rank as SIGINT
         print(f"geodnn: rank {rank} interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ def test_a_rank_that_never_joins_is_one_line(monkeypatch):
     from geodnn.parallel.group import RankFailureError, init_ranks
 
     def store_timeout(*args, **kwargs):
-        raise RuntimeError("wait timeout after 20000ms, keys: /default_pg/0//cpu//0\n  trace")
+        raise dist.DistStoreError("wait timeout after 20000ms, keys: /default_pg/0//cpu//0\n  x")
 
     monkeypatch.setattr(dist, "init_process_group", store_timeout)
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
@@ -34,3 +34,36 @@ def test_a_rank_that_never_joins_is_one_line(monkeypatch):
         "hangs while starting, or the address is unreachable): wait timeout after 20000ms, keys: "
         "/default_pg/0//cpu//0"
     )
+
+
+def test_only_a_rendezvous_failure_is_a_rank_that_never_joined(monkeypatch):
+    import torch.distributed as dist
+
+    from geodnn.parallel.group import init_ranks
+
+    def no_nccl(*args, **kwargs):
+        raise RuntimeError("Distributed package doesn't have NCCL built in")
+
+    monkeypatch.setattr(dist, "init_process_group", no_nccl)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match="NCCL built in"):  # not blamed on a missing rank
+        init_ranks(timeout_s=3, backend="gloo")
+
+
+@pytest.mark.parametrize(
+    "message, failed",
+    [
+        ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:54149", True),
+        ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 4000ms for recv", True),
+        ("Read error [127.0.0.1]:6829: Connection reset by peer", True),
+        ("NCCL error: remote process exited or there was a network error", True),
+        ("[../gloo/gloo/types.h:...] Enforce fail: nbytes == expected (64 vs. 128) on peer", False),
+        ("NCCL error: invalid usage", False),
+    ],
+)
+def test_a_link_failure_is_told_from_a_bug_in_what_was_sent(message, failed):
+    from geodnn.parallel.group import is_link_failure
+
+    assert is_link_failure(RuntimeError(message)) is failed

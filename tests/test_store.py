@@ -362,6 +362,21 @@ def test_a_store_path_taken_over_during_the_build_is_left_alone(tmp_path, scene_
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_store_made_at_the_path_during_a_build_without_overwrite_is_kept(
+    tmp_path, scene_and_mask
+):
+    scene, mask, _, _ = scene_and_mask
+    out, other = tmp_path / "s.zarr", build(scene, mask, tmp_path / "other.zarr").path
+
+    def another_build_finishes_first(_: int) -> None:
+        if not out.exists():
+            shutil.copytree(other, out)
+
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        build(scene, mask, out, tile=16, progress=another_build_finishes_first)
+    assert TileStore.open(out).attrs["tile_size"] != 16  # the other build's store, intact
+
+
 def test_an_output_that_is_an_input_is_refused(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask
     before = mask.read_bytes(), scene.read_bytes()

@@ -659,3 +659,16 @@ def test_pipeline_microbatches_that_do_not_divide_the_batch_are_refused_before_l
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and str(config.path) in err
     assert "[pipeline] microbatches = 3 does not divide the batch of 4" in err
+
+
+def test_a_rank_run_whose_metrics_lack_its_checkpoint_row_is_refused_before_launch(tmp_path):
+    from pipelines.errors import DamagedRunError
+    from pipelines.train import check_resume_files
+
+    (tmp_path / "ranks-latest.txt").write_text("iteration=138\nworld_size=2\n")
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("iteration,train_loss\n50,0.4\n100,0.3\n")
+    with pytest.raises(DamagedRunError, match="lack the row of iteration 138, where its state"):
+        check_resume_files(tmp_path)
+    metrics.write_text("iteration,train_loss\n50,0.4\n100,0.3\n138,0.2\n")
+    check_resume_files(tmp_path)

@@ -210,20 +210,21 @@ def _prepare_target(
     return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Replace `out` with the finished store `tmp`; the old store is removed only after.
 
     What is at `out` is checked again once moved aside (the build takes a while, and the path
-    may have changed meanwhile): anything but a store or an empty folder is moved back, intact.
+    may have changed meanwhile): anything but a store or an empty folder, or anything at all
+    without `overwrite`, is moved back, intact, and refused.
     """
     old, found = None, None
     if os.path.lexists(out):
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         found = _occupant(old)
-        if found not in ("store", "empty"):
+        if found not in ("store", "empty") or not overwrite:
             os.replace(old, out)
-            _check_replaceable(out, found, overwrite=True)
+            _check_replaceable(out, found, overwrite)
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old) if found == "store" else old.rmdir()
@@ -381,7 +382,7 @@ def build_store(
             class_pixel_counts=counts.tolist(),
         )
         group.attrs.update(attrs)
-        _move_into_place(tmp, out)
+        _move_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -30,7 +30,7 @@ def failed_rank_line(error: ChildFailedError, reported: set[int]) -> str | None:
     if failure.exitcode < 0:
         how = f"was killed by {failure.signal_name()}"
     else:
-        how = f"crashed (exit code {failure.exitcode}, no error reported)"
+        how = f"crashed (exit code {failure.exitcode}; its traceback, if any, is above)"
     return f"geodnn: error: rank {rank} (pid {failure.pid}) {how}; the other ranks were stopped"
 
 

@@ -29,12 +29,12 @@ class RankFailureError(GeodnnError):
 
 
 def link_cause(exc: BaseException) -> str:
-    """The transport's reason in a few words: the first sentence of its first line, without
-    gloo's source tag ("Connection closed by peer [127.0.0.1]:54149", not the 300 characters of
-    "[.../pair.cc:553] Connection closed ... Check the logs of the remote worker ...")."""
+    """The transport's reason in a few words: the first two sentences of its first line,
+    without gloo's source tag ("Timed out after 4 seconds waiting for clients. 1/2 clients
+    joined", not "[.../pair.cc:553] Connection closed ... Check the logs of the remote ...")."""
     lines = str(exc).splitlines() or [type(exc).__name__]
     line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
-    return line.split(". ")[0].rstrip(".")[:200]
+    return ". ".join(line.split(". ")[:2]).rstrip(".")[:200]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,12 @@ def init_ranks(
     return RankContext(rank, world_size, local_rank, backend, device, float(timeout_s))
 
 
+# The rendezvous store's errors: a rank that never came, an address nobody listens on.
+JOIN_FAILURES = tuple(
+    getattr(dist, name) for name in ("DistStoreError", "DistNetworkError") if hasattr(dist, name)
+) + (TimeoutError,)
+
+
 def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
     """init_process_group; a rank that never joins (died or hung at start-up, or an unreachable
     MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
@@ -144,7 +150,7 @@ def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    except (RuntimeError, TimeoutError) as exc:  # DistStoreError is a RuntimeError
+    except JOIN_FAILURES as exc:  # not a missing NCCL build or a bad backend name: raised
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         raise RankFailureError(
             f"rank {rank}: the {world_size} ranks did not all join at {where} within "
@@ -197,11 +203,20 @@ def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
         ) from exc
 
 
+# What gloo and NCCL say when the other end is gone or silent (not a bug in what was sent).
+LINK_FAILURE = re.compile(
+    r"connection (closed|reset|refused)|timed out|broken pipe|remote process exited"
+    r"|communicator was aborted|watchdog caught collective operation timeout",
+    re.IGNORECASE,
+)
+
+
 def is_link_failure(exc: BaseException) -> bool:
-    """Whether a RuntimeError from a communication library says a peer or the link failed (a
-    timeout, a closed connection), not a bug in what was sent."""
-    text = str(exc).lower()
-    return any(k in text for k in ("gloo", "nccl", "connection", "timed out", "timeout", "peer"))
+    """Whether a communication library's error says a peer or the link failed (a timeout, a
+    closed connection), as opposed to a bug in what was sent (sizes, types, devices)."""
+    return isinstance(exc, getattr(dist, "DistNetworkError", ())) or bool(
+        LINK_FAILURE.search(str(exc))
+    )
 
 
 def broadcast_from_leader(ctx: RankContext, tensor: torch.Tensor, what: str) -> torch.Tensor:
