@@ -209,8 +209,9 @@ def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
         values = {k: v for k, v in tables[table].items() if k not in ("schedule", "microbatches")}
         try:
             cls.from_dict(values)
-        except GeodnnError as exc:
-            raise PipelineError(f"{path}: {exc}") from None
+        except GeodnnError as exc:  # the pipeline table takes Adam's settings: name its own
+            said = str(exc).replace("[adam]", f"[{table}]")
+            raise PipelineError(f"{path}: {said}") from None
 
 
 # geodnn.parallel.pipeline.SCHEDULES' names (not imported: that loads torch.distributed.pipelining)

@@ -67,6 +67,7 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         ("[admm]\nslots = 2.5\n", "slots must be a whole number, not 2.5"),
         ("[pipeline]\nschedule = 1\n", "schedule must be text, not 1"),
         ("[adam]\nbeta1 = 1.5\n", "invalid .adam. setting.s. beta1"),
+        ("[pipeline]\nbatch_size = 0\n", r"invalid \[pipeline\] setting\(s\) batch_size"),
         ("[admm]\ngram_decay = 1.5\n", "invalid .admm. setting.s. gram_decay"),
         ("[admm]\nclass_weights = [1, 2]\n", "class weights come from .train."),
     ],
