@@ -583,8 +583,10 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
-    --workers N checks it before starting any rank)."""
+    """What `prepare_run_dir` refuses, checked before anything is written (the launcher of
+    --workers N checks it before starting any rank); the only change: stale temporary files of
+    interrupted writes are removed first, whatever is refused after."""
+    remove_stale_temps(run_dir)
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
@@ -599,16 +601,23 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
 
 
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check the run folder (`check_run_dir`) and remove stale temporary files; for a new run,
-    clear an earlier one and record the config as run and the tile store."""
+    """Check the run folder (`check_run_dir`); for a new run, clear an earlier one and record
+    the config as run and the tile store; a resumed run without a store record gets one."""
     check_run_dir(config, run_dir, resume, overwrite)
-    remove_stale_temps(run_dir)
     if resume:
+        if not (run_dir / STORE_RECORD).is_file():  # from before the record, or deleted
+            log.warning("%s: no record of the run's tile store; recording the current one", run_dir)
+            record_store(config, run_dir)
         return  # config.toml is rewritten once the state is read (`resume_from`)
     if holds_run(run_dir):
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config_as_run(config))
+    record_store(config, run_dir)
+
+
+def record_store(config: Config, run_dir: Path) -> None:
+    """Write which tile store (by content) the run trains on, for `check_resume_store`."""
     record = store_record(config)
     if record is not None:
         atomic_write_text(run_dir / STORE_RECORD, json.dumps(record, indent=1))
@@ -742,9 +751,12 @@ def read_saved_config(path: Path) -> dict:
     if not path.is_file():
         raise damaged_run_file(path, MISSING)
     try:
-        return tomllib.loads(path.read_text())
+        saved = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise damaged_run_file(path, f"the run's config is unreadable ({exc})") from None
+    if not saved:
+        raise damaged_run_file(path, "the run's config is empty")
+    return saved
 
 
 def check_state(state: dict | None, path: Path, solver_name: str) -> dict:

@@ -1,4 +1,5 @@
 import csv
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -672,3 +673,31 @@ def test_a_rank_run_whose_metrics_lack_its_checkpoint_row_is_refused_before_laun
         check_resume_files(tmp_path)
     metrics.write_text("iteration,train_loss\n50,0.4\n100,0.3\n138,0.2\n")
     check_resume_files(tmp_path)
+
+
+def test_a_refused_resume_still_removes_a_killed_write_s_temporary_file(tmp_path, capsys):
+    """A frozen rank killed mid-checkpoint before any checkpoint completed: nothing to resume,
+    but its 12 MB temporary file is not left for ever."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".rank1-of-2-it20.pt.d6my2ppd.tmp.pt").write_bytes(b"half")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[data]\nstore = "{tmp_path / "none.zarr"}"\n')
+    assert main(["train", str(config), "--out", str(run), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert list(run.iterdir()) == []
+
+
+def test_an_empty_or_lost_run_record_on_resume(tmp_path, store, train_config, caplog, capsys):
+    config = train_config(store, iterations=3)
+    train(config, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "store.json").unlink()  # lost: recorded again, with a warning
+    with caplog.at_level("WARNING"):
+        train(train_config(store), tmp_path / "run", resume=True, progress=False)
+    assert "no record of the run's tile store; recording the current one" in caplog.text
+    assert json.loads((tmp_path / "run" / "store.json").read_text())["sha256"]
+    (tmp_path / "run" / "config.toml").write_text("")
+    code = main(["train", str(config.path), "--out", str(tmp_path / "run"), "--resume"])
+    assert (
+        code == 2 and "config.toml: the run's config is empty; restore" in capsys.readouterr().err
+    )
