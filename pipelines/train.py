@@ -964,7 +964,8 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     solver.load_state_dict(state["solver_state"])
     if is_leader():
         atomic_write_text(setup.run_dir / "config.toml", config_as_run(setup.config))
-    log.info("resuming %s at iteration %d", setup.run_dir, solver.iteration)
+    if is_leader():  # once, not once per rank
+        log.info("resuming %s at iteration %d", setup.run_dir, solver.iteration)
     return records, state["elapsed_s"]
 
 
