@@ -831,9 +831,10 @@ def check_parallel(config: Config) -> None:
     ignored = config.solver != "admm" or ranks < 2
     if bits and ignored and is_leader() and not launched_rank():
         warnings.warn(
-            f"{config.path}: compress_bits {bits} has no effect on this run (solver "
-            f"{config.solver}, {ranks} worker(s)): it quantizes only ADMM's boundary messages "
-            "with --workers 2 or more; drop it, or pass --solver admm --workers N",
+            f"{config.path}: compress_bits {bits} (--compress-bits, else [parallel] "
+            f"compress_bits) has no effect on this run (solver {config.solver}, {ranks} "
+            "worker(s)): it quantizes only ADMM's boundary messages with --workers 2 or more; "
+            "drop it, or pass --solver admm --workers N",
             stacklevel=2,
         )
 
