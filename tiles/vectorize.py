@@ -255,8 +255,9 @@ def write_class_polygons(
     progress: bool = False,
 ) -> int:
     """Polygonize `class_map` into layer `classes` of `gpkg` (written in place); returns the
-    number of polygons. Adds the QGIS style to the GeoPackage and a sidecar `.qml` next to it.
-    `progress`: a bar over the rows of windows (this can take minutes on a large, busy map)."""
+    number of polygons. Embeds the QGIS style (`layer_style`) in the GeoPackage; the sidecar
+    `.qml` is `vectorize_classes`'s. `progress`: a bar over the rows of windows (this can take
+    minutes on a large, busy map)."""
     gpkg = Path(gpkg)
     with rasterio.open(class_map) as src:
         layer = _Layer(gpkg, src.crs, class_names, src.transform, options, [])
@@ -270,10 +271,17 @@ def write_class_polygons(
                 regions = _settle(regions, pieces, row_end, layer)
                 bar.update(1)
         layer.flush(force=True)
-    ids = [i for i in range(len(class_names)) if i != options.background]
-    qml = class_style_qml(ids, class_names, class_colors)
+    qml = layer_style(class_names, class_colors, options.background)
     embed_layer_style(gpkg, LAYER, qml, geometry_column=_geometry_column(gpkg))
     return layer.written
+
+
+def layer_style(
+    class_names: Sequence[str], class_colors: Sequence[tuple[int, int, int]], background
+) -> str:
+    """The polygon layer's QGIS style: one color per class, the background left out."""
+    ids = [i for i in range(len(class_names)) if i != background]
+    return class_style_qml(ids, class_names, class_colors)
 
 
 def _polygonize_row(src, grid: ChunkGrid, i: int, background, layer: _Layer, border: list):
@@ -338,8 +346,7 @@ def vectorize_classes(
         warn_if_geographic(class_map, out)
         tmp = outputs.reserve(out)
         count = write_class_polygons(class_map, tmp, class_names, class_colors, options, progress)
-        ids = [i for i in range(len(class_names)) if i != options.background]
-        qml = class_style_qml(ids, class_names, class_colors)
+        qml = layer_style(class_names, class_colors, options.background)
         outputs.reserve(qml_path(out)).write_text(qml)
         if own:
             outputs.commit()
