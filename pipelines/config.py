@@ -287,9 +287,10 @@ def load_config(
     overrides: dict[str, dict[str, Any]] | None = None,
     flags: dict[tuple[str, str], str] | None = None,
 ) -> Config:
-    """Read a TOML config, fill defaults, validate, apply `overrides` (table -> key -> value,
-    None = not given) and validate again: a bad value from the command line is blamed on its
-    option (`flags`: (table, key) -> "--option"), not on the file."""
+    """Read a TOML config, fill defaults, apply `overrides` (table -> key -> value, None = not
+    given) and validate. When that fails and the file alone passes, the command line is blamed,
+    by its options (`flags`: (table, key) -> "--option"); a file value an option overrides is
+    never refused."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise PipelineError(f"{path}: config not found; pass a TOML file (see pipelines/configs/)")
@@ -298,21 +299,24 @@ def load_config(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
     tables = merge_defaults(raw, path)
-    validate(tables, path)
     given = {
         (table, key): value
         for table, values in (overrides or {}).items()
         for key, value in values.items()
         if value is not None
     }
+    merged = copy.deepcopy(tables)
     for (table, key), value in given.items():
-        tables[table][key] = value
+        merged[table][key] = value
     try:
-        validate(tables, path)
+        validate(merged, path)
     except PipelineError as exc:
+        if not given:
+            raise
+        validate(tables, path)  # the file's own error, when it has one
         said = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"command line {_options(given, flags or {})}: {said}") from None
-    return Config(path=path, tables=tables)
+    return Config(path=path, tables=merged)
 
 
 def _options(given: dict[tuple[str, str], Any], flags: dict[tuple[str, str], str]) -> str:

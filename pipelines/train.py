@@ -395,8 +395,13 @@ def has_state(run_dir: Path) -> bool:
 
 
 def holds_run(run_dir: Path) -> bool:
-    """A run (finished or not) is in `run_dir`: starting another there needs --overwrite."""
-    return has_state(run_dir) or (run_dir / "model.pt").exists()
+    """A run (finished or not) is in `run_dir`: starting another there needs --overwrite. A
+    damaged rank checkpoint marker counts as one (so --overwrite, which its error advises, can
+    clear it)."""
+    try:
+        return has_state(run_dir) or (run_dir / "model.pt").exists()
+    except CheckpointError:
+        return True
 
 
 def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
@@ -583,10 +588,8 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """What `prepare_run_dir` refuses, checked before anything is written (the launcher of
-    --workers N checks it before starting any rank); the only change: stale temporary files of
-    interrupted writes are removed first, whatever is refused after."""
-    remove_stale_temps(run_dir)
+    """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
+    --workers N checks it before starting any rank)."""
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
@@ -601,14 +604,13 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
 
 
 def prepare_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check the run folder (`check_run_dir`); for a new run, clear an earlier one and record
-    the config as run and the tile store; a resumed run without a store record gets one."""
+    """Check the run folder (`check_run_dir`) and remove temporary files of interrupted writes
+    (only once the checks pass: a refused command must not touch a live run's files); for a new
+    run, clear an earlier one and record the config as run and the tile store."""
     check_run_dir(config, run_dir, resume, overwrite)
+    remove_stale_temps(run_dir)
     if resume:
-        if not (run_dir / STORE_RECORD).is_file():  # from before the record, or deleted
-            log.warning("%s: no record of the run's tile store; recording the current one", run_dir)
-            record_store(config, run_dir)
-        return  # config.toml is rewritten once the state is read (`resume_from`)
+        return  # config.toml and a lost store record are written once the state is read
     if holds_run(run_dir):
         clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -877,8 +879,7 @@ class EpochLosses:
     """The epochs' mean training losses, compared for divergence over windows of at least
     DIVERGENCE_WINDOW iterations (`span` epochs): an epoch of 10 batches of 4 crops is about as
     noisy as one batch, and one lucky epoch of 0.03 made the next ordinary one (0.68) look like a
-    divergence. Everything it compares is in metrics.csv, so a resumed run checks exactly as an
-    uninterrupted one."""
+    divergence. The epochs' losses come back from metrics.csv on resume."""
 
     span: int
     losses: list[float] = field(default_factory=list)
@@ -888,19 +889,17 @@ class EpochLosses:
         finite = [r.train_loss for r in records if math.isfinite(r.train_loss)]
         return cls(max(1, math.ceil(DIVERGENCE_WINDOW / epoch)), finite)
 
-    def check(self, loss: float, iteration: int, factor: float, first_loss: float) -> None:
+    def check(self, loss: float, iteration: int, factor: float, untrained: float) -> None:
         """Add an epoch's mean loss and raise DivergenceError when it is non-finite, or when the
-        mean of the latest `span` epochs is over `factor` x the best earlier full window and over
-        the first epoch's mean. The first epoch is held to its own first iteration's loss
-        (`first_loss`, the untrained network's), as long as no earlier full window exists."""
-        start = self.losses[0] if self.losses else first_loss
+        mean of the latest `span` epochs is over `factor` x the best earlier full window (before
+        there is one: `untrained`) and over `untrained`, the untrained network's loss (the
+        solver's first, kept in its state: a resumed run compares with the same value)."""
         self.losses.append(loss)
         n = self.span
         recent = self.losses[-n:]
         earlier = [sum(self.losses[i - n : i]) / n for i in range(n, len(self.losses))]
-        check_divergence(
-            sum(recent) / len(recent), min(earlier, default=start), factor, iteration, start
-        )
+        best = min(earlier, default=untrained)
+        check_divergence(sum(recent) / len(recent), best, factor, iteration, untrained)
 
 
 def check_divergence(
@@ -965,9 +964,19 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     solver.load_state_dict(state["solver_state"])
     if is_leader():
         atomic_write_text(setup.run_dir / "config.toml", config_as_run(setup.config))
+        if not (setup.run_dir / STORE_RECORD).is_file():  # from before the record, or lost
+            log.warning("%s: no record of the run's tile store; recording this one", setup.run_dir)
+            record_store(setup.config, setup.run_dir)
     if is_leader():  # once, not once per rank
         log.info("resuming %s at iteration %d", setup.run_dir, solver.iteration)
     return records, state["elapsed_s"]
+
+
+def untrained(solver, losses: list[float]) -> float:
+    """The untrained network's loss: the solver's first (its LossWatch keeps it in the solver
+    state), else, for a state saved before it was kept, this epoch's first."""
+    first = getattr(getattr(solver, "watch", None), "start", math.nan)
+    return first if math.isfinite(first) else losses[0]
 
 
 def epoch_loss(losses: list[float]) -> float:
@@ -1011,7 +1020,7 @@ def run_epochs(
             mean_loss = epoch_loss(losses)
             if losses:
                 factor = train_cfg["divergence_factor"]
-                epoch_losses.check(mean_loss, solver.iteration, factor, losses[0])
+                epoch_losses.check(mean_loss, solver.iteration, factor, untrained(solver, losses))
             losses = []
             paused = time.perf_counter()
             record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)

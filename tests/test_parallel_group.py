@@ -59,6 +59,8 @@ def test_only_a_rendezvous_failure_is_a_rank_that_never_joined(monkeypatch):
         ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 4000ms for recv", True),
         ("Read error [127.0.0.1]:6829: Connection reset by peer", True),
         ("NCCL error: remote process exited or there was a network error", True),
+        ("[../gloo/transport/tcp/pair.cc:...] Application timeout caused pair closure", True),
+        ("ncclSystemError: System call failed... unexpected exit of a remote peer", True),
         ("[../gloo/gloo/types.h:...] Enforce fail: nbytes == expected (64 vs. 128) on peer", False),
         ("NCCL error: invalid usage", False),
     ],

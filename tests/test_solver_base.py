@@ -67,7 +67,21 @@ def test_a_lucky_small_epoch_is_no_best_to_diverge_from():
     watch = EpochLosses.from_records([], epoch=10)
     assert watch.span == 5
     for i, loss in enumerate([0.5, 0.03, 0.68, 0.4, 0.35, 0.6, 0.7, 0.02, 0.66]):
-        watch.check(loss, 10 * (i + 1), 20.0, first_loss=0.69)
+        watch.check(loss, 10 * (i + 1), 20.0, untrained=0.69)
+    lucky_first = EpochLosses.from_records([], epoch=10)
+    for i, loss in enumerate([0.02, 0.68, 0.68]):  # a lucky first epoch is no reference either
+        lucky_first.check(loss, 10 * (i + 1), 20.0, untrained=0.69)
+
+
+def test_the_untrained_loss_is_the_solver_s_kept_first_loss():
+    from types import SimpleNamespace
+
+    from pipelines.train import untrained
+
+    kept = SimpleNamespace(watch=SimpleNamespace(start=0.69))  # restored with the solver state
+    assert untrained(kept, [0.2, 0.1]) == 0.69
+    old_state = SimpleNamespace(watch=SimpleNamespace(start=math.nan))
+    assert untrained(old_state, [0.2, 0.1]) == 0.2  # a state from before it was kept
 
 
 @pytest.mark.parametrize("epoch", [10, 100])
@@ -76,10 +90,10 @@ def test_a_real_explosion_still_stops_small_and_large_epochs(epoch):
 
     watch = EpochLosses.from_records([], epoch=epoch)
     for i in range(10):
-        watch.check(0.1, epoch * (i + 1), 20.0, first_loss=0.69)
+        watch.check(0.1, epoch * (i + 1), 20.0, untrained=0.69)
     with pytest.raises(DivergenceError, match="diverged at iteration"):
         for i in range(10, 10 + watch.span + 1):
-            watch.check(8.0, epoch * (i + 1), 20.0, first_loss=0.05)
+            watch.check(8.0, epoch * (i + 1), 20.0, untrained=0.69)
 
 
 @pytest.mark.parametrize(
@@ -87,8 +101,8 @@ def test_a_real_explosion_still_stops_small_and_large_epochs(epoch):
     [
         ([0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3], 3.3, True),  # (0.3 + 3.3) / 2 > 20 x 0.08
         ([0.6, 0.2, 0.1, 0.08, 0.09, 0.07, 0.3], 2.8, False),  # (0.3 + 2.8) / 2 < 20 x 0.08
-        ([0.30, 0.25], 20.0, True),  # no full window yet: held to the first epoch's 0.30
-        ([0.30, 0.25], 5.0, False),
+        ([0.30, 0.25], 45.0, True),  # no full window yet: (0.55 + 45) / 3 > 20 x 0.69
+        ([0.30, 0.25], 20.0, False),  # (0.55 + 20) / 3 < 20 x 0.69, the untrained loss
     ],
 )
 def test_a_resumed_run_checks_divergence_as_the_uninterrupted_one(losses, last, diverges):
@@ -99,16 +113,16 @@ def test_a_resumed_run_checks_divergence_as_the_uninterrupted_one(losses, last, 
     epoch = 25 if len(losses) > 2 else 10  # windows of 2 epochs, or of 5
     straight = EpochLosses.from_records([], epoch=epoch)
     for loss in losses:
-        straight.check(loss, 0, 20.0, first_loss=0.69)
+        straight.check(loss, 0, 20.0, untrained=0.69)
     records = [SimpleNamespace(train_loss=x) for x in [math.nan, *losses]]  # no loss yet: NaN
     resumed = EpochLosses.from_records(records, epoch=epoch)
     assert resumed == straight
     for watch in (straight, resumed):
         if diverges:
             with pytest.raises(DivergenceError):
-                watch.check(last, 200, 20.0, first_loss=0.3)
+                watch.check(last, 200, 20.0, untrained=0.69)  # the solver's, kept
         else:
-            watch.check(last, 200, 20.0, first_loss=0.3)
+            watch.check(last, 200, 20.0, untrained=0.69)
 
 
 def test_key_value_overrides_read_json_values_and_name_a_malformed_item():

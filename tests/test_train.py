@@ -675,17 +675,29 @@ def test_a_rank_run_whose_metrics_lack_its_checkpoint_row_is_refused_before_laun
     check_resume_files(tmp_path)
 
 
-def test_a_refused_resume_still_removes_a_killed_write_s_temporary_file(tmp_path, capsys):
-    """A frozen rank killed mid-checkpoint before any checkpoint completed: nothing to resume,
-    but its 12 MB temporary file is not left for ever."""
+def test_a_refused_command_leaves_a_live_run_s_temporary_file_alone(
+    tmp_path, store, train_config, capsys
+):
+    """A second `geodnn train` on a folder whose run is writing its checkpoint is refused; it
+    must not delete that run's temporary file (its write would fail when it renames it)."""
+    from geodnn.atomic import atomic_path
+
+    config = train_config(store, iterations=3)
+    train(config, tmp_path / "run", progress=False)
+    with atomic_path(tmp_path / "run" / "last.pt") as live:
+        live.write_bytes(b"being written")
+        assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 2
+        assert "already holds a run" in capsys.readouterr().err
+        assert live.exists()
+    assert (tmp_path / "run" / "last.pt").read_bytes() == b"being written"
+
+
+def test_overwrite_clears_a_run_whose_checkpoint_marker_is_damaged(tmp_path, store, train_config):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".rank1-of-2-it20.pt.d6my2ppd.tmp.pt").write_bytes(b"half")
-    config = tmp_path / "c.toml"
-    config.write_text(f'[data]\nstore = "{tmp_path / "none.zarr"}"\n')
-    assert main(["train", str(config), "--out", str(run), "--resume"]) == 2
-    assert "nothing to resume" in capsys.readouterr().err
-    assert list(run.iterdir()) == []
+    (run / "ranks-latest.txt").write_text("")  # its error advises --overwrite
+    train(train_config(store, iterations=3), run, overwrite=True, progress=False)
+    assert not (run / "ranks-latest.txt").exists() and (run / "model.pt").exists()
 
 
 def test_an_empty_or_lost_run_record_on_resume(tmp_path, store, train_config, caplog, capsys):
@@ -694,10 +706,22 @@ def test_an_empty_or_lost_run_record_on_resume(tmp_path, store, train_config, ca
     (tmp_path / "run" / "store.json").unlink()  # lost: recorded again, with a warning
     with caplog.at_level("WARNING"):
         train(train_config(store), tmp_path / "run", resume=True, progress=False)
-    assert "no record of the run's tile store; recording the current one" in caplog.text
+    assert "no record of the run's tile store; recording this one" in caplog.text
     assert json.loads((tmp_path / "run" / "store.json").read_text())["sha256"]
     (tmp_path / "run" / "config.toml").write_text("")
     code = main(["train", str(config.path), "--out", str(tmp_path / "run"), "--resume"])
     assert (
         code == 2 and "config.toml: the run's config is empty; restore" in capsys.readouterr().err
     )
+
+
+def test_a_refused_resume_writes_no_store_record(tmp_path, store, train_config, capsys):
+    config = train_config(store)
+    train(config, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    (run / "store.json").unlink()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(rows[:-1]) + "\n")  # lost its last row
+    code = main(["train", str(config.path), "--out", str(run), "--resume", "--iterations", "9"])
+    assert code == 2 and "lack the row of iteration 6" in capsys.readouterr().err
+    assert not (run / "store.json").exists()

@@ -213,16 +213,18 @@ def _prepare_target(
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Replace `out` with the finished store `tmp`; the old store is removed only after.
 
-    What is at `out` is checked again once moved aside (the build takes a while, and the path
-    may have changed meanwhile): anything but a store or an empty folder, or anything at all
-    without `overwrite`, is moved back, intact, and refused.
+    The build takes a while and the path may have changed meanwhile: without `overwrite`,
+    anything now at `out` is refused untouched; with it, what is there is checked again once
+    moved aside, and anything but a store or an empty folder is moved back, intact, and refused.
     """
     old, found = None, None
+    if os.path.lexists(out) and not overwrite:  # another build's, made meanwhile: not touched
+        _check_replaceable(out, _occupant(out), overwrite)
     if os.path.lexists(out):
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         found = _occupant(old)
-        if found not in ("store", "empty") or not overwrite:
+        if found not in ("store", "empty"):
             os.replace(old, out)
             _check_replaceable(out, found, overwrite)
     os.replace(tmp, out)

@@ -205,8 +205,9 @@ def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
 
 # What gloo and NCCL say when the other end is gone or silent (not a bug in what was sent).
 LINK_FAILURE = re.compile(
-    r"connection (closed|reset|refused)|timed out|broken pipe|remote process exited"
-    r"|communicator was aborted|watchdog caught collective operation timeout",
+    r"connection (closed|reset|refused|abort)|timed out|broken pipe|pair closure"
+    r"|remote (process exited|peer)|communicator was aborted"
+    r"|watchdog caught collective operation timeout",
     re.IGNORECASE,
 )
 

@@ -35,7 +35,7 @@ def _latest_fields(folder: str | os.PathLike) -> dict[str, int] | None:
         return {key: int(fields[key]) for key in ("iteration", "world_size")}
     except (OSError, UnicodeDecodeError, KeyError, ValueError):
         raise CheckpointError(
-            f"{path}: damaged (it names the last iteration every rank saved, as "
+            f"{path}: unreadable or damaged (it names the last iteration every rank saved, as "
             "'iteration=N world_size=R'); restore it, or start the run again with --overwrite"
         ) from None
 
