@@ -102,8 +102,21 @@ class StopSignal(BaseException):
         self.signum = signum
 
 
+_received: list[int] = []  # stop signals taken in the current `stop_signals_raise` block
+
+
 def _raise_stop(signum: int, _frame) -> None:
+    _received.append(signum)
     raise StopSignal(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise StopSignal again if one arrived in this `stop_signals_raise` block. A signal
+    handler's exception can be swallowed where Python ignores exceptions (a `__del__` or a
+    weakref callback running at that moment prints "Exception ignored" and goes on): call this
+    before an irreversible step, such as committing outputs over earlier ones."""
+    if _received:
+        raise StopSignal(_received[0])
 
 
 @contextmanager
@@ -118,11 +131,16 @@ def stop_signals_raise() -> Iterator[None]:
         return
     default = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
     kept = {signum: signal.signal(signum, _raise_stop) for signum in default}
+    outer = bool(kept)  # the block that took the signals over owns the record of them
+    if outer:
+        _received.clear()
     try:
         yield
     finally:
         for signum, handler in kept.items():
             signal.signal(signum, handler)
+        if outer:
+            _received.clear()
 
 
 FUSED_SWITCH = "GEODNN_FUSED"
@@ -147,6 +165,7 @@ __all__ = [
     "StopSignal",
     "compiled_loops",
     "die_with_parent",
+    "raise_if_stopped",
     "retain_freed_memory",
     "stop_signals_raise",
     "wait_for_device",

@@ -16,7 +16,7 @@ import warnings
 from rasterio.errors import NotGeoreferencedWarning
 
 from geodnn.errors import GeodnnError
-from geodnn.runtime import StopSignal, stop_signals_raise
+from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
 from tiles.errors import TilesError
 
 from .errors import PipelineError
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = one_line_warning
     try:
         with stop_signals_raise():  # SIGTERM, SIGHUP unwind like Ctrl-C: no temporary file left
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+            raise_if_stopped()  # one swallowed on the way still ends the command as stopped
+            return code
     except USER_ERRORS as exc:
         print(f"geodnn: error: {exc}", file=sys.stderr)
         return 2

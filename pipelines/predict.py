@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from geodnn import ChainNet, Checkpoint, load_checkpoint  # noqa: E402
-from geodnn.runtime import retain_freed_memory  # noqa: E402
+from geodnn.runtime import raise_if_stopped, retain_freed_memory  # noqa: E402
 from tiles.errors import RasterInputError  # noqa: E402
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
 from tiles.raster import SceneInfo, open_scene, warn_if_no_crs  # noqa: E402
@@ -257,6 +257,7 @@ def predict_scene(
                 outputs=outputs,
                 progress=progress,
             )
+        raise_if_stopped()  # a stop swallowed on the way must not replace earlier outputs
         outputs.commit()
     summary.seconds = time.perf_counter() - started
     return summary

@@ -415,3 +415,38 @@ def test_progress_reaches_a_log_file_too(checkpoint, make_geotiff, tmp_path, cap
     predict_scene(checkpoint, scene, tmp_path / "c.tif", chunk=16, progress=True)
     err = capsys.readouterr().err  # not a terminal: before, tqdm's auto mode drew nothing
     assert "predict" in err and "9/9" in err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_swallowed_while_predicting_keeps_the_earlier_output(
+    checkpoint, make_geotiff, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM whose exception Python ignored (it landed in a finalizer) must not let the run
+    go on to replace the earlier class map: it stops before the outputs are committed."""
+    import gc
+    import os
+    import signal
+
+    import pipelines.predict as predict_module
+
+    real = predict_module.iter_predictions
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def swallowing(*args, **kwargs):
+        for i, prediction in enumerate(real(*args, **kwargs)):
+            if i == 0:
+                Finalized()
+                gc.collect()
+            yield prediction
+
+    monkeypatch.setattr(predict_module, "iter_predictions", swallowing)
+    scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8))
+    (tmp_path / "c.tif").write_bytes(b"the earlier map")
+    args = ["predict", str(checkpoint), str(scene), "--out", str(tmp_path / "c.tif")]
+    assert main([*args, "--chunk", "16", "--overwrite"]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert (tmp_path / "c.tif").read_bytes() == b"the earlier map"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]

@@ -103,3 +103,26 @@ def test_stop_signals_raise_takes_over_default_handlers_only():
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # given back
     finally:
         signal.signal(signal.SIGHUP, kept)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_swallowed_on_the_way_is_raised_again_before_an_irreversible_step():
+    """Python ignores an exception raised in a `__del__` (it prints "Exception ignored"): a
+    stop signal that lands there must still stop the command before it commits outputs."""
+    import gc
+    import os
+    import signal
+
+    from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here; its error is ignored
+
+    with pytest.raises(StopSignal) as stop, stop_signals_raise():
+        Finalized()
+        gc.collect()
+        raise_if_stopped()  # the command went on; this is where it stops
+    assert stop.value.signum == signal.SIGTERM
+    with stop_signals_raise():  # a new block starts with a clean record
+        raise_if_stopped()
