@@ -962,12 +962,11 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     damaged file keeps the config.toml it was started with."""
     records = read_metrics(setup.run_dir / "metrics.csv", setup.class_names, state["iteration"])
     solver.load_state_dict(state["solver_state"])
-    if is_leader():
+    if is_leader():  # once, not once per rank
         atomic_write_text(setup.run_dir / "config.toml", config_as_run(setup.config))
         if not (setup.run_dir / STORE_RECORD).is_file():  # from before the record, or lost
             log.warning("%s: no record of the run's tile store; recording this one", setup.run_dir)
             record_store(setup.config, setup.run_dir)
-    if is_leader():  # once, not once per rank
         log.info("resuming %s at iteration %d", setup.run_dir, solver.iteration)
     return records, state["elapsed_s"]
 
