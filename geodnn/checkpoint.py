@@ -105,16 +105,20 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 PICKLE_MAGIC = tuple(b"\x80" + bytes([protocol]) for protocol in range(2, 6))
 
 
-def check_torch_header(path: Path) -> None:
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+
+
+def check_torch_header(path: Path) -> bytes:
     """Refuse a file that is no torch.save output at all (neither a zip nor a pickle), so a
-    GeoTIFF passed as the checkpoint is named for what it is, not as a torch load failure."""
+    GeoTIFF passed as the checkpoint is named for what it is, not as a torch load failure.
+    Returns the header it read (ZIP_MAGIC for a zip)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror})") from None
-    if head.startswith(b"PK\x03\x04") or head[:2] in PICKLE_MAGIC:
-        return
+    if head.startswith(ZIP_MAGIC) or head[:2] in PICKLE_MAGIC:
+        return head
     what = "an empty file, " if not head else "a TIFF image, " if head in TIFF_MAGIC else ""
     raise CheckpointError(
         f"{path}: not a geodnn checkpoint ({what}not a PyTorch file); "

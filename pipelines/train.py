@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator
 
 import geodnn
 from geodnn.atomic import atomic_path
-from geodnn.checkpoint import atomic_torch_save, check_torch_header, read_torch_file
+from geodnn.checkpoint import ZIP_MAGIC, atomic_torch_save, check_torch_header, read_torch_file
 from geodnn.data import weights_from_counts
 from geodnn.errors import CheckpointError, DivergenceError
 from geodnn.metrics import (
@@ -506,10 +506,8 @@ def state_file_is_whole(path: Path) -> bool:
     """False for an empty or foreign file, or a zip (torch.save's format) cut short: one
     without its central directory. Cheap; damage inside a whole file shows in `read_state`."""
     try:
-        check_torch_header(path)
-        with path.open("rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-    except (CheckpointError, OSError):
+        zipped = check_torch_header(path).startswith(ZIP_MAGIC)
+    except CheckpointError:  # an unreadable file included
         return False
     return not zipped or zipfile.is_zipfile(path)
 
