@@ -282,10 +282,20 @@ def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
     check_pipeline_table(tables, path)
 
 
+# The command-line options (`geodnn train`, `geodnn run`) that override config values, for
+# the messages that blame them.
+OVERRIDE_FLAGS = {
+    ("train", "solver"): "--solver",
+    ("train", "iterations"): "--iterations",
+    ("parallel", "workers"): "--workers",
+    ("parallel", "compress_bits"): "--compress-bits",
+}
+
+
 def load_config(
     path: str | Path,
     overrides: dict[str, dict[str, Any]] | None = None,
-    flags: dict[tuple[str, str], str] | None = None,
+    flags: dict[tuple[str, str], str] = OVERRIDE_FLAGS,
 ) -> Config:
     """Read a TOML config, fill defaults, apply `overrides` (table -> key -> value, None = not
     given) and validate. When that fails and the file alone passes, the command line is blamed,
@@ -315,7 +325,7 @@ def load_config(
             raise
         validate(tables, path)  # the file's own error, when it has one
         said = str(exc).removeprefix(f"{path}: ")
-        raise PipelineError(f"command line {_options(given, flags or {})}: {said}") from None
+        raise PipelineError(f"command line {_options(given, flags)}: {said}") from None
     return Config(path=path, tables=merged)
 
 

@@ -105,9 +105,9 @@ def forwarded_args(args: argparse.Namespace, run_dir: Path) -> list[str]:
 
 def launch_training(args: argparse.Namespace, workers: int) -> int:
     """Start `workers` ranks of `python -m pipelines.train` under torchrun and wait for them."""
-    from .train import OVERRIDE_FLAGS, default_run_dir, overrides_from
+    from .train import default_run_dir, overrides_from
 
-    config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
+    config = load_config(args.config, overrides_from(args))
     run_dir = Path(args.out or default_run_dir(config))
     log.info("launching %d ranks (torchrun) for %s", workers, run_dir)
     return launch(forwarded_args(args, run_dir), workers, module="pipelines.train")

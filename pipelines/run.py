@@ -453,8 +453,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    flags = {("train", "iterations"): "--iterations"}
-    config = load_config(args.config, {"train": {"iterations": args.iterations}}, flags)
+    config = load_config(args.config, {"train": {"iterations": args.iterations}})
     run_dir = args.out or Path("runs") / config.path.stem
     options = ("--iterations", str(args.iterations)) if args.iterations is not None else ()
     try:

@@ -1144,17 +1144,8 @@ def overrides_from(args: argparse.Namespace) -> dict:
     }
 
 
-# The command-line options of `geodnn train` that override config values, for messages.
-OVERRIDE_FLAGS = {
-    ("train", "solver"): "--solver",
-    ("train", "iterations"): "--iterations",
-    ("parallel", "workers"): "--workers",
-    ("parallel", "compress_bits"): "--compress-bits",
-}
-
-
 def run_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
+    config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
     if args.resume:

@@ -38,8 +38,11 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         load_config(path, {"train": {"iterations": 0, "solver": None}}, flags)
     said = str(info.value)
     assert said == "command line --iterations 0: [train] iterations must be >= 1, not 0"
+    with pytest.raises(PipelineError) as info:  # the commands' own table by default
+        load_config(path, {"train": {"iterations": 0}})
+    assert str(info.value) == said
     with pytest.raises(PipelineError, match=r"^command line \[train\] iterations 0: "):
-        load_config(path, {"train": {"iterations": 0}})  # no flag known: the key
+        load_config(path, {"train": {"iterations": 0}}, flags={})  # no flag known: the key
     bad = write(tmp_path, "[train]\niterations = 0\nsolver = 'pipline'\n")
     config = load_config(bad, {"train": {"iterations": 10, "solver": "adam"}}, flags)
     assert (config["train"]["iterations"], config.solver) == (10, "adam")  # overridden: unused
