@@ -177,17 +177,21 @@ def rank_group(
         shutdown()
 
 
+def no_answer(ctx: RankContext, who: str, what: str, exc: BaseException) -> RankFailureError:
+    """The one-line error of a communication `who` (`RankContext.peers`) did not complete."""
+    return RankFailureError(
+        f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
+        f"({who} died, hangs, or the link broke): {link_cause(exc)}"
+    )
+
+
 def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
     """Wait for one communication; a timeout or a broken link raises, naming the peer rank
     (`peer` None for a collective, where any rank may be the one missing)."""
     try:
         work.wait(timeout=ctx.timeout)
     except RuntimeError as exc:
-        who = ctx.peers(peer)
-        raise RankFailureError(
-            f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
-            f"({who} died, hangs, or the link broke): {link_cause(exc)}"
-        ) from exc
+        raise no_answer(ctx, ctx.peers(peer), what, exc) from exc
 
 
 def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
@@ -196,11 +200,7 @@ def call_or_fail(ctx: RankContext, what: str, collective, *args, **kwargs):
     try:
         return collective(*args, **kwargs)
     except RuntimeError as exc:
-        who = ctx.peers()
-        raise RankFailureError(
-            f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
-            f"({who} died, hangs, or the link broke): {link_cause(exc)}"
-        ) from exc
+        raise no_answer(ctx, ctx.peers(), what, exc) from exc
 
 
 # What gloo and NCCL say when the other end is gone or silent (not a bug in what was sent).

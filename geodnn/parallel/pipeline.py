@@ -26,9 +26,8 @@ from ..solvers.base import LossWatch
 from ..solvers.subproblems import weighted_cross_entropy
 from .group import (
     RankContext,
-    RankFailureError,
     is_link_failure,
-    link_cause,
+    no_answer,
     post_or_fail,
     wait_or_fail,
 )
@@ -158,11 +157,8 @@ class PipelineSolver:
             if not is_link_failure(exc):
                 raise
             who = self.ctx.peers(self.ctx.below, self.ctx.above)
-            raise RankFailureError(
-                f"rank {self.ctx.rank}: {who} did not complete the pipeline schedule's exchange "
-                f"of iteration {self.iteration} within {self.ctx.timeout_s:g} s ({who} died, "
-                f"hangs, or the link broke): {link_cause(exc)}"
-            ) from exc
+            what = f"the pipeline schedule's exchange of iteration {self.iteration}"
+            raise no_answer(self.ctx, who, what, exc) from exc
 
     def finished(self) -> str | None:
         return self.watch.finished(self.iteration)
