@@ -244,3 +244,16 @@ def test_the_ranks_exit_code_is_the_jobs(tmp_path, monkeypatch):
     empty = tmp_path / "none"
     empty.mkdir()
     assert ranks_exit_code(-9, str(empty)) == -9
+
+
+def test_the_agent_knows_which_ranks_reported_their_error(tmp_path, monkeypatch):
+    from geodnn.parallel.launch import reported_ranks
+
+    monkeypatch.setenv(EXIT_CODES_ENV, str(tmp_path))
+    for rank in (0, 3):
+        monkeypatch.setenv("RANK", str(rank))
+        report_exit_code(2)
+    (tmp_path / "notes").write_text("not a rank's")
+    assert reported_ranks() == {0, 3}
+    monkeypatch.delenv(EXIT_CODES_ENV)
+    assert reported_ranks() == set()

@@ -11,14 +11,13 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ..runtime import die_with_parent
-from .launch import EXIT_CODES_ENV, LAUNCHER_ENV, SHUTDOWN_GRACE_S
+from .launch import LAUNCHER_ENV, SHUTDOWN_GRACE_S, reported_ranks
 
 
 def failed_rank_line(error: ChildFailedError, reported: set[int]) -> str | None:
@@ -32,14 +31,6 @@ def failed_rank_line(error: ChildFailedError, reported: set[int]) -> str | None:
     else:
         how = f"crashed (exit code {failure.exitcode}; its traceback, if any, is above)"
     return f"geodnn: error: rank {rank} (pid {failure.pid}) {how}; the other ranks were stopped"
-
-
-def reported_ranks() -> set[int]:
-    """The ranks that left an exit code in EXIT_CODES_ENV's folder (they printed their error)."""
-    folder = os.environ.get(EXIT_CODES_ENV)
-    if not folder or not os.path.isdir(folder):
-        return set()
-    return {int(p.name[4:]) for p in Path(folder).glob("rank*") if p.name[4:].isdigit()}
 
 
 def quiet_agent_logs() -> None:

@@ -94,13 +94,27 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
         raise
 
 
+EXIT_CODE_FILE = "rank{}"  # a rank's file in the EXIT_CODES_ENV folder, by global rank
+
+
 def report_exit_code(code: int) -> None:
     """Called by a rank before it exits: leave its exit code for `launch` (no-op elsewhere)."""
     folder = os.environ.get(EXIT_CODES_ENV)
     if folder and os.path.isdir(folder):
-        rank = os.environ.get("RANK", "0")
+        name = EXIT_CODE_FILE.format(os.environ.get("RANK", "0"))
         with contextlib.suppress(OSError):
-            Path(folder, f"rank{rank}").write_text(str(int(code)))
+            Path(folder, name).write_text(str(int(code)))
+
+
+def reported_ranks() -> set[int]:
+    """The ranks that left an exit code in EXIT_CODES_ENV's folder (they printed their error;
+    read by torchrun's agent, `geodnn.parallel.agent`)."""
+    folder = os.environ.get(EXIT_CODES_ENV)
+    if not folder or not os.path.isdir(folder):
+        return set()
+    prefix = EXIT_CODE_FILE.format("")
+    ranks = (p.name.removeprefix(prefix) for p in Path(folder).glob(f"{prefix}*"))
+    return {int(rank) for rank in ranks if rank.isdigit()}
 
 
 def ranks_exit_code(torchrun_code: int, folder: str) -> int:
