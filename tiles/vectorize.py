@@ -265,10 +265,8 @@ def write_class_polygons(
         grid = ChunkGrid(src.height, src.width, options.window, 0)
         with progress_bar(grid.rows, "polygons", "row", progress) as bar:
             for i in range(grid.rows):
-                pieces: list[tuple[int, shapely.Geometry]] = []
-                window = _polygonize_row(src, grid, i, options.background, layer, pieces)
-                row_end = None if i == grid.rows - 1 else window.row_off + window.height
-                regions = _settle(regions, pieces, row_end, layer)
+                pieces = _polygonize_row(src, grid, i, options.background, layer)
+                regions = _settle(regions, pieces, _row_end(grid, i), layer)
                 bar.update(1)
         layer.flush(force=True)
     qml = layer_style(class_names, class_colors, options.background)
@@ -284,9 +282,20 @@ def layer_style(
     return class_style_qml(ids, class_names, class_colors)
 
 
-def _polygonize_row(src, grid: ChunkGrid, i: int, background, layer: _Layer, border: list):
-    """Polygonize row `i` of windows: regions inside a window are written, those touching an
-    inner window border are put in `border` for merging; returns the row's last window."""
+def _row_end(grid: ChunkGrid, i: int) -> int | None:
+    """The first pixel row below row `i` of windows (None for the last row)."""
+    if i == grid.rows - 1:
+        return None
+    window = grid.chunk_at(i, 0).window
+    return window.row_off + window.height
+
+
+def _polygonize_row(
+    src, grid: ChunkGrid, i: int, background, layer: _Layer
+) -> list[tuple[int, shapely.Geometry]]:
+    """Polygonize row `i` of windows: regions inside a window are written; those touching an
+    inner window border are returned, for merging."""
+    border = []
     for j in range(grid.cols):
         window = grid.chunk_at(i, j).window
         classes = src.read(1, window=window)
@@ -295,7 +304,7 @@ def _polygonize_row(src, grid: ChunkGrid, i: int, background, layer: _Layer, bor
                 border.append((class_id, piece))
             else:
                 layer.add(class_id, piece)
-    return window
+    return border
 
 
 def _geometry_column(gpkg: Path) -> str:
