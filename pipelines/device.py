@@ -27,6 +27,17 @@ def resolve_device(device: str, source: str = "--device") -> str:
     return device
 
 
+def prediction_device(device: str, scheduler: str | None) -> str:
+    """Where `geodnn predict` runs its model. With `--scheduler` the model runs on that
+    cluster's workers, whose GPUs this process cannot see: the name is only checked here and
+    resolved by each worker (`ModelPredictor`); locally it is resolved now."""
+    if scheduler:
+        if device not in DEVICES:
+            raise PipelineError(f"--device {device!r} is unknown; use one of {', '.join(DEVICES)}")
+        return device
+    return resolve_device(device)
+
+
 def training_device(device: str, source: str) -> str:
     """Where this training process computes. Each rank on a machine needs a GPU of its own, so
     with fewer GPUs than ranks 'auto' is the CPU (gloo) and 'cuda' is an error; a single process

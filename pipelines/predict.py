@@ -50,7 +50,7 @@ from tiles.stitch import (  # noqa: E402
 )
 from tiles.vectorize import VectorOptions, qml_path, vectorize_classes  # noqa: E402
 
-from .device import DEVICES, resolve_device  # noqa: E402
+from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,10 @@ class ModelPredictor:
     float32 (n, classes, h, w). Picklable, so it ships to remote Dask workers."""
 
     model: ChainNet
-    device: str = "cpu"
+    device: str = "cpu"  # 'auto' or 'cuda' unresolved when it runs on remote Dask workers
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        device = torch.device(self.device)
+        device = torch.device(resolve_device(self.device, "--device (on a Dask worker)"))
         here = self.model.band_mean.device
         if here.type != device.type or (device.index is not None and here != device):
             self.model.to(device)  # moved where it runs (e.g. a Dask worker's GPU)
@@ -153,7 +153,7 @@ def iter_predictions(
     yield from stream_predictions(
         info.path,
         # its own copy: moving it to the device must not move the caller's model
-        ModelPredictor(copy.deepcopy(ckpt.model), resolve_device(device)),
+        ModelPredictor(copy.deepcopy(ckpt.model), prediction_device(device, scheduler)),
         halo,
         chunk=chunk,
         batch=batch,
@@ -212,7 +212,7 @@ def predict_scene(
     info = open_scene(scene)
     _check_scene(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)
-    device = resolve_device(device)
+    device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
     warn_if_no_crs(info)
     counts = {"chunks": 0, "skipped": 0}
@@ -300,7 +300,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="chunks per model call (default 1)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: local)")
     p.add_argument(
-        "--device", choices=DEVICES, default="auto", help="where the model runs (auto: GPU if any)"
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs (auto: GPU if any; with --scheduler, resolved on each worker)",
     )
     p.add_argument(
         "--min-area", type=float, default=0.0, help="drop smaller polygons (CRS units squared)"

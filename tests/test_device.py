@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.config import load_config
-from pipelines.device import resolve_device, training_device
+from pipelines.device import prediction_device, resolve_device, training_device
 from pipelines.errors import PipelineError
 from pipelines.train import train
 
@@ -22,6 +22,17 @@ def gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
 
     return make
+
+
+def test_prediction_on_a_cluster_leaves_the_device_to_its_workers(gpus):
+    gpus(0)
+    assert prediction_device("cuda", "tcp://gpu-node:8786") == "cuda"
+    assert prediction_device("auto", "tcp://gpu-node:8786") == "auto"
+    assert prediction_device("auto", None) == "cpu"
+    with pytest.raises(PipelineError, match="PyTorch sees no GPU here"):
+        prediction_device("cuda", None)
+    with pytest.raises(PipelineError, match="--device 'gpu' is unknown"):
+        prediction_device("gpu", "tcp://gpu-node:8786")
 
 
 def test_unknown_device_names_its_source():

@@ -275,6 +275,50 @@ def test_scheduler_option_uses_an_existing_cluster(checkpoint, make_geotiff, tmp
         assert np.array_equal(dst.read(1), expected)
 
 
+@pytest.mark.timeout(120)
+def test_with_a_scheduler_the_workers_resolve_the_device(
+    checkpoint, make_geotiff, tmp_path, capsys, monkeypatch
+):
+    """The model runs on the cluster's workers, so 'auto' and 'cuda' are resolved there, not
+    by the client (which may have no GPU where the workers have one, or the reverse)."""
+    from distributed import LocalCluster
+
+    path = make_geotiff(np.random.default_rng(4).integers(0, 900, (1, 40, 50)).astype(np.uint16))
+    resolved = []
+    monkeypatch.setattr(
+        "pipelines.predict.resolve_device",
+        lambda device, source: resolved.append((device, source)) or "cpu",
+    )
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--chunk", "32"]
+        code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
+    assert code == 0, err
+    assert resolved and set(resolved) == {("auto", "--device (on a Dask worker)")}
+    with rasterio.open(tmp_path / "c.tif") as dst:
+        assert np.array_equal(dst.read(1), whole_image(small_model(), read_scene(path)).argmax(0))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_on_workers_without_a_gpu_is_a_one_line_error(
+    checkpoint, make_geotiff, tmp_path, capsys
+):
+    from distributed import LocalCluster
+
+    path = make_geotiff(np.ones((1, 40, 50), dtype=np.uint16))
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--device", "cuda"]
+        code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
+    last = err.strip().splitlines()[-1]  # after the progress bar
+    assert code == 2 and "on a Dask worker" in last and "sees no GPU" in last, err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("c.*"))  # no output, no temporary file
+
+
 def test_unreachable_scheduler_is_a_one_line_error(
     checkpoint, make_geotiff, tmp_path, capsys, monkeypatch
 ):
