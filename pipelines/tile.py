@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tiles.progress import progress_bar
 from tiles.split import parse_split
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
@@ -42,7 +43,7 @@ def build_store(
     bars: list[tqdm] = []
 
     def start(total: int) -> None:
-        bars.append(tqdm(total=total, desc="tiles", unit="tile", disable=not progress, leave=False))
+        bars.append(progress_bar(total, "tiles", "tile", progress))  # in a log file too
 
     try:
         return _build_store(

@@ -68,6 +68,16 @@ def test_vegas_roads(tmp_path, data_dir, capsys):
     assert (windows[train, 1] + windows[train, 3]).max() + 40 <= windows[val, 1].min()
 
 
+def test_progress_in_a_log_file_is_whole_lines(tmp_path, data_dir, capsys):
+    """Redirected to a file (not a terminal), the tiles bar writes lines, not '\\r' redraws."""
+    scene = data_dir / "vegas-roads" / "image.tif"
+    labels = data_dir / "vegas-roads" / "roads.tif"
+    code, err = run_cli(capsys, scene, "--labels", labels, "--out", tmp_path / "v.zarr")
+    assert code == 0, err
+    assert "\r" not in err
+    assert any(line.startswith("tiles: 100%") for line in err.splitlines()), err
+
+
 def test_atlanta_buildings_by_attribute_and_rows(tmp_path, data_dir, capsys, caplog):
     out = tmp_path / "atlanta.zarr"
     code, _ = run_cli(
