@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -204,14 +205,14 @@ def check_solver_tables(tables: dict[str, dict[str, Any]], path: Path) -> None:
         for key, value in tables[table].items():
             default = DEFAULTS[table][key] if key not in fields else fields[key].default
             check_value(table, key, value, default, path)
-    settings = {"admm": AdmmSettings, "adam": AdamSettings, "pipeline": AdamSettings}
-    for table, cls in settings.items():  # the solvers' own bounds, reported with the file
+    settings = {"admm": AdmmSettings.from_dict, "adam": AdamSettings.from_dict}
+    settings["pipeline"] = partial(AdamSettings.from_dict, table="pipeline")  # Adam's settings
+    for table, read in settings.items():  # the solvers' own bounds, reported with the file
         values = {k: v for k, v in tables[table].items() if k not in ("schedule", "microbatches")}
         try:
-            cls.from_dict(values)
-        except GeodnnError as exc:  # the pipeline table takes Adam's settings: name its own
-            said = str(exc).replace("[adam]", f"[{table}]")
-            raise PipelineError(f"{path}: {said}") from None
+            read(values)
+        except GeodnnError as exc:
+            raise PipelineError(f"{path}: {exc}") from None
 
 
 # geodnn.parallel.pipeline.SCHEDULES' names (not imported: that loads torch.distributed.pipelining)

@@ -52,7 +52,7 @@ def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[objec
             ctx,
             setup.model,
             setup.train_data,
-            AdamSettings.from_dict(options),
+            AdamSettings.from_dict(options, table="pipeline"),
             seed,
             schedule=table["schedule"],
             microbatches=table["microbatches"],

@@ -34,12 +34,14 @@ class AdamSettings:
     divergence_warmup: int = 10
 
     @classmethod
-    def from_dict(cls, values: dict) -> AdamSettings:
-        settings = settings_from_dict(cls, values, "adam")
-        settings.check()
+    def from_dict(cls, values: dict, table: str = "adam") -> AdamSettings:
+        """Settings from a config table (`table`: [adam], or [pipeline], which takes the same
+        settings); errors name that table."""
+        settings = settings_from_dict(cls, values, table)
+        settings.check(table)
         return settings
 
-    def check(self) -> None:
+    def check(self, table: str = "adam") -> None:
         """Every setting in its range, or a GeodnnError naming the ones that are not."""
         rules = {
             "batch_size": lambda v: v >= 1,
@@ -57,7 +59,7 @@ class AdamSettings:
         bad = [name for name, ok in rules.items() if not _holds(ok, getattr(self, name))]
         if bad:
             raise GeodnnError(
-                f"invalid [adam] setting(s) {', '.join(bad)}: batch_size, slots >= 1; lr, "
+                f"invalid [{table}] setting(s) {', '.join(bad)}: batch_size, slots >= 1; lr, "
                 "divergence_factor > 0; 0 <= beta1, beta2 < 1; the others >= 0 (numbers, "
                 "not text)"
             )
