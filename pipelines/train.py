@@ -1173,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.train")
     sub = parser.add_subparsers(dest="command")
     register(sub)
+    sub.choices["train"].prog = parser.prog  # its usage without the 'train' this adds itself
     args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
     logging.basicConfig(level=logging.INFO, format="geodnn: %(levelname)s: %(message)s")
     from .cli import USER_ERRORS

@@ -725,3 +725,13 @@ def test_a_refused_resume_writes_no_store_record(tmp_path, store, train_config, 
     code = main(["train", str(config.path), "--out", str(run), "--resume", "--iterations", "9"])
     assert code == 2 and "lack the row of iteration 6" in capsys.readouterr().err
     assert not (run / "store.json").exists()
+
+
+def test_the_rank_entry_points_usage_is_the_command_to_type(capsys):
+    """`python -m pipelines.train --help` (what torchrun runs) shows a usage that works when
+    copied: no 'train' word, which the entry point adds itself."""
+    from pipelines.train import main as rank_main
+
+    with pytest.raises(SystemExit):
+        rank_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m pipelines.train [-h]")
