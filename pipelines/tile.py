@@ -81,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         f"{name} {n}" for name, n in zip(store.class_names, store.class_pixel_counts.tolist())
     )
     log.info(
-        "wrote %s: %d train + %d validation tiles of %d px; training pixels per class: %s",
+        "wrote %s: %d band(s), %d train + %d validation tiles of %d px; training pixels per "
+        "class: %s",
         out,
+        store.bands,
         per_split["train"],
         per_split["validation"],
         store.tile_size,

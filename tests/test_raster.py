@@ -7,6 +7,7 @@ import rasterio
 from affine import Affine
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
+from rasterio.errors import NodataShadowWarning
 from rasterio.windows import Window
 
 from tiles.errors import RasterInputError
@@ -90,6 +91,37 @@ def test_alpha_band_is_a_mask_not_a_data_band(make_geotiff):
     lazy = open_lazy(path, chunks=4).compute().values
     assert lazy.shape == (3, 8, 8) and np.isnan(lazy[:, :, :4]).all()
     np.testing.assert_array_equal(lazy[:, :, 4:], out[:, :, 4:])
+
+
+def test_alpha_band_masks_a_scene_that_also_has_a_nodata_value(make_geotiff):
+    """GDAL's masks follow the nodata value alone when a file has both (NodataShadowWarning):
+    a transparent collar of a value other than nodata must still be missing."""
+    array = np.stack([np.full((8, 8), v, dtype=np.uint8) for v in (10, 20, 30, 255)])
+    array[:3, :, :4], array[3, :, :4] = 255, 0  # white, transparent collar
+    array[0, 0, 7] = 9  # nodata in band 1 only, opaque
+    path = make_geotiff(array, name="rgba.tif", photometric="RGB", alpha="YES", nodata=9)
+    with warnings.catch_warnings(), rasterio.open(path) as src:
+        warnings.simplefilter("error", NodataShadowWarning)
+        out = read_window(src, Window(0, 0, 8, 8))
+    assert np.isnan(out[:, :, :4]).all() and not np.isnan(out[:, 1:, 4:]).any()
+    assert np.isnan(out[0, 0, 7]) and out[1, 0, 7] == 20
+    lazy = open_lazy(path, chunks=4).compute().values
+    np.testing.assert_array_equal(lazy, out)
+
+
+def test_an_alpha_band_that_looks_like_data_is_warned_of(make_geotiff):
+    """GDAL tags band 4 of a 4-band 8-bit GeoTIFF written without PHOTOMETRIC as alpha: an
+    R,G,B,NIR stack would lose its NIR band silently."""
+    rng = np.random.default_rng(0)
+    array = rng.integers(1, 250, (4, 8, 8)).astype(np.uint8)
+    path = make_geotiff(array, name="rgbn.tif")
+    with rasterio.open(path) as src:
+        assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    with pytest.warns(UserWarning, match=r"rgbn.tif: band 4 is tagged as alpha.*colorinterp_4"):
+        assert open_scene(path).count == 3
+    with warnings.catch_warnings():  # a real alpha (0 / 255) is not warned of
+        warnings.simplefilter("error", UserWarning)
+        open_scene(rgba_scene(make_geotiff))
 
 
 def test_scene_georeferenced_only_by_gcps_is_refused(tmp_path):

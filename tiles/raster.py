@@ -8,6 +8,7 @@ mask, not data: it is left out of the band count and of every read.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
             )
             if check_data:
                 src.read(1, window=Window(src.width - 1, src.height - 1, 1, 1))
+                _warn_if_alpha_holds_data(src, path, bands)
             gcps_only = _georeferenced_by_gcps_only(src)
     except RasterioIOError as exc:
         raise RasterInputError(
@@ -138,6 +140,27 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
             f"onto a grid first (`gdalwarp -r near {path.name} warped.tif`) and pass that"
         )
     return info
+
+
+def _warn_if_alpha_holds_data(src: rasterio.DatasetReader, path: Path, bands: tuple) -> None:
+    """An alpha band is read as a mask (0 = missing), not as data. GDAL tags the 4th band of a
+    4-band 8-bit GeoTIFF written without PHOTOMETRIC as alpha, so an R,G,B,NIR stack loses its
+    NIR that way: warn when the band's name, or the values in its first block, look like data."""
+    for index in sorted(set(range(1, src.count + 1)) - set(bands)):
+        name = src.descriptions[index - 1] or ""
+        block = src.read(index, window=next(src.block_windows(index))[1])
+        values = np.unique(block)
+        top = np.iinfo(block.dtype).max if block.dtype.kind in "ui" else 1
+        named_as_data = bool(name) and not re.search("alpha|mask|transp|opacity", name, re.I)
+        if named_as_data or not set(values.tolist()) <= {0, top}:
+            label = f" ({name!r})" if name else ""
+            warnings.warn(
+                f"{path}: band {index}{label} is tagged as alpha, so it is read as a mask "
+                "(0 = missing) and not as data, yet it looks like data; if it is, reset its "
+                f"colour interpretation (`gdal_edit.py -colorinterp_{index} undefined "
+                f"{path.name}`)",
+                stacklevel=3,
+            )
 
 
 def _georeferenced_by_gcps_only(src: rasterio.DatasetReader) -> bool:
@@ -157,9 +180,24 @@ def warn_if_no_crs(info: SceneInfo) -> None:
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     """Read a window of the data bands (no alpha) as float32 (bands, h, w), NaN where
     nodata/mask/alpha say so or values are inf."""
-    data = src.read(data_bands(src), window=window, masked=True, out_dtype="float32")
-    array = np.ma.filled(data, np.nan).astype(np.float32, copy=False)
+    bands = data_bands(src)
+    if src.count > len(bands) and src.nodata is not None:
+        array = _read_nodata_and_alpha(src, bands, window)
+    else:
+        data = src.read(bands, window=window, masked=True, out_dtype="float32")
+        array = np.ma.filled(data, np.nan).astype(np.float32, copy=False)
     array[~np.isfinite(array)] = np.nan
+    return array
+
+
+def _read_nodata_and_alpha(src: rasterio.DatasetReader, bands: list[int], window: Window):
+    """A scene with both a nodata value and an alpha band: GDAL's masks then follow the nodata
+    value alone (its NodataShadowWarning, once per read), which would keep a transparent collar
+    as data. Missing here is where either says so: a band equal to nodata, or alpha 0."""
+    array = src.read(bands, window=window, out_dtype="float32")
+    array[array == np.float32(src.nodata)] = np.nan
+    alpha = next(i for i in range(1, src.count + 1) if i not in bands)
+    array[:, src.read(alpha, window=window) == 0] = np.nan
     return array
 
 
@@ -170,7 +208,15 @@ def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> 
     source = Path(info.path).resolve()  # the lazy reads happen later, maybe in another folder
     if isinstance(chunks, int):
         chunks = (chunks, chunks)
-    array = rioxarray.open_rasterio(
-        source, chunks={"band": -1, "y": chunks[0], "x": chunks[1]}, masked=True, lock=False
-    ).sel(band=list(info.band_indexes))
-    return array.astype(np.float32).where(np.isfinite(array))
+    shadowed = info.alpha_bands > 0 and info.nodata is not None  # see _read_nodata_and_alpha
+    bands = rioxarray.open_rasterio(
+        source,
+        chunks={"band": -1, "y": chunks[0], "x": chunks[1]},
+        masked=not shadowed,
+        lock=False,
+    )
+    array = bands.sel(band=list(info.band_indexes)).astype(np.float32)
+    if shadowed:
+        alpha = next(i for i in range(1, len(bands.band) + 1) if i not in info.band_indexes)
+        array = array.where((array != np.float32(info.nodata)) & (bands.sel(band=alpha) != 0))
+    return array.where(np.isfinite(array))
