@@ -336,3 +336,81 @@ def test_mask_without_crs_on_the_scene_grid_is_read_with_a_warning(make_geotiff,
     )
     with pytest.raises(LabelError, match="different grids and one has no CRS"):
         load_labels(shifted, scene)
+
+
+def test_an_attribute_that_is_background_everywhere_is_refused(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7)], cls=[0, 0])
+    with pytest.raises(LabelError, match=r"'cls' is 0 \(background\) for every feature"):
+        load_labels(path, scene, class_attribute="cls")
+
+
+def test_a_boolean_attribute_is_its_class_and_false_is_background(tmp_path, scene):
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7)]
+    path = write_vector(tmp_path, boxes, name="l.gpkg", is_roof=[True, False])
+    source = load_labels(path, scene, class_attribute="is_roof")
+    assert source.class_names == ["background", "is_roof"]
+    labels = whole(source, scene)
+    assert labels[0, 0] == 1 and labels[5, 5] == 0
+
+
+def test_a_table_without_geometries_is_a_one_line_error(tmp_path, scene):
+    path = tmp_path / "labels.csv"
+    path.write_text("id,class\n1,road\n2,roof\n")
+    with pytest.raises(LabelError, match=r"labels.csv: has no geometries"):
+        load_labels(path, scene)
+
+
+def test_empty_geometries_are_dropped_without_a_warning(tmp_path, scene):
+    path = write_vector(tmp_path, [pixel_box(2, 2, 4, 4), shapely.Polygon()], name="l.gpkg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        source = load_labels(path, scene)
+    assert whole(source, scene).sum() == 4
+
+
+def test_lines_and_points_are_burned_one_pixel_wide_with_a_warning(tmp_path, scene):
+    line = shapely.LineString([(X0 + 0.25, Y0 - 5.25), (X0 + 14.75, Y0 - 5.25)])  # along row 10
+    point = shapely.Point(X0 + 1.25, Y0 - 1.25)  # pixel (2, 2)
+    path = write_vector(tmp_path, [line, point, pixel_box(15, 0, 17, 2)])
+    with pytest.warns(UserWarning, match=r"1 line and 1 point feature\(s\) are burned one pixel"):
+        labels = whole(load_labels(path, scene), scene)
+    assert labels[10].sum() == 30 and labels[2, 2] == 1 and labels.sum() == 30 + 1 + 4
+
+
+def test_a_geotiff_mask_is_read_whatever_its_suffix(tmp_path, scene, make_geotiff):
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[3:5, 3:5] = 1
+    path = make_geotiff(mask, name="mask.geotiff")
+    np.testing.assert_array_equal(whole(load_labels(path, scene), scene), mask)
+
+
+def test_projected_coordinates_under_a_geographic_crs_blame_the_crs(tmp_path, scene):
+    """GeoJSON without a 'crs' member is read as EPSG:4326: UTM coordinates in it are not
+    'labels of another scene' but a missing CRS."""
+    path = tmp_path / "labels.geojson"
+    ring = [[X0 + 1, Y0 - 1], [X0 + 5, Y0 - 1], [X0 + 5, Y0 - 5], [X0 + 1, Y0 - 1]]
+    feature = {
+        "type": "Feature",
+        "properties": {},
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+    }
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    with pytest.raises(LabelError, match=r"not longitude/latitude.*set their real CRS"):
+        load_labels(path, scene)
+
+
+SITE_GRID = 'LOCAL_CS["Site grid",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+
+
+def test_labels_on_a_local_site_grid(tmp_path, make_geotiff):
+    """A local (engineering) CRS: the same site grid in a GeoTIFF and a GeoPackage (written
+    differently by GDAL) lines up; against UTM there is no transformation: one line."""
+    site = open_scene(make_geotiff(np.ones((1, 20, 30), dtype=np.uint16), crs=SITE_GRID))
+    path = write_vector(tmp_path, [pixel_box(2, 4, 6, 10)], name="site.gpkg", crs=SITE_GRID)
+    assert whole(load_labels(path, site), site).sum() == 24
+    utm = open_scene(make_geotiff(np.ones((1, 20, 30), dtype=np.uint16), name="utm.tif"))
+    with pytest.raises(LabelError, match=r"no transformation from the labels' CRS \('Site grid'\)"):
+        load_labels(path, utm)
+    mask = make_geotiff(np.ones((10, 10), dtype=np.uint8), name="m.tif", crs=SITE_GRID)
+    with pytest.raises(LabelError, match=r"m.tif: PROJ has no transformation"):
+        load_labels(mask, utm)

@@ -26,12 +26,15 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pyogrio
+import pyproj
 import rasterio
 import rasterio.features
 import rasterio.windows
 import shapely
+from pyproj.exceptions import ProjError
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import CRSError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -211,14 +214,30 @@ def load_labels(
     path, layer = split_layer(path)
     if not path.exists():
         raise LabelError(f"{path}: label file not found; check the path")
-    if path.suffix.lower() in RASTER_SUFFIXES:
-        if class_attribute is not None or layer is not None:
-            raise LabelError(
-                f"{path}: --class-attribute and |layername= apply to vector labels; a raster "
-                "mask's values are its classes, so drop them"
-            )
-        return _load_raster(path, scene)
-    return _load_vector(path, scene, class_attribute, layer)
+    if path.suffix.lower() not in RASTER_SUFFIXES:
+        try:
+            return _load_vector(path, scene, class_attribute, layer)
+        except UnreadableVectorError:
+            if not _opens_as_raster(path):  # e.g. a GeoTIFF named .geotiff: a mask after all
+                raise
+    if class_attribute is not None or layer is not None:
+        raise LabelError(
+            f"{path}: --class-attribute and |layername= apply to vector labels; a raster "
+            "mask's values are its classes, so drop them"
+        )
+    return _load_raster(path, scene)
+
+
+class UnreadableVectorError(LabelError):
+    """A label file OGR cannot read as vectors (it may still be a raster mask)."""
+
+
+def _opens_as_raster(path: Path) -> bool:
+    try:
+        with rasterio.open(path):
+            return True
+    except RasterioIOError:
+        return False
 
 
 # --- vector labels -------------------------------------------------------------------------
@@ -248,11 +267,17 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
         raise
     except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LabelError(
+        raise UnreadableVectorError(
             f"{path}: not a readable vector or raster label file ({reason}); pass GeoJSON, "
             "GeoPackage, Shapefile or a GeoTIFF mask"
         ) from None
-    frame = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    if not isinstance(frame, gpd.GeoDataFrame) or frame.geometry.name not in frame.columns:
+        raise LabelError(
+            f"{path}: has no geometries (a table, not vector labels); pass GeoJSON, GeoPackage "
+            "or Shapefile features, or a GeoTIFF mask"
+        )
+    shapes = np.asarray(frame.geometry.array)
+    frame = frame[~shapely.is_missing(shapes) & ~shapely.is_empty(shapes)]
     if len(frame) == 0:
         raise LabelError(f"{path}: label file has no features; pass a file with labeled geometries")
     if frame.crs is None:
@@ -277,6 +302,9 @@ def _class_ids(frame: gpd.GeoDataFrame, path: Path, attribute: str | None):
     if not present.any():
         raise LabelError(f"{path}: attribute '{attribute}' is empty; pick an attribute with values")
     values = column[present]
+    if pd.api.types.is_bool_dtype(values):  # True = the class (named after it), False = background
+        ids, names, values = _integer_classes(values.to_numpy(np.int64), present, path, attribute)
+        return ids, ["background", attribute], values
     if _is_integral(values):
         return _integer_classes(values.astype(np.int64).to_numpy(), present, path, attribute)
     return _text_classes(values.astype(str).to_numpy(), present, path, attribute)
@@ -295,9 +323,15 @@ def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attrib
             f"{path}: attribute '{attribute}' has class ids outside 0..{MAX_CLASSES}; "
             "renumber the classes or use a text attribute"
         )
+    top = int(values.max())
+    if top == 0:
+        raise LabelError(
+            f"{path}: attribute '{attribute}' is 0 (background) for every feature, so there is "
+            "no class to learn; pick another attribute, or drop --class-attribute to make every "
+            "feature one positive class"
+        )
     ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
     ids[present] = values
-    top = int(values.max())
     names = ["background"] + [str(i) for i in range(1, top + 1)]
     return ids, names, [None] + list(range(1, top + 1))
 
@@ -327,7 +361,14 @@ def _load_vector(
     ids, names, values = _class_ids(frame, path, attribute)
     if attribute is None and layer is not None:
         names[1] = layer  # one positive class, named after its layer rather than its file
-    geometries = frame.to_crs(scene.crs).geometry.to_numpy()
+    _check_geographic_coordinates(frame, path)
+    _warn_of_lines_and_points(frame, path)
+    if same_local_grid(frame.crs, scene.crs):
+        frame = frame.set_crs(scene.crs, allow_override=True)
+    try:
+        geometries = frame.to_crs(scene.crs).geometry.to_numpy()
+    except (ProjError, CRSError):
+        raise _no_transformation(path, frame.crs, scene) from None
     tree = shapely.STRtree(geometries)
     if tree.query(shapely.box(*scene.bounds), predicate="intersects").size == 0:
         raise LabelError(
@@ -345,6 +386,62 @@ def _load_vector(
     )
 
 
+def _check_geographic_coordinates(frame: gpd.GeoDataFrame, path: Path) -> None:
+    """Projected coordinates under a geographic CRS (GeoJSON without a 'crs' member is read as
+    EPSG:4326) would only fail the overlap test, blaming the labels instead of their CRS."""
+    if not frame.crs.is_geographic:
+        return
+    x0, y0, x1, y1 = frame.total_bounds
+    if min(x0, y0) < -360 or max(x1, y1) > 360:
+        raise LabelError(
+            f"{path}: coordinates reach ({x1:.6g}, {y1:.6g}), not longitude/latitude, but the "
+            f"labels' CRS is geographic ({frame.crs.to_string()}; GeoJSON without a 'crs' "
+            "member is read as EPSG:4326); set their real CRS (`ogr2ogr -a_srs EPSG:XXXX`)"
+        )
+
+
+def _warn_of_lines_and_points(frame: gpd.GeoDataFrame, path: Path) -> None:
+    """Lines and points are burned one pixel wide (the pixels they touch); a road centre line
+    labels a thin trace of the road, not its width."""
+    kinds = frame.geometry.geom_type.str.replace("Multi", "")
+    lines, points = int((kinds == "LineString").sum()), int((kinds == "Point").sum())
+    if lines or points:
+        warnings.warn(
+            f"{path}: {lines} line and {points} point feature(s) are burned one pixel wide, "
+            "not the objects' extent; buffer them to the objects' width first (GeoPandas "
+            "`.buffer()` in a metric CRS) if they stand for areas",
+            stacklevel=3,
+        )
+
+
+def _no_transformation(path: Path, crs, scene: SceneInfo) -> LabelError:
+    """PROJ knows no operation between the two CRSs (e.g. a local site grid and UTM)."""
+    return LabelError(
+        f"{path}: PROJ has no transformation from the labels' CRS ('{_crs_name(crs)}') to the "
+        f"scene's ('{_crs_name(scene.crs)}'); reproject the labels to the scene's CRS first "
+        "(`ogr2ogr -t_srs` or `gdalwarp -t_srs`)"
+    )
+
+
+def same_local_grid(a, b) -> bool:
+    """Two local (engineering) CRSs of the same name and axes, e.g. a site grid as GDAL writes it
+    in a GeoTIFF (LOCAL_CS) and in a GeoPackage (with a datum): PROJ cannot relate local CRSs,
+    so their coordinates are taken as the same."""
+    a, b = pyproj.CRS.from_user_input(a), pyproj.CRS.from_user_input(b)
+    axes = [(x.direction, x.unit_name) for x in a.axis_info]
+    return (
+        a.is_engineering
+        and b.is_engineering
+        and a.name == b.name
+        and axes == [(x.direction, x.unit_name) for x in b.axis_info]
+    )
+
+
+def _crs_name(crs) -> str:
+    """A CRS's short name ('WGS 84 / UTM zone 11N', 'Site grid'), not its WKT."""
+    return pyproj.CRS.from_user_input(crs).name
+
+
 # --- raster masks --------------------------------------------------------------------------
 
 
@@ -354,7 +451,7 @@ def _same_grid(src, scene: SceneInfo) -> bool:
     on the scene's grid, with a warning in `_load_raster`)."""
     if (src.height, src.width) != scene.shape:
         return False
-    if src.crs is not None and src.crs != scene.crs:
+    if src.crs is not None and src.crs != scene.crs and not same_local_grid(src.crs, scene.crs):
         return False
     a, b = np.asarray(src.transform)[:6], np.asarray(scene.transform)[:6]
     pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
@@ -389,7 +486,10 @@ def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> None:
         )
     # both as (min x, min y, max x, max y): a south-up grid's bounds would have bottom > top
     mask_bounds = grid_bounds(src.height, src.width, src.transform)
-    left, bottom, right, top = transform_bounds(src.crs, scene.crs, *mask_bounds)
+    try:
+        left, bottom, right, top = transform_bounds(src.crs, scene.crs, *mask_bounds)
+    except (CRSError, CPLE_BaseError):
+        raise _no_transformation(path, src.crs, scene) from None
     s_left, s_bottom, s_right, s_top = scene.bounds
     if left >= s_right or right <= s_left or bottom >= s_top or top <= s_bottom:
         raise LabelError(
