@@ -87,6 +87,18 @@ def test_windows_of_a_rotated_scene_burn_every_feature(tmp_path, make_geotiff):
         np.testing.assert_array_equal(part, expected[row : row + 16, col : col + 16])
 
 
+def test_windows_of_a_mask_on_a_rotated_scene_grid_are_read_in_place(make_geotiff):
+    """A boundless read ignores a transform's rotation terms: windows away from (0, 0) came back
+    shifted and partly ignore."""
+    rotated = Affine.translation(X0, Y0) * Affine.rotation(30) * Affine.scale(PIXEL, -PIXEL)
+    info = open_scene(make_geotiff(np.ones((1, 40, 50), np.uint8), transform=rotated))
+    mask = np.random.default_rng(5).integers(0, 2, (40, 50)).astype(np.uint8)
+    source = load_labels(make_geotiff(mask, name="mask.tif", transform=rotated), info)
+    for col, row, width, height in [(0, 0, 16, 16), (20, 10, 16, 16), (34, 24, 16, 16)]:
+        part = source.rasterize(Window(col, row, width, height))
+        np.testing.assert_array_equal(part, mask[row : row + height, col : col + width])
+
+
 def test_match_classes_numbers_a_subset_as_the_model_did(tmp_path, scene, make_geotiff):
     boxes = [pixel_box(0, 0, 4, 4), pixel_box(6, 6, 9, 9)]
     path = write_vector(tmp_path, boxes, kind=["tank", "tank"])

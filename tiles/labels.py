@@ -34,7 +34,7 @@ import shapely
 from pyproj.exceptions import ProjError
 from rasterio._err import CPLE_BaseError
 from rasterio.enums import Resampling
-from rasterio.errors import CRSError, RasterioIOError
+from rasterio.errors import CRSError, RasterioIOError, WindowError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -162,7 +162,7 @@ class RasterLabels(LabelSource):
     def _burn(self, window: Window) -> np.ndarray:
         with rasterio.open(self.path) as src:
             if self.same_grid:
-                return self._classify(src, window, boundless=True)
+                return self._classify_inside(src, window)
             with WarpedVRT(
                 src,
                 crs=self.scene.crs,
@@ -173,11 +173,24 @@ class RasterLabels(LabelSource):
                 dtype="float64",
                 nodata=np.nan,
             ) as vrt:
-                return self._classify(vrt, window, boundless=False)
+                return self._classify(vrt, window)
 
-    def _classify(self, src, window: Window, boundless: bool) -> np.ndarray:
+    def _classify_inside(self, src, window: Window) -> np.ndarray:
+        """A window of a mask on the scene's grid, read plainly (a boundless read ignores a
+        rotated grid's rotation terms); any part outside the mask is ignore."""
+        labels = np.full((int(window.height), int(window.width)), IGNORE_INDEX, dtype=np.uint8)
+        try:
+            inside = window.intersection(Window(0, 0, src.width, src.height))
+        except WindowError:  # no pixel of the mask in it
+            return labels
+        row, col = int(inside.row_off - window.row_off), int(inside.col_off - window.col_off)
+        height, width = int(inside.height), int(inside.width)
+        labels[row : row + height, col : col + width] = self._classify(src, inside)
+        return labels
+
+    def _classify(self, src, window: Window) -> np.ndarray:
         """Map mask values to class ids; nodata, NaN and outside-the-mask pixels to ignore."""
-        values = src.read(1, window=window, boundless=boundless, masked=True, out_dtype="float64")
+        values = src.read(1, window=window, masked=True, out_dtype="float64")
         missing = np.ma.getmaskarray(values) | ~np.isfinite(values.data)
         known = np.asarray([0.0] + [float(v) for v in self.class_values[1:]])
         ids = np.searchsorted(known, np.where(missing, 0.0, values.data))
