@@ -308,7 +308,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--min-area", type=float, default=0.0, help="drop smaller polygons (CRS units squared)"
     )
-    p.add_argument("--simplify", type=float, default=0.0, help="simplify tolerance (CRS units)")
+    p.add_argument(
+        "--simplify",
+        type=float,
+        default=0.0,
+        help="simplify tolerance (CRS units; polygon by polygon, so neighbours may then overlap)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
     p.set_defaults(func=run)

@@ -148,6 +148,32 @@ def test_min_area_simplify_background_and_nodata(make_geotiff, tmp_path):
     assert len(frame.geometry.iloc[0].exterior.coords) <= 6
 
 
+# a 75 x 24 region (3 bytes a row) whose topology-preserving simplification can be
+# invalid ("Hole lies outside shell", 6 px here): found by a user run of `geodnn predict`
+NOTCHED_REGION = (
+    "000000000000001800003f80001ffc001ff8001ff0003ff0003ff0003fe0003ff0003ff0003ff8007ffc007f"
+    "fc007ff403fff40fff003ffff41f0fcc0e1ffc0e1ff80f1ff01ffff01ffff001ffe000fff0003ff0003ff000"
+    "3ff8003ffc003ffc003ffc001ffc001ffc003ff4001f00003f00003f00003fe0003f80003fe0001fe0001fe0"
+    "0017c00003c00015c0003fc0007f80007fc000ff8000ffc000ff80007fc0007ff8007ff8003ff8001ff8001f"
+    "f8003ff803fff003fff803fdf003f3f007fff01ffff80ffff801fff801fff800fff800f17000fdf000fd0000"
+    "0000000000"
+)
+
+
+def test_simplified_polygons_are_valid(make_geotiff, tmp_path):
+    """GEOS's simplification can push a hole outside its shell even when it preserves
+    topology; such a polygon is written exact instead."""
+    packed = np.frombuffer(bytes.fromhex(NOTCHED_REGION), np.uint8).reshape(75, 3)
+    classes = np.unpackbits(packed, axis=1)[:, :24]
+    exact, simple = tmp_path / "exact.gpkg", tmp_path / "simple.gpkg"
+    scene = class_map(make_geotiff, classes)
+    vectorize_classes(scene, exact, NAMES, COLORS)
+    vectorize_classes(scene, simple, NAMES, COLORS, VectorOptions(simplify=3.0))
+    [before], [after] = read(exact).geometry, read(simple).geometry
+    assert not shapely.simplify(before, 3.0, preserve_topology=True).is_valid  # the case
+    assert after.is_valid and after.equals(before)
+
+
 def test_geographic_and_custom_crs_are_kept(make_geotiff, tmp_path):
     classes = np.ones((10, 10), dtype=np.uint8)
     wkt = 'LOCAL_CS["site grid",UNIT["metre",1]]'

@@ -86,7 +86,7 @@ class _Layer:
         pixel_geoms = np.array([g for _, g in self.rows], dtype=object)
         geoms = shapely.transform(pixel_geoms, lambda xy: _apply(t, xy))
         if self.options.simplify > 0:
-            geoms = shapely.simplify(geoms, self.options.simplify, preserve_topology=True)
+            geoms = _simplified(geoms, self.options.simplify)
         frame = _frame(
             ids,
             [self.names[c] for c in ids],
@@ -106,6 +106,13 @@ class _Layer:
         self.written += len(self.rows)
         self.flushes += 1
         self.rows = []
+
+
+def _simplified(geoms: np.ndarray, tolerance: float) -> np.ndarray:
+    """Each polygon simplified on its own; one that GEOS's topology-preserving simplification
+    still leaves invalid (it can push a hole outside its shell) is kept exact."""
+    simple = shapely.simplify(geoms, tolerance, preserve_topology=True)
+    return np.where(shapely.is_valid(simple), simple, geoms)
 
 
 def _frame(
