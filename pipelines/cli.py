@@ -13,18 +13,21 @@ import signal
 import sys
 import warnings
 
-from rasterio.errors import NotGeoreferencedWarning
-
-from geodnn.errors import GeodnnError
-from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
-from tiles.errors import TilesError
-
-from .errors import PipelineError
+# Only the standard library at import: PyTorch and GDAL load in `main`, where Ctrl-C during
+# the seconds that takes is answered in one line too.
 
 # Order is the order shown by `geodnn --help`.
 JOB_MODULES = ["tile", "train", "evaluate", "predict", "run"]
 
-USER_ERRORS = (GeodnnError, TilesError, PipelineError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a command reports in one line: bad input or a bad environment, not a bug."""
+    from geodnn.errors import GeodnnError
+    from tiles.errors import TilesError
+
+    from .errors import PipelineError
+
+    return (GeodnnError, TilesError, PipelineError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,18 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:  # the job's own, or one while its modules were still loading
+        print("geodnn: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -70,15 +85,23 @@ def main(argv: list[str] | None = None) -> int:
             code = int(args.func(args) or 0)
             raise_if_stopped()  # one swallowed on the way still ends the command as stopped
             return code
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"geodnn: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("geodnn: interrupted", file=sys.stderr)
-        return 130
     except StopSignal as stop:
         print(f"geodnn: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
+    except OSError as exc:  # the system refused a file: permissions, read-only, disk full
+        logging.getLogger(__name__).debug("the refused operation:", exc_info=True)  # -v
+        print(f"geodnn: error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(exc: OSError) -> str:
+    """'PATH: reason; what to check' for an OSError (its traceback is for -v)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{where}{reason}; check the path, its permissions and the free disk space"
 
 
 if __name__ == "__main__":

@@ -1176,13 +1176,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["train"].prog = parser.prog  # its usage without the 'train' this adds itself
     args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
     logging.basicConfig(level=logging.INFO, format="geodnn: %(levelname)s: %(message)s")
-    from .cli import USER_ERRORS
+    from .cli import user_errors
 
     rank = os.environ.get("RANK", "0")
     try:
         with stop_signals_raise():  # torchrun forwards SIGTERM: unwind, no temporary file left
             code = args.func(args)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"geodnn: error (rank {rank}): {exc}", file=sys.stderr)
         code = 1 if isinstance(exc, RankFailureError) else 2  # a peer failed: not the user's
     except StopSignal as stop:  # as `geodnn` itself (pipelines/cli.py) ends on one

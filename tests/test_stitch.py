@@ -1,6 +1,7 @@
 import ctypes
 import glob
 import json
+import logging
 import os
 
 import numpy as np
@@ -227,6 +228,17 @@ def test_atomic_outputs_flush_the_files_before_the_renames(tmp_path, monkeypatch
     ]
 
 
+def test_cog_of_small_chunks_has_128_px_tiles_without_a_gdal_warning(
+    make_geotiff, tmp_path, caplog
+):
+    scene = np.random.default_rng(2).integers(0, 1000, (1, 200, 300)).astype(np.uint16)
+    with caplog.at_level(logging.WARNING):
+        stitch(make_geotiff(scene), tmp_path / "c.tif", None, chunk=96, cog=True)
+    with rasterio.open(tmp_path / "c.tif") as dst:
+        assert dst.block_shapes[0] == (128, 128)
+    assert not [r for r in caplog.records if "BLOCKSIZE" in r.getMessage()]
+
+
 def test_check_output_errors_name_the_fix(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"")
     with pytest.raises(OutputError, match="--overwrite"):
@@ -234,6 +246,17 @@ def test_check_output_errors_name_the_fix(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         check_output(tmp_path / "no" / "x.tif", overwrite=True)
     assert check_output(tmp_path / "x.tif", overwrite=True) == tmp_path / "x.tif"
+
+
+def test_check_output_refuses_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
+    """Checked up front: prediction used to run to its end, then fail on its first write."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("tiles.stitch.tempfile.mkstemp", read_only)
+    with pytest.raises(OutputError, match=r"x.tif: cannot write in .* \(Read-only file system\)"):
+        check_output(tmp_path / "x.tif", overwrite=False)
 
 
 def test_unreadable_chunk_is_a_raster_input_error(make_geotiff, tmp_path):

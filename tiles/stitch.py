@@ -262,6 +262,12 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputError(f"{path}: is a folder; pass a file name")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+    try:  # writable? (before any work: outputs are written next to the final name)
+        temp_path(path)
+    except OSError as exc:
+        raise OutputError(
+            f"{path}: cannot write in {path.parent} ({exc.strerror}); pick a writable folder"
+        ) from None
     return path
 
 
@@ -525,7 +531,8 @@ def compress_geotiff(src: Path, dst: Path, block: int) -> None:
 
 def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> None:
     """Copy a finished GeoTIFF to a COG with internal overviews (GDAL's COG driver)."""
-    _gdal_copy(src, dst, driver="COG", BLOCKSIZE=max(block, 64), OVERVIEW_RESAMPLING=resampling)
+    # GDAL's COG driver wants tiles of >= 128 px (it warns, naming only the value, otherwise)
+    _gdal_copy(src, dst, driver="COG", BLOCKSIZE=max(block, 128), OVERVIEW_RESAMPLING=resampling)
 
 
 def _gdal_copy(src: Path, dst: Path, **creation) -> None:

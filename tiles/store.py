@@ -207,7 +207,15 @@ def _prepare_target(
         raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
     _check_not_an_input(out, scene, labels)
     _check_replaceable(out, _occupant(out), overwrite)
-    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:  # writable? (before the build; the store is built next to its final name)
+        tmp.mkdir()
+        tmp.rmdir()
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot write in {out.parent} ({exc.strerror}); pick a writable folder"
+        ) from None
+    return tmp
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:

@@ -1,0 +1,63 @@
+"""The `geodnn` command itself: start-up, and errors no job reports itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import cli
+from pipelines.cli import main
+
+
+def test_importing_the_command_loads_neither_pytorch_nor_gdal():
+    """What loads them runs inside `main`, where Ctrl-C is answered in one line."""
+    code = "import sys, pipelines.cli; print(sorted({'torch', 'rasterio'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_ctrl_c_while_the_jobs_load_is_one_line(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["tile", "--help"]) == 130
+    assert capsys.readouterr().err == "geodnn: interrupted\n"
+
+
+def test_a_file_the_system_refuses_is_one_line(monkeypatch, capsys, make_geotiff, tmp_path):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/data/scenes/out.zarr")
+
+    monkeypatch.setattr("pipelines.tile.build_store", refused)
+    scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
+    assert main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"]) == 2
+    assert capsys.readouterr().err == (
+        "geodnn: error: /data/scenes/out.zarr: Permission denied; check the path, its "
+        "permissions and the free disk space\n"
+    )
+
+
+def test_outputs_in_a_folder_that_cannot_be_written_are_refused_first(
+    monkeypatch, capsys, data_dir, tmp_path
+):
+    """Before any work (tiling, prediction), not with a traceback at the end."""
+    real_mkdir = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if path.parent == tmp_path:
+            raise PermissionError(30, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    scene, labels = data_dir / "vegas-roads" / "image.tif", data_dir / "vegas-roads" / "roads.tif"
+    out = tmp_path / "v.zarr"
+    assert main(["tile", str(scene), "--labels", str(labels), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"{out}: cannot write in {tmp_path} (Read-only file system); pick a writable folder\n"
+    )
+    assert "tiles:" not in err  # refused before the build
