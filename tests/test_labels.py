@@ -426,3 +426,11 @@ def test_labels_on_a_local_site_grid(tmp_path, make_geotiff):
     mask = make_geotiff(np.ones((10, 10), dtype=np.uint8), name="m.tif", crs=SITE_GRID)
     with pytest.raises(LabelError, match=r"m.tif: PROJ has no transformation"):
         load_labels(mask, utm)
+
+
+def test_a_mask_of_several_bands_reads_band_1_with_a_warning(scene, make_geotiff):
+    mask = np.zeros((2, 20, 30), dtype=np.uint8)
+    mask[0, 3:5, 3:5], mask[1, 10:12, 10:12] = 1, 1
+    with pytest.warns(UserWarning, match=r"mask has 2 bands; band 1 holds the classes"):
+        source = load_labels(make_geotiff(mask, name="two.tif"), scene)
+    np.testing.assert_array_equal(whole(source, scene), mask[0])

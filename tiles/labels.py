@@ -525,6 +525,12 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
                 )
             values = _mask_values(src, path)
             nodata = src.nodata
+            if src.count > 1:
+                warnings.warn(
+                    f"{path}: mask has {src.count} bands; band 1 holds the classes, the others "
+                    "are not read (write the class band alone to silence this)",
+                    stacklevel=2,
+                )
     except RasterioIOError as exc:
         raise LabelError(
             f"{path}: not a readable mask ({io_error_reason(exc)}); pass a valid GeoTIFF"
