@@ -6,11 +6,14 @@ and each window burns only the features its bounds touch, so large scenes stream
 
 Class ids:
 - vector, no `class_attribute`: every feature is class 1 (named after the file), the rest 0;
-- vector with `class_attribute`: integer values are the class ids themselves (0..254); any other
-  values (text) map to 1..K in sorted order. Features without a value are burned as ignore;
+- vector with `class_attribute`: integer values are the class ids themselves (0..254; not all
+  0); true/false values are the class named after the attribute and background; any other
+  values (text) map to 1..K in sorted order. Features without a value are burned as ignore.
+  Lines and points are burned one pixel wide (with a warning: buffer road centre lines first);
 - raster mask: 0 = background, each distinct non-zero value maps to 1..K in sorted order (a 0/255
   mask gives classes 0/1; a 0/1/2 mask keeps its ids). The mask's nodata value, if it declares one,
-  marks unlabeled pixels (ignore), as do pixels outside the mask's extent.
+  marks unlabeled pixels (ignore), as do pixels outside the mask's extent. A mask is read by
+  GDAL whatever its suffix; of several bands, band 1.
 Where features overlap, later features in the file win.
 """
 
