@@ -258,15 +258,20 @@ def test_failure_mid_run_leaves_no_partial_output(checkpoint, data_dir, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-@pytest.mark.timeout(120)
-def test_scheduler_option_uses_an_existing_cluster(checkpoint, make_geotiff, tmp_path, capsys):
+def in_process_cluster(threads: int):
+    """A one-worker Dask cluster in this process, reached by address like a remote one."""
     from distributed import LocalCluster
 
+    return LocalCluster(
+        n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None
+    )
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_option_uses_an_existing_cluster(checkpoint, make_geotiff, tmp_path, capsys):
     scene = np.random.default_rng(2).integers(0, 900, (1, 70, 90)).astype(np.uint16)
     path = make_geotiff(scene)
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
-    ) as cluster:
+    with in_process_cluster(threads=2) as cluster:
         argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--chunk", "32"]
         code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
     assert code == 0, err
@@ -281,17 +286,13 @@ def test_with_a_scheduler_the_workers_resolve_the_device(
 ):
     """The model runs on the cluster's workers, so 'auto' and 'cuda' are resolved there, not
     by the client (which may have no GPU where the workers have one, or the reverse)."""
-    from distributed import LocalCluster
-
     path = make_geotiff(np.random.default_rng(4).integers(0, 900, (1, 40, 50)).astype(np.uint16))
     resolved = []
     monkeypatch.setattr(
         "pipelines.predict.resolve_device",
         lambda device, source: resolved.append((device, source)) or "cpu",
     )
-    with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster:
+    with in_process_cluster(threads=1) as cluster:
         argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--chunk", "32"]
         code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
     assert code == 0, err
@@ -305,12 +306,8 @@ def test_with_a_scheduler_the_workers_resolve_the_device(
 def test_cuda_on_workers_without_a_gpu_is_a_one_line_error(
     checkpoint, make_geotiff, tmp_path, capsys
 ):
-    from distributed import LocalCluster
-
     path = make_geotiff(np.ones((1, 40, 50), dtype=np.uint16))
-    with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster:
+    with in_process_cluster(threads=1) as cluster:
         argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--device", "cuda"]
         code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
     last = err.strip().splitlines()[-1]  # after the progress bar
