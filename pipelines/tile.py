@@ -34,7 +34,7 @@ def build_store(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Build the tile store of `scene` and `labels` at `out`; return its path.
+    """Build the tile store of `scene` and `labels` at `out`; return its absolute path.
 
     `split` is `columns:F` or `rows:F` (training = the first fraction F), `gap` the guard band in
     pixels between the regions (>= the model's receptive radius keeps halos apart).

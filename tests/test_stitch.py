@@ -18,6 +18,7 @@ from tiles.stitch import (
     batch_chunks,
     block_size,
     check_output,
+    dask_client,
     decide,
     stream_predictions,
 )
@@ -310,3 +311,16 @@ def test_the_local_dask_client_listens_on_loopback_only():
     with dask_client():
         opened = listening() - before
     assert opened and all(ip in ("127.0.0.1", "::1") for ip, _ in opened)  # before: 0.0.0.0:8787
+
+
+def test_the_local_client_leaves_the_distributed_logger_as_it_was():
+    """Quiet while geodnn's own client runs; a notebook's own cluster logs on afterwards."""
+    logger = logging.getLogger("distributed")
+    kept = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with dask_client():
+            assert logger.level == logging.ERROR
+        assert logger.level == logging.INFO
+    finally:
+        logger.setLevel(kept)

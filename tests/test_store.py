@@ -486,3 +486,11 @@ def test_store_without_optional_metadata_opens(tmp_path, scene_and_mask):
     edit_metadata(path, lambda attrs: [attrs.pop(k) for k in ("class_values", "crs", "split")])
     store = TileStore.open(path)
     assert store.class_values is None and store.crs is None and store.band_mean.shape == (2,)
+
+
+def test_the_store_path_returned_is_absolute(tmp_path, scene_and_mask, monkeypatch):
+    """Notebooks paste it into a config, whose relative paths are read from the config's folder."""
+    scene, mask, *_ = scene_and_mask
+    monkeypatch.chdir(tmp_path)
+    path = build_store(scene, mask, "rel.zarr", tile=32, split=SplitSpec("columns", 0.6, 8))
+    assert path == tmp_path / "rel.zarr" and path.is_absolute()

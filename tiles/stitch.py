@@ -144,30 +144,35 @@ def predict_chunks(
 
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int = 1):
-    """A `distributed.Client`: connected to `scheduler` if given, else a local in-process one."""
+    """A `distributed.Client`: connected to `scheduler` if given, else a local in-process one.
+    Dask's own INFO/WARNING logs (worker start-up and shutdown chatter) are quiet meanwhile,
+    and the `distributed` logger is left as it was found (a notebook's own cluster logs on)."""
+    with _logger_level("distributed", logging.ERROR):
+        client = _connect(scheduler, workers)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+@contextmanager
+def _logger_level(name: str, level: int):
+    logger = logging.getLogger(name)
+    kept = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(kept)
+
+
+def _connect(scheduler: str | None, workers: int):
     from distributed import Client
 
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise TilesError(
-                f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
-                "one with `dask scheduler` or drop --scheduler to run locally"
-            ) from None
-        try:
-            client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
-        except TimeoutError:
-            client.close()
-            raise TilesError(
-                f"the Dask scheduler at {scheduler} has no workers; start one with `dask worker "
-                f"{scheduler}` or drop --scheduler to run locally"
-            ) from None
-    else:
+    if not scheduler:
         # None would still serve the scheduler's HTTP routes on 0.0.0.0:8787 (and warn when
         # that port is taken): both HTTP servers listen on a free loopback port instead
-        client = Client(
+        return Client(
             processes=False,
             n_workers=1,
             threads_per_worker=workers,
@@ -175,9 +180,21 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
             worker_dashboard_address=LOOPBACK,
         )
     try:
-        yield client
-    finally:
+        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise TilesError(
+            f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
+            "one with `dask scheduler` or drop --scheduler to run locally"
+        ) from None
+    try:
+        client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
+    except TimeoutError:
         client.close()
+        raise TilesError(
+            f"the Dask scheduler at {scheduler} has no workers; start one with `dask worker "
+            f"{scheduler}` or drop --scheduler to run locally"
+        ) from None
+    return client
 
 
 def stream_predictions(

@@ -350,7 +350,8 @@ def build_store(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> Path:
-    """Tile `scene` with its `labels` into a Zarr store at `out` (atomically); return its path.
+    """Tile `scene` with its `labels` into a Zarr store at `out` (atomically); return its
+    absolute path.
 
     `progress(n)` is called after each batch with the number of tiles processed, `on_start(total)`
     once with the number of candidate tiles. `class_names` renames the label classes.
@@ -396,7 +397,7 @@ def build_store(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out
+    return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
 REBUILD = "rebuild it with `geodnn tile ... --overwrite`"
