@@ -100,6 +100,8 @@ def evaluate_scene(
 ) -> Evaluation:
     """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk
     (the map `geodnn predict` writes: the checkpoint's decision rule unless `argmax`)."""
+    if region not in REGIONS:
+        raise PipelineError(f"region {region!r} is unknown; use one of {', '.join(REGIONS)}")
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute=class_attribute)

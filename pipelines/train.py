@@ -588,6 +588,8 @@ def clear_run_dir(run_dir: Path) -> None:
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
     --workers N checks it before starting any rank)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(f"{run_dir}: is a file, not a run folder; pick another --out")
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
@@ -913,7 +915,7 @@ def check_divergence(
 
 
 def train(
-    config: Config,
+    config: Config | str | os.PathLike,
     run_dir: str | os.PathLike,
     resume: bool = False,
     overwrite: bool = False,
@@ -923,7 +925,10 @@ def train(
 
     Trains with [train] threads torch threads and gives the caller's count back at the end (a
     notebook's kernel keeps its own); the allocator keeps freed memory for reuse from then on
-    (`retain_freed_memory`, process-wide and irreversible)."""
+    (`retain_freed_memory`, process-wide and irreversible). `config`: a `load_config` result
+    (with overrides) or the path of a config file."""
+    if not isinstance(config, Config):
+        config = load_config(config)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["train"]["threads"])
     try:

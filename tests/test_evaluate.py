@@ -11,6 +11,7 @@ from rasterio.windows import Window
 import geodnn
 from geodnn.metrics import confusion_matrix
 from pipelines.cli import main
+from pipelines.errors import PipelineError
 from pipelines.evaluate import evaluate_scene
 from tiles.labels import load_labels
 from tiles.raster import open_scene
@@ -90,6 +91,15 @@ def test_region_without_split_is_an_error(atlanta, capsys):
     scene, labels, ckpt, _ = atlanta
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--region", "train"])
     assert code == 2 and "needs --split" in capsys.readouterr().err
+
+
+def test_an_unknown_region_is_named_in_the_python_api(atlanta):
+    """The CLI's choices do not guard the function: 'val' got "the split has no val region"."""
+    scene, labels, ckpt, _ = atlanta
+    with pytest.raises(
+        PipelineError, match=r"region 'val' is unknown; use one of all, train, valid"
+    ):
+        evaluate_scene(ckpt, scene, labels, split="columns:0.7", region="val")
 
 
 def test_label_classes_that_differ_from_the_model_warn(atlanta, tmp_path):

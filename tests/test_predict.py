@@ -181,9 +181,10 @@ def test_crs_and_transform_are_kept_exactly(checkpoint, make_geotiff, tmp_path, 
 def test_scene_without_crs_is_predicted_with_a_warning(checkpoint, make_geotiff, tmp_path):
     path = make_geotiff(np.ones((1, 20, 30), dtype=np.float32), crs=None)
     with pytest.warns(UserWarning, match="no CRS"):
-        predict_scene(checkpoint, path, tmp_path / "out.tif")
+        summary = predict_scene(checkpoint, path, tmp_path / "out.tif")
     with rasterio.open(tmp_path / "out.tif") as dst:
         assert dst.crs is None and (dst.read(1) != 255).all()
+    assert len(summary.warnings) == 1 and "no CRS" in summary.warnings[0]  # shown, and listed
 
 
 def test_all_nodata_scene_gives_all_nodata_output(checkpoint, make_geotiff, tmp_path):
@@ -194,6 +195,7 @@ def test_all_nodata_scene_gives_all_nodata_output(checkpoint, make_geotiff, tmp_
             checkpoint, path, tmp_path / "out.tif", probabilities=probs, chunk=32
         )
     assert summary.skipped == summary.chunks == 6
+    assert any("every pixel is nodata" in w for w in summary.warnings)
     with rasterio.open(tmp_path / "out.tif") as dst, rasterio.open(probs) as p:
         assert (dst.read(1) == 255).all() and np.isnan(p.read()).all()
 

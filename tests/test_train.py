@@ -14,6 +14,7 @@ from geodnn.parallel import rank_group, share_module, spawn
 from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.datasets import StoreBatches, ValidationWindows
+from pipelines.errors import PipelineError
 from pipelines.train import fit_decision, solver_settings, train, validate
 
 
@@ -54,6 +55,15 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, store, train_config, c
     (tmp_path / "run" / "notes.txt").write_text("kept")
     assert main(["train", str(config.path), "--out", str(tmp_path / "run"), "--overwrite"]) == 0
     assert (tmp_path / "run" / "notes.txt").read_text() == "kept"
+
+
+def test_train_takes_a_config_path_and_refuses_a_file_as_run_folder(tmp_path, store, train_config):
+    config = train_config(store, iterations=3)
+    result = train(str(config.path), tmp_path / "run", progress=False)
+    assert result.checkpoint.exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(PipelineError, match=r"afile: is a file, not a run folder"):
+        train(config, tmp_path / "afile", progress=False)
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(
