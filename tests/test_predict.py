@@ -1,4 +1,6 @@
 import sqlite3
+import subprocess
+import sys
 
 import geopandas as gpd
 import numpy as np
@@ -316,6 +318,19 @@ def test_cuda_on_workers_without_a_gpu_is_a_one_line_error(
     assert code == 2 and "on a Dask worker" in last and "sees no GPU" in last, err
     assert "Traceback" not in err
     assert not list(tmp_path.glob("c.*"))  # no output, no temporary file
+
+
+@pytest.mark.timeout(120)
+def test_a_fresh_command_prints_no_dask_chatter(checkpoint, make_geotiff, tmp_path):
+    """Importing `distributed` sets its loggers' levels: geodnn quiets them after that, or a
+    first prediction in a new process logged some 40 lines of scheduler and worker news."""
+    path = make_geotiff(np.ones((1, 20, 30), dtype=np.float32))
+    argv = ["predict", str(checkpoint), str(path), "--out", str(tmp_path / "c.tif")]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", *argv], capture_output=True, text=True, timeout=100
+    )
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("predict:")]
+    assert done.returncode == 0 and len(lines) == 1 and "wrote" in lines[0], done.stderr
 
 
 def test_unreachable_scheduler_is_a_one_line_error(

@@ -147,8 +147,10 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
     """A `distributed.Client`: connected to `scheduler` if given, else a local in-process one.
     Dask's own INFO/WARNING logs (worker start-up and shutdown chatter) are quiet meanwhile,
     and the `distributed` logger is left as it was found (a notebook's own cluster logs on)."""
+    from distributed import Client  # first: importing it sets its loggers' levels
+
     with _logger_level("distributed", logging.ERROR):
-        client = _connect(scheduler, workers)
+        client = _connect(Client, scheduler, workers)
         try:
             yield client
         finally:
@@ -166,9 +168,7 @@ def _logger_level(name: str, level: int):
         logger.setLevel(kept)
 
 
-def _connect(scheduler: str | None, workers: int):
-    from distributed import Client
-
+def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the class)
     if not scheduler:
         # None would still serve the scheduler's HTTP routes on 0.0.0.0:8787 (and warn when
         # that port is taken): both HTTP servers listen on a free loopback port instead
