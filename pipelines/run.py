@@ -4,7 +4,10 @@ Everything lands in one run folder (default runs/<config name>): the tile store,
 per solver, evaluation.json, the map (class map and probabilities as COGs, polygons as a styled
 GeoPackage), an overlay picture and report.md / report.html. The run is idempotent: a step whose
 inputs (config tables, input files) are unchanged and whose outputs exist is skipped, so a rerun
-finishes at once and an interrupted run picks up where it stopped (`--force` redoes everything):
+finishes at once and an interrupted run picks up where it stopped (`--force` redoes everything,
+removing only what runs wrote: a user's files in the run folder stay; an --out that holds files
+but no run is refused). A step is also redone when a step before it was, in this or an earlier
+(interrupted) run:
 a solver whose folder holds a finished run of the same training config is kept, an unfinished one
 resumes, and outputs the config no longer asks for (solvers dropped from `compare` included) are
 removed. A solver that diverges stops the run (exit code 3): lower its step size in the config
@@ -124,13 +127,19 @@ class Pipeline:
         return path
 
     def fingerprint(self, step: str) -> str:
-        """Hash of what the step depends on: its config tables and the input files' stat."""
+        """Hash of what the step depends on: its config tables, the input files' stat (with
+        the sidecars that hold their data) and the records of the steps before it, so a step
+        redone upstream (say, by a rerun interrupted before the report) makes it stale too."""
         tables = {t: self.config[t] for t in STEP_TABLES[step]}
-        files = [self.input_path("image")]
-        if self.config["scene"]["labels"]:
-            files.append(split_layer(self.input_path("labels"))[0])  # the file of FILE|layername=
+        files = data_files(self.input_path("image"))
+        if self.config["scene"]["labels"]:  # the file of FILE|layername=
+            files += data_files(split_layer(self.input_path("labels"))[0])
         stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
-        blob = json.dumps({"tables": tables, "files": stats}, sort_keys=True, default=str)
+        done = self.done()
+        upstream = {s: done.get(s) for s in STEPS[: STEPS.index(step)]}
+        blob = json.dumps(
+            {"tables": tables, "files": stats, "upstream": upstream}, sort_keys=True, default=str
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def done(self) -> dict:
@@ -166,6 +175,20 @@ class Pipeline:
         return True
 
 
+# files beside an input that hold its data: a Shapefile's attributes (edited alone by QGIS),
+# index, CRS and encoding; a GeoTIFF's external mask. Not .aux.xml: GIS tools rewrite it with
+# statistics when they merely open a file.
+SIDECARS = {".shp": (".dbf", ".shx", ".prj", ".cpg")}
+SCENE_SIDECARS = (".msk",)  # appended to the whole name: image.tif.msk
+
+
+def data_files(path: Path) -> list[Path]:
+    """`path` and the sidecar files that hold part of its data."""
+    beside = [path.with_suffix(ext) for ext in SIDECARS.get(path.suffix.lower(), ())]
+    beside += [path.with_name(path.name + ext) for ext in SCENE_SIDECARS]
+    return [path, *beside]
+
+
 def check_solvers(config: Config) -> None:
     """Refuse, before any work starts, a solver `geodnn run` cannot train (it would fail only
     after the solvers before it had trained) and [parallel] workers it would not start."""
@@ -188,6 +211,24 @@ def check_solvers(config: Config) -> None:
             f"{config.path}: [parallel] workers = {workers}, but `geodnn run` trains each solver "
             "in one process; set workers = 1, or train on several with `geodnn train CONFIG "
             f"--workers {workers}`"
+        )
+
+
+def check_split(config: Config) -> None:
+    """[tile] split, checked before any work, naming the config: `geodnn run` evaluates on the
+    validation region, so a split that leaves none (fraction 1) fails only after tiling."""
+    from tiles.errors import TilesError
+    from tiles.split import parse_split
+
+    tile = config["tile"]
+    try:
+        spec = parse_split(tile["split"], tile["gap"])
+    except TilesError as exc:
+        raise PipelineError(f"{config.path}: [tile] {exc}") from None
+    if spec.fraction >= 1.0:
+        raise PipelineError(
+            f"{config.path}: [tile] split = '{tile['split']}' leaves no validation region, "
+            "which geodnn run scores; use a fraction below 1 (e.g. columns:0.7)"
         )
 
 
@@ -411,16 +452,49 @@ RUN_OUTPUTS = (
 )
 
 
-def clear_run_folder(folder: RunFolder) -> None:
-    """Remove what an earlier `geodnn run` wrote; refuse a folder that is not a run folder."""
-    if not folder.steps.is_file() and any(folder.root.iterdir()):
+MAP_OUTPUTS = (
+    "classes.tif",
+    "classes.tif.aux.xml",
+    "probabilities.tif",
+    "probabilities.tif.aux.xml",
+    "polygons.gpkg",
+    "polygons.qml",
+)
+
+
+def check_run_folder(folder: RunFolder) -> None:
+    """Refuse an --out that holds files but no run: a run would overwrite and --force remove
+    them (report.md, map/classes.tif, ... are common names)."""
+    if folder.root.is_dir() and not folder.steps.is_file() and any(folder.root.iterdir()):
         raise PipelineError(
-            f"{folder.root}: not a geodnn run folder (no steps.json); --force only clears run "
-            "folders: pick another --out"
+            f"{folder.root}: holds files but no geodnn run (no steps.json); pick an empty or "
+            "new --out"
         )
+
+
+def clear_run_folder(folder: RunFolder) -> None:
+    """Remove what an earlier `geodnn run` wrote, and only that: files a user put in the run's
+    train-* or map folders stay (as when `compare` drops a solver)."""
+    from .train import clear_run_dir
+
     for pattern in RUN_OUTPUTS:
         for path in folder.root.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.name.startswith("train-") and path.is_dir():
+                clear_run_dir(path)
+                _remove_if_empty(path)
+            elif path == folder.map_dir and path.is_dir():
+                for name in MAP_OUTPUTS:
+                    (path / name).unlink(missing_ok=True)
+                _remove_if_empty(path)
+            else:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if any(folder.iterdir()):
+        log.warning("%s: removed the run's files, kept yours", folder)
+    else:
+        folder.rmdir()
 
 
 def run_pipeline(
@@ -429,7 +503,9 @@ def run_pipeline(
     """Run every step that is not already up to date; return the finished pipeline. `options`:
     the command-line overrides in `config`, which the rerun an error suggests must repeat."""
     check_solvers(config)
+    check_split(config)
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
+    check_run_folder(RunFolder(run_dir))
     if force and run_dir.exists():
         clear_run_folder(RunFolder(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,11 +6,13 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
+import pipelines.run
 import pipelines.train
 from geodnn.errors import DivergenceError
 from pipelines.cli import main
 from pipelines.config import load_config
-from pipelines.run import run_pipeline
+from pipelines.errors import PipelineError
+from pipelines.run import Pipeline, RunFolder, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +99,13 @@ def test_pipeline_runs_end_to_end_and_reruns_are_idempotent(pipeline_config, tmp
     assert keep.read_text() == "the user's own file"
 
 
-def test_force_refuses_a_folder_that_is_not_a_run(pipeline_config, tmp_path, capsys):
-    (tmp_path / "thesis.tex").write_text("precious")
-    assert main(["run", str(pipeline_config), "--out", str(tmp_path), "--force"]) == 2
-    assert "not a geodnn run folder" in capsys.readouterr().err
-    assert (tmp_path / "thesis.tex").exists()
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_folder_that_holds_files_but_no_run_is_refused(pipeline_config, tmp_path, capsys, force):
+    """A run would overwrite a user's report.md or map/classes.tif; --force would remove them."""
+    (tmp_path / "report.md").write_text("precious")
+    assert main(["run", str(pipeline_config), "--out", str(tmp_path), *force]) == 2
+    assert "holds files but no geodnn run" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
 def test_missing_labels_is_a_clear_error(tmp_path, capsys):
@@ -314,3 +318,64 @@ def test_dropping_a_solver_from_compare_removes_its_training_folder(tiny, tmp_pa
     (run_dir / "train-admm" / "notes.txt").write_text("mine")
     run_pipeline(load_config(tiny(compare="[]")), run_dir)
     assert [p.name for p in (run_dir / "train-admm").iterdir()] == ["notes.txt"]
+
+
+def test_force_removes_the_run_s_files_and_keeps_the_user_s(tiny, tmp_path):
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    (run_dir / "train-adam" / "NOTES.txt").write_text("mine")
+    (run_dir / "map" / "my_style.qml").write_text("mine")
+    run_pipeline(load_config(tiny(compare="[]")), run_dir, force=True)
+    assert (run_dir / "train-adam" / "NOTES.txt").read_text() == "mine"
+    assert (run_dir / "map" / "my_style.qml").read_text() == "mine"
+    assert (run_dir / "train-adam" / "model.pt").exists() and (
+        run_dir / "map" / "classes.tif"
+    ).exists()
+
+
+def test_a_rerun_interrupted_before_its_report_redoes_the_report_next_time(
+    tiny, tmp_path, monkeypatch
+):
+    """The report depends on the steps before it: their new records make its own stale."""
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert "polygons" in (run_dir / "report.md").read_text()
+
+    def interrupted(p):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipelines.run.ACTIONS, "report", interrupted)
+    off = load_config(tiny(compare="[]", predict="vectors = false\n"))
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(off, run_dir)
+    monkeypatch.undo()
+    run_pipeline(off, run_dir)
+    assert "polygons" not in (run_dir / "report.md").read_text()
+
+
+def test_editing_a_shapefile_s_attributes_alone_redoes_the_tiles(data_dir, atlanta_crop, tmp_path):
+    """QGIS saves an attribute edit to the .dbf only; the .shp keeps its size and time."""
+    import geopandas as gpd
+
+    labels = tmp_path / "roofs.shp"
+    gpd.read_file(data_dir / "atlanta-buildings" / "buildings.geojson").to_file(labels)
+    pipeline = Pipeline(
+        load_config(tiny_config(tmp_path, atlanta_crop, labels)), RunFolder(tmp_path)
+    )
+    before = pipeline.fingerprint("tile")
+    dbf = labels.with_suffix(".dbf")
+    os.utime(dbf, ns=(dbf.stat().st_atime_ns, dbf.stat().st_mtime_ns + 10**9))
+    assert pipeline.fingerprint("tile") != before
+
+
+@pytest.mark.parametrize(
+    ("split", "said"),
+    [("columns:1.0", "leaves no validation region"), ("cols:0.7", "split 'cols:0.7' is not")],
+)
+def test_a_bad_split_is_refused_before_any_work_naming_the_config(tiny, tmp_path, split, said):
+    path = tiny()
+    path.write_text(path.read_text().replace("[tile]\n", f'[tile]\nsplit = "{split}"\n'))
+    config = load_config(path)
+    with pytest.raises(PipelineError, match=rf"tiny.toml: \[tile\] .*{said}"):
+        run_pipeline(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
