@@ -7,6 +7,7 @@ taking the parsed arguments and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import signal
@@ -91,17 +92,23 @@ def _run(argv: list[str] | None) -> int:
     except StopSignal as stop:
         print(f"geodnn: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
-    except OSError as exc:  # the system refused a file: permissions, read-only, disk full
+    except OSError as exc:
+        if exc.errno not in REFUSED:  # a read error, a lost connection...: its traceback
+            raise
         logging.getLogger(__name__).debug("the refused operation:", exc_info=True)  # -v
-        print(f"geodnn: error: {os_error_line(exc)}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"geodnn: error: {where}{exc.strerror}; {REFUSED[exc.errno]}", file=sys.stderr)
         return 2
 
 
-def os_error_line(exc: OSError) -> str:
-    """'PATH: reason; what to check' for an OSError (its traceback is for -v)."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    reason = exc.strerror or str(exc) or type(exc).__name__
-    return f"{where}{reason}; check the path, its permissions and the free disk space"
+# The system refused a file: one line naming it and what to check.
+REFUSED = {
+    errno.EACCES: "check its folder's permissions",
+    errno.EPERM: "check its folder's permissions",
+    errno.EROFS: "pick a folder on a writable disk",
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some of your disk quota",
+}
 
 
 if __name__ == "__main__":

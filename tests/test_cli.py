@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipelines import cli
 from pipelines.cli import main
@@ -36,23 +38,34 @@ def test_a_file_the_system_refuses_is_one_line(monkeypatch, capsys, make_geotiff
     scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
     assert main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"]) == 2
     assert capsys.readouterr().err == (
-        "geodnn: error: /data/scenes/out.zarr: Permission denied; check the path, its "
-        "permissions and the free disk space\n"
+        "geodnn: error: /data/scenes/out.zarr: Permission denied; check its folder's permissions\n"
     )
+
+
+def test_other_os_errors_keep_their_traceback(monkeypatch, make_geotiff):
+    """A read error or a lost connection is no permissions or disk space matter."""
+
+    def lost(*args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr("pipelines.tile.build_store", lost)
+    scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
+    with pytest.raises(ConnectionResetError):
+        main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"])
 
 
 def test_outputs_in_a_folder_that_cannot_be_written_are_refused_first(
     monkeypatch, capsys, data_dir, tmp_path
 ):
     """Before any work (tiling, prediction), not with a traceback at the end."""
-    real_mkdir = Path.mkdir
+    real = tempfile.TemporaryFile
 
-    def read_only(path, *args, **kwargs):
-        if path.parent == tmp_path:
-            raise PermissionError(30, "Read-only file system", str(path))
-        return real_mkdir(path, *args, **kwargs)
+    def read_only(*args, dir=None, **kwargs):
+        if Path(dir) == tmp_path:
+            raise PermissionError(30, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", read_only)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     scene, labels = data_dir / "vegas-roads" / "image.tif", data_dir / "vegas-roads" / "roads.tif"
     out = tmp_path / "v.zarr"
     assert main(["tile", str(scene), "--labels", str(labels), "--out", str(out)]) == 2

@@ -15,9 +15,10 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from geodnn.metrics import IGNORE_INDEX as GEODNN_IGNORE_INDEX
-from tiles.errors import LabelError
+from tiles.errors import LabelError, TilesError
 from tiles.labels import IGNORE_INDEX, load_labels
 from tiles.raster import open_scene
+from tiles.store import build_store
 
 X0, Y0, PIXEL = 733601.0, 3725139.0, 0.5  # the conftest default grid (Atlanta's)
 
@@ -350,10 +351,23 @@ def test_mask_without_crs_on_the_scene_grid_is_read_with_a_warning(make_geotiff,
         load_labels(shifted, scene)
 
 
-def test_an_attribute_that_is_background_everywhere_is_refused(tmp_path, scene):
+def test_an_attribute_that_is_background_everywhere_scores_but_does_not_tile(
+    tmp_path, scene, make_geotiff
+):
+    """A negatives-only check set can be evaluated; a tile store of it has nothing to learn."""
     path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7)], cls=[0, 0])
-    with pytest.raises(LabelError, match=r"'cls' is 0 \(background\) for every feature"):
-        load_labels(path, scene, class_attribute="cls")
+    assert load_labels(path, scene, class_attribute="cls").class_names == ["background"]
+    image = make_geotiff(np.ones((1, 20, 30), dtype=np.uint16), name="image.tif")
+    with pytest.raises(TilesError, match=r"every labeled pixel is background"):
+        build_store(image, path, tmp_path / "s.zarr", class_attribute="cls", tile=16)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_mask_with_a_crs_on_a_scene_without_one_is_one_line(make_geotiff):
+    bare = open_scene(make_geotiff(np.ones((1, 20, 30), dtype=np.uint16), crs=None))
+    mask = make_geotiff(np.ones((10, 10), dtype=np.uint8), name="m.tif")
+    with pytest.raises(LabelError, match=r"m.tif: mask and scene .* one has no CRS"):
+        load_labels(mask, bare)
 
 
 def test_a_boolean_attribute_is_its_class_and_false_is_background(tmp_path, scene):

@@ -255,7 +255,7 @@ def test_check_output_refuses_a_folder_that_cannot_be_written(tmp_path, monkeypa
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr("tiles.stitch.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("tiles.stitch.tempfile.TemporaryFile", read_only)
     with pytest.raises(OutputError, match=r"x.tif: cannot write in .* \(Read-only file system\)"):
         check_output(tmp_path / "x.tif", overwrite=False)
 

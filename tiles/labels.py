@@ -6,10 +6,11 @@ and each window burns only the features its bounds touch, so large scenes stream
 
 Class ids:
 - vector, no `class_attribute`: every feature is class 1 (named after the file), the rest 0;
-- vector with `class_attribute`: integer values are the class ids themselves (0..254; not all
-  0); true/false values are the class named after the attribute and background; any other
-  values (text) map to 1..K in sorted order. Features without a value are burned as ignore.
-  Lines and points are burned one pixel wide (with a warning: buffer road centre lines first);
+- vector with `class_attribute`: integer values are the class ids themselves (0..254; a tile
+  store needs one that is not 0); true/false values are the class named after the attribute
+  and background; any other values (text) map to 1..K in sorted order. Features without a
+  value are burned as ignore. Lines and points are burned one pixel wide (with a warning:
+  buffer road centre lines first);
 - raster mask: 0 = background, each distinct non-zero value maps to 1..K in sorted order (a 0/255
   mask gives classes 0/1; a 0/1/2 mask keeps its ids). The mask's nodata value, if it declares one,
   marks unlabeled pixels (ignore), as do pixels outside the mask's extent. A mask is read by
@@ -340,12 +341,6 @@ def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attrib
             "renumber the classes or use a text attribute"
         )
     top = int(values.max())
-    if top == 0:
-        raise LabelError(
-            f"{path}: attribute '{attribute}' is 0 (background) for every feature, so there is "
-            "no class to learn; pick another attribute, or drop --class-attribute to make every "
-            "feature one positive class"
-        )
     ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
     ids[present] = values
     names = ["background"] + [str(i) for i in range(1, top + 1)]
@@ -443,6 +438,8 @@ def same_local_grid(a, b) -> bool:
     """Two local (engineering) CRSs of the same name and axes, e.g. a site grid as GDAL writes it
     in a GeoTIFF (LOCAL_CS) and in a GeoPackage (with a datum): PROJ cannot relate local CRSs,
     so their coordinates are taken as the same."""
+    if a is None or b is None:
+        return False
     a, b = pyproj.CRS.from_user_input(a), pyproj.CRS.from_user_input(b)
     axes = [(x.direction, x.unit_name) for x in a.axis_info]
     return (

@@ -279,13 +279,21 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputError(f"{path}: is a folder; pass a file name")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
-    try:  # writable? (before any work: outputs are written next to the final name)
-        temp_path(path)
+    check_writable_folder(path)
+    return path
+
+
+def check_writable_folder(out: Path) -> None:
+    """Refuse, before any work, an output whose folder takes no new file (read-only disk,
+    permissions): outputs are written next to their final name. The probe is an unnamed
+    temporary file (O_TMPFILE where the OS has it), so an interrupt leaves nothing behind."""
+    try:
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
     except OSError as exc:
         raise OutputError(
-            f"{path}: cannot write in {path.parent} ({exc.strerror}); pick a writable folder"
+            f"{out}: cannot write in {out.parent} ({exc.strerror}); pick a writable folder"
         ) from None
-    return path
 
 
 @dataclass

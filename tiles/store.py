@@ -47,6 +47,7 @@ from .labels import (
 )
 from .raster import SceneInfo, open_scene, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
+from .stitch import check_writable_folder
 
 FORMAT = "geodnn.tilestore"
 VERSION = 1
@@ -207,15 +208,8 @@ def _prepare_target(
         raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
     _check_not_an_input(out, scene, labels)
     _check_replaceable(out, _occupant(out), overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:  # writable? (before the build; the store is built next to its final name)
-        tmp.mkdir()
-        tmp.rmdir()
-    except OSError as exc:
-        raise OutputError(
-            f"{out}: cannot write in {out.parent} ({exc.strerror}); pick a writable folder"
-        ) from None
-    return tmp
+    check_writable_folder(out)  # before the build: the store is built next to its final name
+    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -361,6 +355,11 @@ def build_store(
     tmp = _prepare_target(out, overwrite, scene, labels)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute)
+    if source.classes < 2:  # e.g. a class attribute that is 0 (background) everywhere
+        raise TilesError(
+            f"{labels}: every labeled pixel is background, so there is no class to learn; "
+            "pick another class attribute, or label every feature as one class (no attribute)"
+        )
     if class_names is not None:
         if len(class_names) != source.classes:
             raise TilesError(
