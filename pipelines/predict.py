@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import logging
 import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,36 +179,6 @@ def decision_scale(ckpt: Checkpoint, source: object = "checkpoint") -> list[floa
     return [float(v) for v in scale]
 
 
-@contextmanager
-def noting_warnings(notes: list[str]) -> Iterator[None]:
-    """Warnings are shown as they happen (in the CLI: logged) and their texts also kept in
-    `notes`, e.g. for `PredictionSummary.warnings` in a notebook."""
-    with warnings.catch_warnings():
-        show = warnings.showwarning
-
-        def note(message, category, filename, lineno, file=None, line=None) -> None:
-            notes.append(str(message))
-            show(message, category, filename, lineno, file, line)
-
-        warnings.showwarning = note
-        yield
-
-
-def listing_warnings(run: Callable[..., PredictionSummary]) -> Callable[..., PredictionSummary]:
-    """`run` with the warnings it showed listed in its summary's `warnings`."""
-
-    @functools.wraps(run)
-    def listed(*args, **kwargs) -> PredictionSummary:
-        notes: list[str] = []
-        with noting_warnings(notes):
-            summary = run(*args, **kwargs)
-        summary.warnings = notes
-        return summary
-
-    return listed
-
-
-@listing_warnings
 def predict_scene(
     checkpoint: str | os.PathLike | Checkpoint,
     scene: str | os.PathLike,
@@ -232,7 +201,7 @@ def predict_scene(
 
     Everything is validated before any file is created; outputs appear only if the whole run
     succeeds. An all-nodata scene gives an all-nodata map (and a warning); a scene without CRS
-    gives outputs without CRS (and a warning). The summary lists the run's warnings.
+    gives outputs without CRS (and a warning); `PredictionSummary.warnings` lists these.
     """
     started = time.perf_counter()
     if batch < 1:
@@ -245,7 +214,7 @@ def predict_scene(
     check_chunk_size(chunk, ckpt.model.receptive_radius)
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
-    warn_if_no_crs(info)
+    notes = [warn_if_no_crs(info)] if info.crs is None else []
     counts = {"chunks": 0, "skipped": 0}
     with AtomicOutputs() as outputs:
         with PredictionWriter(
@@ -272,10 +241,12 @@ def predict_scene(
                 counts["chunks"] += 1
                 counts["skipped"] += prediction.skipped
             writer.finish(cog=cog)
-        summary = PredictionSummary(targets, counts["chunks"], counts["skipped"], 0.0)
         if counts["skipped"] == counts["chunks"]:
             message = f"{info.path}: every pixel is nodata; the class map is all nodata (255)"
             warnings.warn(message, stacklevel=2)
+            notes.append(message)
+        summary = PredictionSummary(targets, counts["chunks"], counts["skipped"], 0.0)
+        summary.warnings = notes
         if vectors is not None:
             summary.polygons = vectorize_classes(
                 writer.classes_tmp,

@@ -168,13 +168,16 @@ def _georeferenced_by_gcps_only(src: rasterio.DatasetReader) -> bool:
     return bool(src.gcps[0]) and src.transform.is_identity
 
 
-def warn_if_no_crs(info: SceneInfo) -> None:
+def warn_if_no_crs(info: SceneInfo) -> str | None:
+    """Warn that a scene has no CRS; returns the message (None when it has one)."""
     if info.crs is None:
-        warnings.warn(
+        message = (
             f"{info.path}: raster has no CRS; outputs are written without one "
-            "(assign one with `gdal_edit.py -a_srs` for a map that lines up)",
-            stacklevel=2,
+            "(assign one with `gdal_edit.py -a_srs` for a map that lines up)"
         )
+        warnings.warn(message, stacklevel=2)
+        return message
+    return None
 
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:

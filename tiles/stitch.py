@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
     and the `distributed` logger is left as it was found (a notebook's own cluster logs on)."""
     from distributed import Client  # first: importing it sets its loggers' levels
 
-    with _logger_level("distributed", logging.ERROR):
+    with _quiet_dask():
         client = _connect(Client, scheduler, workers)
         try:
             yield client
@@ -157,15 +158,34 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
             client.close()
 
 
+@dataclass
+class _DaskQuiet:
+    """How many geodnn clients are open, and the `distributed` logger's level before the first:
+    clients may overlap (threads, a generator left open), and the last one out restores it."""
+
+    open: int = 0
+    kept: int = logging.NOTSET
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_DASK_QUIET = _DaskQuiet()
+
+
 @contextmanager
-def _logger_level(name: str, level: int):
-    logger = logging.getLogger(name)
-    kept = logger.level
-    logger.setLevel(level)
+def _quiet_dask():
+    logger, state = logging.getLogger("distributed"), _DASK_QUIET
+    with state.lock:
+        if state.open == 0:
+            state.kept = logger.level
+            logger.setLevel(logging.ERROR)
+        state.open += 1
     try:
         yield
     finally:
-        logger.setLevel(kept)
+        with state.lock:
+            state.open -= 1
+            if state.open == 0:
+                logger.setLevel(state.kept)
 
 
 def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the class)
