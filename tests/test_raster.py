@@ -124,6 +124,34 @@ def test_an_alpha_band_that_looks_like_data_is_warned_of(make_geotiff):
         open_scene(rgba_scene(make_geotiff))
 
 
+def _alpha_scene(make_geotiff, dtype, opaque, name, bands=3, **profile):
+    """Data bands and an alpha band: a transparent left quarter, a feathered edge."""
+    data = np.random.default_rng(1).integers(1, 200, (bands, 64, 64)).astype(dtype)
+    alpha = np.full((1, 64, 64), opaque, dtype=dtype)
+    alpha[0, :, :16] = 0
+    alpha[0, :, 16:20] = np.array([0.25, 0.5, 0.75, 0.9]) * opaque
+    return make_geotiff(np.concatenate([data, alpha]), name=name, alpha="YES", **profile)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "opaque", "profile"),
+    [
+        ("uint8", 255, {"photometric": "RGB"}),
+        ("uint8", 255, {"photometric": "RGB", "compress": "JPEG", "tiled": True}),
+        ("uint16", 255, {"photometric": "RGB"}),  # 0/255 alpha on 16-bit data
+        ("float32", 255.0, {"bands": 1}),  # `gdalwarp -dstalpha` on a float scene
+    ],
+)
+def test_real_alpha_bands_are_not_warned_of(make_geotiff, dtype, opaque, profile):
+    """Feathered edges, lossy JPEG alpha, 0/255 on other types: still transparency."""
+    path = _alpha_scene(make_geotiff, dtype, opaque, f"a_{dtype}.tif", **profile)
+    with rasterio.open(path) as src:
+        assert src.colorinterp[-1] == rasterio.enums.ColorInterp.alpha
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert open_scene(path).count == profile.get("bands", 3)
+
+
 def test_scene_georeferenced_only_by_gcps_is_refused(tmp_path):
     path = tmp_path / "gcps.tif"
     gcps = [

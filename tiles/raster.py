@@ -145,22 +145,43 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
 def _warn_if_alpha_holds_data(src: rasterio.DatasetReader, path: Path, bands: tuple) -> None:
     """An alpha band is read as a mask (0 = missing), not as data. GDAL tags the 4th band of a
     4-band 8-bit GeoTIFF written without PHOTOMETRIC as alpha, so an R,G,B,NIR stack loses its
-    NIR that way: warn when the band's name, or the values in its first block, look like data."""
+    NIR that way: warn (once per file and process) when the band's name looks like data, or when
+    most of its sampled pixels are neither about transparent nor about opaque."""
     for index in sorted(set(range(1, src.count + 1)) - set(bands)):
         name = src.descriptions[index - 1] or ""
-        block = src.read(index, window=next(src.block_windows(index))[1])
-        values = np.unique(block)
-        top = np.iinfo(block.dtype).max if block.dtype.kind in "ui" else 1
         named_as_data = bool(name) and not re.search("alpha|mask|transp|opacity", name, re.I)
-        if named_as_data or not set(values.tolist()) <= {0, top}:
+        if (path.resolve(), index) in _ALPHA_WARNED:
+            continue
+        if named_as_data or _mask_like_share(src, index) < 0.5:
+            _ALPHA_WARNED.add((path.resolve(), index))
             label = f" ({name!r})" if name else ""
             warnings.warn(
                 f"{path}: band {index}{label} is tagged as alpha, so it is read as a mask "
-                "(0 = missing) and not as data, yet it looks like data; if it is, reset its "
-                f"colour interpretation (`gdal_edit.py -colorinterp_{index} undefined "
-                f"{path.name}`)",
+                "(0 = missing) and not as data, yet it looks like data; if it holds data rather "
+                f"than transparency, reset its colour interpretation (`gdal_edit.py "
+                f"-colorinterp_{index} undefined {path.name}`)",
                 stacklevel=3,
             )
+
+
+_ALPHA_WARNED: set[tuple[Path, int]] = set()
+ALPHA_SAMPLE_BLOCKS = 5
+
+
+def _mask_like_share(src: rasterio.DatasetReader, index: int) -> float:
+    """Share of pixels, in a few blocks spread over the band, within 10 % of transparent (0) or
+    of opaque (255, the type's maximum, or 1.0 for floats): ~1 for an alpha band (lossy JPEG and
+    feathered edges included), well below for a data band such as NIR."""
+    windows = [window for _, window in src.block_windows(index)]
+    picks = np.unique(np.linspace(0, len(windows) - 1, ALPHA_SAMPLE_BLOCKS).round().astype(int))
+    values = np.concatenate([src.read(index, window=windows[i]).ravel() for i in picks])
+    dtype = np.dtype(src.dtypes[index - 1])
+    tops = {1.0, 255.0} if dtype.kind == "f" else {255.0, float(np.iinfo(dtype).max)}
+    values = values.astype(np.float64)
+    near = np.zeros(values.shape, dtype=bool)
+    for top in tops:
+        near |= (np.abs(values) <= 0.1 * top) | (np.abs(values - top) <= 0.1 * top)
+    return float(near.mean()) if values.size else 1.0
 
 
 def _georeferenced_by_gcps_only(src: rasterio.DatasetReader) -> bool:
