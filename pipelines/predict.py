@@ -48,7 +48,12 @@ from tiles.stitch import (  # noqa: E402
     check_output,
     stream_predictions,
 )
-from tiles.vectorize import VectorOptions, qml_path, vectorize_classes  # noqa: E402
+from tiles.vectorize import (  # noqa: E402
+    VectorOptions,
+    geographic_area_note,
+    qml_path,
+    vectorize_classes,
+)
 
 from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
@@ -201,7 +206,8 @@ def predict_scene(
 
     Everything is validated before any file is created; outputs appear only if the whole run
     succeeds. An all-nodata scene gives an all-nodata map (and a warning); a scene without CRS
-    gives outputs without CRS (and a warning); `PredictionSummary.warnings` lists these.
+    gives outputs without CRS (and a warning); `PredictionSummary.warnings` lists these and
+    the squared-degree areas of polygons in a geographic CRS.
     """
     started = time.perf_counter()
     if batch < 1:
@@ -248,6 +254,7 @@ def predict_scene(
         summary = PredictionSummary(targets, counts["chunks"], counts["skipped"], 0.0)
         summary.warnings = notes
         if vectors is not None:
+            notes += [n for n in [geographic_area_note(info.crs, vectors)] if n is not None]
             summary.polygons = vectorize_classes(
                 writer.classes_tmp,
                 vectors,

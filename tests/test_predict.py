@@ -189,6 +189,13 @@ def test_scene_without_crs_is_predicted_with_a_warning(checkpoint, make_geotiff,
     assert len(summary.warnings) == 1 and "no CRS" in summary.warnings[0]  # shown, and listed
 
 
+def test_the_summary_lists_squared_degree_areas(checkpoint, make_geotiff, tmp_path):
+    path = make_geotiff(np.ones((1, 20, 30), dtype=np.float32), crs="EPSG:4326")
+    with pytest.warns(UserWarning, match="squared degrees"):
+        summary = predict_scene(checkpoint, path, tmp_path / "c.tif", vectors=tmp_path / "p.gpkg")
+    assert len(summary.warnings) == 1 and "squared degrees" in summary.warnings[0]
+
+
 def test_all_nodata_scene_gives_all_nodata_output(checkpoint, make_geotiff, tmp_path):
     path = make_geotiff(np.zeros((1, 70, 40), dtype=np.uint8), nodata=0)
     probs = tmp_path / "probs.tif"

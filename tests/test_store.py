@@ -156,6 +156,17 @@ def test_store_with_duplicate_class_names_is_refused_on_open(tmp_path, scene_and
         TileStore.open(path)
 
 
+def test_a_store_of_one_class_is_refused_on_open(tmp_path, scene_and_mask):
+    """`build_store` refuses one now; a store an earlier version built crashed `geodnn train`."""
+    scene, mask, _, _ = scene_and_mask
+    path = build(scene, mask, tmp_path / "s.zarr").path
+    attrs = zarr.open_group(str(path), mode="r+").attrs
+    for key in ("class_names", "class_colors", "class_pixel_counts", "class_values"):
+        attrs[key] = attrs[key][:1]
+    with pytest.raises(StoreError, match=r"s.zarr: tile store has one class \(background\)"):
+        TileStore.open(path)
+
+
 def test_sample_scenes(tmp_path, data_dir):
     vegas = build(
         data_dir / "vegas-roads" / "image.tif",

@@ -542,6 +542,12 @@ class TileStore:
                 f"{', '.join(map(repr, repeated))}; rebuild it with distinct class names "
                 "(`geodnn tile ... --overwrite`, [scene] class_names)"
             )
+        if len(attrs["class_names"]) < 2:  # built before `build_store` refused it
+            raise StoreError(
+                f"{path}: tile store has one class ({attrs['class_names'][0]}), nothing to "
+                "learn; rebuild it from labels with a positive class (`geodnn tile ... "
+                "--overwrite`)"
+            )
         return cls(path, group)
 
     def __len__(self) -> int:

@@ -331,13 +331,19 @@ def qml_path(gpkg: str | os.PathLike) -> Path:
 def warn_if_geographic(class_map: str | os.PathLike, out: Path) -> None:
     """Areas (and min_area) are in the CRS's units: squared degrees for a geographic CRS."""
     with rasterio.open(class_map) as src:
-        crs = src.crs
-    if crs is not None and crs.is_geographic:
-        warnings.warn(
-            f"{out}: CRS {crs.to_string()} is geographic, so 'area' and min_area are in squared "
-            "degrees; reproject the scene to a projected CRS for areas in m2",
-            stacklevel=3,
-        )
+        note = geographic_area_note(src.crs, out)
+    if note is not None:
+        warnings.warn(note, stacklevel=3)
+
+
+def geographic_area_note(crs, out: str | os.PathLike) -> str | None:
+    """The warning polygons in a geographic CRS get, or None."""
+    if crs is None or not crs.is_geographic:
+        return None
+    return (
+        f"{out}: CRS {crs.to_string()} is geographic, so 'area' and min_area are in squared "
+        "degrees; reproject the scene to a projected CRS for areas in m2"
+    )
 
 
 def vectorize_classes(
