@@ -49,6 +49,7 @@ STEP_TABLES = {
     "report": tuple(),
 }
 RUN_SOLVERS = ("admm", "adam")  # solvers `geodnn run` trains (each in one process)
+CONFIG_RECORD = "config"  # steps.json: the config file the folder was last run with
 
 
 @dataclass
@@ -147,8 +148,26 @@ class Pipeline:
             return {}
         return json.loads(self.folder.steps.read_text())
 
+    def check_same_config(self) -> None:
+        """Warn when the folder's last run was another config's, whose outputs this run replaces
+        where the two differ (two configs sharing one --out did so without a word); the folder
+        then belongs to this config."""
+        done, here = self.done(), str(self.config.path.resolve())
+        last = done.get(CONFIG_RECORD)
+        if last and last != here:
+            log.warning(
+                "%s: last run with %s; this run with %s redoes the steps whose settings or "
+                "inputs differ, replacing their outputs",
+                self.folder.root,
+                last,
+                self.config.path,
+            )
+            done[CONFIG_RECORD] = here
+            atomic_write_text(self.folder.steps, json.dumps(done, indent=2) + "\n")
+
     def mark(self, step: str, outputs: list[Path], seconds: float) -> None:
         done = self.done()
+        done[CONFIG_RECORD] = str(self.config.path.resolve())
         done[step] = {
             "fingerprint": self.fingerprint(step),
             "outputs": [str(p.relative_to(self.folder.root)) for p in outputs],
@@ -511,6 +530,7 @@ def run_pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(config, RunFolder(run_dir), options)
     pipeline.input_path("image")
+    pipeline.check_same_config()
     ran = False
     for step in STEPS:
         ran = pipeline.run_step(step, lambda step=step: ACTIONS[step](pipeline), ran) or ran

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import shutil
 
@@ -379,3 +380,17 @@ def test_a_bad_split_is_refused_before_any_work_naming_the_config(tiny, tmp_path
     with pytest.raises(PipelineError, match=rf"tiny.toml: \[tile\] .*{said}"):
         run_pipeline(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_last_run_with_another_config_is_warned_of(tiny, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    other = tmp_path / "other.toml"
+    other.write_text(tiny(compare="[]").read_text())
+    with caplog.at_level(logging.WARNING, logger="pipelines.run"):
+        run_pipeline(load_config(other), run_dir)
+    assert f"last run with {tmp_path / 'tiny.toml'}; this run with" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipelines.run"):
+        run_pipeline(load_config(other), run_dir)  # its own folder now: nothing to say
+    assert "last run with" not in caplog.text
