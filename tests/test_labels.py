@@ -7,6 +7,8 @@ import warnings
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
+import pyogrio
 import pytest
 import rasterio
 import shapely
@@ -371,12 +373,14 @@ def test_a_mask_with_a_crs_on_a_scene_without_one_is_one_line(make_geotiff):
 
 
 def test_a_boolean_attribute_is_its_class_and_false_is_background(tmp_path, scene):
-    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7)]
-    path = write_vector(tmp_path, boxes, name="l.gpkg", is_roof=[True, False])
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
+    roofs = pd.array([True, False, None], dtype="boolean")
+    path = write_vector(tmp_path, boxes, name="l.gpkg", is_roof=roofs)
+    assert pyogrio.read_info(path)["dtypes"].tolist() == ["bool"]  # NULL: read back as float
     source = load_labels(path, scene, class_attribute="is_roof")
     assert source.class_names == ["background", "is_roof"]
     labels = whole(source, scene)
-    assert labels[0, 0] == 1 and labels[5, 5] == 0
+    assert labels[0, 0] == 1 and labels[5, 5] == 0 and labels[10, 10] == IGNORE_INDEX
 
 
 def test_a_table_without_geometries_is_a_one_line_error(tmp_path, scene):

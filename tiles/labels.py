@@ -266,8 +266,8 @@ def _pick_layer(path: Path, layer: str | None) -> str | None:
     # feature layers only: a style table (`layer_styles`, which QGIS and geodnn's polygons add)
     # or another attribute-only table is no candidate
     names = [str(name) for name, kind in pyogrio.list_layers(path) if kind is not None]
-    if layer is None and len(names) <= 1:
-        return None
+    if layer is None and len(names) <= 1:  # named, so GDAL does not warn of a style table
+        return names[0] if names else None
     if layer in names:
         return layer
     problem = f"has no layer '{layer}'" if layer is not None else f"has {len(names)} layers"
@@ -280,6 +280,7 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
     try:
         layer = _pick_layer(path, layer)
         frame = gpd.read_file(path, layer=layer, engine="pyogrio")
+        info = pyogrio.read_info(path, layer=layer)
     except LabelError:
         raise
     except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
@@ -293,6 +294,9 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
             f"{path}: has no geometries (a table, not vector labels); pass GeoJSON, GeoPackage "
             "or Shapefile features, or a GeoTIFF mask"
         )
+    for name, kind in zip(info["fields"], info["dtypes"]):  # a boolean field with NULLs is
+        if kind == "bool" and name in frame.columns:  # read as float: true/false/missing again
+            frame[name] = frame[name].astype("boolean")
     shapes = np.asarray(frame.geometry.array)
     frame = frame[~shapely.is_missing(shapes) & ~shapely.is_empty(shapes)]
     if len(frame) == 0:
