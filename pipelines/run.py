@@ -89,6 +89,11 @@ class RunFolder:
     def steps(self) -> Path:
         return self.root / "steps.json"
 
+    @property
+    def map_files(self) -> tuple[Path, ...]:
+        """Every file the predict step may write: class map, probabilities, polygons, style."""
+        return self.classes, self.probabilities, self.polygons, self.polygons.with_suffix(".qml")
+
 
 @dataclass
 class Pipeline:
@@ -111,14 +116,9 @@ class Pipeline:
 
     def map_outputs(self, enabled: bool = True) -> list[Path]:
         """The map files [predict] asks for (`enabled`), or those it does not ask for."""
-        opts, f = self.config["predict"], self.folder
-        wanted = {
-            f.classes: True,
-            f.probabilities: opts["probabilities"],
-            f.polygons: opts["vectors"],
-            f.polygons.with_suffix(".qml"): opts["vectors"],
-        }
-        return [path for path, on in wanted.items() if bool(on) == enabled]
+        opts = self.config["predict"]
+        asked = (True, opts["probabilities"], opts["vectors"], opts["vectors"])
+        return [path for path, on in zip(self.folder.map_files, asked) if bool(on) == enabled]
 
     def input_path(self, key: str) -> Path:
         value = self.config["scene"][key]
@@ -163,7 +163,7 @@ class Pipeline:
                 self.config.path,
             )
             done[CONFIG_RECORD] = here
-            atomic_write_text(self.folder.steps, json.dumps(done, indent=2) + "\n")
+            self._save(done)
 
     def mark(self, step: str, outputs: list[Path], seconds: float) -> None:
         done = self.done()
@@ -174,6 +174,9 @@ class Pipeline:
             "seconds": round(seconds, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        self._save(done)
+
+    def _save(self, done: dict) -> None:
         atomic_write_text(self.folder.steps, json.dumps(done, indent=2) + "\n")
 
     def is_current(self, step: str) -> bool:
@@ -388,13 +391,12 @@ def remove_dropped_solvers(p: Pipeline) -> None:
         if solver in p.solvers or not run_dir.is_dir():
             continue
         clear_run_dir(run_dir)
-        if any(run_dir.iterdir()):
+        if _remove_if_empty(run_dir):
+            log.info("train %s: removed %s (the config no longer trains it)", solver, run_dir)
+        else:
             log.warning(
                 "%s: removed the training run (no longer asked for), kept your files", run_dir
             )
-        else:
-            run_dir.rmdir()
-            log.info("train %s: removed %s (the config no longer trains it)", solver, run_dir)
 
 
 def step_evaluate(p: Pipeline) -> list[Path]:
@@ -471,16 +473,6 @@ RUN_OUTPUTS = (
 )
 
 
-MAP_OUTPUTS = (
-    "classes.tif",
-    "classes.tif.aux.xml",
-    "probabilities.tif",
-    "probabilities.tif.aux.xml",
-    "polygons.gpkg",
-    "polygons.qml",
-)
-
-
 def check_run_folder(folder: RunFolder) -> None:
     """Refuse an --out that holds files but no run: a run would overwrite and --force remove
     them (report.md, map/classes.tif, ... are common names)."""
@@ -500,20 +492,23 @@ def clear_run_folder(folder: RunFolder) -> None:
         for path in folder.root.glob(pattern):
             if path.name.startswith("train-") and path.is_dir():
                 clear_run_dir(path)
-                _remove_if_empty(path)
             elif path == folder.map_dir and path.is_dir():
-                for name in MAP_OUTPUTS:
-                    (path / name).unlink(missing_ok=True)
-                _remove_if_empty(path)
+                for output in folder.map_files:  # and GDAL's sidecar of each
+                    output.unlink(missing_ok=True)
+                    output.with_name(output.name + ".aux.xml").unlink(missing_ok=True)
             else:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
+                continue
+            if not _remove_if_empty(path):
+                log.warning("%s: removed the run's files, kept yours", path)
 
 
-def _remove_if_empty(folder: Path) -> None:
+def _remove_if_empty(folder: Path) -> bool:
+    """Remove `folder` if nothing is left in it; True if it was."""
     if any(folder.iterdir()):
-        log.warning("%s: removed the run's files, kept yours", folder)
-    else:
-        folder.rmdir()
+        return False
+    folder.rmdir()
+    return True
 
 
 def run_pipeline(
