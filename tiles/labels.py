@@ -280,7 +280,6 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
     try:
         layer = _pick_layer(path, layer)
         frame = gpd.read_file(path, layer=layer, engine="pyogrio")
-        info = pyogrio.read_info(path, layer=layer)
     except LabelError:
         raise
     except Exception as exc:  # pyogrio raises several unrelated types for unreadable files
@@ -294,9 +293,7 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
             f"{path}: has no geometries (a table, not vector labels); pass GeoJSON, GeoPackage "
             "or Shapefile features, or a GeoTIFF mask"
         )
-    for name, kind in zip(info["fields"], info["dtypes"]):  # a boolean field with NULLs is
-        if kind == "bool" and name in frame.columns:  # read as float: true/false/missing again
-            frame[name] = frame[name].astype("boolean")
+    _restore_booleans(frame, path, layer)
     shapes = np.asarray(frame.geometry.array)
     frame = frame[~shapely.is_missing(shapes) & ~shapely.is_empty(shapes)]
     if len(frame) == 0:
@@ -307,6 +304,25 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
             "so they can be placed on the scene"
         )
     return frame
+
+
+def _restore_booleans(frame: gpd.GeoDataFrame, path: Path, layer: str | None) -> None:
+    """pyogrio reads a boolean field with NULLs as float (1.0 / 0.0 / NaN): make it boolean
+    again. The field types are read (a second open of the file) only when a column could be
+    one: float, with NaN, otherwise only 0 and 1."""
+    maybe = [
+        name
+        for name in frame.columns
+        if frame[name].dtype.kind == "f"
+        and frame[name].isna().any()
+        and frame[name].dropna().isin([0.0, 1.0]).all()
+    ]
+    if not maybe:
+        return
+    info = pyogrio.read_info(path, layer=layer)
+    for name, kind in zip(info["fields"], info["dtypes"]):
+        if kind == "bool" and name in maybe:
+            frame[name] = frame[name].astype("boolean")
 
 
 def _class_ids(frame: gpd.GeoDataFrame, path: Path, attribute: str | None):
@@ -344,9 +360,9 @@ def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attrib
             f"{path}: attribute '{attribute}' has class ids outside 0..{MAX_CLASSES}; "
             "renumber the classes or use a text attribute"
         )
-    top = int(values.max())
     ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
     ids[present] = values
+    top = int(values.max())
     names = ["background"] + [str(i) for i in range(1, top + 1)]
     return ids, names, [None] + list(range(1, top + 1))
 
