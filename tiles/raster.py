@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,12 +149,13 @@ def _warn_if_alpha_holds_data(src: rasterio.DatasetReader, path: Path, bands: tu
     NIR that way: warn (once per file and process) when the band's name looks like data, or when
     most of its sampled pixels are neither about transparent nor about opaque."""
     for index in sorted(set(range(1, src.count + 1)) - set(bands)):
+        key = (path.resolve(), index)
+        if key in _ALPHA_WARNED:
+            continue
         name = src.descriptions[index - 1] or ""
         named_as_data = bool(name) and not re.search("alpha|mask|transp|opacity", name, re.I)
-        if (path.resolve(), index) in _ALPHA_WARNED:
-            continue
         if named_as_data or _mask_like_share(src, index) < 0.5:
-            _ALPHA_WARNED.add((path.resolve(), index))
+            _ALPHA_WARNED.add(key)
             label = f" ({name!r})" if name else ""
             warnings.warn(
                 f"{path}: band {index}{label} is tagged as alpha, so it is read as a mask "
@@ -181,7 +183,7 @@ def _mask_like_share(src: rasterio.DatasetReader, index: int) -> float:
     near = np.zeros(values.shape, dtype=bool)
     for top in tops:
         near |= (np.abs(values) <= 0.1 * top) | (np.abs(values - top) <= 0.1 * top)
-    return float(near.mean()) if values.size else 1.0
+    return float(near.mean())
 
 
 def _georeferenced_by_gcps_only(src: rasterio.DatasetReader) -> bool:
@@ -220,9 +222,13 @@ def _read_nodata_and_alpha(src: rasterio.DatasetReader, bands: list[int], window
     as data. Missing here is where either says so: a band equal to nodata, or alpha 0."""
     array = src.read(bands, window=window, out_dtype="float32")
     array[array == np.float32(src.nodata)] = np.nan
-    alpha = next(i for i in range(1, src.count + 1) if i not in bands)
-    array[:, src.read(alpha, window=window) == 0] = np.nan
+    array[:, src.read(first_alpha(src.count, bands), window=window) == 0] = np.nan
     return array
+
+
+def first_alpha(count: int, data_bands: Sequence[int]) -> int:
+    """The 1-based index of a file's first alpha band: the first that is not a data band."""
+    return next(i for i in range(1, count + 1) if i not in data_bands)
 
 
 def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> xr.DataArray:
@@ -241,6 +247,6 @@ def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> 
     )
     array = bands.sel(band=list(info.band_indexes)).astype(np.float32)
     if shadowed:
-        alpha = next(i for i in range(1, len(bands.band) + 1) if i not in info.band_indexes)
-        array = array.where((array != np.float32(info.nodata)) & (bands.sel(band=alpha) != 0))
+        alpha = bands.sel(band=first_alpha(len(bands.band), info.band_indexes))
+        array = array.where((array != np.float32(info.nodata)) & (alpha != 0))
     return array.where(np.isfinite(array))
