@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 def resolve_device(device: str, source: str = "--device") -> str:
     """'auto' becomes 'cuda' or 'cpu'; an unknown name, or 'cuda' without a GPU, is an error
     naming `source` (the option or the config key the value came from)."""
-    if device not in DEVICES:
-        raise PipelineError(f"{source} {device!r} is unknown; use one of {', '.join(DEVICES)}")
+    check_device_name(device, source)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -32,10 +31,14 @@ def prediction_device(device: str, scheduler: str | None) -> str:
     cluster's workers, whose GPUs this process cannot see: the name is only checked here and
     resolved by each worker (`ModelPredictor`); locally it is resolved now."""
     if scheduler:
-        if device not in DEVICES:
-            raise PipelineError(f"--device {device!r} is unknown; use one of {', '.join(DEVICES)}")
+        check_device_name(device, "--device")
         return device
     return resolve_device(device)
+
+
+def check_device_name(device: str, source: str) -> None:
+    if device not in DEVICES:
+        raise PipelineError(f"{source} {device!r} is unknown; use one of {', '.join(DEVICES)}")
 
 
 def training_device(device: str, source: str) -> str:
