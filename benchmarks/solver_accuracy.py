@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ from geodnn.solvers.base import settings_overrides
 from pipelines.config import DEFAULTS
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-ADAM_LR = float(__import__("os").environ.get("ADAM_LR", "3e-3"))
-ADAM_BATCH = int(__import__("os").environ.get("ADAM_BATCH", "16"))
+ADAM_LR = float(os.environ.get("ADAM_LR", "3e-3"))
+ADAM_BATCH = int(os.environ.get("ADAM_BATCH", "16"))
 
 
 def load_scene(name: str) -> tuple[np.ndarray, np.ndarray]:
