@@ -153,7 +153,7 @@ def _maybe_round(value: float | None) -> float | None:
 
 def join_ranks():
     """A benchmark rank: join the group and keep freed memory, as `geodnn train` does."""
-    ctx = init_ranks(timeout_s=120)
+    ctx = init_ranks(timeout_s=120, backend="gloo")  # the CPU, one thread per rank, on any host
     retain_freed_memory()
     return ctx
 

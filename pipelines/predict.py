@@ -71,10 +71,10 @@ class ModelPredictor:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         device = torch.device(resolve_device(self.device, "--device (on a Dask worker)"))
-        here = self.model.band_mean.device
-        if here.type != device.type or (device.index is not None and here != device):
-            self.model.to(device)  # moved where it runs (e.g. a Dask worker's GPU)
-        with torch.no_grad(), full_float32(device):
+        with torch.no_grad(), full_float32(device):  # on a GPU, one thread at a time
+            here = self.model.band_mean.device
+            if here.type != device.type or (device.index is not None and here != device):
+                self.model.to(device)  # moved where it runs (e.g. a Dask worker's GPU)
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
             logits = self.model.forward_valid(x)
             # C-order for the stitcher (on the CPU the logits are channels_last)

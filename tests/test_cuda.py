@@ -130,3 +130,76 @@ def test_prediction_on_the_gpu_is_seam_free_and_matches_the_cpu(data_dir):
         flipped += int((p.classes != whole[:, rows, cols].argmax(0))[ok].sum())
     assert torch.backends.cudnn.allow_tf32  # the user's setting is given back
     assert gap < 1e-5 and flipped == 0, (gap, flipped)
+
+
+@pytest.fixture
+def one_rank_env(monkeypatch):
+    """torchrun's environment for a job of one rank on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_rank_solver_on_nccl_takes_a_cpu_model_to_its_gpu_and_profiles_there(one_rank_env):
+    from geodnn.parallel.admm_rank import RankAdmmSolver, _proxy_model, profile_admm_layers
+    from geodnn.parallel.group import rank_group
+    from geodnn.solvers.admm import AdmmSettings
+
+    data = _data()
+    settings = {"batch_size": 4, "slots": 4, "class_weights": class_weights(data.labels, 2)}
+    settings["class_weights"] = settings["class_weights"].tolist()
+    with rank_group(timeout_s=60, backend="nccl") as ctx:
+        model = build_model(2, 2, depth=4, width=8, seed=0)  # left on the CPU by the caller
+        model.set_normalization(data.images.mean((0, 2, 3)), data.images.std((0, 2, 3)))
+        solver = RankAdmmSolver(ctx, model, data, AdmmSettings.from_dict(settings), seed=0)
+        for _ in range(12):
+            solver.step()
+        solver.settle()
+        gathered = solver.gather_model()
+        assert gathered.band_mean.is_cuda
+        proxy, _ = _proxy_model(gathered)
+        assert proxy.band_mean.is_cuda  # the balance is measured where the layers will run
+        costs = profile_admm_layers(gathered, data, AdmmSettings.from_dict(settings), seed=0)
+        assert len(costs) == len(gathered.layers) and all(c.seconds > 0 for c in costs)
+    weights = {k: v.detach().cpu() for k, v in gathered.state_dict().items()}
+    assert _relative_gap(weights, _trained("admm", "cuda", 12)) < 1e-4
+
+
+def test_selfcheck_chain_reads_messages_that_arrive_on_the_gpu():
+    from geodnn.parallel.exchange import BoundaryMessage
+    from geodnn.parallel.selfcheck import ToyChain
+
+    below = BoundaryMessage(1, 0, torch.randn(2, 3, 5, 4, generator=torch.Generator()))
+    above = BoundaryMessage(1, 0, torch.randn(2, 3, 5, 4, generator=torch.Generator()))
+    on_cpu, on_gpu = ToyChain(range(1, 2), 3), ToyChain(range(1, 2), 3)
+    on_cpu.step(1, below, above)
+    moved = [BoundaryMessage(m.slot, m.generation, m.tensor.cuda()) for m in (below, above)]
+    on_gpu.step(1, *moved)
+    assert torch.equal(on_gpu.state[1], on_cpu.state[1])
+
+
+def test_adam_resumed_on_the_gpu_keeps_its_step_counters_on_the_cpu(tmp_path):
+    from geodnn.checkpoint import atomic_torch_save, read_torch_file
+
+    data = _data()
+    model = build_model(2, 2, depth=4, width=8, seed=0).cuda()
+    solver = make_solver("adam", model, data, {"batch_size": 4, "slots": 4}, seed=0)
+    for _ in range(3):
+        solver.step()
+    atomic_torch_save(solver.state_dict(), tmp_path / "state.pt")
+    saved = read_torch_file(tmp_path / "state.pt", "cuda")  # as a resumed run loads it
+    resumed = make_solver("adam", build_model(2, 2, depth=4, width=8, seed=0).cuda(), data,
+                          {"batch_size": 4, "slots": 4}, seed=0)  # fmt: skip
+    resumed.load_state_dict(saved)
+    steps = [s["step"] for s in resumed.optimizer.state.values()]
+    assert steps and all(not s.is_cuda for s in steps)
+    for one in (solver, resumed):
+        one.step()
+    for a, b in zip(solver.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)

@@ -63,7 +63,7 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
     """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged" and
     "settings" (overrides)}; all in one process group. "losses": each step's loss, then the one
     settle() returns."""
-    ctx = init_ranks(timeout_s=30)
+    ctx = init_ranks(timeout_s=30, backend="gloo")
     try:
         out = []
         for run in runs:
@@ -230,7 +230,7 @@ def test_profile_reports_formula_memory_and_balances(data):
 def _diverging_rank(data, poisoned_layer: int, lagged: bool) -> dict:
     """Two ranks; the rank that owns `poisoned_layer` has NaN weights there, so that layer's
     first update diverges (a boundary layer: before its messages are sent)."""
-    ctx = init_ranks(timeout_s=20)
+    ctx = init_ranks(timeout_s=20, backend="gloo")
     try:
         settings = AdmmSettings.from_dict(SETTINGS)
         solver = RankAdmmSolver(ctx, _model(), data, settings, SEED, lagged_stats=lagged)
@@ -265,7 +265,7 @@ def test_divergence_on_one_rank_stops_every_rank_promptly(data_dir, poisoned_lay
 
 
 def _resume_with_other_seed(data) -> str:
-    ctx = init_ranks(timeout_s=30)
+    ctx = init_ranks(timeout_s=30, backend="gloo")
     try:
         settings = AdmmSettings.from_dict(SETTINGS)
         saved = RankAdmmSolver(ctx, _model(), data, settings, SEED).state_dict()
@@ -287,7 +287,7 @@ def test_a_rank_refuses_a_state_of_another_crop_stream(data):
 
 
 def _plan_beyond_memory(data) -> str:
-    ctx = init_ranks(timeout_s=60)
+    ctx = init_ranks(timeout_s=60, backend="gloo")
     try:
         settings = AdmmSettings.from_dict(SETTINGS)
         try:

@@ -55,7 +55,7 @@ def _toy_rank(
 ) -> list[dict]:
     """One toy run per entry of `runs` (None: float32 messages, else bits), in one group;
     `grouped` forces the NCCL protocol's grouped rounds (None: the backend's default)."""
-    ctx = init_ranks(timeout_s=20)
+    ctx = init_ranks(timeout_s=20, backend="gloo")
     try:
         start, stop = even_blocks(LAYERS, ctx.world_size)[ctx.rank]
         results = []
@@ -178,7 +178,7 @@ def test_last_rank_sends_down_before_the_head_steps():
 
 def _layout_rank() -> list[tuple[bool, bool]]:
     """Rank 0 sends an NCHW and then a channels_last tensor up; rank 1 reports what came."""
-    ctx = init_ranks(timeout_s=20)
+    ctx = init_ranks(timeout_s=20, backend="gloo")
     try:
         exchange = BoundaryExchange(ctx)
         seen = []
@@ -230,7 +230,7 @@ def _gap_rank() -> int | None:
     """Rank 0 sends a message up, none, then one of the same size again; rank 1 counts the
     payloads it had to receive after their header (late receives): only the first, whose size
     nobody knew yet."""
-    ctx = init_ranks(timeout_s=20)
+    ctx = init_ranks(timeout_s=20, backend="gloo")
     try:
         exchange = BoundaryExchange(ctx)
         tensor = torch.ones(2, 3, 4, 4)
@@ -258,3 +258,5 @@ def test_nccl_exchanges_in_grouped_rounds():
     cpu = torch.device("cpu")
     assert BoundaryExchange(RankContext(0, 2, 0, "nccl", cpu, 5.0)).grouped is True
     assert BoundaryExchange(RankContext(0, 2, 0, "gloo", cpu, 5.0)).grouped is False
+    with pytest.raises(ValueError, match="deadlocks on NCCL"):
+        BoundaryExchange(RankContext(0, 2, 0, "nccl", cpu, 5.0), grouped=False)

@@ -83,7 +83,7 @@ def test_launch_runs_the_selfcheck():
 
 def _admm_segment(data, folder: str, stop_at: int, crash_after_save: bool) -> dict:
     """Run (resuming from `folder` if it holds a checkpoint) to `stop_at`, saving every 3."""
-    ctx = init_ranks(timeout_s=20)
+    ctx = init_ranks(timeout_s=20, backend="gloo")
     try:
         solver = RankAdmmSolver(ctx, _model(), data, AdmmSettings.from_dict(SETTINGS), 7)
         state = load_rank_checkpoint(folder, ctx)

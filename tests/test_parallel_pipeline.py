@@ -33,7 +33,7 @@ def _gathered(solver) -> list[torch.Tensor] | None:
 
 
 def _pipeline_runs(data, schedules: list[str]) -> dict:
-    ctx = init_ranks(timeout_s=30)
+    ctx = init_ranks(timeout_s=30, backend="gloo")
     try:
         out = {}
         for schedule in schedules:
@@ -106,7 +106,7 @@ def test_settings_errors_come_before_any_communication(data):
 def _pipeline_with_a_dead_stage(data) -> None:
     import os
 
-    ctx = init_ranks(timeout_s=4)
+    ctx = init_ranks(timeout_s=4, backend="gloo")
     try:
         settings = AdamSettings.from_dict(SETTINGS)
         solver = PipelineSolver(ctx, _model(), data, settings, 11, "1f1b", microbatches=2)

@@ -378,7 +378,7 @@ def _small_model(store, seed):
 
 def _rank_scores(store):
     """On every rank: a model of its own seed, replaced by rank 0's, then scored in shares."""
-    with rank_group(timeout_s=60) as ranks:
+    with rank_group(timeout_s=60, backend="gloo") as ranks:
         model = share_module(ranks, _small_model(store, seed=1 + 98 * ranks.rank), "model")
         val, train_tiles = _windows(model, store)
         scale = fit_decision(model, train_tiles, limit=7, ranks=ranks)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ..data import Batches
 from ..errors import DivergenceError, GeodnnError
 from ..model import ChainNet, build_model
+from ..runtime import wait_for_device
 from ..solvers.admm import (
     AdmmSettings,
     LayerState,
@@ -78,7 +79,7 @@ def _proxy_model(model: ChainNet) -> tuple[ChainNet, list[int]]:
     kinds = len(config.dilations)
     options = config.to_dict()
     options["depth"] = min(config.depth, kinds)
-    proxy = build_model(**options, seed=0)
+    proxy = build_model(**options, seed=0).to(model.band_mean.device)  # timed where it runs
     proxy.set_normalization(model.band_mean, model.band_std)
     layers = len(model.layers)
     mapping = [0] + [1 + i % kinds for i in range(config.depth)] + [len(proxy.layers) - 1]
@@ -104,6 +105,7 @@ def profile_admm_layers(
 
     def step(layer: int, below, above):
         result = layer_step(states[layer], below, above, pool, data, iteration, settings)
+        wait_for_device(proxy.band_mean.device)
         states[layer] = result.state
         return result.up, result.down
 
@@ -186,6 +188,7 @@ class RankAdmmSolver:
         if len(plan.blocks) != ctx.world_size:
             raise GeodnnError(f"plan has {len(plan.blocks)} blocks for {ctx.world_size} ranks")
         check_class_weights(settings, model, "admm")
+        model.to(ctx.device)  # the states are copied from its weights, on this rank's device
         self.ctx, self.model, self.data, self.settings = ctx, model, data, settings
         self.seed, self.plan, self.log_every = int(seed), plan, log_every
         self.start, self.stop = plan.blocks[ctx.rank]
@@ -220,6 +223,7 @@ class RankAdmmSolver:
         except DivergenceError as exc:
             self._failure = exc
             return None, None
+        wait_for_device(self.ctx.device)  # its queued GPU kernels are the layer's time too
         self.states[layer] = result.state
         self._layer_stats[layer] = result.stats
         return result.up, result.down

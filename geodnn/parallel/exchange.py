@@ -146,6 +146,8 @@ class BoundaryExchange:
     def __post_init__(self) -> None:
         if self.grouped is None:
             self.grouped = self.ctx.backend == "nccl"
+        if not self.grouped and self.ctx.backend == "nccl":
+            raise ValueError("pre-posted point-to-point exchange deadlocks on NCCL: grouped=True")
 
     @property
     def has_below(self) -> bool:

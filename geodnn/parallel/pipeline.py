@@ -20,7 +20,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from ..data import Batches
 from ..errors import GeodnnError
 from ..model import ChainNet, as_activation
-from ..solvers.adam import AdamSettings, use_step_settings
+from ..solvers.adam import AdamSettings, restore_optimizer
 from ..solvers.admm import make_pool
 from ..solvers.base import LossWatch
 from ..solvers.subproblems import weighted_cross_entropy
@@ -184,8 +184,7 @@ class PipelineSolver:
                 "rank checkpoint does not match this pipeline run; resume with the same workers"
             )
         self.stage_module.load_state_dict(state["stage"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        use_step_settings(self.optimizer, self.settings)
+        restore_optimizer(self.optimizer, state["optimizer"], self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])
 

@@ -73,13 +73,23 @@ def _holds(rule, value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and bool(rule(value))
 
 
-def use_step_settings(optimizer: torch.optim.Optimizer, settings: AdamSettings) -> None:
-    """The settings' lr, betas and weight decay in every parameter group: a loaded optimizer
-    state brings the saved ones back, and a resumed run may lower the step size (after a
-    divergence)."""
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, saved: dict, settings: AdamSettings
+) -> None:
+    """Load a saved Adam state with the settings' lr, betas and weight decay in every parameter
+    group (the saved ones come back otherwise, and a resumed run may lower the step size after a
+    divergence). Step counters loaded onto a GPU go back to the CPU, where torch's Adam keeps
+    them: read there, each parameter's step would wait for the GPU."""
+    optimizer.load_state_dict(copy.deepcopy(saved))
     betas = (settings.beta1, settings.beta2)
     for group in optimizer.param_groups:
         group.update(lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
+        if group.get("capturable") or group.get("fused"):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].cpu()
 
 
 class AdamSolver:
@@ -139,7 +149,6 @@ class AdamSolver:
             )
         self.model.load_state_dict(state["model"])
         check_same_stream(state, self.settings, self.seed, "adam")
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        use_step_settings(self.optimizer, self.settings)
+        restore_optimizer(self.optimizer, state["optimizer"], self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])
