@@ -372,7 +372,9 @@ class RankAdmmSolver:
         write_back(list(self.states.values()), self.model)
 
     def gather_model(self) -> ChainNet | None:
-        """Collective: every rank sends its layers' weights to rank 0; rank 0 returns the model."""
+        """Collective: every rank sends its layers' weights to rank 0; rank 0 returns the model.
+        NCCL ignores tags: rank 0 receives in the order each rank sends (by layer, weight before
+        bias), which is what matches the messages there."""
         if self.ctx.rank != 0:
             works = []
             for i in range(self.start, self.stop):
