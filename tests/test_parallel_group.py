@@ -52,6 +52,22 @@ def test_only_a_rendezvous_failure_is_a_rank_that_never_joined(monkeypatch):
         init_ranks(timeout_s=3, backend="gloo")
 
 
+def test_nccl_group_times_out_after_the_waits_that_name_a_silent_rank(monkeypatch):
+    """NCCL's watchdog aborts the process at the group's timeout: the waits' own (which raise
+    the one-line error naming the rank) must come first there; gloo raises in the wait itself."""
+    import torch.distributed as dist
+
+    from geodnn.parallel.group import _join
+
+    seen = {}
+    record = lambda backend, **kw: seen.update({backend: kw})  # noqa: E731
+    monkeypatch.setattr(dist, "init_process_group", record)
+    _join("nccl", 0, 2, 60.0)
+    _join("gloo", 0, 2, 60.0)
+    assert seen["nccl"]["timeout"].total_seconds() == 90.0
+    assert seen["gloo"]["timeout"].total_seconds() == 60.0
+
+
 @pytest.mark.parametrize(
     "message, failed",
     [

@@ -139,6 +139,13 @@ JOIN_FAILURES = tuple(
 ) + (TimeoutError,)
 
 
+def group_timeout_s(backend: str, timeout_s: float) -> float:
+    """The process group's own timeout. NCCL's watchdog aborts the whole process when it
+    passes, so there it is set later than the waits' `timeout_s`: a silent rank is then our
+    one-line error naming it (`wait_or_fail`), not an abort. Gloo raises in the waiting call."""
+    return timeout_s + max(10.0, 0.5 * timeout_s) if backend == "nccl" else timeout_s
+
+
 def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
     """init_process_group; a rank that never joins (died or hung at start-up, or an unreachable
     MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
@@ -148,7 +155,7 @@ def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
             init_method="env://",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=group_timeout_s(backend, timeout_s)),
         )
     except JOIN_FAILURES as exc:  # not a missing NCCL build or a bad backend name: raised
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
