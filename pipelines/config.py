@@ -8,6 +8,7 @@ Every key and its default is listed in `DEFAULTS` and documented in pipelines/co
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from dataclasses import dataclass, field
 from functools import partial
@@ -158,6 +159,8 @@ def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> N
             f"{key} = {example[expected]}; no quotes around numbers)"
         )
     if expected in ("int", "float"):
+        if not math.isfinite(value):  # nan passes every comparison below
+            raise PipelineError(f"{path}: [{table}] {key} must be a finite number, not {value}")
         low = 1 if (table, key) in AT_LEAST_ONE else 0
         bad = value <= 0 if (table, key) in POSITIVE else value < low
         if bad:

@@ -178,3 +178,15 @@ def test_pipeline_microbatches_must_divide_the_pipeline_s_batch(tmp_path, text, 
     with pytest.raises(PipelineError, match=rf"\[pipeline\] microbatches = \d does not .*{match}"):
         check_pipeline_batch(config.tables, path)
     check_pipeline_batch(load_config(path).tables, path)  # an admm run does not cut batches
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+    "table, key", [("train", "divergence_factor"), ("parallel", "timeout_s"), ("admm", "rho")]
+)
+def test_non_finite_numbers_are_refused(tmp_path, table, key, value):
+    """nan passes every bound check (all its comparisons are false): refused by name."""
+    path = tmp_path / "job.toml"
+    path.write_text(f"[{table}]\n{key} = {value}\n")
+    with pytest.raises(PipelineError, match=rf"\[{table}\] {key} must be a finite number"):
+        load_config(path)
