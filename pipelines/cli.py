@@ -14,6 +14,8 @@ import signal
 import sys
 import warnings
 
+from .errors import out_of_memory
+
 # Only the standard library at import: PyTorch and GDAL load in `main`, where Ctrl-C during
 # the seconds that takes is answered in one line too.
 
@@ -92,6 +94,12 @@ def _run(argv: list[str] | None) -> int:
     except StopSignal as stop:
         print(f"geodnn: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
+    except (MemoryError, RuntimeError) as exc:
+        line = out_of_memory(exc)
+        if line is None:
+            raise
+        print(f"geodnn: error: {line}", file=sys.stderr)
+        return 2
     except OSError as exc:
         if exc.errno not in REFUSED:  # a read error, a lost connection...: its traceback
             raise

@@ -1,5 +1,6 @@
 """Errors of the job layer (configs, run folders); one line, naming the file and the fix."""
 
+import re
 from pathlib import Path
 
 
@@ -14,3 +15,25 @@ class DamagedRunError(PipelineError):
     def __init__(self, path: Path, what: str, fix: str) -> None:
         super().__init__(f"{path}: {what}; {fix}")
         self.path, self.what = path, what
+
+
+# PyTorch's allocators, CPU and CUDA, when an allocation fails (a RuntimeError, not MemoryError)
+_ALLOCATION = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes|out of memory")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for an allocation that failed (NumPy's MemoryError, PyTorch's CPU or CUDA
+    allocator), saying how to ask for less; None for any other error."""
+    if not isinstance(exc, MemoryError):
+        found = _ALLOCATION.search(str(exc)) if isinstance(exc, RuntimeError) else None
+        if found is None:
+            return None
+        if found.group(1):
+            return f"out of memory ({int(found.group(1)) / 1e9:.3g} GB asked for); {_LESS}"
+    return f"out of memory; {_LESS}"
+
+
+_LESS = (
+    "ask for less: in training a smaller [train] batch_size, [data] crop or solver slots, "
+    "in prediction a smaller --chunk or --batch"
+)

@@ -68,7 +68,7 @@ from tiles.store import TileStore
 from .config import SOLVERS, Config, check_pipeline_batch, load_config
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
-from .errors import DamagedRunError, PipelineError
+from .errors import DamagedRunError, PipelineError, out_of_memory
 from .io import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,18 @@ class TrainSetup:
         return self.config.solver
 
 
+def check_store_set(config: Config) -> None:
+    if config["data"]["store"] is None:
+        raise PipelineError(
+            f"{config.path}: [data] store is not set; run `geodnn tile` and set it to the store"
+        )
+
+
 def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     """Open the tile store, build the model with the store's normalization, weigh the classes."""
     data, model_cfg, train = config["data"], config["model"], config["train"]
+    check_store_set(config)
     store = config.resolve(data["store"])
-    if store is None:
-        raise PipelineError(f"{config.path}: [data] store is not set; run `geodnn tile` first")
     train_data = StoreBatches(store, split="train", crop=data["crop"], seed=train["seed"])
     val_data = StoreBatches(store, split="val")
     if len(train_data) == 0 or len(val_data) == 0:
@@ -588,6 +594,9 @@ def clear_run_dir(run_dir: Path) -> None:
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
     --workers N checks it before starting any rank)."""
+    check_store_set(config)  # before a run folder is made for it
+    if resume and overwrite:
+        raise PipelineError(f"{run_dir}: --resume and --overwrite contradict; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: is a file, not a run folder; pick another --out")
     if resume:
@@ -692,6 +701,18 @@ RECOVERY = (
     f"in the config, {STEP_SIZE_FIX['adam']} or {STEP_SIZE_FIX['pipeline']}, or "
     f"{STEP_SIZE_FIX['admm']}; then rerun with --resume, which continues from that checkpoint"
 )
+
+
+def train_divergence(config: Config, run_dir: Path, exc: DivergenceError) -> DivergenceError:
+    """The divergence with the fix for `geodnn train`: the diverged solver's own setting, and a
+    rerun that resumes only where an epoch's checkpoint was saved."""
+    if has_state(run_dir):
+        then = "rerun with --resume, which continues from the last good checkpoint"
+    else:
+        then = "rerun the same command (no epoch finished, so no checkpoint was saved)"
+    return DivergenceError(
+        exc.diagnosis, f"{STEP_SIZE_FIX[config.solver]} in {config.path}; {then}"
+    )
 
 
 def config_as_run(config: Config) -> str:
@@ -910,7 +931,7 @@ def check_divergence(
         than = f", best {best:.4g}" if math.isfinite(best) else ""
         raise DivergenceError(
             f"training diverged at iteration {iteration} (loss {loss:.4g}{than})",
-            f"the last good checkpoint is kept: {RECOVERY}",
+            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
         )
 
 
@@ -953,8 +974,8 @@ def _train(
         records, elapsed0 = resume_from(setup, solver, state)
     run_epochs(setup, solver, records, elapsed0, progress and is_leader())
     final = run_dir / "model.pt"
-    if is_leader():
-        with atomic_path(final) as tmp:
+    if is_leader() and not (final.is_file() and not (run_dir / "last.pt").exists()):
+        with atomic_path(final) as tmp:  # (a finished run's last.pt, a copy, may be deleted)
             shutil.copyfile(run_dir / "last.pt", tmp)
     return TrainResult(run_dir, final, records, setup.class_names)
 
@@ -963,7 +984,13 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     """Put a resumed run's state into `solver`; its metrics rows and training time so far.
     Only then the leader records the config the run goes on with: a run folder refused for a
     damaged file keeps the config.toml it was started with."""
-    records = read_metrics(setup.run_dir / "metrics.csv", setup.class_names, state["iteration"])
+    done, total = state["iteration"], setup.config["train"]["iterations"]
+    if done > total:  # config.toml would claim fewer iterations than the state and metrics hold
+        raise PipelineError(
+            f"{setup.run_dir}: the run is at iteration {done}, past the {total} asked for "
+            f"([train] iterations or --iterations); ask for {done} or more"
+        )
+    records = read_metrics(setup.run_dir / "metrics.csv", setup.class_names, done)
     solver.load_state_dict(state["solver_state"])
     if is_leader():  # once, not once per rank
         atomic_write_text(setup.run_dir / "config.toml", config_as_run(setup.config))
@@ -1077,7 +1104,7 @@ def end_epoch(
         raise DivergenceError(
             f"training diverged at iteration {solver.iteration}: the validation loss is "
             f"{record.val_loss}",
-            f"the last good checkpoint is kept: {RECOVERY}",
+            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
         )
     if is_leader():
         records.append(record)
@@ -1091,7 +1118,7 @@ def check_finite_model(model: geodnn.ChainNet, iteration: int) -> None:
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise DivergenceError(
             f"training diverged at iteration {iteration}: the model has non-finite weights",
-            f"the last good checkpoint is kept: {RECOVERY}",
+            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
         )
 
 
@@ -1164,7 +1191,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except DivergenceError as exc:
-        print(f"geodnn: error: {exc}", file=sys.stderr)
+        print(f"geodnn: error: {train_divergence(config, Path(run_dir), exc)}", file=sys.stderr)
         return 3
     if is_leader():
         last = result.records[-1] if result.records else None
@@ -1198,6 +1225,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C to torchrun run by hand reaches every rank as SIGINT
         print(f"geodnn: rank {rank} interrupted", file=sys.stderr)
         code = 130
+    except (MemoryError, RuntimeError) as exc:
+        if out_of_memory(exc) is None:
+            raise
+        print(f"geodnn: error (rank {rank}): {out_of_memory(exc)}", file=sys.stderr)
+        code = 2
 
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
     return code

@@ -54,6 +54,28 @@ def test_other_os_errors_keep_their_traceback(monkeypatch, make_geotiff):
         main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"])
 
 
+def test_a_failed_allocation_is_one_line_and_says_how_to_ask_for_less(monkeypatch, capsys):
+    import torch
+
+    def too_big(args):
+        torch.empty(2**62, dtype=torch.uint8)  # PyTorch's CPU allocator refuses it
+
+    monkeypatch.setattr("pipelines.train.run_command", too_big)
+    assert main(["train", "job.toml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("geodnn: error: out of memory (4.61e+09 GB asked for); ask for less")
+    assert "[train] batch_size" in err and err.count("\n") == 1
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr("pipelines.train.run_command", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "job.toml"])
+
+
 def test_outputs_in_a_folder_that_cannot_be_written_are_refused_first(
     monkeypatch, capsys, data_dir, tmp_path
 ):

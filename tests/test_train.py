@@ -80,7 +80,10 @@ def test_divergence_stops_and_keeps_last_good_checkpoint(
     monkeypatch.setattr(adam.AdamSolver, "step", failing_step)
     config = train_config(store)
     code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
-    assert code == 3 and "diverged at iteration 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 3 and "diverged at iteration 4" in err
+    assert f"lower [adam] lr in {config.path}; rerun with --resume" in err  # its solver's fix
+    assert "[admm]" not in err
     assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
     assert not (tmp_path / "run" / "model.pt").exists()
 
@@ -134,8 +137,42 @@ def test_elapsed_time_counts_training_not_validation(tmp_path, store, train_conf
 def test_first_epoch_divergence_is_not_checkpointed(tmp_path, store, train_config, capsys):
     config = train_config(store, extra="[adam]\nlr = 50.0\n")
     code = main(["train", str(config.path), "--out", str(tmp_path / "run")])
-    assert code == 3 and "diverged at iteration 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 3 and "diverged at iteration 3" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+    # nothing to resume from: the advice is a plain rerun, which the run folder accepts
+    assert "rerun the same command (no epoch finished" in err and "--resume" not in err
+    config.path.write_text(config.path.read_text().replace("lr = 50.0", "lr = 0.003"))
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 0
+
+
+def test_a_config_without_a_store_is_refused_before_a_run_folder_is_made(tmp_path, capsys):
+    path = tmp_path / "job.toml"
+    path.write_text("[train]\niterations = 3\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert f"{path}: [data] store is not set" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_contradicting_or_shrinking_resumes_are_refused(tmp_path, store, train_config, capsys):
+    config = train_config(store)
+    run = tmp_path / "run"
+    train(config, run, progress=False)
+    assert main(["train", str(config.path), "--out", str(run), "--resume", "--overwrite"]) == 2
+    assert "--resume and --overwrite contradict" in capsys.readouterr().err
+    code = main(["train", str(config.path), "--out", str(run), "--resume", "--iterations", "3"])
+    assert code == 2
+    assert "the run is at iteration 6, past the 3 asked for" in capsys.readouterr().err
+    assert "iterations = 6" in (run / "config.toml").read_text()  # the record stays true
+
+
+def test_a_finished_run_resumes_without_its_last_checkpoint_copy(tmp_path, store, train_config):
+    config = train_config(store)
+    run = tmp_path / "run"
+    first = train(config, run, progress=False)
+    (run / "last.pt").unlink()  # the same bytes as model.pt: a user may tidy it away
+    again = train(config, run, resume=True, progress=False)
+    assert again.checkpoint == first.checkpoint and again.checkpoint.is_file()
 
 
 def test_non_finite_weights_are_never_checkpointed(
