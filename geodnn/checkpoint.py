@@ -151,6 +151,19 @@ def read_torch_file(path: Path, map_location: str | torch.device) -> Any:
         ) from None
 
 
+def _not_found(path: Path) -> str:
+    """Why `path` is no checkpoint, pointing at the one a run folder does hold: model.pt is
+    written when training ends, last.pt after every epoch."""
+    folder, name = (path, None) if path.is_dir() else (path.parent, path.name)
+    last = folder / "last.pt"
+    if name is None and (folder / "model.pt").is_file():
+        return f"a run folder; pass {folder / 'model.pt'}"
+    if name in (None, "model.pt") and last.is_file():
+        what = "a run folder" if name is None else "not found"
+        return f"{what}: the run has not finished; pass {last}, its latest epoch's checkpoint"
+    return "checkpoint not found; pass the .pt file written by training"
+
+
 def first_sentence(exc: Exception) -> str:
     """The gist of a torch error: its first sentence without C++ source locations, capped."""
     text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(exc).strip())
@@ -163,10 +176,13 @@ def load_checkpoint(
     """Load a checkpoint written by `save_checkpoint` (safe: `weights_only=True`)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(
-            f"{path}: checkpoint not found; pass the .pt file written by training"
-        )
+        raise CheckpointError(f"{path}: {_not_found(path)}")
     payload = read_torch_file(path, map_location)
+    if isinstance(payload, dict) and "solver_state" in payload:
+        raise CheckpointError(
+            f"{path}: the run's saved state for --resume, not a model checkpoint; pass model.pt "
+            "(or last.pt of a run still training) from the same folder"
+        )
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a geodnn checkpoint; use a file from `geodnn train`")
     if payload.get("version") != VERSION:

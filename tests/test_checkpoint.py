@@ -114,3 +114,22 @@ def test_torch_files_with_refused_objects_and_damaged_files_are_short_errors(tmp
         assert "PyTorch 2.6" not in message
     with pytest.raises(geodnn.CheckpointError, match="not a readable checkpoint"):
         geodnn.load_checkpoint(damaged)
+
+
+def test_a_run_folder_or_its_resume_state_points_at_the_checkpoint_to_pass(tmp_path):
+    model = geodnn.build_model(1, 2, depth=2, width=4)
+    run = tmp_path / "run"
+    run.mkdir()
+    geodnn.save_checkpoint(model, run / "last.pt")  # a run still training: no model.pt yet
+    for given, said in [
+        (run, f"a run folder: the run has not finished; pass {run / 'last.pt'}"),
+        (run / "model.pt", f"not found: the run has not finished; pass {run / 'last.pt'}"),
+    ]:
+        with pytest.raises(geodnn.CheckpointError, match=f"^{given}: {said}"):
+            geodnn.load_checkpoint(given)
+    geodnn.save_checkpoint(model, run / "model.pt")
+    with pytest.raises(geodnn.CheckpointError, match=f"^{run}: a run folder; pass {run}/model.pt"):
+        geodnn.load_checkpoint(run)
+    torch.save({"format": "state", "solver_state": {}}, run / "state.pt")
+    with pytest.raises(geodnn.CheckpointError, match="saved state for --resume, not a model"):
+        geodnn.load_checkpoint(run / "state.pt")
