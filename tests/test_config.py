@@ -190,3 +190,33 @@ def test_non_finite_numbers_are_refused(tmp_path, table, key, value):
     path.write_text(f"[{table}]\n{key} = {value}\n")
     with pytest.raises(PipelineError, match=rf"\[{table}\] {key} must be a finite number"):
         load_config(path)
+
+
+def _documented_defaults() -> dict[str, dict]:
+    from dataclasses import fields
+
+    solver = {f.name: f.default for f in fields(AdmmSettings)}
+    adam = {f.name: f.default for f in fields(AdamSettings)}
+    return {
+        **DEFAULTS,
+        "admm": solver,
+        "adam": adam | DEFAULTS["adam"],
+        "pipeline": adam | DEFAULTS["pipeline"],
+    }
+
+
+@pytest.mark.parametrize("name", ["vegas-roads", "atlanta-buildings", "vegas-train"])
+def test_shipped_configs_say_where_a_value_is_not_the_default(name):
+    """Users copy these files and drop keys: a value that is not geodnn's default says so."""
+    import tomllib
+
+    path = Path(__file__).parent.parent / "pipelines" / "configs" / f"{name}.toml"
+    raw, defaults, table = tomllib.loads(path.read_text()), _documented_defaults(), None
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            table = line.strip("[] ")
+        key = line.split("=")[0].strip()
+        if "=" not in line or line.startswith("#") or defaults[table].get(key) is None:
+            continue  # a comment, or a key without a default (paths, class names)
+        if raw[table][key] != defaults[table][key]:
+            assert "default" in line.partition("#")[2], f"{name}.toml [{table}] {key}"
