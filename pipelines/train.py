@@ -1001,6 +1001,12 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     return records, state["elapsed_s"]
 
 
+def foreground_iou(ious: list[float]) -> float:
+    """The progress bar's IoU: the mean over the classes after 0 (background), which for a
+    two-class map is the mapped class's own."""
+    return sum(ious[1:]) / len(ious[1:]) if len(ious) > 1 else ious[0]
+
+
 def untrained(solver, losses: list[float]) -> float:
     """The untrained network's loss: the solver's first (its LossWatch keeps it in the solver
     state), else, for a state saved before it was kept, this epoch's first."""
@@ -1025,7 +1031,8 @@ def run_epochs(
     with progress_bar(total, desc, "it", progress, initial=solver.iteration) as bar:
         start = time.perf_counter() - elapsed0
         losses: list[float] = []
-        shown: dict[str, str] = {}  # the bar's postfix: running loss, last validation IoU
+        # the bar's postfix: the epoch's mean loss so far, the last validation's foreground IoU
+        shown: dict[str, str] = {}
         ended = _finished(solver) if solver.iteration < total else None
         if ended:  # a resumed run its stopping rule had ended
             log.info("not training on: %s (iteration %d)", ended, solver.iteration)
@@ -1042,7 +1049,7 @@ def run_epochs(
                 log.info("stopping at iteration %d: %s", solver.iteration, stop)
             if solver.iteration % epoch and solver.iteration < total and not stop:
                 if losses or "loss" not in shown:  # a pipelined loss arrives a step late
-                    shown["loss"] = f"{losses[-1]:.3f}" if losses else "warming up"
+                    shown["loss"] = f"{epoch_loss(losses):.3f}" if losses else "warming up"
                 bar.set_postfix(shown, refresh=False)  # replaces the postfix: keep the IoU in
                 continue
             stats = settle(solver, stats, losses)
@@ -1055,7 +1062,7 @@ def run_epochs(
             record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
             start += time.perf_counter() - paused  # elapsed_s counts training, not validation
             if record is not None:
-                shown.update(loss=f"{mean_loss:.3f}", iou=f"{record.val_iou[-1]:.3f}")
+                shown.update(loss=f"{mean_loss:.3f}", iou=f"{foreground_iou(record.val_iou):.3f}")
                 bar.set_postfix(shown)
             if stop:
                 break

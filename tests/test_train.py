@@ -564,6 +564,13 @@ def test_progress_bar_keeps_the_validation_iou_beside_the_running_loss(
     assert len(later) > 3 and all("iou" in p and "loss" in p for p in later), postfixes
 
 
+def test_progress_bar_iou_is_the_mean_over_the_mapped_classes():
+    from pipelines.train import foreground_iou
+
+    assert foreground_iou([0.96, 0.2]) == 0.2  # two classes: the mapped one's
+    assert foreground_iou([0.9, 0.3, 0.0]) == pytest.approx(0.15)  # not the last class's 0.0
+
+
 def _record(iteration, loss, ious):
     from pipelines.train import EpochRecord
 
