@@ -219,6 +219,31 @@ def test_a_killed_launcher_takes_its_agent_and_ranks_down():
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
+    """SIGKILL to torchrun's agent: its ranks follow it (they trained on with no parent, and a
+    rerun's ranks then wrote the same run folder), and the launcher names what happened."""
+    seconds = "296"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
+    )
+    marker = f"--timeout {seconds}"
+    try:
+        deadline = time.monotonic() + 60
+        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
+        os.kill(int(agent[0].split()[0]), signal.SIGKILL)
+        _, err = launcher.communicate(timeout=30)
+        assert launcher.returncode == 128 + signal.SIGKILL
+        assert "torchrun's agent (pid" in err and "was killed by SIGKILL" in err
+        assert _all_gone(seconds)
+    finally:
+        launcher.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
+
+
+@pytest.mark.timeout(120)
 def test_a_frozen_rank_fails_the_job_soon_after_the_timeout(capfd):
     """A rank frozen by SIGSTOP ignores torchrun's SIGTERM: the agent now kills it after
     SHUTDOWN_GRACE_S, not its own 30 s, so the job ends near `timeout_s` (4 s here)."""

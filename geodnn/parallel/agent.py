@@ -2,8 +2,9 @@
 engine) as `launch` runs it for `--workers N`. When a rank fails, the user sees that rank's own
 one-line error, or one line naming the rank that crashed or was killed, instead of torchrun's
 35-line traceback and its agent's log lines. Users of torchrun itself see torchrun's report.
-Two more differences: the agent waits SHUTDOWN_GRACE_S (not 30 s) for a rank to end after
-SIGTERM, and it stops its ranks when the launcher dies, even by SIGKILL."""
+Three more differences: the agent waits SHUTDOWN_GRACE_S (not 30 s) for a rank to end after
+SIGTERM, it stops its ranks when the launcher dies, even by SIGKILL, and its ranks stop when it
+dies (`follow_agent`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ..runtime import die_with_parent
+from .group import AGENT_ENV
 from .launch import LAUNCHER_ENV, SHUTDOWN_GRACE_S, reported_ranks
 
 
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_ranks_quickly()
     if not follow_launcher():
         return 128 + signal.SIGTERM
+    os.environ[AGENT_ENV] = str(os.getpid())  # its ranks stop when it dies (`follow_agent`)
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as error:

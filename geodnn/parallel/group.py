@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import GeodnnError
+from ..runtime import die_with_parent
 
 DEFAULT_TIMEOUT_S = 120.0
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -105,6 +107,22 @@ def default_backend() -> str:
     return "nccl" if gpu_per_rank() else "gloo"
 
 
+# The pid of the torchrun agent `geodnn train --workers N` runs (geodnn.parallel.agent sets it).
+AGENT_ENV = "GEODNN_AGENT_PID"
+
+
+def follow_agent(rank: int) -> None:
+    """A rank of `geodnn.parallel.agent` gets SIGTERM when the agent dies (Linux), even by
+    SIGKILL: torchrun's ranks would train on unwatched otherwise, beside the rerun a user then
+    starts in the same run folder. Refused when the agent is gone already."""
+    agent = os.environ.get(AGENT_ENV)
+    if not agent:
+        return  # torchrun run by hand, or spawn: their own watch
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != int(agent):
+        raise RankFailureError(f"rank {rank}: its torchrun agent (pid {agent}) is gone; stopping")
+
+
 def init_ranks(
     timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None, threads: int | None = 1
 ) -> RankContext:
@@ -115,6 +133,7 @@ def init_ranks(
     per rank (None leaves torch's default).
     """
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    follow_agent(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     _env_int("MASTER_PORT")
     if not os.environ.get("MASTER_ADDR"):

@@ -81,7 +81,16 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
     Ctrl-C (it runs in a session of its own, so nothing else would stop it)."""
     try:
         with stop_signals_raise():
-            return process.wait(timeout=timeout_s)
+            code = process.wait(timeout=timeout_s)
+        if code < 0:  # the agent itself was killed: its ranks follow it (`follow_agent`)
+            name = signal.Signals(-code).name
+            print(
+                f"geodnn: error: torchrun's agent (pid {process.pid}) was killed by {name}; "
+                "its ranks were stopped",
+                file=sys.stderr,
+            )
+            return 128 - code
+        return code
     except subprocess.TimeoutExpired:
         print(
             f"geodnn: error: {workers}-rank job exceeded {timeout_s:g} s; stopping it",
