@@ -7,14 +7,13 @@ taking the parsed arguments and returning an exit code.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import signal
 import sys
 import warnings
 
-from .errors import out_of_memory
+from .errors import out_of_memory, refused_file
 
 # Only the standard library at import: PyTorch and GDAL load in `main`, where Ctrl-C during
 # the seconds that takes is answered in one line too.
@@ -101,22 +100,12 @@ def _run(argv: list[str] | None) -> int:
         print(f"geodnn: error: {line}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in REFUSED:  # a read error, a lost connection...: its traceback
+        line = refused_file(exc)
+        if line is None:  # a read error, a lost connection...: its traceback
             raise
         logging.getLogger(__name__).debug("the refused operation:", exc_info=True)  # -v
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"geodnn: error: {where}{exc.strerror}; {REFUSED[exc.errno]}", file=sys.stderr)
+        print(f"geodnn: error: {line}", file=sys.stderr)
         return 2
-
-
-# The system refused a file: one line naming it and what to check.
-REFUSED = {
-    errno.EACCES: "check its folder's permissions",
-    errno.EPERM: "check its folder's permissions",
-    errno.EROFS: "pick a folder on a writable disk",
-    errno.ENOSPC: "free some disk space",
-    errno.EDQUOT: "free some of your disk quota",
-}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Errors of the job layer (configs, run folders); one line, naming the file and the fix."""
 
+import errno
 import re
 from pathlib import Path
 
@@ -37,3 +38,24 @@ _LESS = (
     "ask for less: in training a smaller [train] batch_size, [data] crop or solver slots, "
     "in prediction a smaller --chunk or --batch"
 )
+
+
+# The system refused a file: one line naming it and what to check.
+REFUSED = {
+    errno.EACCES: "check its folder's permissions",
+    errno.EPERM: "check its folder's permissions",
+    errno.EROFS: "pick a folder on a writable disk",
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some of your disk quota",
+    errno.ENOTDIR: "a folder on its path is a file: pick another path",
+}
+
+
+def refused_file(exc: OSError) -> str | None:
+    """One line for a file the system refused (permissions, read-only or full disk, a file
+    where a folder should be); None for other OS errors (a read error, a lost connection), which
+    keep their traceback."""
+    if exc.errno not in REFUSED:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror}; {REFUSED[exc.errno]}"

@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import tomllib
 import warnings
@@ -68,7 +69,7 @@ from tiles.store import TileStore
 from .config import SOLVERS, Config, check_pipeline_batch, load_config
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
-from .errors import DamagedRunError, PipelineError, out_of_memory
+from .errors import DamagedRunError, PipelineError, out_of_memory, refused_file
 from .io import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,22 @@ class TrainSetup:
     @property
     def solver_name(self) -> str:
         return self.config.solver
+
+
+def check_writable_run_dir(run_dir: Path) -> None:
+    """Make the run folder and refuse it in one line when it takes no file (read-only disk,
+    permissions, a file on its path), before any rank starts. The probe is an unnamed temporary
+    file: nothing is left behind."""
+    if run_dir.is_file():
+        return  # `check_run_dir` says so
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as exc:
+        raise PipelineError(
+            f"{run_dir}: cannot write the run folder here ({exc.strerror}); pick another --out"
+        ) from None
 
 
 def check_store_set(config: Config) -> None:
@@ -1187,6 +1204,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
+    check_writable_run_dir(Path(run_dir))
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
     if ranks_to_launch(config) and not is_rank():
@@ -1236,6 +1254,11 @@ def main(argv: list[str] | None = None) -> int:
         if out_of_memory(exc) is None:
             raise
         print(f"geodnn: error (rank {rank}): {out_of_memory(exc)}", file=sys.stderr)
+        code = 2
+    except OSError as exc:
+        if refused_file(exc) is None:
+            raise
+        print(f"geodnn: error (rank {rank}): {refused_file(exc)}", file=sys.stderr)
         code = 2
 
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one

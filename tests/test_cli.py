@@ -42,6 +42,19 @@ def test_a_file_the_system_refuses_is_one_line(monkeypatch, capsys, make_geotiff
     )
 
 
+def test_a_file_where_a_folder_should_be_is_one_line(monkeypatch, capsys, make_geotiff):
+    def not_a_folder(*args, **kwargs):
+        raise NotADirectoryError(20, "Not a directory", "notes.txt/out.zarr")
+
+    monkeypatch.setattr("pipelines.tile.build_store", not_a_folder)
+    scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
+    assert main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"]) == 2
+    assert capsys.readouterr().err == (
+        "geodnn: error: notes.txt/out.zarr: Not a directory; a folder on its path is a file: "
+        "pick another path\n"
+    )
+
+
 def test_other_os_errors_keep_their_traceback(monkeypatch, make_geotiff):
     """A read error or a lost connection is no permissions or disk space matter."""
 

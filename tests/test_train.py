@@ -460,6 +460,26 @@ def test_multi_rank_user_errors_are_refused_before_any_rank_starts(
     assert code == 2 and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_run_folder_that_cannot_be_made_is_refused_in_one_line(
+    workers, tmp_path, store, train_config, capsys, monkeypatch
+):
+    """A file on the --out path (or a read-only disk): one line before any rank starts; the
+    ranks printed a traceback each."""
+    import pipelines.distributed
+
+    monkeypatch.setattr(pipelines.distributed, "launch_training", lambda *a: pytest.fail("ran"))
+    (tmp_path / "notes.txt").write_text("")
+    config = train_config(store, iterations=3)
+    out = tmp_path / "notes.txt" / "run"
+    code = main(
+        ["train", str(config.path), "--out", str(out), "--workers", workers, "--solver", "admm"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{out}: cannot write the run folder here (Not a directory)" in err
+
+
 def test_stores_without_labeled_pixels_to_learn_or_score_are_refused(
     tmp_path, store, train_config, capsys
 ):
