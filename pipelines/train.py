@@ -1239,8 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_signals_raise():  # torchrun forwards SIGTERM: unwind, no temporary file left
             code = args.func(args)
-    except user_errors() as exc:
-        print(f"geodnn: error (rank {rank}): {exc}", file=sys.stderr)
+    except user_errors() as exc:  # (a RankFailureError names its rank already)
+        said = str(exc).removeprefix(f"rank {rank}: ")
+        print(f"geodnn: error (rank {rank}): {said}", file=sys.stderr)
         code = 1 if isinstance(exc, RankFailureError) else 2  # a peer failed: not the user's
     except StopSignal as stop:  # as `geodnn` itself (pipelines/cli.py) ends on one
         if not launched_rank():  # under `--workers N` the launcher says what stopped the job

@@ -85,3 +85,19 @@ def test_a_link_failure_is_told_from_a_bug_in_what_was_sent(message, failed):
     from geodnn.parallel.group import is_link_failure
 
     assert is_link_failure(RuntimeError(message)) is failed
+
+
+def test_a_peer_that_died_is_not_said_to_have_timed_out():
+    """A closed connection fails at once: the timeout is no part of what happened."""
+    from geodnn.parallel.group import RankContext, no_answer
+
+    ctx = RankContext(0, 2, 0, "gloo", torch.device("cpu"), 20.0)
+    closed = RuntimeError("[../pair.cc:553] Connection closed by peer [127.0.0.1]:38838")
+    silent = RuntimeError("[../unbound_buffer.cc:81] Timed out waiting 20000ms for recv")
+    assert str(no_answer(ctx, "rank 1", "the down boundary message", closed)) == (
+        "rank 0: rank 1 did not complete the down boundary message before the connection closed "
+        "(rank 1 died or the link broke): Connection closed by peer [127.0.0.1]:38838"
+    )
+    assert "within 20 s (rank 1 hangs, died, or the link broke)" in str(
+        no_answer(ctx, "rank 1", "the down boundary message", silent)
+    )

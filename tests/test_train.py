@@ -703,6 +703,22 @@ def test_an_interrupted_rank_says_so_in_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "geodnn: rank 2 interrupted"
 
 
+def test_a_rank_names_itself_once_in_its_error(monkeypatch, capsys):
+    import pipelines.train as training
+    from geodnn.parallel.group import RankFailureError
+
+    def peer_gone(args):
+        raise RankFailureError("rank 2: rank 1 did not complete the checkpoint")
+
+    monkeypatch.setattr(training, "run_command", peer_gone)
+    monkeypatch.setattr(training, "report_exit_code", lambda code: None)
+    monkeypatch.setenv("RANK", "2")
+    assert training.main(["job.toml"]) == 1
+    assert capsys.readouterr().err == (
+        "geodnn: error (rank 2): rank 1 did not complete the checkpoint\n"
+    )
+
+
 @pytest.mark.parametrize(
     "solver, workers, warned",
     [("admm", 1, True), ("adam", 1, True), ("pipeline", 2, True), ("admm", 2, False)],

@@ -204,11 +204,17 @@ def rank_group(
 
 
 def no_answer(ctx: RankContext, who: str, what: str, exc: BaseException) -> RankFailureError:
-    """The one-line error of a communication `who` (`RankContext.peers`) did not complete."""
-    return RankFailureError(
-        f"rank {ctx.rank}: {who} did not complete {what} within {ctx.timeout_s:g} s "
-        f"({who} died, hangs, or the link broke): {link_cause(exc)}"
-    )
+    """The one-line error of a communication `who` (`RankContext.peers`) did not complete:
+    within the timeout, or cut short by a closed connection (a peer that died: no waiting)."""
+    cause = link_cause(exc)
+    if TIMED_OUT.search(cause):
+        how = f"within {ctx.timeout_s:g} s ({who} hangs, died, or the link broke)"
+    else:
+        how = f"before the connection closed ({who} died or the link broke)"
+    return RankFailureError(f"rank {ctx.rank}: {who} did not complete {what} {how}: {cause}")
+
+
+TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 
 
 def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
