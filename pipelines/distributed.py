@@ -58,6 +58,13 @@ def make_rank_solver(setup, settings: dict, resume: bool = False) -> tuple[objec
             microbatches=table["microbatches"],
             blocks=[tuple(b) for b in blocks] if blocks else None,
         )
+        if ctx.rank == 0:
+            log.info(
+                "pipeline: %s schedule, %d micro-batches; layers per rank %s",
+                table["schedule"],
+                table["microbatches"],
+                ", ".join(f"{a}-{b - 1}" for a, b in solver.blocks),
+            )
         return solver, state
     # `pipelines.train.check_parallel` refuses other solvers before any rank gets here
     raise PipelineError(f"{config.path}: solver '{setup.solver_name}' has no multi-rank form")
@@ -109,5 +116,5 @@ def launch_training(args: argparse.Namespace, workers: int) -> int:
 
     config = load_config(args.config, overrides_from(args))
     run_dir = Path(args.out or default_run_dir(config))
-    log.info("launching %d ranks (torchrun) for %s", workers, run_dir)
+    log.info("launching %d rank%s (torchrun) for %s", workers, "s"[: workers > 1], run_dir)
     return launch(forwarded_args(args, run_dir), workers, module="pipelines.train")

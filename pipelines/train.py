@@ -1215,8 +1215,9 @@ def run_command(args: argparse.Namespace) -> int:
         return launch_training(args, ranks_to_launch(config))
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
-    except DivergenceError as exc:
-        print(f"geodnn: error: {train_divergence(config, Path(run_dir), exc)}", file=sys.stderr)
+    except DivergenceError as exc:  # every rank learns of it: rank 0 says it
+        if is_leader():
+            print(f"geodnn: error: {train_divergence(config, Path(run_dir), exc)}", file=sys.stderr)
         return 3
     if is_leader():
         last = result.records[-1] if result.records else None
