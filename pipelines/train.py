@@ -1204,6 +1204,7 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
+    check_store_set(config)
     check_writable_run_dir(Path(run_dir))
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
