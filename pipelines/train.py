@@ -521,6 +521,17 @@ def check_resume_files(run_dir: Path) -> None:
         raise damaged_run_file(metrics, lacking_row(ranked))
 
 
+def check_not_past(config: Config, run_dir: Path, done: int) -> None:
+    """Refuse to resume a run already past the iterations asked for: its config.toml would
+    claim fewer iterations than its state and metrics hold."""
+    total = config["train"]["iterations"]
+    if done > total:
+        raise PipelineError(
+            f"{run_dir}: the run is at iteration {done}, past the {total} asked for "
+            f"([train] iterations or --iterations); ask for {done} or more"
+        )
+
+
 def unreadable_state(path: Path) -> PipelineError:
     return damaged_run_file(path, "the run's training state is unreadable (empty or damaged)")
 
@@ -620,6 +631,9 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
         check_resume_files(run_dir)
+        ranked = latest_iteration(run_dir)  # a rank run's iteration, known before launch
+        if ranked is not None:
+            check_not_past(config, run_dir, ranked)
         check_resume_config(config, run_dir)
         check_resume_store(config, run_dir)
     elif holds_run(run_dir) and not overwrite:
@@ -1001,12 +1015,8 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
     """Put a resumed run's state into `solver`; its metrics rows and training time so far.
     Only then the leader records the config the run goes on with: a run folder refused for a
     damaged file keeps the config.toml it was started with."""
-    done, total = state["iteration"], setup.config["train"]["iterations"]
-    if done > total:  # config.toml would claim fewer iterations than the state and metrics hold
-        raise PipelineError(
-            f"{setup.run_dir}: the run is at iteration {done}, past the {total} asked for "
-            f"([train] iterations or --iterations); ask for {done} or more"
-        )
+    done = state["iteration"]
+    check_not_past(setup.config, setup.run_dir, done)
     records = read_metrics(setup.run_dir / "metrics.csv", setup.class_names, done)
     solver.load_state_dict(state["solver_state"])
     if is_leader():  # once, not once per rank
@@ -1204,20 +1214,19 @@ def run_command(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides_from(args))
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
-    check_store_set(config)
-    check_writable_run_dir(Path(run_dir))
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
+    if is_leader():  # refusals first (the ranks would each print them), then the folder made
+        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
+    check_writable_run_dir(Path(run_dir))
     if ranks_to_launch(config) and not is_rank():
         from .distributed import launch_training
 
-        # the ranks would each refuse these, under torchrun's own traceback
-        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
         return launch_training(args, ranks_to_launch(config))
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
-    except DivergenceError as exc:  # every rank learns of it: rank 0 says it
-        if is_leader():
+    except DivergenceError as exc:  # every rank learns of it: rank 0 says it (and the rank
+        if is_leader() or exc.local:  # whose own layer diverged, which only it can name)
             print(f"geodnn: error: {train_divergence(config, Path(run_dir), exc)}", file=sys.stderr)
         return 3
     if is_leader():

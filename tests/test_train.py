@@ -166,6 +166,14 @@ def test_contradicting_or_shrinking_resumes_are_refused(tmp_path, store, train_c
     assert "iterations = 6" in (run / "config.toml").read_text()  # the record stays true
 
 
+@pytest.mark.parametrize("flags", [["--resume"], ["--resume", "--overwrite"]])
+def test_a_refused_resume_makes_no_run_folder(flags, tmp_path, store, train_config, capsys):
+    config = train_config(store)
+    out = tmp_path / "new" / "run"
+    assert main(["train", str(config.path), "--out", str(out), *flags]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_finished_run_resumes_without_its_last_checkpoint_copy(tmp_path, store, train_config):
     config = train_config(store)
     run = tmp_path / "run"
@@ -703,6 +711,27 @@ def test_an_interrupted_rank_says_so_in_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "geodnn: rank 2 interrupted"
 
 
+@pytest.mark.parametrize(
+    "rank, local, printed", [(0, False, True), (1, False, False), (1, True, True)]
+)
+def test_a_divergence_is_said_by_rank_0_and_by_the_rank_whose_layer_it_was(
+    rank, local, printed, tmp_path, store, train_config, monkeypatch, capsys
+):
+    import pipelines.train as training
+    from geodnn.errors import DivergenceError
+
+    def diverged(*args, **kwargs):
+        raise DivergenceError("layer 5 diverged at iteration 7", "lower the step", local=local)
+
+    monkeypatch.setattr(training, "train", diverged)
+    monkeypatch.setattr(training, "report_exit_code", lambda code: None)
+    monkeypatch.setenv("RANK", str(rank))
+    config = train_config(store)
+    assert training.main([str(config.path), "--out", str(tmp_path / "run")]) == 3
+    said = capsys.readouterr().err
+    assert ("layer 5 diverged at iteration 7; lower [adam] lr" in said) is printed
+
+
 def test_a_rank_names_itself_once_in_its_error(monkeypatch, capsys):
     import pipelines.train as training
     from geodnn.parallel.group import RankFailureError
@@ -763,6 +792,19 @@ def test_a_rank_run_whose_metrics_lack_its_checkpoint_row_is_refused_before_laun
         check_resume_files(tmp_path)
     metrics.write_text("iteration,train_loss\n50,0.4\n100,0.3\n138,0.2\n")
     check_resume_files(tmp_path)
+
+
+def test_a_rank_run_past_the_iterations_asked_for_is_refused_before_launch(
+    tmp_path, store, train_config
+):
+    from pipelines.train import check_run_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ranks-latest.txt").write_text("iteration=138\nworld_size=2\n")
+    (run / "metrics.csv").write_text("iteration,train_loss\n100,0.3\n138,0.2\n")
+    with pytest.raises(PipelineError, match="the run is at iteration 138, past the 100 asked"):
+        check_run_dir(train_config(store, iterations=100), run, resume=True, overwrite=False)
 
 
 def test_a_refused_command_leaves_a_live_run_s_temporary_file_alone(

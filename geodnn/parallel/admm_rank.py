@@ -268,8 +268,9 @@ class RankAdmmSolver:
         what = f"the stats all-reduce of iteration {reduce.iteration}"
         wait_or_fail(reduce.work, self.ctx, None, what)
         shared = reduce.shared.cpu()
-        if reduce.failure is not None:
-            raise reduce.failure
+        if reduce.failure is not None:  # this rank's layer: only this rank can say which
+            failure = reduce.failure
+            raise DivergenceError(failure.diagnosis, failure.fix, local=True) from failure
         if shared[2] > 0:
             raise DivergenceError(
                 f"ADMM diverged on another rank at iteration {reduce.iteration}",
