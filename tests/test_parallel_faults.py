@@ -218,6 +218,17 @@ def test_a_killed_launcher_takes_its_agent_and_ranks_down():
         subprocess.run(["pkill", "-KILL", "-f", "--", f"--timeout {seconds}"])
 
 
+def _in_the_group(process_line: str) -> bool:
+    """Whether a rank (its pgrep line) holds a link to its peer: it has joined the group."""
+    import psutil
+
+    try:
+        links = psutil.Process(int(process_line.split()[0])).net_connections("tcp")
+    except psutil.Error:
+        return False
+    return sum(c.status == psutil.CONN_ESTABLISHED for c in links) >= 2
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
 def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
@@ -233,11 +244,15 @@ def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
         while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
         agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
+        ranks = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" not in p]
+        while not all(_in_the_group(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.5)  # past init_ranks: the parent-death signal is set
         os.kill(int(agent[0].split()[0]), signal.SIGKILL)
         _, err = launcher.communicate(timeout=30)
         assert launcher.returncode == 128 + signal.SIGKILL
         assert "torchrun's agent (pid" in err and "was killed by SIGKILL" in err
         assert _all_gone(seconds)
+        assert "is gone" not in err  # stopped by the signal, not by a late start's own check
     finally:
         launcher.kill()
         subprocess.run(["pkill", "-KILL", "-f", "--", marker])
