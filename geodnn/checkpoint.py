@@ -158,6 +158,8 @@ def _not_found(path: Path) -> str:
     last = folder / "last.pt"
     if name is None and (folder / "model.pt").is_file():
         return f"a run folder; pass {folder / 'model.pt'}"
+    if name == "last.pt" and (folder / "model.pt").is_file():
+        return f"not found; pass {folder / 'model.pt'}, the run's final checkpoint"
     if name in (None, "model.pt") and last.is_file():
         what = "a run folder" if name is None else "not found"
         return f"{what}: the run has not finished; pass {last}, its latest epoch's checkpoint"

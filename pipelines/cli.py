@@ -97,6 +97,7 @@ def _run(argv: list[str] | None) -> int:
         line = out_of_memory(exc)
         if line is None:
             raise
+        logging.getLogger(__name__).debug("the failed allocation:", exc_info=True)  # -v
         print(f"geodnn: error: {line}", file=sys.stderr)
         return 2
     except OSError as exc:

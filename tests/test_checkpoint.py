@@ -130,6 +130,9 @@ def test_a_run_folder_or_its_resume_state_points_at_the_checkpoint_to_pass(tmp_p
     geodnn.save_checkpoint(model, run / "model.pt")
     with pytest.raises(geodnn.CheckpointError, match=f"^{run}: a run folder; pass {run}/model.pt"):
         geodnn.load_checkpoint(run)
+    (run / "last.pt").unlink()  # a finished run tidied: last.pt is a copy of model.pt
+    with pytest.raises(geodnn.CheckpointError, match=f"not found; pass {run}/model.pt, the run"):
+        geodnn.load_checkpoint(run / "last.pt")
     torch.save({"format": "state", "solver_state": {}}, run / "state.pt")
     with pytest.raises(geodnn.CheckpointError, match="saved state for --resume, not a model"):
         geodnn.load_checkpoint(run / "state.pt")

@@ -83,7 +83,7 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
         with stop_signals_raise():
             code = process.wait(timeout=timeout_s)
         if code < 0:  # the agent itself was killed: its ranks follow it (`follow_agent`)
-            name = signal.Signals(-code).name
+            name = signal_name(-code)
             print(
                 f"geodnn: error: torchrun's agent (pid {process.pid}) was killed by {name}; "
                 "its ranks were stopped",
@@ -101,6 +101,14 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
     except (StopSignal, KeyboardInterrupt):  # the CLI says which and exits 128 + signal
         _kill_group(process)
         raise
+
+
+def signal_name(signum: int) -> str:
+    """SIGKILL, SIGTERM...; 'signal 34' for one without a name (a real-time signal)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 EXIT_CODE_FILE = "rank{}"  # a rank's file in the EXIT_CODES_ENV folder, by global rank

@@ -80,7 +80,7 @@ def restore_optimizer(
     group (the saved ones come back otherwise, and a resumed run may lower the step size after a
     divergence). Step counters loaded onto a GPU go back to the CPU, where torch's Adam keeps
     them: read there, each parameter's step would wait for the GPU."""
-    optimizer.load_state_dict(copy.deepcopy(saved))
+    optimizer.load_state_dict(saved)
     betas = (settings.beta1, settings.beta2)
     for group in optimizer.param_groups:
         group.update(lr=settings.lr, betas=betas, weight_decay=settings.weight_decay)
@@ -149,6 +149,7 @@ class AdamSolver:
             )
         self.model.load_state_dict(state["model"])
         check_same_stream(state, self.settings, self.seed, "adam")
-        restore_optimizer(self.optimizer, state["optimizer"], self.settings)
+        # a copy: the caller's state must not change as the optimizer steps on
+        restore_optimizer(self.optimizer, copy.deepcopy(state["optimizer"]), self.settings)
         self.iteration = int(state["iteration"])
         self.watch.load_state_dict(state["watch"])
