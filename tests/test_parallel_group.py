@@ -57,7 +57,7 @@ def test_nccl_group_times_out_after_the_waits_that_name_a_silent_rank(monkeypatc
     the one-line error naming the rank) must come first there; gloo raises in the wait itself."""
     import torch.distributed as dist
 
-    from geodnn.parallel.group import _join
+    from geodnn.parallel.group import RankFailureError, _join
 
     seen = {}
     record = lambda backend, **kw: seen.update({backend: kw})  # noqa: E731
@@ -66,6 +66,13 @@ def test_nccl_group_times_out_after_the_waits_that_name_a_silent_rank(monkeypatc
     _join("gloo", 0, 2, 60.0)
     assert seen["nccl"]["timeout"].total_seconds() == 90.0
     assert seen["gloo"]["timeout"].total_seconds() == 60.0
+
+    def store_timeout(*args, **kwargs):
+        raise dist.DistStoreError("wait timeout after 90000ms")
+
+    monkeypatch.setattr(dist, "init_process_group", store_timeout)
+    with pytest.raises(RankFailureError, match="did not all join at .* within 90 s"):
+        _join("nccl", 0, 2, 60.0)  # the wait the message quotes is the group's
 
 
 @pytest.mark.parametrize(

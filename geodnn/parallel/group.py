@@ -178,9 +178,10 @@ def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
         )
     except JOIN_FAILURES as exc:  # not a missing NCCL build or a bad backend name: raised
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        waited = group_timeout_s(backend, timeout_s)
         raise RankFailureError(
             f"rank {rank}: the {world_size} ranks did not all join at {where} within "
-            f"{timeout_s:g} s (a rank died or hangs while starting, or the address is "
+            f"{waited:g} s (a rank died or hangs while starting, or the address is "
             f"unreachable): {link_cause(exc)}"
         ) from exc
 
