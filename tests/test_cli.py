@@ -30,29 +30,28 @@ def test_ctrl_c_while_the_jobs_load_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "geodnn: interrupted\n"
 
 
-def test_a_file_the_system_refuses_is_one_line(monkeypatch, capsys, make_geotiff, tmp_path):
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (
+            PermissionError(13, "Permission denied", "/data/scenes/out.zarr"),
+            "/data/scenes/out.zarr: Permission denied; check its folder's permissions",
+        ),
+        (
+            NotADirectoryError(20, "Not a directory", "notes.txt/out.zarr"),
+            "notes.txt/out.zarr: Not a directory; a folder on its path is a file: pick another "
+            "path",
+        ),
+    ],
+)
+def test_a_file_the_system_refuses_is_one_line(error, said, monkeypatch, capsys, make_geotiff):
     def refused(*args, **kwargs):
-        raise PermissionError(13, "Permission denied", "/data/scenes/out.zarr")
+        raise error
 
     monkeypatch.setattr("pipelines.tile.build_store", refused)
     scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
     assert main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"]) == 2
-    assert capsys.readouterr().err == (
-        "geodnn: error: /data/scenes/out.zarr: Permission denied; check its folder's permissions\n"
-    )
-
-
-def test_a_file_where_a_folder_should_be_is_one_line(monkeypatch, capsys, make_geotiff):
-    def not_a_folder(*args, **kwargs):
-        raise NotADirectoryError(20, "Not a directory", "notes.txt/out.zarr")
-
-    monkeypatch.setattr("pipelines.tile.build_store", not_a_folder)
-    scene = make_geotiff(np.ones((1, 8, 8), dtype=np.uint8))
-    assert main(["tile", str(scene), "--labels", str(scene), "--out", "x.zarr"]) == 2
-    assert capsys.readouterr().err == (
-        "geodnn: error: notes.txt/out.zarr: Not a directory; a folder on its path is a file: "
-        "pick another path\n"
-    )
+    assert capsys.readouterr().err == f"geodnn: error: {said}\n"
 
 
 def test_other_os_errors_keep_their_traceback(monkeypatch, make_geotiff):
