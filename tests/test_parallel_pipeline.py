@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -126,4 +128,6 @@ def test_a_dead_stage_is_named_by_its_neighbour_in_one_line(data):
     message = str(info.value)
     named = "rank 0 failed: RankFailureError: rank 0: rank 1 did not complete the pipeline"
     assert named in message
-    assert "of iteration 2 within 4 s" in message and "pair.cc" not in message.splitlines()[0]
+    # a reset link says so; a silent one, the wait it missed
+    assert re.search(r"of iteration 2 (before the connection closed|within 4 s)", message)
+    assert "pair.cc" not in message.splitlines()[0]
