@@ -1,5 +1,7 @@
 """Process-group helpers: who is named when a peer fails, and a rank that never joins."""
 
+import time
+
 import pytest
 import torch
 
@@ -108,3 +110,29 @@ def test_a_peer_that_died_is_not_said_to_have_timed_out():
     assert "within 20 s (rank 1 hangs, died, or the link broke)" in str(
         no_answer(ctx, "rank 1", "the down boundary message", silent)
     )
+
+
+def _all_reduce_with_a_hung_rank() -> None:
+    from geodnn.parallel.group import init_ranks, shutdown, wait_or_fail
+
+    ctx = init_ranks(timeout_s=3, backend="gloo")
+    try:
+        if ctx.rank == 1:
+            time.sleep(60)  # hung: never fails on its own
+        work = torch.distributed.all_reduce(torch.ones(1), async_op=True)
+        wait_or_fail(work, ctx, None, "the stats all-reduce")
+    finally:
+        shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_hung_in_a_collective_is_named_by_the_ranks_that_timed_out():
+    """With 3+ ranks a collective's timeout cannot say who is missing: the ranks that time out
+    say so in the rendezvous store, and the silent one is named."""
+    from geodnn.parallel.group import RankFailureError
+    from geodnn.parallel.launch import spawn
+
+    with pytest.raises(RankFailureError) as info:
+        spawn(_all_reduce_with_a_hung_rank, 3, timeout_s=60)
+    first = str(info.value).split("; ")[0]
+    assert "rank 1 did not complete the stats all-reduce within 3 s" in first, str(info.value)

@@ -7,11 +7,13 @@ dies or hangs makes its neighbours fail with `RankFailureError` naming it, never
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -208,7 +210,11 @@ def no_answer(ctx: RankContext, who: str, what: str, exc: BaseException) -> Rank
     """The one-line error of a communication `who` (`RankContext.peers`) did not complete:
     within the timeout, or cut short by a closed connection (a peer that died: no waiting)."""
     cause = link_cause(exc)
-    if TIMED_OUT.search(cause):
+    timed_out = TIMED_OUT.search(cause) is not None
+    say_failed(ctx)
+    if timed_out and who == "another rank":  # a step all ranks take: who else timed out in it?
+        who = " or ".join(f"rank {r}" for r in silent_ranks(ctx)) or who
+    if timed_out:
         how = f"within {ctx.timeout_s:g} s ({who} hangs, died, or the link broke)"
     else:
         how = f"before the connection closed ({who} died or the link broke)"
@@ -216,6 +222,47 @@ def no_answer(ctx: RankContext, who: str, what: str, exc: BaseException) -> Rank
 
 
 TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+# Each failing rank says so in the rendezvous store, so a rank that timed out in a collective can
+# name the ranks that did not: the silent ones (a hung rank never fails on its own).
+FAILED_KEY = "geodnn/failed/{}"
+SILENT_GRACE_S = 3.0  # how long the others get to time out too (their waits began near ours)
+
+
+def _failure_store():
+    """A fresh connection to the job's rendezvous store with a short timeout, or None (a
+    private torch API: no names rather than an error)."""
+    try:
+        store = dist.distributed_c10d._get_default_store().clone()
+        store.set_timeout(datetime.timedelta(seconds=SILENT_GRACE_S))
+        return store
+    except Exception:
+        return None
+
+
+def say_failed(ctx: RankContext) -> None:
+    store = _failure_store()
+    with contextlib.suppress(Exception):
+        if store is not None:
+            store.set(FAILED_KEY.format(ctx.rank), "1")
+
+
+def silent_ranks(ctx: RankContext) -> list[int]:
+    """The other ranks that have not failed within SILENT_GRACE_S of this one: in a collective
+    every live rank times out near the same moment, so these are the ones that hang or froze.
+    Empty when the store does not answer."""
+    store = _failure_store()
+    if store is None:
+        return []
+    others = [r for r in range(ctx.world_size) if r != ctx.rank]
+    deadline = time.monotonic() + SILENT_GRACE_S
+    try:
+        while True:
+            silent = [r for r in others if not store.check([FAILED_KEY.format(r)])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except Exception:
+        return []
 
 
 def wait_or_fail(work, ctx: RankContext, peer: int | None, what: str) -> None:
