@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -127,14 +128,19 @@ class TrainSetup:
 
 
 def check_writable_run_dir(run_dir: Path) -> None:
-    """Make the run folder and refuse it in one line when it takes no file (read-only disk,
-    permissions, a file on its path), before any rank starts. The probe is an unnamed temporary
-    file: nothing is left behind."""
+    """Refuse in one line, before any rank starts, a run folder that cannot be made or takes no
+    file (read-only disk, permissions, a file on its path). The probe is an unnamed temporary
+    file in the run folder or, before it exists, the nearest folder above it: nothing is made
+    or left behind, so a command refused later leaves no empty folder either."""
     if run_dir.is_file():
         return  # `check_run_dir` says so
+    folder = run_dir
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=run_dir):
+        if not folder.is_dir():  # a file where a folder of the path should be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
         raise PipelineError(
@@ -1216,12 +1222,12 @@ def run_command(args: argparse.Namespace) -> int:
     check_parallel(config)
     if args.resume:
         check_resume_world(run_dir, world_size_for(config))
-    if is_leader():  # refusals first (the ranks would each print them), then the folder made
-        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
     check_writable_run_dir(Path(run_dir))
     if ranks_to_launch(config) and not is_rank():
         from .distributed import launch_training
 
+        # the ranks would each refuse these, under torchrun's own traceback
+        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
         return launch_training(args, ranks_to_launch(config))
     try:
         result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
