@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 
-from .errors import out_of_memory, refused_file
+from .errors import system_refusal
 
 # Only the standard library at import: PyTorch and GDAL load in `main`, where Ctrl-C during
 # the seconds that takes is answered in one line too.
@@ -93,16 +93,9 @@ def _run(argv: list[str] | None) -> int:
     except StopSignal as stop:
         print(f"geodnn: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
-    except (MemoryError, RuntimeError) as exc:
-        line = out_of_memory(exc)
-        if line is None:
-            raise
-        logging.getLogger(__name__).debug("the failed allocation:", exc_info=True)  # -v
-        print(f"geodnn: error: {line}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        line = refused_file(exc)
-        if line is None:  # a read error, a lost connection...: its traceback
+    except (OSError, MemoryError, RuntimeError) as exc:
+        line = system_refusal(exc)
+        if line is None:  # a read error, a lost connection, a bug...: its traceback
             raise
         logging.getLogger(__name__).debug("the refused operation:", exc_info=True)  # -v
         print(f"geodnn: error: {line}", file=sys.stderr)

@@ -59,3 +59,9 @@ def refused_file(exc: OSError) -> str | None:
         return None
     where = f"{exc.filename}: " if exc.filename else ""
     return f"{where}{exc.strerror}; {REFUSED[exc.errno]}"
+
+
+def system_refusal(exc: BaseException) -> str | None:
+    """One line for what the system refused a command (a file, memory), which the CLI and each
+    rank report without a traceback; None for anything else."""
+    return refused_file(exc) if isinstance(exc, OSError) else out_of_memory(exc)

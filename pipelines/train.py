@@ -70,7 +70,7 @@ from tiles.store import TileStore
 from .config import SOLVERS, Config, check_pipeline_batch, load_config
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
-from .errors import DamagedRunError, PipelineError, out_of_memory, refused_file
+from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
 
 log = logging.getLogger(__name__)
@@ -1268,15 +1268,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C to torchrun run by hand reaches every rank as SIGINT
         print(f"geodnn: rank {rank} interrupted", file=sys.stderr)
         code = 130
-    except (MemoryError, RuntimeError) as exc:
-        if out_of_memory(exc) is None:
+    except (OSError, MemoryError, RuntimeError) as exc:
+        line = system_refusal(exc)
+        if line is None:
             raise
-        print(f"geodnn: error (rank {rank}): {out_of_memory(exc)}", file=sys.stderr)
-        code = 2
-    except OSError as exc:
-        if refused_file(exc) is None:
-            raise
-        print(f"geodnn: error (rank {rank}): {refused_file(exc)}", file=sys.stderr)
+        print(f"geodnn: error (rank {rank}): {line}", file=sys.stderr)
         code = 2
 
     report_exit_code(code)  # torchrun exits 1 whatever the code: `launch` reads this one
