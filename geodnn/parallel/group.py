@@ -211,9 +211,10 @@ def no_answer(ctx: RankContext, who: str, what: str, exc: BaseException) -> Rank
     within the timeout, or cut short by a closed connection (a peer that died: no waiting)."""
     cause = link_cause(exc)
     timed_out = TIMED_OUT.search(cause) is not None
-    say_failed(ctx)
+    store = _failure_store()
+    say_failed(store, ctx)
     if timed_out and who == "another rank":  # a step all ranks take: who else timed out in it?
-        who = " or ".join(f"rank {r}" for r in silent_ranks(ctx)) or who
+        who = " or ".join(f"rank {r}" for r in silent_ranks(store, ctx)) or who
     if timed_out:
         how = f"within {ctx.timeout_s:g} s ({who} hangs, died, or the link broke)"
     else:
@@ -239,18 +240,16 @@ def _failure_store():
         return None
 
 
-def say_failed(ctx: RankContext) -> None:
-    store = _failure_store()
+def say_failed(store, ctx: RankContext) -> None:
     with contextlib.suppress(Exception):
         if store is not None:
             store.set(FAILED_KEY.format(ctx.rank), "1")
 
 
-def silent_ranks(ctx: RankContext) -> list[int]:
+def silent_ranks(store, ctx: RankContext) -> list[int]:
     """The other ranks that have not failed within SILENT_GRACE_S of this one: in a collective
     every live rank times out near the same moment, so these are the ones that hang or froze.
     Empty when the store does not answer."""
-    store = _failure_store()
     if store is None:
         return []
     others = [r for r in range(ctx.world_size) if r != ctx.rank]
