@@ -735,8 +735,9 @@ STEP_SIZE_FIX = {
     "admm": "raise [admm] head_nu or lam, or lower max_rel_step",
 }
 RECOVERY = (
-    f"in the config, {STEP_SIZE_FIX['adam']} or {STEP_SIZE_FIX['pipeline']}, or "
-    f"{STEP_SIZE_FIX['admm']}; then rerun with --resume, which continues from that checkpoint"
+    "the last good checkpoint (if an epoch finished) is kept: in the config, "
+    f"{STEP_SIZE_FIX['adam']} or {STEP_SIZE_FIX['pipeline']}, or {STEP_SIZE_FIX['admm']}; "
+    "then rerun with --resume, which continues from that checkpoint"
 )
 
 
@@ -968,7 +969,7 @@ def check_divergence(
         than = f", best {best:.4g}" if math.isfinite(best) else ""
         raise DivergenceError(
             f"training diverged at iteration {iteration} (loss {loss:.4g}{than})",
-            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
+            RECOVERY,
         )
 
 
@@ -1011,9 +1012,10 @@ def _train(
         records, elapsed0 = resume_from(setup, solver, state)
     run_epochs(setup, solver, records, elapsed0, progress and is_leader())
     final = run_dir / "model.pt"
-    if is_leader() and not (final.is_file() and not (run_dir / "last.pt").exists()):
-        with atomic_path(final) as tmp:  # (a finished run's last.pt, a copy, may be deleted)
-            shutil.copyfile(run_dir / "last.pt", tmp)
+    last = run_dir / "last.pt"  # a finished run's last.pt, a copy of model.pt, may be deleted
+    if is_leader() and (last.exists() or not final.is_file()):
+        with atomic_path(final) as tmp:
+            shutil.copyfile(last, tmp)
     return TrainResult(run_dir, final, records, setup.class_names)
 
 
@@ -1144,7 +1146,7 @@ def end_epoch(
         raise DivergenceError(
             f"training diverged at iteration {solver.iteration}: the validation loss is "
             f"{record.val_loss}",
-            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
+            RECOVERY,
         )
     if is_leader():
         records.append(record)
@@ -1158,7 +1160,7 @@ def check_finite_model(model: geodnn.ChainNet, iteration: int) -> None:
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise DivergenceError(
             f"training diverged at iteration {iteration}: the model has non-finite weights",
-            f"the last good checkpoint (if an epoch finished) is kept: {RECOVERY}",
+            RECOVERY,
         )
 
 
