@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,9 +140,9 @@ def comparison_png(curves: dict[str, list[dict]], path: Path, positive: str) -> 
 
 
 def score_text(value: float | None) -> str:
-    """A score for the report table; None (a class absent from labels and prediction, see
-    `SegmentationScores.to_dict`) reads "absent"."""
-    return "absent" if value is None else f"{value:.3f}"
+    """A score for a person; a class absent from labels and prediction (None in
+    `SegmentationScores.to_dict`, NaN in metrics.csv) reads "absent"."""
+    return "absent" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[str]]:

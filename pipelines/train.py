@@ -72,6 +72,7 @@ from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
+from .report import score_text
 
 log = logging.getLogger(__name__)
 
@@ -395,8 +396,9 @@ def iteration_axis(ax, its: list[int]) -> None:
 
 
 def iou_summary(class_names: list[str], ious: list[float]) -> str:
-    """Per-class IoUs for a person: 'background 0.944, roads 0.037'."""
-    return ", ".join(f"{name} {iou:.3f}" for name, iou in zip(class_names, ious))
+    """Per-class IoUs for a person: 'background 0.944, roads 0.037' ('roads absent' for a
+    class validation did not see: NaN)."""
+    return ", ".join(f"{name} {score_text(iou)}" for name, iou in zip(class_names, ious))
 
 
 @dataclass
@@ -1037,9 +1039,11 @@ def resume_from(setup: TrainSetup, solver, state: dict) -> tuple[list[EpochRecor
 
 
 def foreground_iou(ious: list[float]) -> float:
-    """The progress bar's IoU: the mean over the classes after 0 (background), which for a
-    two-class map is the mapped class's own."""
-    return sum(ious[1:]) / len(ious[1:]) if len(ious) > 1 else ious[0]
+    """The progress bar's IoU: the mean over the classes after 0 (background) that validation
+    saw (NaN: absent from truth and prediction), which for a two-class map is the mapped
+    class's own; NaN when it saw none of them."""
+    seen = [v for v in (ious[1:] if len(ious) > 1 else ious) if not math.isnan(v)]
+    return sum(seen) / len(seen) if seen else math.nan
 
 
 def untrained(solver, losses: list[float]) -> float:
@@ -1097,7 +1101,9 @@ def run_epochs(
             record = end_epoch(setup, solver, records, mean_loss, paused - start, stats)
             start += time.perf_counter() - paused  # elapsed_s counts training, not validation
             if record is not None:
-                shown.update(loss=f"{mean_loss:.3f}", iou=f"{foreground_iou(record.val_iou):.3f}")
+                shown.update(
+                    loss=f"{mean_loss:.3f}", iou=score_text(foreground_iou(record.val_iou))
+                )
                 bar.set_postfix(shown)
             if stop:
                 break
@@ -1181,9 +1187,16 @@ def epoch_record(
     extra = {k: float(v) for k, v in stats.items() if k != "loss" and isinstance(v, int | float)}
     if class_scale is not None:
         extra["decision_threshold"] = class_scale[0]
+    iou, f1 = (seen_only(values, s.seen) for values in (s.iou, s.f1))
     return EpochRecord(
-        solver.iteration, elapsed, train_loss, val_loss, s.iou, s.f1, s.pixel_accuracy, extra
+        solver.iteration, elapsed, train_loss, val_loss, iou, f1, s.pixel_accuracy, extra
     )
+
+
+def seen_only(values: list[float], seen: list[bool]) -> list[float]:
+    """Per-class scores with NaN for a class absent from the validation truth and prediction:
+    it has no IoU or F1, and a 0 would read as a class the model misses."""
+    return [v if s else math.nan for v, s in zip(values, seen)]
 
 
 def default_run_dir(config: Config) -> Path:

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -597,6 +598,24 @@ def test_progress_bar_iou_is_the_mean_over_the_mapped_classes():
 
     assert foreground_iou([0.96, 0.2]) == 0.2  # two classes: the mapped one's
     assert foreground_iou([0.9, 0.3, 0.0]) == pytest.approx(0.15)  # not the last class's 0.0
+    # a class absent from validation truth and prediction (NaN) is left out, not counted as 0
+    assert foreground_iou([0.9, 0.3, math.nan]) == pytest.approx(0.3)
+    assert math.isnan(foreground_iou([1.0, math.nan]))
+
+
+def test_a_class_validation_never_saw_is_absent_in_metrics_not_zero(tmp_path):
+    from geodnn.metrics import scores
+    from pipelines.train import iou_summary, read_metrics, seen_only, write_metrics
+
+    truth = torch.tensor([0, 0, 1, 1])
+    s = scores(torch.tensor([0, 0, 1, 0]), truth, 3)  # class 2 neither in truth nor called
+    iou = seen_only(s.iou, s.seen)
+    assert iou[:2] == pytest.approx([2 / 3, 0.5]) and math.isnan(iou[2])
+    names = ["background", "roads", "water"]
+    write_metrics(tmp_path / "metrics.csv", [_record(5, 0.5, iou)], names)
+    (back,) = read_metrics(tmp_path / "metrics.csv", names, 5)
+    assert back.val_iou[:2] == pytest.approx(iou[:2]) and math.isnan(back.val_iou[2])
+    assert iou_summary(names, back.val_iou) == "background 0.667, roads 0.500, water absent"
 
 
 def _record(iteration, loss, ious):
