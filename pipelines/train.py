@@ -756,9 +756,15 @@ def train_divergence(config: Config, run_dir: Path, exc: DivergenceError) -> Div
 
 
 def config_as_run(config: Config) -> str:
-    """The merged config (defaults, file, command-line overrides) as TOML, paths made absolute."""
+    """The merged config (defaults, file, command-line overrides) as TOML, paths made absolute.
+    Without a [scene] image (a config for `geodnn train`, not `geodnn run`) the [scene] and
+    [tile] tables are left out: they did not make the store (its metadata and store.json say
+    how it was tiled), and their defaults would read as its tiling."""
     tables = {}
+    builds_store = bool(config.tables.get("scene", {}).get("image"))
     for name, values in config.tables.items():
+        if name in ("scene", "tile") and not builds_store:
+            continue
         table = {k: v for k, v in values.items() if v is not None}
         for key in ("store", "image", "labels"):
             if key in table and name in ("data", "scene"):

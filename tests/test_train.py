@@ -299,6 +299,8 @@ def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
     saved = tomllib.loads((run / "config.toml").read_text())
     assert saved["train"]["solver"] == "admm"  # the override, not the file's "adam"
     assert saved["data"]["store"] == str(store.resolve())
+    # the store was tiled by `geodnn tile`: [tile]'s defaults would misstate how
+    assert "tile" not in saved and "scene" not in saved
     changed = train_config(store, iterations=6, extra="[adam]\nlr = 0.1\n")
     code = main(["train", str(changed.path), "--out", str(run), "--resume", "--solver", "admm"])
     assert code == 0  # more iterations (and another solver's table) may change
