@@ -259,6 +259,54 @@ def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
 
 
 @pytest.mark.timeout(120)
+def test_a_frozen_agent_does_not_hang_the_launcher():
+    """SIGSTOP to torchrun's agent: it can no longer stop its ranks or end the job (and rank 0,
+    giving up on the hung rank 1, can hang on the rendezvous store the agent serves), so the
+    launcher stops the job itself instead of waiting for ever on the frozen agent."""
+    seconds = "6.25"  # rank 0's wait for the hung rank 1, and this test's marker
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
+    )
+    marker = f"--timeout {seconds}"
+    try:
+        deadline = time.monotonic() + 60
+        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
+        ranks = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" not in p]
+        while not all(_in_the_group(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)  # joined: they train on while the agent is frozen
+        os.kill(int(agent[0].split()[0]), signal.SIGSTOP)
+        start = time.monotonic()
+        _, err = launcher.communicate(timeout=60)
+        assert launcher.returncode not in (0, 124), err
+        assert time.monotonic() - start < 30  # FROZEN_POLLS and a few more, not the 100 s
+        assert "torchrun's agent (pid" in err and "was frozen" in err, err
+        assert "were stopped" in err, err
+        assert _all_gone(seconds)
+    finally:
+        launcher.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
+
+
+def test_a_frozen_agent_s_job_ends_by_what_its_ranks_did(tmp_path):
+    from geodnn.parallel.launch import FrozenAgent, read_exit_codes
+
+    (tmp_path / "rank0").write_text("0")
+    (tmp_path / "rank1").write_text("0")
+    (tmp_path / "rank2").write_text("")  # being written: not read yet
+    codes = read_exit_codes(str(tmp_path))
+    assert codes == {0: 0, 1: 0}
+    done = FrozenAgent(1, 2, [], codes)
+    assert done.finished and done.stuck  # every rank succeeded: the job did
+    running = FrozenAgent(1, 3, [object()], codes)
+    assert not running.stuck and not running.finished  # ranks train on: nothing to end yet
+    failed = FrozenAgent(1, 3, [object()], {**codes, 2: 3})
+    assert failed.stuck and not failed.finished
+    assert FrozenAgent(1, 2, [], {}).stuck  # none ever ran, or all died without a word
+
+
+@pytest.mark.timeout(120)
 def test_a_frozen_rank_fails_the_job_soon_after_the_timeout(capfd):
     """A rank frozen by SIGSTOP ignores torchrun's SIGTERM: the agent now kills it after
     SHUTDOWN_GRACE_S, not its own 30 s, so the job ends near `timeout_s` (4 s here)."""

@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +72,17 @@ def launch(
     child_env.update(env or {}, **{EXIT_CODES_ENV: codes, LAUNCHER_ENV: str(os.getpid())})
     try:
         process = subprocess.Popen(command, env=child_env, start_new_session=True)
-        return ranks_exit_code(_wait(process, workers, timeout_s), codes)
+        return ranks_exit_code(_wait(process, workers, timeout_s, codes), codes)
     finally:
         shutil.rmtree(codes, ignore_errors=True)
 
 
-def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> int:
+def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None, codes: str) -> int:
     """torchrun's exit code; its process group is killed on timeout, on a stop signal and on
     Ctrl-C (it runs in a session of its own, so nothing else would stop it)."""
     try:
         with stop_signals_raise():
-            code = process.wait(timeout=timeout_s)
+            code = _wait_for_agent(process, workers, timeout_s, codes)
         if code < 0:  # the agent itself was killed: its ranks follow it (`follow_agent`)
             name = signal_name(-code)
             print(
@@ -101,6 +102,115 @@ def _wait(process: subprocess.Popen, workers: int, timeout_s: float | None) -> i
     except (StopSignal, KeyboardInterrupt):  # the CLI says which and exits 128 + signal
         _kill_group(process)
         raise
+
+
+POLL_S = 1.0  # how often the launcher looks at torchrun's agent while it waits
+# Polls an agent may stay frozen while its ranks run: it cannot stop them when one fails (and a
+# failing rank can hang on the rendezvous store the agent serves), so the launcher stops the job.
+FROZEN_POLLS = 10
+
+
+def _wait_for_agent(
+    process: subprocess.Popen, workers: int, timeout_s: float | None, codes: str
+) -> int:
+    """The agent's exit code, looking at it every POLL_S: an agent frozen (SIGSTOP, a debugger)
+    cannot end its job, so the launcher ends it (`FrozenAgent`): at once when none of its ranks
+    runs or one of them failed (torchrun would stop the others then), else after FROZEN_POLLS
+    (the ranks' rendezvous store, served by the agent, is frozen too)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    frozen_polls = 0
+    while True:
+        left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+        try:
+            return process.wait(timeout=max(left, 0.0))
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        frozen = FrozenAgent.look(process.pid, workers, codes)
+        frozen_polls = frozen_polls + 1 if frozen is not None else 0
+        # twice in a row: not a rank that was just starting
+        if (frozen_polls >= 2 and frozen.stuck) or frozen_polls >= FROZEN_POLLS:
+            return frozen.end(process)
+
+
+@dataclass
+class FrozenAgent:
+    """torchrun's agent found stopped, with what its ranks did: `live` ranks still running,
+    `reported` exit codes by rank (`report_exit_code`) of the `workers` ranks."""
+
+    pid: int
+    workers: int
+    live: list[psutil.Process]
+    reported: dict[int, int]
+
+    @classmethod
+    def look(cls, pid: int, workers: int, codes: str) -> FrozenAgent | None:
+        """None unless the agent is stopped (or traced)."""
+        try:
+            status = psutil.Process(pid).status()
+        except psutil.Error:
+            return None
+        if status not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+            return None
+        live = [r for r in _descendants(pid) if _running(r)]
+        return cls(pid, workers, live, read_exit_codes(codes))
+
+    @property
+    def failed(self) -> bool:
+        return any(code != 0 for code in self.reported.values())
+
+    @property
+    def stuck(self) -> bool:
+        """Nothing will end the job: no rank runs any more, or one failed."""
+        return not self.live or self.failed
+
+    @property
+    def finished(self) -> bool:
+        """Every rank ended and said it succeeded."""
+        return not self.live and len(self.reported) == self.workers and not self.failed
+
+    def end(self, process: subprocess.Popen) -> int:
+        """Kill the agent and any rank left (it cannot act on SIGTERM while stopped); say what
+        happened; 0 when every rank had finished, else 1 (the ranks' own codes rule)."""
+        if self.live and not self.failed:
+            how = f"its ranks were stopped after {FROZEN_POLLS * POLL_S:g} s"
+        elif self.live:
+            how = "a rank failed and the others were stopped"
+        elif self.reported:
+            how = f"its ranks had {'finished' if self.finished else 'ended'}"
+        else:
+            how = "none of its ranks was running"
+        for rank in self.live:
+            with contextlib.suppress(psutil.Error):
+                rank.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        print(
+            f"geodnn: {'warning' if self.finished else 'error'}: torchrun's agent (pid "
+            f"{self.pid}) was frozen (stopped by a signal or a debugger); {how} and it was "
+            "killed",
+            file=sys.stderr,
+        )
+        return 0 if self.finished else 1
+
+
+def _running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (a rank that ended but its stopped agent cannot reap)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def read_exit_codes(folder: str) -> dict[int, int]:
+    """The exit codes ranks left in `folder` (`report_exit_code`), by rank."""
+    prefix = EXIT_CODE_FILE.format("")
+    found = {}
+    for path in Path(folder).glob(f"{prefix}*"):
+        with contextlib.suppress(OSError, ValueError):
+            found[int(path.name.removeprefix(prefix))] = int(path.read_text().strip())
+    return found
 
 
 def signal_name(signum: int) -> str:
@@ -127,11 +237,7 @@ def reported_ranks() -> set[int]:
     """The ranks that left an exit code in EXIT_CODES_ENV's folder (they printed their error;
     read by torchrun's agent, `geodnn.parallel.agent`)."""
     folder = os.environ.get(EXIT_CODES_ENV)
-    if not folder or not os.path.isdir(folder):
-        return set()
-    prefix = EXIT_CODE_FILE.format("")
-    ranks = (p.name.removeprefix(prefix) for p in Path(folder).glob(f"{prefix}*"))
-    return {int(rank) for rank in ranks if rank.isdigit()}
+    return set(read_exit_codes(folder)) if folder else set()
 
 
 def ranks_exit_code(torchrun_code: int, folder: str) -> int:
@@ -139,10 +245,7 @@ def ranks_exit_code(torchrun_code: int, folder: str) -> int:
     (3 divergence before 2 user error before others), else torchrun's."""
     if torchrun_code == 0:
         return 0
-    left = []
-    for path in Path(folder).iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            left.append(int(path.read_text().strip()))
+    left = read_exit_codes(folder).values()
     for code in (3, 2):
         if code in left:
             return code
