@@ -64,17 +64,20 @@ def test_nccl_group_times_out_after_the_waits_that_name_a_silent_rank(monkeypatc
     seen = {}
     record = lambda backend, **kw: seen.update({backend: kw})  # noqa: E731
     monkeypatch.setattr(dist, "init_process_group", record)
-    _join("nccl", 0, 2, 60.0)
-    _join("gloo", 0, 2, 60.0)
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    _join("nccl", 0, 2, 60.0, gpu)
+    _join("gloo", 0, 2, 60.0, cpu)
     assert seen["nccl"]["timeout"].total_seconds() == 90.0
     assert seen["gloo"]["timeout"].total_seconds() == 60.0
+    # NCCL's group is bound to the rank's GPU (its barriers would guess the device otherwise)
+    assert seen["nccl"]["device_id"] == gpu and seen["gloo"]["device_id"] is None
 
     def store_timeout(*args, **kwargs):
         raise dist.DistStoreError("wait timeout after 90000ms")
 
     monkeypatch.setattr(dist, "init_process_group", store_timeout)
     with pytest.raises(RankFailureError, match="did not all join at .* within 90 s"):
-        _join("nccl", 0, 2, 60.0)  # the wait the message quotes is the group's
+        _join("nccl", 0, 2, 60.0, gpu)  # the wait the message quotes is the group's
 
 
 @pytest.mark.parametrize(
@@ -136,3 +139,52 @@ def test_a_rank_hung_in_a_collective_is_named_by_the_ranks_that_timed_out():
         spawn(_all_reduce_with_a_hung_rank, 3, timeout_s=60)
     first = str(info.value).split("; ")[0]
     assert "rank 1 did not complete the stats all-reduce within 3 s" in first, str(info.value)
+
+
+LAUNCHER_VARS = (
+    "LOCAL_RANK",
+    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+)
+
+
+@pytest.mark.parametrize(
+    "env, rank, size",
+    [
+        ({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}, 1, 2),  # torchrun
+        ({"SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "4"}, 3, 4),  # srun
+        ({"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 0, 8),
+        ({"MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"}, 2, 4),  # MPICH, Intel MPI
+        ({"LOCAL_RANK": "1", "SLURM_LOCALID": "0"}, 1, 16),  # torchrun's, inside an allocation
+        ({}, 5, 16),  # none: the global rank and size, right on one machine
+    ],
+)
+def test_a_rank_s_place_on_its_machine_comes_from_whichever_launcher_started_it(
+    monkeypatch, env, rank, size
+):
+    """Outside torchrun (srun, mpirun) LOCAL_RANK is unset, and the global rank (5 of 16 on
+    four machines) is no GPU index there."""
+    from geodnn.parallel.group import local_rank, local_world_size
+
+    for key in LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"WORLD_SIZE": "16", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert (local_rank(5), local_world_size()) == (rank, size)
+
+
+def test_a_rank_whose_local_rank_has_no_gpu_is_refused_in_one_line(monkeypatch):
+    from geodnn.errors import GeodnnError
+    from geodnn.parallel.group import rank_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert rank_gpu(9, 1) == torch.device("cuda", 1)
+    with pytest.raises(
+        GeodnnError, match="rank 5: its local rank 5 has no GPU .*has 4.*LOCAL_RANK"
+    ):
+        rank_gpu(5, 5)

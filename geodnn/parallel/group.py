@@ -93,9 +93,37 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
+# Where launchers say which of a machine's ranks a process is, and how many run there: torchrun,
+# Slurm's srun, Open MPI and MPICH/Intel MPI (mpirun); the first one set is taken.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+LOCAL_SIZE_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+)
+
+
+def _first_env_int(names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def local_rank(rank: int) -> int:
+    """This process's index among the job's ranks on this machine (it picks cuda:local_rank):
+    from torchrun, srun or mpirun; else the global rank, right on one machine only."""
+    found = _first_env_int(LOCAL_RANK_VARS)
+    return rank if found is None else found
+
+
 def local_world_size() -> int:
-    """Ranks of this job on this machine: torchrun's LOCAL_WORLD_SIZE (else WORLD_SIZE, else 1)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    """Ranks of this job on this machine: torchrun's LOCAL_WORLD_SIZE (or srun's, mpirun's;
+    else WORLD_SIZE, right on one machine only; else 1)."""
+    found = _first_env_int(LOCAL_SIZE_VARS)
+    return found if found is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def gpu_per_rank() -> bool:
@@ -136,22 +164,34 @@ def init_ranks(
     """
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     follow_agent(rank)
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local = local_rank(rank)
     _env_int("MASTER_PORT")
     if not os.environ.get("MASTER_ADDR"):
         _env_int("MASTER_ADDR")
     if backend is None:
         backend = default_backend()
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        device = rank_gpu(rank, local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if threads is not None:
             torch.set_num_threads(threads)
     if not dist.is_initialized():
-        _join(backend, rank, world_size, timeout_s)
-    return RankContext(rank, world_size, local_rank, backend, device, float(timeout_s))
+        _join(backend, rank, world_size, timeout_s, device)
+    return RankContext(rank, world_size, local, backend, device, float(timeout_s))
+
+
+def rank_gpu(rank: int, local: int) -> torch.device:
+    """cuda:local, refused in one line when this machine has no such GPU (a launcher that does
+    not say the local rank, on several machines: the global rank is no GPU index there)."""
+    gpus = torch.cuda.device_count()
+    if local >= gpus:
+        raise GeodnnError(
+            f"rank {rank}: its local rank {local} has no GPU (this machine has {gpus}); launch "
+            "with torchrun, or set LOCAL_RANK and LOCAL_WORLD_SIZE per machine"
+        )
+    return torch.device("cuda", local)
 
 
 # The rendezvous store's errors: a rank that never came, an address nobody listens on.
@@ -167,9 +207,10 @@ def group_timeout_s(backend: str, timeout_s: float) -> float:
     return timeout_s + max(10.0, 0.5 * timeout_s) if backend == "nccl" else timeout_s
 
 
-def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
-    """init_process_group; a rank that never joins (died or hung at start-up, or an unreachable
-    MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
+def _join(backend: str, rank: int, world_size: int, timeout_s: float, device: torch.device) -> None:
+    """init_process_group (bound to the rank's GPU under NCCL, so its collectives and barriers
+    never guess the device); a rank that never joins (died or hung at start-up, or an
+    unreachable MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
     try:
         dist.init_process_group(
             backend,
@@ -177,6 +218,7 @@ def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=group_timeout_s(backend, timeout_s)),
+            device_id=device if device.type == "cuda" else None,
         )
     except JOIN_FAILURES as exc:  # not a missing NCCL build or a bad backend name: raised
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
