@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,19 @@ def check_torch_header(path: Path) -> bytes:
     )
 
 
+def cut_short(path: Path) -> bool:
+    """Whether `path` is a torch.save zip archive without its end (the central directory): a
+    copy or a write cut short. Refuses a file that is no torch.save output at all."""
+    return check_torch_header(path) == ZIP_MAGIC and not zipfile.is_zipfile(path)
+
+
 def read_torch_file(path: Path, map_location: str | torch.device) -> Any:
     """`torch.load(weights_only=True)` of `path`, its failures as one short line each."""
-    check_torch_header(path)
+    if cut_short(path):
+        raise CheckpointError(
+            f"{path}: a truncated or damaged checkpoint (its zip archive has no end: a copy or "
+            "a write cut short); copy it again, or pass the .pt file that `geodnn train` wrote"
+        )
     try:
         with warnings.catch_warnings():  # torch's note on pickle protocols: noise for a user
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -25,7 +25,6 @@ import tempfile
 import time
 import tomllib
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 import geodnn
 from geodnn.atomic import atomic_path
-from geodnn.checkpoint import ZIP_MAGIC, atomic_torch_save, check_torch_header, read_torch_file
+from geodnn.checkpoint import atomic_torch_save, cut_short, read_torch_file
 from geodnn.data import weights_from_counts
 from geodnn.errors import CheckpointError, DivergenceError
 from geodnn.metrics import (
@@ -548,10 +547,9 @@ def state_file_is_whole(path: Path) -> bool:
     """False for an empty or foreign file, or a zip (torch.save's format) cut short: one
     without its central directory. Cheap; damage inside a whole file shows in `read_state`."""
     try:
-        zipped = check_torch_header(path).startswith(ZIP_MAGIC)
+        return not cut_short(path)
     except CheckpointError:  # an unreadable file included
         return False
-    return not zipped or zipfile.is_zipfile(path)
 
 
 def read_state(path: Path, device: str) -> dict:

@@ -1,3 +1,5 @@
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -112,8 +114,13 @@ def test_torch_files_with_refused_objects_and_damaged_files_are_short_errors(tmp
         message = str(info.value)
         assert "\n" not in message and len(message) < 200 + len(str(path))
         assert "PyTorch 2.6" not in message
+    with pytest.raises(geodnn.CheckpointError, match="truncated or damaged checkpoint .*again"):
+        geodnn.load_checkpoint(damaged)  # a copy cut short: no "[Errno 22] Invalid argument"
+    other = tmp_path / "other.pt"  # a whole zip archive, not torch.save's
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("notes.txt", "not a model")
     with pytest.raises(geodnn.CheckpointError, match="not a readable checkpoint"):
-        geodnn.load_checkpoint(damaged)
+        geodnn.load_checkpoint(other)
 
 
 def test_a_run_folder_or_its_resume_state_points_at_the_checkpoint_to_pass(tmp_path):
