@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 CLASS_NODATA = 255
-GDAL_CACHE_MB = 64
+# GDAL's block cache while reading and writing: bounded, so memory does not grow with the scene.
+# In bytes: rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes (64 was a 64-byte cache,
+# below one swath of a compressed copy, which GDAL warned about).
+GDAL_CACHE_BYTES = 64 * 2**20
 FALLBACK_BLOCK = 256  # GeoTIFF tile size when no multiple of 16 divides the chunk
 # Sidecars GDAL reads next to a GeoTIFF: PAM metadata, external overviews, external mask.
 GEOTIFF_SIDECARS = (".aux.xml", ".ovr", ".msk")
@@ -126,7 +129,7 @@ def predict_chunks(
     """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch
     (classes by `decide`)."""
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(scene) as src:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(scene) as src:
             arrays = [read_chunk(src, chunk) for chunk in chunks]
     except RasterioIOError as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "read error"
@@ -484,7 +487,7 @@ class PredictionWriter:
         self.probabilities_tmp = (
             outputs.reserve(self.probabilities_path) if self.probabilities_path else None
         )
-        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
         self._env.__enter__()
         self._classes = self._probs = None
         try:
@@ -583,5 +586,5 @@ def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> N
 def _gdal_copy(src: Path, dst: Path, **creation) -> None:
     """A deflate-compressed GDAL copy with a bounded block cache (GDAL copies block by block,
     so memory does not grow with the scene)."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
         rasterio.shutil.copy(src, dst, COMPRESS="DEFLATE", BIGTIFF="IF_SAFER", **creation)
