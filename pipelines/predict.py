@@ -40,7 +40,12 @@ from geodnn import ChainNet, Checkpoint, load_checkpoint  # noqa: E402
 from geodnn.runtime import raise_if_stopped, retain_freed_memory  # noqa: E402
 from tiles.errors import RasterInputError  # noqa: E402
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
-from tiles.raster import SceneInfo, open_scene, warn_if_no_crs  # noqa: E402
+from tiles.raster import (  # noqa: E402
+    SceneInfo,
+    open_scene,
+    untag_alpha,
+    warn_if_no_crs,
+)
 from tiles.stitch import (  # noqa: E402
     AtomicOutputs,
     ChunkPrediction,
@@ -123,9 +128,10 @@ def as_checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
 def _check_scene(scene: SceneInfo, ckpt: Checkpoint) -> None:
     if scene.count != ckpt.config.bands and scene.count + scene.alpha_bands == ckpt.config.bands:
         raise RasterInputError(
-            f"{scene.path}: has {scene.count} band(s) and an alpha band, which geodnn now reads "
-            f"as a mask; the model expects {ckpt.config.bands} (it was trained with the alpha "
-            "band as data): retrain it on this scene"
+            f"{scene.path}: has {scene.count} band(s) and an alpha band, which geodnn reads as "
+            f"a mask; the model expects {ckpt.config.bands}: if that band holds data, reset "
+            f"its colour interpretation (`{untag_alpha(scene.path)}`); if it is transparency, "
+            "retrain the model on scenes read this way"
         )
     if scene.count != ckpt.config.bands:
         raise RasterInputError(

@@ -1,3 +1,7 @@
+import re
+import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -117,8 +121,13 @@ def test_an_alpha_band_that_looks_like_data_is_warned_of(make_geotiff):
     path = make_geotiff(array, name="rgbn.tif")
     with rasterio.open(path) as src:
         assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
-    with pytest.warns(UserWarning, match=r"rgbn.tif: band 4 is tagged as alpha.*colorinterp_4"):
+    with pytest.warns(UserWarning, match=r"rgbn.tif: band 4 is tagged as alpha") as caught:
         assert open_scene(path).count == 3
+    command = re.search(r"\(`(rio edit-info [^`]+)`\)", str(caught[0].message))[1]
+    assert command.endswith(",undefined rgbn.tif")
+    rio = str(Path(sys.executable).parent / "rio")  # rasterio's command, beside this Python
+    subprocess.run([rio, *shlex.split(command)[1:]], cwd=Path(path).parent, check=True)
+    assert open_scene(path).count == 4  # band 4 is data now
     with warnings.catch_warnings():  # a real alpha (0 / 255) is not warned of
         warnings.simplefilter("error", UserWarning)
         open_scene(rgba_scene(make_geotiff))

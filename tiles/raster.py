@@ -160,10 +160,26 @@ def _warn_if_alpha_holds_data(src: rasterio.DatasetReader, path: Path, bands: tu
             warnings.warn(
                 f"{path}: band {index}{label} is tagged as alpha, so it is read as a mask "
                 "(0 = missing) and not as data, yet it looks like data; if it holds data rather "
-                f"than transparency, reset its colour interpretation (`gdal_edit.py "
-                f"-colorinterp_{index} undefined {path.name}`)",
+                "than transparency, reset its colour interpretation "
+                f"(`{untag_alpha_command(src, path, index)}`)",
                 stacklevel=3,
             )
+
+
+def untag_alpha(path: str | os.PathLike) -> str:
+    """The command that makes a scene's alpha band(s) read as data (`untag_alpha_command`)."""
+    with rasterio.open(path) as src:
+        return untag_alpha_command(src, Path(path))
+
+
+def untag_alpha_command(src: rasterio.DatasetReader, path: Path, index: int | None = None) -> str:
+    """The shell command that re-tags band `index` (None: every alpha band) of a file from alpha
+    to undefined (rio, installed with rasterio; GDAL's own utilities often are not)."""
+    names = [
+        "undefined" if (i == index if index else ci == ColorInterp.alpha) else ci.name
+        for i, ci in enumerate(src.colorinterp, start=1)
+    ]
+    return f"rio edit-info --colorinterp {','.join(names)} {path.name}"
 
 
 _ALPHA_WARNED: set[tuple[Path, int]] = set()
