@@ -336,7 +336,8 @@ def test_every_label_error_is_one_line_naming_the_file(tmp_path, scene):
 
 def test_vector_labels_on_a_scene_without_crs(tmp_path, make_geotiff):
     info = open_scene(make_geotiff(np.ones((1, 8, 8), dtype=np.uint8), crs=None))
-    with pytest.raises(LabelError, match="has no CRS"):
+    fix = "has no CRS.*`rio edit-info --crs EPSG:CODE scene_0.tif`"
+    with pytest.raises(LabelError, match=fix):
         load_labels(write_vector(tmp_path, [pixel_box(0, 0, 2, 2)]), info)
 
 

@@ -183,8 +183,8 @@ def test_scene_georeferenced_only_by_gcps_is_refused(tmp_path):
 def test_scene_without_crs_but_with_a_transform_is_accepted(make_geotiff):
     info = open_scene(make_geotiff(np.ones((1, 4, 4), dtype=np.float32), crs=None))
     assert info.crs is None and info.transform.a == 0.5
-    with pytest.warns(UserWarning, match="no CRS"):
-        warn_if_no_crs(info)
+    with pytest.warns(UserWarning, match="no CRS.*`rio edit-info --crs EPSG:CODE "):
+        warn_if_no_crs(info)  # the fix with a tool installed beside geodnn (rasterio's)
 
 
 def test_bounds_are_min_max_for_a_south_up_scene(make_geotiff):

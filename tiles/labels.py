@@ -387,7 +387,7 @@ def _load_vector(
     if scene.crs is None:
         raise LabelError(
             f"{path}: the scene {scene.path} has no CRS, so vector labels cannot be placed; "
-            "assign the scene a CRS (`gdal_edit.py -a_srs`)"
+            f"assign the scene a CRS (`rio edit-info --crs EPSG:CODE {Path(scene.path).name}`)"
         )
     ids, names, values = _class_ids(frame, path, attribute)
     if attribute is None and layer is not None:
@@ -540,7 +540,8 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             elif src.crs is None and scene.crs is not None:
                 warnings.warn(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
-                    "the scene's grid (set its CRS with `gdal_edit.py -a_srs` to silence this)",
+                    "the scene's grid (set its CRS with `rio edit-info --crs EPSG:CODE "
+                    f"{Path(path).name}` to silence this)",
                     stacklevel=2,
                 )
             values = _mask_values(src, path)
@@ -567,7 +568,8 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
     if nodata == 0:
         warnings.warn(
             f"{path}: mask declares nodata 0, so its 0 pixels are unlabeled (ignored), not "
-            "background; unset it (`gdal_edit.py -unsetnodata`) if 0 means background",
+            f"background; unset it (`rio edit-info --unset-nodata {Path(path).name}`) if 0 "
+            "means background",
             stacklevel=2,
         )
     ints = [int(v) for v in values]

@@ -212,7 +212,8 @@ def warn_if_no_crs(info: SceneInfo) -> str | None:
     if info.crs is None:
         message = (
             f"{info.path}: raster has no CRS; outputs are written without one "
-            "(assign one with `gdal_edit.py -a_srs` for a map that lines up)"
+            f"(assign one with `rio edit-info --crs EPSG:CODE {Path(info.path).name}` for a map "
+            "that lines up)"
         )
         warnings.warn(message, stacklevel=2)
         return message
