@@ -283,6 +283,12 @@ def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool
         check_output(path, overwrite)
         if path.resolve() == info.path.resolve():
             raise PipelineError(f"{path}: is the input scene; pick another output name")
+    for raster in (p for p in (out, probabilities) if p is not None):
+        if Path(raster).suffix.lower() not in (".tif", ".tiff"):
+            raise PipelineError(
+                f"{raster}: rasters are written as GeoTIFF (COG); give it a .tif name (convert "
+                "with `rio convert` or `gdal_translate` if you need another format)"
+            )
     if vectors is not None:
         if Path(vectors).suffix.lower() != ".gpkg":
             raise PipelineError(

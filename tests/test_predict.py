@@ -231,13 +231,16 @@ def _bad_inputs(tmp_path, make_geotiff):
         "chunk": ([good, "--out", out, "--chunk", "4"], "--chunk 8"),
         "probs exist": ([good, "--out", out, "--probabilities", exists], "--overwrite"),
         "shapefile": ([good, "--out", out, "--vectors", out.with_suffix(".shp")], ".gpkg name"),
+        # a GeoTIFF under another format's name would not open as that format
+        "png": ([good, "--out", out.with_suffix(".png")], "give it a .tif name"),
+        "no suffix": ([good, "--out", out, "--probabilities", out.parent / "p"], ".tif name"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "not a raster", "truncated", "bands", "no folder", "exists", "chunk",
-     "probs exist", "shapefile"],
+     "probs exist", "shapefile", "png", "no suffix"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_error_and_no_output(
     case, checkpoint, tmp_path, make_geotiff, capsys
