@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import signal
 import sys
@@ -32,12 +33,21 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (GeodnnError, TilesError, PipelineError)
 
 
+def installed_version() -> str:
+    """The installed package's version (pyproject.toml), for bug reports."""
+    try:
+        return importlib.metadata.version("geodnn")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geodnn",
         description="Train very deep FCNs without backprop and map GeoTIFF scenes with them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"geodnn {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in JOB_MODULES:

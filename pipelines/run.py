@@ -11,7 +11,8 @@ but no run is refused). A step is also redone when a step before it was, in this
 a solver whose folder holds a finished run of the same training config is kept, an unfinished one
 resumes, and outputs the config no longer asks for (solvers dropped from `compare` included) are
 removed. A solver that diverges stops the run (exit code 3): lower its step size in the config
-and rerun, which resumes it from its last good checkpoint (see `train_mode`). Each solver trains
+and rerun, which resumes it from its last good checkpoint (changed step sizes, stopping rules
+and divergence factors retrain nothing: a finished solver is kept). Each solver trains
 in one process (admm or adam); the pipeline baseline and [parallel] workers > 1 need
 `geodnn train --workers N`.
 """

@@ -108,3 +108,13 @@ def test_outputs_in_a_folder_that_cannot_be_written_are_refused_first(
         f"{out}: cannot write in {tmp_path} (Read-only file system); pick a writable folder\n"
     )
     assert "tiles:" not in err  # refused before the build
+
+
+def test_version_names_the_installed_release():
+    import importlib.metadata
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"geodnn {importlib.metadata.version('geodnn')}"
