@@ -55,6 +55,7 @@ from tiles.stitch import (  # noqa: E402
 )
 from tiles.vectorize import (  # noqa: E402
     VectorOptions,
+    check_replaceable,
     geographic_area_note,
     qml_path,
     vectorize_classes,
@@ -296,6 +297,7 @@ def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool
                 "(convert with `ogr2ogr` if you need another format)"
             )
         check_output(qml_path(vectors), overwrite)
+        check_replaceable(vectors)
     if len({p.resolve() for p in paths}) != len(paths):
         raise PipelineError(f"{out}: outputs must be different files; give each its own name")
     return paths
@@ -334,7 +336,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="simplify tolerance (CRS units; polygon by polygon, so neighbours may then overlap)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing outputs (not a GeoPackage that holds other layers)",
+    )
     p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
     p.set_defaults(func=run)
 

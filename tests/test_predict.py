@@ -221,6 +221,9 @@ def _bad_inputs(tmp_path, make_geotiff):
     exists.write_bytes(b"old")
     out = tmp_path / "out" / "classes.tif"
     out.parent.mkdir()
+    project = tmp_path / "project.gpkg"  # a user's GeoPackage with a layer of their own
+    fields = gpd.GeoDataFrame({"name": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=32611)
+    fields.to_file(project, layer="my_fields")
     return {
         "missing": ([tmp_path / "nope.tif", "--out", out], "file not found"),
         "not a raster": ([text, "--out", out], "not a readable raster"),
@@ -234,13 +237,17 @@ def _bad_inputs(tmp_path, make_geotiff):
         # a GeoTIFF under another format's name would not open as that format
         "png": ([good, "--out", out.with_suffix(".png")], "give it a .tif name"),
         "no suffix": ([good, "--out", out, "--probabilities", out.parent / "p"], ".tif name"),
+        "user gpkg": (
+            [good, "--out", out, "--vectors", project, "--overwrite"],
+            "holds other layers (my_fields)",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "not a raster", "truncated", "bands", "no folder", "exists", "chunk",
-     "probs exist", "shapefile", "png", "no suffix"],
+     "probs exist", "shapefile", "png", "no suffix", "user gpkg"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_error_and_no_output(
     case, checkpoint, tmp_path, make_geotiff, capsys

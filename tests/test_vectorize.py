@@ -213,6 +213,24 @@ def test_existing_output_needs_overwrite_and_nothing_partial_remains(make_geotif
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene_0.tif", "v.gpkg"]
 
 
+def test_overwrite_replaces_geodnn_s_own_polygons_but_not_a_gpkg_with_other_layers(
+    make_geotiff, tmp_path
+):
+    """A GeoPackage is a container: replacing the file would delete a user's layers in it."""
+    import pyogrio
+
+    path = class_map(make_geotiff, np.ones((8, 8), dtype=np.uint8))
+    out = tmp_path / "v.gpkg"
+    vectorize_classes(path, out, NAMES, COLORS)
+    assert vectorize_classes(path, out, NAMES, COLORS, overwrite=True) == 1  # ours: replaced
+    fields = gpd.GeoDataFrame({"name": ["a"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=32611)
+    pyogrio.write_dataframe(fields, out, layer="my_fields", append=True)
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match=r"v.gpkg: holds other layers \(my_fields\)"):
+        vectorize_classes(path, out, NAMES, COLORS, overwrite=True)
+    assert out.read_bytes() == before
+
+
 def test_geographic_crs_warns_that_areas_are_in_degrees(tmp_path):
     classes = np.zeros((1, 32, 32), dtype="uint8")
     classes[0, 8:16, 8:16] = 1

@@ -32,10 +32,11 @@ from affine import Affine
 from rasterio.features import shapes
 from shapely.geometry import shape
 
+from .errors import OutputError
 from .grid import ChunkGrid
 from .progress import progress_bar
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output
-from .style import class_style_qml, embed_layer_style
+from .style import STYLES_TABLE, class_style_qml, embed_layer_style
 
 LAYER = "classes"
 FLUSH_EVERY = 5000
@@ -323,6 +324,27 @@ def _geometry_column(gpkg: Path) -> str:
     return row[0] if row else "geom"
 
 
+def check_replaceable(gpkg: str | os.PathLike) -> None:
+    """Refuse to replace a GeoPackage that holds layers of its own beside geodnn's polygons and
+    their style: the whole file is replaced (atomically), and a GIS user keeps project layers
+    in one GeoPackage. A file GDAL cannot read as one holds no such layers."""
+    import pyogrio
+
+    path = Path(gpkg)
+    if not path.is_file():
+        return
+    try:
+        layers = [str(name) for name in pyogrio.list_layers(path)[:, 0]]
+    except Exception:  # not a GeoPackage (pyogrio raises its own and GDAL's error types)
+        return
+    others = [name for name in layers if name not in (LAYER, STYLES_TABLE)]
+    if others:
+        raise OutputError(
+            f"{path}: holds other layers ({', '.join(others)}) that replacing the file would "
+            "delete; write the polygons to another .gpkg, or move those layers out first"
+        )
+
+
 def qml_path(gpkg: str | os.PathLike) -> Path:
     """The sidecar style QGIS looks for next to a GeoPackage: same name, `.qml`."""
     return Path(gpkg).with_suffix(".qml")
@@ -362,6 +384,7 @@ def vectorize_classes(
     whole prediction run succeeds or leaves nothing); otherwise they are committed here.
     """
     out = check_output(out, overwrite)
+    check_replaceable(out)
     own = outputs is None
     outputs = outputs or AtomicOutputs()
     try:
