@@ -30,7 +30,7 @@ from tiles.raster import open_scene
 from tiles.split import Region, parse_split, split_regions
 
 from .errors import PipelineError
-from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions
+from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions, resolution_note
 
 REGIONS = ("all", "train", "validation")
 
@@ -104,6 +104,7 @@ def evaluate_scene(
         raise PipelineError(f"region {region!r} is unknown; use one of {', '.join(REGIONS)}")
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
+    resolution_note(info, ckpt)
     source = load_labels(labels, info, class_attribute=class_attribute)
     classes = ckpt.config.classes
     if source.classes > classes:

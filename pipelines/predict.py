@@ -42,6 +42,7 @@ from tiles.errors import RasterInputError  # noqa: E402
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
 from tiles.raster import (  # noqa: E402
     SceneInfo,
+    ground_pixel_size,
     open_scene,
     untag_alpha,
     warn_if_no_crs,
@@ -141,6 +142,27 @@ def _check_scene(scene: SceneInfo, ckpt: Checkpoint) -> None:
         )
 
 
+# How far a scene's pixel size may be from the training scene's before predict warns.
+RESOLUTION_TOLERANCE = 1.5
+
+
+def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
+    """Warn when the scene's pixels are much larger or smaller on the ground than those the
+    model was trained on (a convolution's filters are tied to a ground size); the message, or
+    None (also when either size is unknown)."""
+    trained = ckpt.metadata.get("pixel_size_m")
+    here = ground_pixel_size(info.crs, info.transform, info.width, info.height)
+    if not trained or not here or max(here / trained, trained / here) < RESOLUTION_TOLERANCE:
+        return None
+    message = (
+        f"{info.path}: its pixels are {here:.3g} m on the ground, the model was trained on "
+        f"{trained:.3g} m pixels, so its map may be poor; resample the scene to {trained:.3g} m "
+        "(`rio warp --res`, or gdalwarp -tr in the scene's units) or train on this resolution"
+    )
+    warnings.warn(message, stacklevel=3)
+    return message
+
+
 def iter_predictions(
     checkpoint: str | os.PathLike | Checkpoint,
     scene: str | os.PathLike,
@@ -227,7 +249,7 @@ def predict_scene(
     check_chunk_size(chunk, ckpt.model.receptive_radius)
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
-    notes = [warn_if_no_crs(info)] if info.crs is None else []
+    notes = [n for n in (warn_if_no_crs(info), resolution_note(info, ckpt)) if n is not None]
     counts = {"chunks": 0, "skipped": 0}
     with AtomicOutputs() as outputs:
         with PredictionWriter(

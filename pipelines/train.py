@@ -465,6 +465,9 @@ def save_epoch(
         meta["class_scale"] = class_scale
     if setup.class_values is not None:  # lets `geodnn evaluate` number other labels the same
         meta["class_values"] = setup.class_values
+    pixel_size = setup.train_data.store.pixel_size_m
+    if pixel_size is not None:  # lets `geodnn predict` warn of a scene at another resolution
+        meta["pixel_size_m"] = pixel_size
     geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
     write_metrics(run_dir / "metrics.csv", records, setup.class_names)
     plot_curves(run_dir / "curves.png", records, setup.class_names, setup.solver_name)

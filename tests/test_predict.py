@@ -527,3 +527,27 @@ def test_a_stop_swallowed_while_predicting_keeps_the_earlier_output(
     assert "stopped by SIGTERM" in capsys.readouterr().err
     assert (tmp_path / "c.tif").read_bytes() == b"the earlier map"
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_a_scene_at_another_resolution_than_the_training_one_is_warned_of(tmp_path, make_geotiff):
+    """A convolution's filters are tied to a ground size: a model trained on 0.27 m pixels
+    maps 0.5 m ones poorly. Geographic and projected scenes compare in metres."""
+    import warnings
+
+    from rasterio.transform import from_origin
+
+    ckpt = tmp_path / "vegas.pt"
+    save_checkpoint(small_model(), ckpt, class_names=CLASSES, pixel_size_m=0.27)
+    array = np.ones((1, 40, 40), dtype=np.float32)
+    utm = make_geotiff(array, name="utm.tif")  # 0.5 m
+    with pytest.warns(UserWarning, match=r"utm.tif: its pixels are 0.5 m .* trained on 0.27 m"):
+        summary = predict_scene(ckpt, utm, tmp_path / "a.tif", chunk=32)
+    assert any("0.27 m pixels" in w for w in summary.warnings)
+    # 0.27 m in degrees at 36 N (Las Vegas): close enough, no warning
+    degrees = from_origin(-115.2, 36.1, 2.4e-6 / np.cos(np.radians(36.1)), 2.4e-6)
+    geographic = make_geotiff(array, name="geo.tif", crs="EPSG:4326", transform=degrees)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predict_scene(ckpt, geographic, tmp_path / "b.tif", chunk=32)
+        save_checkpoint(small_model(), ckpt, class_names=CLASSES)  # a model of unknown size
+        predict_scene(ckpt, utm, tmp_path / "c.tif", chunk=32)

@@ -191,3 +191,17 @@ def test_bounds_are_min_max_for_a_south_up_scene(make_geotiff):
     south_up = Affine(1.0, 0.0, 1000.0, 0.0, 1.0, 1960.0)  # rows run north
     info = open_scene(make_geotiff(np.ones((1, 40, 30), dtype=np.float32), transform=south_up))
     assert info.bounds == (1000.0, 1960.0, 1030.0, 2000.0)
+
+
+def test_ground_pixel_size_is_in_metres_whatever_the_crs_units():
+    from rasterio.transform import from_origin
+
+    from tiles.raster import ground_pixel_size
+
+    utm = ground_pixel_size(CRS.from_epsg(32616), from_origin(7e5, 4e6, 0.5, 0.5), 100, 100)
+    feet = ground_pixel_size(CRS.from_epsg(2229), from_origin(6e6, 2e6, 1.0, 1.0), 100, 100)
+    # 1e-5 degrees at the equator: 1.11 m east-west and 1.11 m north-south
+    degrees = ground_pixel_size(CRS.from_epsg(4326), from_origin(0, 0.0005, 1e-5, 1e-5), 100, 100)
+    assert utm == pytest.approx(0.5) and feet == pytest.approx(0.3048006, rel=1e-6)
+    assert degrees == pytest.approx(1.11, abs=0.01)
+    assert ground_pixel_size(None, from_origin(0, 0, 1, 1), 10, 10) is None

@@ -7,6 +7,7 @@ mask, not data: it is left out of the band count and of every read.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyproj
 import rasterio
 import rioxarray
 import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import CRSError, RasterioIOError
 from rasterio.windows import Window
 
 from .errors import RasterInputError
@@ -218,6 +220,26 @@ def warn_if_no_crs(info: SceneInfo) -> str | None:
         warnings.warn(message, stacklevel=2)
         return message
     return None
+
+
+def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
+    """The side of a pixel on the ground, in metres, at the scene's centre (the geometric
+    mean of its two sides): what a model trained at one resolution needs to see again. None
+    without a CRS or with units that are neither linear nor degrees."""
+    if crs is None:
+        return None
+    col, row = width / 2, height / 2
+    centre, right, down = (transform * xy for xy in ((col, row), (col + 1, row), (col, row + 1)))
+    if crs.is_geographic:
+        geod = pyproj.Geod(ellps="WGS84")
+        sides = [geod.inv(*centre, *other)[2] for other in (right, down)]
+    else:
+        try:
+            factor = float(crs.linear_units_factor[1])
+        except CRSError:  # a CRS without linear units
+            return None
+        sides = [math.dist(centre, other) * factor for other in (right, down)]
+    return math.sqrt(sides[0] * sides[1])
 
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:

@@ -45,7 +45,7 @@ from .labels import (
     plain_class_value,
     split_layer,
 )
-from .raster import SceneInfo, open_scene, read_window
+from .raster import SceneInfo, ground_pixel_size, open_scene, read_window
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
 
@@ -604,6 +604,12 @@ class TileStore:
     @property
     def scene_shape(self) -> tuple[int, int]:
         return tuple(self.attrs["scene_shape"])
+
+    @property
+    def pixel_size_m(self) -> float | None:
+        """The scene's pixel side on the ground in metres (`ground_pixel_size`)."""
+        height, width = self.scene_shape
+        return ground_pixel_size(self.crs, self.scene_transform, width, height)
 
     @property
     def scene_path(self) -> Path:
