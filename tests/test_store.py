@@ -241,6 +241,57 @@ def test_failed_build_leaves_the_old_store_and_no_temp(tmp_path, scene_and_mask,
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_an_interrupted_build_raises_the_interrupt_though_its_writer_still_writes(
+    tmp_path, scene_and_mask, monkeypatch
+):
+    """Ctrl-C stops the main thread, not zarr's writer: removing the temporary store then
+    failed ("Directory not empty") and that OSError replaced the interrupt (a traceback and a
+    hidden temporary store left behind)."""
+    import shutil
+    from types import SimpleNamespace
+
+    scene, mask, _, _ = scene_and_mask
+    real_rmtree, failures = shutil.rmtree, []
+
+    def refilled(path, *args, **kwargs):  # the writer adds a chunk twice while it is removed
+        if len(failures) < 2 and not kwargs.get("ignore_errors"):
+            failures.append(path)
+            raise OSError(39, "Directory not empty")
+        return real_rmtree(path, *args, **kwargs)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_module, "shutil", SimpleNamespace(rmtree=refilled))
+    monkeypatch.setattr(store_module, "read_tile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(scene, mask, tmp_path / "s.zarr")
+    assert len(failures) == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene_and_mask):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    scene, mask, _, _ = scene_and_mask
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        **{"capture_output": True, "text": True, "check": True},
+    ).stdout.strip()
+    host = socket.gethostname()
+    killed = tmp_path / f".s.zarr.tmp-{host}-{gone}-0badc0de"  # SIGKILL: no cleanup ran
+    running = tmp_path / f".s.zarr.tmp-{host}-{os.getpid()}-0000beef"  # a build in progress
+    elsewhere = tmp_path / f".s.zarr.tmp-other-host-{gone}-12345678"  # a shared disk's
+    for folder in (killed, running, elsewhere):
+        (folder / "c").mkdir(parents=True)
+    build(scene, mask, tmp_path / "s.zarr")
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+    assert left == sorted([running.name, elsewhere.name])
+
+
 def test_missing_output_folder(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask
     with pytest.raises(OutputError, match="does not exist"):

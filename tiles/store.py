@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import time
 import uuid
 import warnings
 from collections import Counter
@@ -29,6 +31,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import psutil
 import rasterio
 import zarr
 from affine import Affine
@@ -209,7 +212,35 @@ def _prepare_target(
     _check_not_an_input(out, scene, labels)
     _check_replaceable(out, _occupant(out), overwrite)
     check_writable_folder(out)  # before the build: the store is built next to its final name
-    return out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    _remove_orphans(out)
+    host = socket.gethostname()
+    return out.parent / f".{out.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove the temporary stores earlier builds of `out` on this machine left (killed, or a
+    removal that failed): nothing else would. Another machine's (a shared disk) are left."""
+    prefix = f".{out.name}.tmp-"
+    for tmp in out.parent.glob(f"{prefix}*"):
+        host, pid, _ = (tmp.name.removeprefix(prefix).rsplit("-", 2) + ["", ""])[:3]
+        if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            remove_tree(tmp)
+
+
+def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
+    """rmtree that outlasts a writer still finishing: zarr writes chunks from its own thread,
+    which a Ctrl-C in the main thread does not stop at once, so a chunk folder can refill
+    while it is removed ("Directory not empty"). Never raises: a leftover is an orphan that
+    the next build removes (`_remove_orphans`), and an interrupt must stay an interrupt."""
+    for _ in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(pause_s)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -395,7 +426,7 @@ def build_store(
         _move_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp)
+            remove_tree(tmp)
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
