@@ -285,7 +285,8 @@ def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene
     killed = tmp_path / f".s.zarr.tmp-{host}-{gone}-0badc0de"  # SIGKILL: no cleanup ran
     running = tmp_path / f".s.zarr.tmp-{host}-{os.getpid()}-0000beef"  # a build in progress
     elsewhere = tmp_path / f".s.zarr.tmp-other-host-{gone}-12345678"  # a shared disk's
-    for folder in (killed, running, elsewhere):
+    older = tmp_path / f".s.zarr.tmp-{gone}-abcdef01"  # named as before the host was in it
+    for folder in (killed, running, elsewhere, older):
         (folder / "c").mkdir(parents=True)
     build(scene, mask, tmp_path / "s.zarr")
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))

@@ -222,7 +222,10 @@ def _remove_orphans(out: Path) -> None:
     removal that failed): nothing else would. Another machine's (a shared disk) are left."""
     prefix = f".{out.name}.tmp-"
     for tmp in out.parent.glob(f"{prefix}*"):
-        host, pid, _ = (tmp.name.removeprefix(prefix).rsplit("-", 2) + ["", ""])[:3]
+        parts = tmp.name.removeprefix(prefix).rsplit("-", 2)
+        if len(parts) == 2:  # PID-HEX: named before the host was part of the name
+            parts.insert(0, socket.gethostname())
+        host, pid = parts[0], parts[1] if len(parts) == 3 else ""
         if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
             remove_tree(tmp)
 
