@@ -73,6 +73,45 @@ def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str)
     raise PipelineError(f"the split {split} has no {region} region; use --region all")
 
 
+DEFAULT_GAP = 32  # the guard band of a split when neither --gap nor the checkpoint gives one
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The split of the tile store a checkpoint was trained on (its `training_split`
+    metadata), when `scene` is that store's scene grid."""
+
+    split: str
+    gap: int
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, info) -> TrainingSplit | None:
+        """None for a checkpoint without the record, or a scene on another grid."""
+        record = ckpt.metadata.get("training_split")
+        if not record or list(record["scene_shape"]) != [info.height, info.width]:
+            return None
+        if not np.allclose(record["scene_transform"], tuple(info.transform)[:6], rtol=1e-9):
+            return None
+        return cls(str(record["split"]), int(record["gap"]))
+
+    def warn_if_scored(self, box: Region | None, info, region: str) -> None:
+        """Warn when the scored pixels include the region the model was trained on."""
+        trained = region_box(info.shape, self.split, self.gap, "train")
+        scored = box or Region(trained.split, 0, info.height, 0, info.width)
+        overlap = min(scored.row1, trained.row1) > max(scored.row0, trained.row0) and min(
+            scored.col1, trained.col1
+        ) > max(scored.col0, trained.col0)
+        if not overlap:
+            return
+        fix = "pass --region validation" if region == "all" else "drop --split and --gap"
+        warnings.warn(
+            f"{info.path}: the scored region includes pixels the model was trained on (its "
+            f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix} to "
+            "score the training split's validation region",
+            stacklevel=3,
+        )
+
+
 def clip(labels: np.ndarray, window, box: Region | None) -> np.ndarray:
     """Mark label pixels outside `box` as ignored."""
     if box is None:
@@ -92,14 +131,17 @@ def evaluate_scene(
     *,
     class_attribute: str | None = None,
     split: str | None = None,
-    gap: int = 32,
+    gap: int | None = None,
     region: str = "all",
     chunk: int = DEFAULT_CHUNK,
     progress: bool = False,
     argmax: bool = False,
 ) -> Evaluation:
     """Confusion matrix of the checkpoint's class map against the labels, streamed by chunk
-    (the map `geodnn predict` writes: the checkpoint's decision rule unless `argmax`)."""
+    (the map `geodnn predict` writes: the checkpoint's decision rule unless `argmax`).
+
+    On the scene the checkpoint was trained on, `split` and `gap` default to its training
+    split's, and scoring pixels it was trained on is warned of (`TrainingSplit`)."""
     if region not in REGIONS:
         raise PipelineError(f"region {region!r} is unknown; use one of {', '.join(REGIONS)}")
     ckpt = as_checkpoint(checkpoint)
@@ -123,7 +165,13 @@ def evaluate_scene(
             f"{ckpt.class_names}; scores compare ids, check --class-attribute",
             stacklevel=2,
         )
-    box = region_box(info.shape, split, gap, region)
+    trained = TrainingSplit.of(ckpt, info)
+    if trained is not None and region != "all":
+        split = split or trained.split
+        gap = trained.gap if gap is None else gap
+    box = region_box(info.shape, split, DEFAULT_GAP if gap is None else gap, region)
+    if trained is not None:
+        trained.warn_if_scored(box, info, region)
     confusion = torch.zeros(classes, classes, dtype=torch.long)
     labeled = 0  # labeled pixels in the region, whether the scene has data there or not
     for chunk_pred in iter_predictions(
@@ -179,8 +227,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="vector labels (FILE|layername=LAYER for one layer of a file) or a raster mask",
     )
     p.add_argument("--class-attribute", help="attribute holding the class of each feature")
-    p.add_argument("--split", help="spatial split used for tiling, e.g. columns:0.7")
-    p.add_argument("--gap", type=int, default=32, help="guard band of the split, in pixels")
+    p.add_argument(
+        "--split",
+        help="spatial split used for tiling, e.g. columns:0.7 (default on the training scene: "
+        "the checkpoint's)",
+    )
+    p.add_argument(
+        "--gap",
+        type=int,
+        help=f"guard band of the split, in pixels (default: the checkpoint's, else {DEFAULT_GAP})",
+    )
     p.add_argument("--region", choices=REGIONS, default="all", help="which part to score")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")

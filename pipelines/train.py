@@ -465,12 +465,25 @@ def save_epoch(
         meta["class_scale"] = class_scale
     if setup.class_values is not None:  # lets `geodnn evaluate` number other labels the same
         meta["class_values"] = setup.class_values
-    pixel_size = setup.train_data.store.pixel_size_m
+    store = setup.train_data.store
+    meta["training_split"] = training_split_record(store)  # `geodnn evaluate` scores held out
+    pixel_size = store.pixel_size_m
     if pixel_size is not None:  # lets `geodnn predict` warn of a scene at another resolution
         meta["pixel_size_m"] = pixel_size
     geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
     write_metrics(run_dir / "metrics.csv", records, setup.class_names)
     plot_curves(run_dir / "curves.png", records, setup.class_names, setup.solver_name)
+
+
+def training_split_record(store: TileStore) -> dict:
+    """Where a model's training pixels lie: its store's split and scene grid."""
+    split = store.attrs["split"]
+    return {
+        "split": f"{split['axis']}:{split['fraction']:g}",
+        "gap": int(split["gap"]),
+        "scene_shape": list(store.scene_shape),
+        "scene_transform": list(tuple(store.scene_transform)[:6]),
+    }
 
 
 def read_metrics(path: Path, class_names: list[str], upto: int) -> list[EpochRecord]:

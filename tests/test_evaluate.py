@@ -64,6 +64,32 @@ def test_validation_region_scores_only_held_out_columns(atlanta):
     assert torch.equal(result.scores.confusion, reference)
 
 
+def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atlanta):
+    """The checkpoint records its store's split: --region validation needs no --split, and
+    a split or region that scores the pixels the model was trained on is warned of."""
+    scene, labels, ckpt, model = atlanta
+    with rasterio.open(scene) as src:
+        grid = {"scene_shape": [src.height, src.width], "scene_transform": list(src.transform)[:6]}
+    record = {"split": "columns:0.7", "gap": 32, **grid}
+    names = ["background", "building"]
+    geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        held_out = evaluate_scene(ckpt, scene, labels, region="validation", chunk=300)
+    reference = whole_scene_confusion(scene, labels, model, cols=(646, 900))
+    assert torch.equal(held_out.scores.confusion, reference)  # columns:0.7, gap 32, as trained
+    not_held_out = "includes pixels the model was trained on .*columns:0.7, gap 32"
+    with pytest.warns(UserWarning, match=not_held_out + ".*drop --split and --gap"):
+        evaluate_scene(ckpt, scene, labels, split="columns:0.3", region="validation")
+    with pytest.warns(UserWarning, match=not_held_out + ".*pass --region validation"):
+        evaluate_scene(ckpt, scene, labels)  # region "all"
+    with warnings.catch_warnings():  # another scene (here: another grid) is all held out
+        warnings.simplefilter("error", UserWarning)
+        moved = {**record, "scene_transform": [0.5, 0, 7e5, 0, -0.5, 4e6]}
+        geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=moved)
+        evaluate_scene(ckpt, scene, labels)
+
+
 def test_cli_prints_json(atlanta, capsys):
     scene, labels, ckpt, _ = atlanta
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--json"])

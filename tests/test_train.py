@@ -37,6 +37,8 @@ def test_run_folder_holds_checkpoints_metrics_and_curves(tmp_path, store, train_
     assert ckpt.metadata["class_values"] == [None, 255]  # the road mask's value
     # the Vegas crop's pixels on the ground (EPSG:4326, ~0.27 m): predict warns of others
     assert ckpt.metadata["pixel_size_m"] == pytest.approx(0.27, abs=0.01)
+    split = ckpt.metadata["training_split"]  # where its training pixels lie, for evaluate
+    assert split["scene_shape"] == [320, 320] and ":" in split["split"] and split["gap"] >= 0
 
 
 @pytest.mark.parametrize("solver", ["adam", "admm"])
