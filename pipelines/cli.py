@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import warnings
+from typing import NoReturn
 
 from .errors import system_refusal
 
@@ -41,8 +42,16 @@ def installed_version() -> str:
         return "(not installed)"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in one line, as geodnn's own: the usage block it prints
+    first buried the error among a dozen lines of options."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="geodnn",
         description="Train very deep FCNs without backprop and map GeoTIFF scenes with them.",
     )

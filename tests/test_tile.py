@@ -184,10 +184,14 @@ def test_bad_split_and_output_folder(tmp_path, scene, capsys):
     assert_one_line_error(code, err, "does not exist")
 
 
-def test_negative_gap_is_a_usage_error(tmp_path, scene, capsys):
+@pytest.mark.parametrize("option", [["--gap", "-3"], ["--tile", "0"], ["--tile", "abc"]])
+def test_a_bad_option_value_is_a_one_line_usage_error(tmp_path, scene, capsys, option):
     with pytest.raises(SystemExit) as exit_info:
-        main(["tile", str(scene), "--labels", "l", "--out", "o", "--gap", "-3"])
-    assert exit_info.value.code == 2 and "--gap" in capsys.readouterr().err
+        main(["tile", str(scene), "--labels", "l", "--out", "o", *option])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1  # not argparse's usage block
+    assert err.startswith(f"geodnn tile: error: argument {option[0]}: '{option[1]}' is not a")
+    assert err.endswith("see `geodnn tile --help`\n")
 
 
 def test_overwrite_keeps_a_file_or_folder_that_is_not_a_store(tmp_path, scene, capsys):
