@@ -397,6 +397,9 @@ def test_empty_geometries_are_dropped_without_a_warning(tmp_path, scene):
         warnings.simplefilter("error", UserWarning)
         source = load_labels(path, scene)
     assert whole(source, scene).sum() == 4
+    hollow = write_vector(tmp_path, [shapely.Polygon()] * 3, name="hollow.gpkg")
+    with pytest.raises(LabelError, match="hollow.gpkg: label file has 3 features, all with empty geo"):
+        load_labels(hollow, scene)  # not "no features": there are three
 
 
 def test_lines_and_points_are_burned_one_pixel_wide_with_a_warning(tmp_path, scene):

@@ -295,9 +295,11 @@ def _read_vector(path: Path, layer: str | None = None) -> gpd.GeoDataFrame:
         )
     _restore_booleans(frame, path, layer)
     shapes = np.asarray(frame.geometry.array)
+    features = len(frame)
     frame = frame[~shapely.is_missing(shapes) & ~shapely.is_empty(shapes)]
     if len(frame) == 0:
-        raise LabelError(f"{path}: label file has no features; pass a file with labeled geometries")
+        what = f"{features} features, all with empty geometries" if features else "no features"
+        raise LabelError(f"{path}: label file has {what}; pass a file with labeled geometries")
     if frame.crs is None:
         raise LabelError(
             f"{path}: vector labels have no CRS; set it (e.g. `ogr2ogr -a_srs EPSG:XXXX`) "
