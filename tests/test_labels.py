@@ -250,11 +250,26 @@ def test_mask_on_another_grid_is_resampled_nearest_with_a_warning(make_geotiff):
     coarse[0, 0] = 1  # covers scene pixels rows/cols 0..1 (the mask has 1 m pixels)
     transform = from_origin(X0, Y0, 1.0, 1.0)
     mask = make_geotiff(coarse, name="mask.tif", transform=transform)
-    with pytest.warns(UserWarning, match="resampled"):
-        source = load_labels(mask, info)
+    with pytest.warns(UserWarning, match="resampled.*; it covers 56% of the scene; the rest"):
+        source = load_labels(mask, info)  # 6 x 6 of 8 x 8 scene pixels
     labels = whole(source, info)
     assert (labels[:2, :2] == 1).all() and labels[:6, 2:6].max() == 0
     assert (labels[6:, :] == IGNORE_INDEX).all() and (labels[:, 6:] == IGNORE_INDEX).all()
+
+
+def test_a_mask_of_part_of_the_scene_on_its_pixels_says_what_it_leaves_unlabeled(
+    make_geotiff,
+):
+    """Cut from a mask of the whole scene: nothing is resampled, but 3/4 of the scene has no
+    labels, which a user should hear of."""
+    info = open_scene(make_geotiff(np.ones((1, 8, 8), dtype=np.uint8), name="scene.tif"))
+    part = np.array([[1, 0, 0, 1]] * 4, dtype=np.uint8)  # rows 2-5, cols 4-7 of the scene
+    mask = make_geotiff(part, name="part.tif", transform=from_origin(X0 + 2, Y0 - 1, 0.5, 0.5))
+    with pytest.warns(UserWarning, match=r"part.tif: mask covers 25% of the scene") as caught:
+        labels = whole(load_labels(mask, info), info)
+    assert not [w for w in caught if "resampled" in str(w.message)]
+    assert (labels[2:6, 4:8] == part).all() and (labels[:2] == IGNORE_INDEX).all()
+    assert (labels[:, :4] == IGNORE_INDEX).all()
 
 
 def test_north_up_mask_covering_a_south_up_scene_is_placed(make_geotiff):
@@ -398,7 +413,9 @@ def test_empty_geometries_are_dropped_without_a_warning(tmp_path, scene):
         source = load_labels(path, scene)
     assert whole(source, scene).sum() == 4
     hollow = write_vector(tmp_path, [shapely.Polygon()] * 3, name="hollow.gpkg")
-    with pytest.raises(LabelError, match="hollow.gpkg: label file has 3 features, all with empty geo"):
+    with pytest.raises(
+        LabelError, match="hollow.gpkg: label file has 3 features, all with empty geo"
+    ):
         load_labels(hollow, scene)  # not "no features": there are three
 
 

@@ -513,7 +513,41 @@ def _mask_values(src, path: Path) -> np.ndarray:
     return values[values != 0]
 
 
-def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> None:
+def _on_scene_lattice(src, scene: SceneInfo) -> bool:
+    """Whether the mask's pixels are scene pixels (same CRS and pixel size, its origin a whole
+    number of scene pixels away) though its extent differs: nearest resampling is then exact."""
+    if src.crs != scene.crs:
+        return False
+    a, b = np.asarray(src.transform)[[0, 1, 3, 4]], np.asarray(scene.transform)[[0, 1, 3, 4]]
+    pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
+    if not np.all(np.abs(a - b) <= 1e-6 * pixel):
+        return False
+    col, row = ~scene.transform * (src.transform.c, src.transform.f)
+    return abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
+
+
+def _coverage(bounds: tuple[float, float, float, float], scene: SceneInfo) -> float:
+    """The share of the scene's extent the mask's `bounds` (in the scene's CRS) cover."""
+    left, bottom, right, top = bounds
+    s_left, s_bottom, s_right, s_top = scene.bounds
+    width = max(0.0, min(right, s_right) - max(left, s_left))
+    height = max(0.0, min(top, s_top) - max(bottom, s_bottom))
+    return width * height / ((s_right - s_left) * (s_top - s_bottom))
+
+
+def _other_grid_note(src, path: Path, scene: SceneInfo, bounds) -> str | None:
+    """The warning a mask off the scene's grid gets: resampled (unless its pixels are the
+    scene's), and how much of the scene it leaves unlabeled; None when there is nothing to say."""
+    coverage = _coverage(bounds, scene)
+    part = f"covers {coverage:.0%} of the scene; the rest is unlabeled (ignored)"
+    if _on_scene_lattice(src, scene):
+        return f"{path}: mask {part}" if coverage < 0.995 else None
+    note = f"{path}: mask is not on the scene's grid; resampled (nearest) onto it"
+    return f"{note}; it {part}" if coverage < 0.995 else note
+
+
+def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> tuple[float, float, float, float]:
+    """Refuse a mask off the scene; returns its bounds in the scene's CRS."""
     if scene.crs is None or src.crs is None:
         raise LabelError(
             f"{path}: mask and scene {scene.path.name} are on different grids and one has no "
@@ -531,14 +565,16 @@ def _check_raster_overlap(src, path: Path, scene: SceneInfo) -> None:
             f"{path}: mask does not overlap the scene {scene.path.name}; "
             "pass the labels made for this scene"
         )
+    return left, bottom, right, top
 
 
 def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
     try:
         with rasterio.open(path) as src:
-            same = _same_grid(src, scene)
+            same, note = _same_grid(src, scene), None
             if not same:
-                _check_raster_overlap(src, path, scene)
+                bounds = _check_raster_overlap(src, path, scene)
+                note = _other_grid_note(src, path, scene, bounds)
             elif src.crs is None and scene.crs is not None:
                 warnings.warn(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
@@ -562,11 +598,8 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
         raise LabelError(
             f"{path}: mask has no labeled pixels (all 0 or nodata); pass a mask with classes"
         )
-    if not same:
-        warnings.warn(
-            f"{path}: mask is not on the scene's grid; resampled (nearest) onto it",
-            stacklevel=2,
-        )
+    if note is not None:
+        warnings.warn(note, stacklevel=2)
     if nodata == 0:
         warnings.warn(
             f"{path}: mask declares nodata 0, so its 0 pixels are unlabeled (ignored), not "
