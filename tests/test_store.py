@@ -331,6 +331,41 @@ def test_labels_follow_vector_polygons(tmp_path, make_geotiff):
     assert store.attrs["split"]["codes"] == {"train": TRAIN, "validation": VALIDATION}
 
 
+def test_a_class_without_training_pixels_is_warned_of_when_the_store_is_made(
+    tmp_path, make_geotiff, scene_and_mask
+):
+    scene, _, _, mask = scene_and_mask
+    late = mask.copy()
+    late[40:60, 70:90] = 2  # the second class only right of the split (columns:0.6)
+    path = make_geotiff(late, name="late.tif")
+    with pytest.warns(UserWarning, match=r"class\(es\) 2 have no labeled pixels in the training"):
+        store = build(scene, path, tmp_path / "s.zarr")
+    assert store.class_pixel_counts.tolist()[2] == 0
+
+
+def test_building_a_store_leaves_the_process_s_warning_filters_as_they_were(tmp_path, make_geotiff):
+    """rasterio's rasterize sets and restores warning filters process-wide; run on two Dask
+    threads at once they left an "ignore everything" filter behind, and the warnings of the
+    rest of the process (a class without training pixels, `geodnn run`'s later steps) were
+    never shown."""
+    import warnings
+
+    scene = make_geotiff(np.ones((1, 96, 160), dtype=np.uint8))
+    squares = [
+        shapely.box(
+            X0 + c * PIXEL, Y0 - (c % 80 + 9) * PIXEL, X0 + (c + 6) * PIXEL, Y0 - (c % 80) * PIXEL
+        )
+        for c in range(0, 150, 7)
+    ]
+    path = tmp_path / "squares.geojson"
+    gpd.GeoDataFrame(geometry=squares, crs="EPSG:32616").to_file(path)
+    silence_all = ("ignore", None, Warning, None, 0)
+    for attempt in range(3):  # the race was hit on every build here; three to be sure
+        with warnings.catch_warnings():
+            build(scene, path, tmp_path / f"s{attempt}.zarr", tile=8, batch=4)
+            assert silence_all not in warnings.filters
+
+
 def test_a_tile_larger_than_the_scene_is_fitted_to_it(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask  # 70 x 100
     with pytest.warns(UserWarning, match="--tile 3000 is larger than the scene"):

@@ -21,6 +21,7 @@ Where features overlap, later features in the file win.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -152,9 +153,17 @@ class VectorLabels(LabelSource):
         if hits.size == 0:
             return np.zeros((height, width), dtype=np.uint8)
         shapes = zip(self.geometries[hits], self.ids[hits].tolist())
-        return rasterio.features.rasterize(
-            shapes, out_shape=(height, width), transform=transform, fill=0, dtype="uint8"
-        )
+        with _RASTERIZE_LOCK:
+            return rasterio.features.rasterize(
+                shapes, out_shape=(height, width), transform=transform, fill=0, dtype="uint8"
+            )
+
+
+# rasterio's rasterize silences warnings with `warnings.catch_warnings()`, which is process-wide:
+# two of them interleaved on Dask's threads restore each other's "ignore" filter, which then
+# stays for the rest of the process (every later warning of geodnn tile, or of a notebook or
+# `geodnn run` after it, was lost). One rasterize at a time keeps the filters as they were.
+_RASTERIZE_LOCK = threading.Lock()
 
 
 @dataclass
