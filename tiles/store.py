@@ -427,10 +427,24 @@ def build_store(
         )
         group.attrs.update(attrs)
         _move_into_place(tmp, out, overwrite)
+        _warn_of_untrained_classes(out, source.class_names, counts)
     finally:
         if tmp.exists():
             remove_tree(tmp)
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
+
+
+def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarray) -> None:
+    """A class whose pixels all fall in the validation region or the guard band cannot be
+    learned from this store: said when it is made, where the fix (another split) is."""
+    missing = [name for name, count in zip(names, counts.tolist()) if count == 0]
+    if missing:
+        warnings.warn(
+            f"{out}: class(es) {', '.join(missing)} have no labeled pixels in the training "
+            "region (all in validation or the guard band); rebuild with another --split to "
+            "train them",
+            stacklevel=3,
+        )
 
 
 REBUILD = "rebuild it with `geodnn tile ... --overwrite`"
