@@ -369,6 +369,18 @@ def test_mask_without_crs_on_the_scene_grid_is_read_with_a_warning(make_geotiff,
         load_labels(shifted, scene)
 
 
+def test_a_mask_with_a_crs_on_the_grid_of_a_scene_without_one_is_read_with_a_warning(
+    make_geotiff,
+):
+    """The mirror case (was refused as "different grids and one has no CRS")."""
+    info = open_scene(make_geotiff(np.ones((1, 20, 30), np.uint8), name="bare.tif", crs=None))
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:5, 3:9] = 1
+    with pytest.warns(UserWarning, match="the scene bare.tif has no CRS but the mask's shape"):
+        source = load_labels(make_geotiff(mask, name="m.tif"), info)
+    np.testing.assert_array_equal(whole(source, info), mask)
+
+
 def test_an_attribute_that_is_background_everywhere_scores_but_does_not_tile(
     tmp_path, scene, make_geotiff
 ):

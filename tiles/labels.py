@@ -491,11 +491,13 @@ def _crs_name(crs) -> str:
 
 def _same_grid(src, scene: SceneInfo) -> bool:
     """True when the mask's pixels are the scene's pixels (same transform and shape, and the
-    same CRS or none on the mask: a mask saved without one, e.g. from numpy, is taken as drawn
-    on the scene's grid, with a warning in `_load_raster`)."""
+    same CRS or none on one of them: a mask saved without one, e.g. from numpy, is taken as
+    drawn on the scene's grid, and so is a mask on a scene without CRS, with a warning in
+    `_load_raster`)."""
     if (src.height, src.width) != scene.shape:
         return False
-    if src.crs is not None and src.crs != scene.crs and not same_local_grid(src.crs, scene.crs):
+    crs_known = src.crs is not None and scene.crs is not None
+    if crs_known and src.crs != scene.crs and not same_local_grid(src.crs, scene.crs):
         return False
     a, b = np.asarray(src.transform)[:6], np.asarray(scene.transform)[:6]
     pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
@@ -584,6 +586,12 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             if not same:
                 bounds = _check_raster_overlap(src, path, scene)
                 note = _other_grid_note(src, path, scene, bounds)
+            elif scene.crs is None and src.crs is not None:
+                warnings.warn(
+                    f"{path}: the scene {scene.path.name} has no CRS but the mask's shape and "
+                    f"transform; the mask ({src.crs}) is read as on the scene's grid",
+                    stacklevel=2,
+                )
             elif src.crs is None and scene.crs is not None:
                 warnings.warn(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
