@@ -94,14 +94,10 @@ def _env_int(name: str) -> int:
 
 
 # Where launchers say which of a machine's ranks a process is, and how many run there: torchrun,
-# Slurm's srun, Open MPI and MPICH/Intel MPI (mpirun); the first one set is taken.
-LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-LOCAL_SIZE_VARS = (
-    "LOCAL_WORLD_SIZE",
-    "SLURM_NTASKS_PER_NODE",
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MPI_LOCALNRANKS",
-)
+# Open MPI and MPICH/Intel MPI (mpirun), then Slurm's srun (last: an mpirun inside an sbatch
+# script inherits the script's SLURM_LOCALID 0); the first one set is taken.
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
 
 
 def _first_env_int(names: tuple[str, ...]) -> int | None:
@@ -112,17 +108,34 @@ def _first_env_int(names: tuple[str, ...]) -> int | None:
     return None
 
 
+def slurm_tasks_on_this_node() -> int | None:
+    """srun's tasks on this node, from SLURM_STEP_TASKS_PER_NODE ("4(x2),3": 4 on each of the
+    first two nodes, 3 on the third) and SLURM_NODEID; None outside srun or when unreadable."""
+    spec, node = os.environ.get("SLURM_STEP_TASKS_PER_NODE"), os.environ.get("SLURM_NODEID")
+    if not spec or node is None or not node.isdigit():
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return None
+        counts += [int(match[1])] * int(match[2] or 1)
+    return counts[int(node)] if int(node) < len(counts) else None
+
+
 def local_rank(rank: int) -> int:
     """This process's index among the job's ranks on this machine (it picks cuda:local_rank):
-    from torchrun, srun or mpirun; else the global rank, right on one machine only."""
+    from torchrun, mpirun or srun; else the global rank, right on one machine only."""
     found = _first_env_int(LOCAL_RANK_VARS)
     return rank if found is None else found
 
 
 def local_world_size() -> int:
-    """Ranks of this job on this machine: torchrun's LOCAL_WORLD_SIZE (or srun's, mpirun's;
+    """Ranks of this job on this machine: torchrun's LOCAL_WORLD_SIZE (or mpirun's, srun's;
     else WORLD_SIZE, right on one machine only; else 1)."""
     found = _first_env_int(LOCAL_SIZE_VARS)
+    if found is None and os.environ.get("SLURM_LOCALID") is not None:
+        found = slurm_tasks_on_this_node()
     return found if found is not None else int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -178,7 +191,7 @@ def init_ranks(
         if threads is not None:
             torch.set_num_threads(threads)
     if not dist.is_initialized():
-        _join(backend, rank, world_size, timeout_s, device)
+        _join(backend, rank, world_size, timeout_s)
     return RankContext(rank, world_size, local, backend, device, float(timeout_s))
 
 
@@ -207,10 +220,11 @@ def group_timeout_s(backend: str, timeout_s: float) -> float:
     return timeout_s + max(10.0, 0.5 * timeout_s) if backend == "nccl" else timeout_s
 
 
-def _join(backend: str, rank: int, world_size: int, timeout_s: float, device: torch.device) -> None:
-    """init_process_group (bound to the rank's GPU under NCCL, so its collectives and barriers
-    never guess the device); a rank that never joins (died or hung at start-up, or an
-    unreachable MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback."""
+def _join(backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+    """init_process_group; a rank that never joins (died or hung at start-up, or an unreachable
+    MASTER_ADDR) is a one-line RankFailureError, not torch's store traceback. No `device_id`:
+    it would create NCCL's communicators inside this call (outside the waits that name a
+    silent rank); the rank's GPU is set as the current device before, so no call guesses it."""
     try:
         dist.init_process_group(
             backend,
@@ -218,7 +232,6 @@ def _join(backend: str, rank: int, world_size: int, timeout_s: float, device: to
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=group_timeout_s(backend, timeout_s)),
-            device_id=device if device.type == "cuda" else None,
         )
     except JOIN_FAILURES as exc:  # not a missing NCCL build or a bad backend name: raised
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
