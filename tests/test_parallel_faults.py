@@ -289,6 +289,37 @@ def test_a_frozen_agent_does_not_hang_the_launcher():
         subprocess.run(["pkill", "-KILL", "-f", "--", marker])
 
 
+@pytest.mark.timeout(120)
+def test_stopping_a_job_whose_agent_is_frozen_kills_it_at_once():
+    """SIGTERM to the launcher: a frozen agent cannot act on the SIGTERM passed on, so waiting
+    out its grace (10 s) before SIGKILL would only delay the exit."""
+    from geodnn.parallel.launch import is_stopped
+
+    seconds = "6.75"
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
+    )
+    marker = f"--timeout {seconds}"
+    try:
+        deadline = time.monotonic() + 60
+        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
+        pid = int(agent[0].split()[0])
+        os.kill(pid, signal.SIGSTOP)
+        while not is_stopped(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the signal is delivered asynchronously
+        launcher.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        launcher.communicate(timeout=30)
+        assert launcher.returncode == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 4  # not the 10 s grace a running agent gets
+        assert _all_gone(seconds)
+    finally:
+        launcher.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
+
+
 def test_a_frozen_agent_s_job_ends_by_what_its_ranks_did(tmp_path):
     from geodnn.parallel.launch import FrozenAgent, read_exit_codes
 

@@ -146,11 +146,7 @@ class FrozenAgent:
     @classmethod
     def look(cls, pid: int, workers: int, codes: str) -> FrozenAgent | None:
         """None unless the agent is stopped (or traced)."""
-        try:
-            status = psutil.Process(pid).status()
-        except psutil.Error:
-            return None
-        if status not in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        if not is_stopped(pid):
             return None
         live = [r for r in _descendants(pid) if _running(r)]
         return cls(pid, workers, live, read_exit_codes(codes))
@@ -180,12 +176,7 @@ class FrozenAgent:
             how = f"its ranks had {'finished' if self.finished else 'ended'}"
         else:
             how = "none of its ranks was running"
-        for rank in self.live:
-            with contextlib.suppress(psutil.Error):
-                rank.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        _kill_group(process)  # at once: it is frozen
         print(
             f"geodnn: {'warning' if self.finished else 'error'}: torchrun's agent (pid "
             f"{self.pid}) was frozen (stopped by a signal or a debugger); {how} and it was "
@@ -193,6 +184,14 @@ class FrozenAgent:
             file=sys.stderr,
         )
         return 0 if self.finished else 1
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped by a signal or held by a debugger."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def _running(process: psutil.Process) -> bool:
@@ -257,16 +256,25 @@ def _kill_group(process: subprocess.Popen) -> None:
     agent's process group does not reach them: they are listed first, and any still alive once
     the agent is gone (a stopped or stuck rank the agent gave up on) is killed."""
     ranks = _descendants(process.pid)
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=SHUTDOWN_GRACE_S + 5)  # the agent stops its ranks first
-    except (ProcessLookupError, subprocess.TimeoutExpired):
+    # a frozen agent cannot act on SIGTERM: no grace to wait for
+    if is_stopped(process.pid) or not _terminated(process):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     for rank in ranks:
         with contextlib.suppress(psutil.Error):
             rank.kill()
+
+
+def _terminated(process: subprocess.Popen) -> bool:
+    """SIGTERM to the agent's process group; whether the agent ended within its grace (it stops
+    its ranks first)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=SHUTDOWN_GRACE_S + 5)
+        return True
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        return False
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
