@@ -21,6 +21,7 @@ import argparse
 import copy
 import logging
 import os
+import shlex
 import threading
 import time
 import warnings
@@ -154,10 +155,12 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
     here = ground_pixel_size(info.crs, info.transform, info.width, info.height)
     if not trained or not here or max(here / trained, trained / here) < RESOLUTION_TOLERANCE:
         return None
+    resolution = abs(info.transform.a) * trained / here  # in the scene's CRS units
+    command = f"rio warp {shlex.quote(info.path.name)} resampled.tif --res {resolution:.3g}"
     message = (
         f"{info.path}: its pixels are {here:.3g} m on the ground, the model was trained on "
         f"{trained:.3g} m pixels, so its map may be poor; resample the scene to {trained:.3g} m "
-        "(`rio warp --res`, or gdalwarp -tr in the scene's units) or train on this resolution"
+        f"(`{command}`) or train on this resolution"
     )
     warnings.warn(message, stacklevel=3)
     return message

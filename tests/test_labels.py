@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import warnings
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
@@ -376,9 +380,18 @@ def test_a_mask_with_a_crs_on_the_grid_of_a_scene_without_one_is_read_with_a_war
     info = open_scene(make_geotiff(np.ones((1, 20, 30), np.uint8), name="bare.tif", crs=None))
     mask = np.zeros((20, 30), np.uint8)
     mask[2:5, 3:9] = 1
-    with pytest.warns(UserWarning, match="the scene bare.tif has no CRS but the mask's shape"):
+    with pytest.warns(UserWarning, match="the scene bare.tif has no CRS but the mask's sha") as w:
         source = load_labels(make_geotiff(mask, name="m.tif"), info)
     np.testing.assert_array_equal(whole(source, info), mask)
+    from click.testing import CliRunner
+    from rasterio.rio.main import main_group
+
+    (said,) = [str(x.message) for x in w if "has no CRS but the mask's" in str(x.message)]
+    command = shlex.split(re.search(r"`(rio edit-info [^`]+)`", said)[1])
+    folder = Path(info.path).parent  # the fix it gives, run on the files it names
+    args = [str(folder / a) if (folder / a).is_file() else a for a in command[1:]]
+    assert CliRunner().invoke(main_group, args).exit_code == 0
+    assert open_scene(info.path).crs == CRS.from_epsg(32616)
 
 
 def test_an_attribute_that_is_background_everywhere_scores_but_does_not_tile(

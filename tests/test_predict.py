@@ -543,6 +543,8 @@ def test_a_scene_at_another_resolution_than_the_training_one_is_warned_of(tmp_pa
     with pytest.warns(UserWarning, match=r"utm.tif: its pixels are 0.5 m .* trained on 0.27 m"):
         summary = predict_scene(ckpt, utm, tmp_path / "a.tif", chunk=32)
     assert any("0.27 m pixels" in w for w in summary.warnings)
+    # the fix in the scene's own units (metres here; degrees for a geographic scene)
+    assert any("`rio warp utm.tif resampled.tif --res 0.27`" in w for w in summary.warnings)
     # 0.27 m in degrees at 36 N (Las Vegas): close enough, no warning
     degrees = from_origin(-115.2, 36.1, 2.4e-6 / np.cos(np.radians(36.1)), 2.4e-6)
     geographic = make_geotiff(array, name="geo.tif", crs="EPSG:4326", transform=degrees)

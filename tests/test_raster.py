@@ -4,6 +4,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyproj
 import pytest
 import rasterio
 from affine import Affine
@@ -204,6 +205,9 @@ def test_ground_pixel_size_is_in_metres_whatever_the_crs_units():
     feet = ground_pixel_size(CRS.from_epsg(2229), from_origin(6e6, 2e6, 1.0, 1.0), 100, 100)
     # 1e-5 degrees at the equator: 1.11 m east-west and 1.11 m north-south
     degrees = ground_pixel_size(CRS.from_epsg(4326), from_origin(0, 0.0005, 1e-5, 1e-5), 100, 100)
-    assert utm == pytest.approx(0.5) and feet == pytest.approx(0.3048006, rel=1e-6)
-    assert degrees == pytest.approx(1.11, abs=0.01)
+    # Web Mercator's nominal 0.6 m at 60 N are 0.6 x cos(60) = 0.3 m on the ground
+    x, y = pyproj.Transformer.from_crs(4326, 3857, always_xy=True).transform(10.0, 60.0)
+    mercator = ground_pixel_size(CRS.from_epsg(3857), from_origin(x, y, 0.6, 0.6), 100, 100)
+    assert utm == pytest.approx(0.5, rel=1e-3) and feet == pytest.approx(0.3048, rel=1e-3)
+    assert degrees == pytest.approx(1.11, abs=0.01) and mercator == pytest.approx(0.3, rel=0.01)
     assert ground_pixel_size(None, from_origin(0, 0, 1, 1), 10, 10) is None

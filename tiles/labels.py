@@ -45,7 +45,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from .errors import LabelError
-from .raster import SceneInfo, grid_bounds, io_error_reason
+from .raster import SceneInfo, grid_bounds, io_error_reason, rio_edit
 
 IGNORE_INDEX = 255
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
@@ -398,7 +398,7 @@ def _load_vector(
     if scene.crs is None:
         raise LabelError(
             f"{path}: the scene {scene.path} has no CRS, so vector labels cannot be placed; "
-            f"assign the scene a CRS (`rio edit-info --crs EPSG:CODE {Path(scene.path).name}`)"
+            f"assign the scene a CRS (`{rio_edit(scene.path, '--crs', 'EPSG:CODE')}`)"
         )
     ids, names, values = _class_ids(frame, path, attribute)
     if attribute is None and layer is not None:
@@ -587,16 +587,19 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
                 bounds = _check_raster_overlap(src, path, scene)
                 note = _other_grid_note(src, path, scene, bounds)
             elif scene.crs is None and src.crs is not None:
+                fix = rio_edit(scene.path, "--like", path.name, "--crs", "like")
                 warnings.warn(
                     f"{path}: the scene {scene.path.name} has no CRS but the mask's shape and "
-                    f"transform; the mask ({src.crs}) is read as on the scene's grid",
+                    "transform; the mask is read as on the scene's grid (give the scene the "
+                    f"mask's CRS with `{fix}` to silence this)",
                     stacklevel=2,
                 )
             elif src.crs is None and scene.crs is not None:
                 warnings.warn(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
-                    "the scene's grid (set its CRS with `rio edit-info --crs EPSG:CODE "
-                    f"{Path(path).name}` to silence this)",
+                    "the scene's grid (set its CRS with "
+                    f"`{rio_edit(path, '--like', scene.path.name, '--crs', 'like')}` to silence "
+                    "this)",
                     stacklevel=2,
                 )
             values = _mask_values(src, path)
@@ -620,8 +623,8 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
     if nodata == 0:
         warnings.warn(
             f"{path}: mask declares nodata 0, so its 0 pixels are unlabeled (ignored), not "
-            f"background; unset it (`rio edit-info --unset-nodata {Path(path).name}`) if 0 "
-            "means background",
+            f"background; unset it (`{rio_edit(path, '--unset-nodata')}`) if 0 means "
+            "background",
             stacklevel=2,
         )
     ints = [int(v) for v in values]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,7 +182,13 @@ def untag_alpha_command(src: rasterio.DatasetReader, path: Path, index: int | No
         "undefined" if (i == index if index else ci == ColorInterp.alpha) else ci.name
         for i, ci in enumerate(src.colorinterp, start=1)
     ]
-    return f"rio edit-info --colorinterp {','.join(names)} {path.name}"
+    return rio_edit(path, "--colorinterp", ",".join(names))
+
+
+def rio_edit(path: str | os.PathLike, *options: str) -> str:
+    """The `rio edit-info` command (installed with rasterio; GDAL's own utilities often are
+    not) that applies `options` to a file, its name quoted for a shell."""
+    return shlex.join(["rio", "edit-info", *options, Path(path).name])
 
 
 _ALPHA_WARNED: set[tuple[Path, int]] = set()
@@ -214,8 +221,8 @@ def warn_if_no_crs(info: SceneInfo) -> str | None:
     if info.crs is None:
         message = (
             f"{info.path}: raster has no CRS; outputs are written without one "
-            f"(assign one with `rio edit-info --crs EPSG:CODE {Path(info.path).name}` for a map "
-            "that lines up)"
+            f"(assign one with `{rio_edit(info.path, '--crs', 'EPSG:CODE')}` for a map that "
+            "lines up)"
         )
         warnings.warn(message, stacklevel=2)
         return message
@@ -224,22 +231,28 @@ def warn_if_no_crs(info: SceneInfo) -> str | None:
 
 def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: int) -> float | None:
     """The side of a pixel on the ground, in metres, at the scene's centre (the geometric
-    mean of its two sides): what a model trained at one resolution needs to see again. None
-    without a CRS or with units that are neither linear nor degrees."""
+    mean of its two sides, measured on the ellipsoid: a projection's nominal size can be half
+    of it, as Web Mercator's at 60 N): what a model trained at one resolution needs to see
+    again. None without a CRS, or when neither the ellipsoid nor linear units give a size."""
     if crs is None:
         return None
     col, row = width / 2, height / 2
-    centre, right, down = (transform * xy for xy in ((col, row), (col + 1, row), (col, row + 1)))
-    if crs.is_geographic:
-        geod = pyproj.Geod(ellps="WGS84")
-        sides = [geod.inv(*centre, *other)[2] for other in (right, down)]
-    else:
+    points = [transform * xy for xy in ((col, row), (col + 1, row), (col, row + 1))]
+    source = pyproj.CRS.from_user_input(crs.to_wkt())
+    geodetic = source.geodetic_crs
+    if geodetic is None:  # an engineering (site) CRS: its own linear units
         try:
             factor = float(crs.linear_units_factor[1])
-        except CRSError:  # a CRS without linear units
+        except CRSError:
             return None
-        sides = [math.dist(centre, other) * factor for other in (right, down)]
-    return math.sqrt(sides[0] * sides[1])
+        sides = [math.dist(points[0], other) * factor for other in points[1:]]
+    else:
+        to_geodetic = pyproj.Transformer.from_crs(source, geodetic, always_xy=True)
+        lonlat = [to_geodetic.transform(*xy) for xy in points]
+        geod = geodetic.get_geod()
+        sides = [geod.inv(*lonlat[0], *other)[2] for other in lonlat[1:]]
+    size = math.sqrt(sides[0] * sides[1])
+    return size if math.isfinite(size) and size > 0 else None
 
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
