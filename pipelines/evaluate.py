@@ -90,12 +90,17 @@ class TrainingSplit:
         record = ckpt.metadata.get("training_split")
         if not record or list(record["scene_shape"]) != [info.height, info.width]:
             return None
+        if record.get("scene_name", info.path.name) != info.path.name:  # another date's scene
+            return None
         if not np.allclose(record["scene_transform"], tuple(info.transform)[:6], rtol=1e-9):
             return None
         return cls(str(record["split"]), int(record["gap"]))
 
     def warn_if_scored(self, box: Region | None, info, region: str) -> None:
-        """Warn when the scored pixels include the region the model was trained on."""
+        """Warn when the scored pixels include the region the model was trained on (unless
+        that region is what was asked for)."""
+        if region == "train":
+            return
         trained = region_box(info.shape, self.split, self.gap, "train")
         scored = box or Region(trained.split, 0, info.height, 0, info.width)
         overlap = min(scored.row1, trained.row1) > max(scored.row0, trained.row0) and min(
@@ -103,13 +108,24 @@ class TrainingSplit:
         ) > max(scored.col0, trained.col0)
         if not overlap:
             return
-        fix = "pass --region validation" if region == "all" else "drop --split and --gap"
+        if not self.has_validation(info):
+            fix = "score a scene the model was not trained on"
+        elif region == "all":
+            fix = "pass --region validation to score the training split's validation region"
+        else:
+            fix = "drop --split and --gap to score the training split's validation region"
         warnings.warn(
             f"{info.path}: the scored region includes pixels the model was trained on (its "
-            f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix} to "
-            "score the training split's validation region",
+            f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix}",
             stacklevel=3,
         )
+
+    def has_validation(self, info) -> bool:
+        try:
+            region_box(info.shape, self.split, self.gap, "validation")
+        except PipelineError:  # e.g. columns:1, all training
+            return False
+        return True
 
 
 def clip(labels: np.ndarray, window, box: Region | None) -> np.ndarray:

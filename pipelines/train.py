@@ -481,6 +481,7 @@ def training_split_record(store: TileStore) -> dict:
     return {
         "split": f"{split['axis']}:{split['fraction']:g}",
         "gap": int(split["gap"]),
+        "scene_name": store.scene_path.name,
         "scene_shape": list(store.scene_shape),
         "scene_transform": list(tuple(store.scene_transform)[:6]),
     }

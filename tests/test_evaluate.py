@@ -83,10 +83,20 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
         evaluate_scene(ckpt, scene, labels, split="columns:0.3", region="validation")
     with pytest.warns(UserWarning, match=not_held_out + ".*pass --region validation"):
         evaluate_scene(ckpt, scene, labels)  # region "all"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        evaluate_scene(ckpt, scene, labels, region="train")  # asked for: nothing to warn of
+    everything = {**record, "split": "columns:1"}  # a store of training tiles only
+    geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=everything)
+    with pytest.warns(UserWarning, match="not held out; score a scene the model was not trained"):
+        evaluate_scene(ckpt, scene, labels)
     with warnings.catch_warnings():  # another scene (here: another grid) is all held out
         warnings.simplefilter("error", UserWarning)
         moved = {**record, "scene_transform": [0.5, 0, 7e5, 0, -0.5, 4e6]}
         geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=moved)
+        evaluate_scene(ckpt, scene, labels)
+        later = {**record, "scene_name": "image-2027.tif"}  # the same grid, another date
+        geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=later)
         evaluate_scene(ckpt, scene, labels)
 
 
