@@ -271,6 +271,7 @@ def test_an_interrupted_build_raises_the_interrupt_though_its_writer_still_write
 
 
 def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene_and_mask):
+    import fcntl
     import os
     import socket
     import subprocess
@@ -288,9 +289,17 @@ def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene
     older = tmp_path / f".s.zarr.tmp-{gone}-abcdef01"  # named as before the host was in it
     for folder in (killed, running, elsewhere, older):
         (folder / "c").mkdir(parents=True)
-    build(scene, mask, tmp_path / "s.zarr")
+    # with a lock beside it, the lock decides, whatever the name says (other PID namespaces)
+    unheld = tmp_path / f".s.zarr.tmp-{host}-{os.getpid()}-1ocked00"
+    held = tmp_path / f".s.zarr.tmp-{host}-{gone}-1ocked01"
+    for folder in (unheld, held):
+        (folder / "c").mkdir(parents=True)
+        folder.with_name(folder.name + ".lock").touch()
+    with open(held.with_name(held.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a build in progress, say in another container
+        build(scene, mask, tmp_path / "s.zarr")
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
-    assert left == sorted([running.name, elsewhere.name])
+    assert left == sorted([running.name, elsewhere.name, held.name, held.name + ".lock"])
 
 
 def test_missing_output_folder(tmp_path, scene_and_mask):

@@ -18,6 +18,7 @@ grow with the scene, in a temporary folder that is renamed into place when compl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import dask
 import numpy as np
@@ -217,17 +219,60 @@ def _prepare_target(
     return out.parent / f".{out.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+try:  # POSIX; elsewhere temporary stores are told apart by host and PID only
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+LOCK_SUFFIX = ".lock"  # beside a temporary store: held (flock) by the build that makes it
+
+
+def _hold_build_lock(tmp: Path) -> IO[str] | None:
+    """Lock the file beside the temporary store for as long as the build runs: the lock dies
+    with the process, however it ends, so an unheld lock marks an orphan (`_remove_orphans`)
+    whatever machine, container or PID namespace the build ran in."""
+    if fcntl is None:
+        return None
+    lock = open(tmp.with_name(tmp.name + LOCK_SUFFIX), "w")  # noqa: SIM115 (held until released)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def _release_build_lock(lock: IO[str] | None) -> None:
+    if lock is None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(lock.name)
+    lock.close()
+
+
 def _remove_orphans(out: Path) -> None:
-    """Remove the temporary stores earlier builds of `out` on this machine left (killed, or a
-    removal that failed): nothing else would. Another machine's (a shared disk) are left."""
+    """Remove the temporary stores that earlier builds of `out` left (killed, or a removal that
+    failed): nothing else would. A build in progress holds its lock and is left alone."""
     prefix = f".{out.name}.tmp-"
     for tmp in out.parent.glob(f"{prefix}*"):
-        parts = tmp.name.removeprefix(prefix).rsplit("-", 2)
-        if len(parts) == 2:  # PID-HEX: named before the host was part of the name
-            parts.insert(0, socket.gethostname())
-        host, pid = parts[0], parts[1] if len(parts) == 3 else ""
-        if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+        if tmp.is_dir() and _is_orphan(tmp, tmp.name.removeprefix(prefix)):
             remove_tree(tmp)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp.with_name(tmp.name + LOCK_SUFFIX))
+
+
+def _is_orphan(tmp: Path, tag: str) -> bool:
+    """Whether no build holds `tmp`'s lock; for a temporary store without one (made before the
+    lock, as HOST-PID-HEX or PID-HEX), whether it is this machine's and its process is gone."""
+    lock_path = tmp.with_name(tmp.name + LOCK_SUFFIX)
+    if fcntl is not None and lock_path.is_file():
+        try:
+            with open(lock_path, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:  # held: a build in progress
+            return False
+    parts = tag.rsplit("-", 2)
+    if len(parts) == 2:  # PID-HEX: named before the host was part of the name
+        parts.insert(0, socket.gethostname())
+    host, pid = parts[0], parts[1] if len(parts) == 3 else ""
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
@@ -265,7 +310,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
             _check_replaceable(out, found, overwrite)
     os.replace(tmp, out)
     if old is not None:
-        shutil.rmtree(old) if found == "store" else old.rmdir()
+        remove_tree(old)  # the new store is in place: a failure here must not undo that
 
 
 def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
@@ -406,6 +451,7 @@ def build_store(
     tiles = split_tiles(info.shape, split, tile)
     if on_start is not None:
         on_start(len(tiles))
+    lock = _hold_build_lock(tmp)
     try:
         group = zarr.open_group(str(tmp), mode="w")
         written, stats, counts, per_split = _write_tiles(
@@ -426,11 +472,12 @@ def build_store(
             class_pixel_counts=counts.tolist(),
         )
         group.attrs.update(attrs)
-        _move_into_place(tmp, out, overwrite)
         _warn_of_untrained_classes(out, source.class_names, counts)
+        _move_into_place(tmp, out, overwrite)
     finally:
         if tmp.exists():
             remove_tree(tmp)
+        _release_build_lock(lock)
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
@@ -441,8 +488,9 @@ def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarr
     if missing:
         warnings.warn(
             f"{out}: class(es) {', '.join(missing)} have no labeled pixels in the training "
-            "region (all in validation or the guard band); rebuild with another --split to "
-            "train them",
+            "region, so they cannot be learned from this store (their labels lie in the "
+            "validation region or the guard band, outside the scene, or under nodata); if in "
+            "validation, rebuild with another --split",
             stacklevel=3,
         )
 
