@@ -30,6 +30,7 @@ from tiles.raster import open_scene
 from tiles.split import Region, parse_split, split_regions
 
 from .errors import PipelineError
+from .options import non_negative_int, positive_int
 from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions, resolution_note
 
 REGIONS = ("all", "train", "validation")
@@ -250,11 +251,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--gap",
-        type=int,
+        type=non_negative_int,
         help=f"guard band of the split, in pixels (default: the checkpoint's, else {DEFAULT_GAP})",
     )
     p.add_argument("--region", choices=REGIONS, default="all", help="which part to score")
-    p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels")
+    p.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, help="chunk size in pixels")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
     p.set_defaults(func=run)

@@ -65,6 +65,7 @@ from tiles.vectorize import (  # noqa: E402
 
 from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
+from .options import number, positive_int  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -342,9 +343,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vectors", help="also write class polygons to this GeoPackage (+ .qml)")
     p.add_argument("--cog", action="store_true", help="write Cloud-Optimized GeoTIFFs")
     p.add_argument(
-        "--chunk", type=int, default=DEFAULT_CHUNK, help="chunk size in pixels (default 512)"
+        "--chunk",
+        type=positive_int,
+        default=DEFAULT_CHUNK,
+        help="chunk size in pixels (default 512)",
     )
-    p.add_argument("--batch", type=int, default=1, help="chunks per model call (default 1)")
+    p.add_argument(
+        "--batch", type=positive_int, default=1, help="chunks per model call (default 1)"
+    )
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: local)")
     p.add_argument(
         "--device",
@@ -353,11 +359,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where the model runs (auto: GPU if any; with --scheduler, resolved on each worker)",
     )
     p.add_argument(
-        "--min-area", type=float, default=0.0, help="drop smaller polygons (CRS units squared)"
+        "--min-area", type=number, default=0.0, help="drop smaller polygons (CRS units squared)"
     )
     p.add_argument(
         "--simplify",
-        type=float,
+        type=number,
         default=0.0,
         help="simplify tolerance (CRS units; polygon by polygon, so neighbours may then overlap)",
     )

@@ -38,6 +38,7 @@ from tiles.labels import split_layer
 from .config import SOLVERS, Config, load_config
 from .errors import DamagedRunError, PipelineError
 from .io import atomic_write_text
+from .options import integer
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +541,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", type=Path, help="pipeline TOML (see pipelines/configs/)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     p.add_argument("--force", action="store_true", help="redo every step from scratch")
-    p.add_argument("--iterations", type=int, help="override [train] iterations")
+    p.add_argument("--iterations", type=integer, help="override [train] iterations")
     p.set_defaults(func=run_command)
 
 

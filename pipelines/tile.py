@@ -19,6 +19,8 @@ from tiles.split import parse_split
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
 
+from .options import non_negative_int, positive_int
+
 log = logging.getLogger(__name__)
 
 
@@ -91,25 +93,6 @@ def run(args: argparse.Namespace) -> int:
         counts,
     )
     return 0
-
-
-def whole_number(text: str, least: int) -> int:
-    """An option's whole number of at least `least`, refused in argparse's words otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {least}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return whole_number(text, 0)
 
 
 def register(subparsers) -> None:

@@ -71,6 +71,7 @@ from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
+from .options import integer
 from .report import score_text
 
 log = logging.getLogger(__name__)
@@ -1239,9 +1240,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continue the run in --out (exactly, unless step sizes changed)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--iterations", type=int, help="override [train] iterations")
-    p.add_argument("--workers", type=int, help="ranks, each owning a block of layers")
-    p.add_argument("--compress-bits", type=int, help="quantize boundary messages (e.g. 8)")
+    p.add_argument("--iterations", type=integer, help="override [train] iterations")
+    p.add_argument("--workers", type=integer, help="ranks, each owning a block of layers")
+    p.add_argument("--compress-bits", type=integer, help="quantize boundary messages (e.g. 8)")
     p.set_defaults(func=run_command)
 
 
