@@ -26,7 +26,7 @@ from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import load_labels
-from tiles.raster import open_scene
+from tiles.raster import SceneInfo, open_scene
 from tiles.split import Region, parse_split, split_regions
 
 from .errors import PipelineError
@@ -80,14 +80,14 @@ DEFAULT_GAP = 32  # the guard band of a split when neither --gap nor the checkpo
 @dataclass(frozen=True)
 class TrainingSplit:
     """The split of the tile store a checkpoint was trained on (its `training_split`
-    metadata), when `scene` is that store's scene grid."""
+    metadata), on that store's scene."""
 
     split: str
     gap: int
 
     @classmethod
-    def of(cls, ckpt: Checkpoint, info) -> TrainingSplit | None:
-        """None for a checkpoint without the record, or a scene on another grid."""
+    def of(cls, ckpt: Checkpoint, info: SceneInfo) -> TrainingSplit | None:
+        """None for a checkpoint without the record, or a scene of another name or grid."""
         record = ckpt.metadata.get("training_split")
         if not record or list(record["scene_shape"]) != [info.height, info.width]:
             return None
@@ -97,7 +97,7 @@ class TrainingSplit:
             return None
         return cls(str(record["split"]), int(record["gap"]))
 
-    def warn_if_scored(self, box: Region | None, info, region: str) -> None:
+    def warn_if_scored(self, box: Region | None, info: SceneInfo, region: str) -> None:
         """Warn when the scored pixels include the region the model was trained on (unless
         that region is what was asked for)."""
         if region == "train":
@@ -121,7 +121,8 @@ class TrainingSplit:
             stacklevel=3,
         )
 
-    def has_validation(self, info) -> bool:
+    def has_validation(self, info: SceneInfo) -> bool:
+        """Whether the training split leaves a validation region on the scene."""
         try:
             region_box(info.shape, self.split, self.gap, "validation")
         except PipelineError:  # e.g. columns:1, all training

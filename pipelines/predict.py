@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import shlex
 import threading
@@ -156,7 +157,8 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
     here = ground_pixel_size(info.crs, info.transform, info.width, info.height)
     if not trained or not here or max(here / trained, trained / here) < RESOLUTION_TOLERANCE:
         return None
-    resolution = abs(info.transform.a) * trained / here  # in the scene's CRS units
+    t = info.transform  # a pixel's side in the scene's CRS units (rotated grids too)
+    resolution = math.hypot(t.a, t.d) * trained / here
     command = f"rio warp {shlex.quote(info.path.name)} resampled.tif --res {resolution:.3g}"
     message = (
         f"{info.path}: its pixels are {here:.3g} m on the ground, the model was trained on "

@@ -234,7 +234,11 @@ def _hold_build_lock(tmp: Path) -> IO[str] | None:
     if fcntl is None:
         return None
     lock = open(tmp.with_name(tmp.name + LOCK_SUFFIX), "w")  # noqa: SIM115 (held until released)
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks (some network mounts): host and PID only
+        _release_build_lock(lock)
+        return None
     return lock
 
 
@@ -482,8 +486,8 @@ def build_store(
 
 
 def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarray) -> None:
-    """A class whose pixels all fall in the validation region or the guard band cannot be
-    learned from this store: said when it is made, where the fix (another split) is."""
+    """A class without labeled training pixels cannot be learned from this store: said when
+    it is made, where the fix (often another split) is."""
     missing = [name for name, count in zip(names, counts.tolist()) if count == 0]
     if missing:
         warnings.warn(
