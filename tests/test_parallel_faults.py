@@ -3,11 +3,13 @@ killed after a checkpoint resumes to exactly the uninterrupted result."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -229,41 +231,11 @@ def _in_the_group(process_line: str) -> bool:
     return sum(c.status == psutil.CONN_ESTABLISHED for c in links) >= 2
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
-def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
-    """SIGKILL to torchrun's agent: its ranks follow it (they trained on with no parent, and a
-    rerun's ranks then wrote the same run folder), and the launcher names what happened."""
-    seconds = "296"
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
-    )
-    marker = f"--timeout {seconds}"
-    try:
-        deadline = time.monotonic() + 60
-        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
-        ranks = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" not in p]
-        while not all(_in_the_group(r) for r in ranks) and time.monotonic() < deadline:
-            time.sleep(0.5)  # past init_ranks: the parent-death signal is set
-        os.kill(int(agent[0].split()[0]), signal.SIGKILL)
-        _, err = launcher.communicate(timeout=30)
-        assert launcher.returncode == 128 + signal.SIGKILL
-        assert "torchrun's agent (pid" in err and "was killed by SIGKILL" in err
-        assert _all_gone(seconds)
-        assert "is gone" not in err  # stopped by the signal, not by a late start's own check
-    finally:
-        launcher.kill()
-        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
-
-
-@pytest.mark.timeout(120)
-def test_a_frozen_agent_does_not_hang_the_launcher():
-    """SIGSTOP to torchrun's agent: it can no longer stop its ranks or end the job (and rank 0,
-    giving up on the hung rank 1, can hang on the rendezvous store the agent serves), so the
-    launcher stops the job itself instead of waiting for ever on the frozen agent."""
-    seconds = "6.25"  # rank 0's wait for the hung rank 1, and this test's marker
+@contextlib.contextmanager
+def _job_of_agent(seconds: str, joined: bool = True) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A launcher of the self-check whose rank 1 hangs (its ranks' command lines carry
+    `--timeout seconds`), and its torchrun agent's pid once the ranks are up (with `joined`,
+    once they hold their peer links: past init_ranks); everything is killed afterwards."""
     launcher = subprocess.Popen(
         [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
     )
@@ -274,9 +246,37 @@ def test_a_frozen_agent_does_not_hang_the_launcher():
             time.sleep(0.2)
         agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
         ranks = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" not in p]
-        while not all(_in_the_group(r) for r in ranks) and time.monotonic() < deadline:
-            time.sleep(0.2)  # joined: they train on while the agent is frozen
-        os.kill(int(agent[0].split()[0]), signal.SIGSTOP)
+        while joined and not all(_in_the_group(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        yield launcher, int(agent[0].split()[0])
+    finally:
+        launcher.kill()
+        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+def test_a_killed_agent_takes_its_ranks_down_and_the_launcher_says_so():
+    """SIGKILL to torchrun's agent: its ranks follow it (they trained on with no parent, and a
+    rerun's ranks then wrote the same run folder), and the launcher names what happened."""
+    seconds = "296"
+    with _job_of_agent(seconds) as (launcher, agent):  # joined: the parent-death signal is set
+        os.kill(agent, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=30)
+        assert launcher.returncode == 128 + signal.SIGKILL
+        assert "torchrun's agent (pid" in err and "was killed by SIGKILL" in err
+        assert _all_gone(seconds)
+        assert "is gone" not in err  # stopped by the signal, not by a late start's own check
+
+
+@pytest.mark.timeout(120)
+def test_a_frozen_agent_does_not_hang_the_launcher():
+    """SIGSTOP to torchrun's agent: it can no longer stop its ranks or end the job (and rank 0,
+    giving up on the hung rank 1, can hang on the rendezvous store the agent serves), so the
+    launcher stops the job itself instead of waiting for ever on the frozen agent."""
+    seconds = "6.25"  # rank 0's wait for the hung rank 1, and this test's marker
+    with _job_of_agent(seconds) as (launcher, agent):  # joined: they train on while it is frozen
+        os.kill(agent, signal.SIGSTOP)
         start = time.monotonic()
         _, err = launcher.communicate(timeout=60)
         assert launcher.returncode not in (0, 124), err
@@ -284,9 +284,6 @@ def test_a_frozen_agent_does_not_hang_the_launcher():
         assert "torchrun's agent (pid" in err and "was frozen" in err, err
         assert "were stopped" in err, err
         assert _all_gone(seconds)
-    finally:
-        launcher.kill()
-        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
 
 
 @pytest.mark.timeout(120)
@@ -296,18 +293,10 @@ def test_stopping_a_job_whose_agent_is_frozen_kills_it_at_once():
     from geodnn.parallel.launch import is_stopped
 
     seconds = "6.75"
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, seconds, "hang"], stderr=subprocess.PIPE, text=True
-    )
-    marker = f"--timeout {seconds}"
-    try:
-        deadline = time.monotonic() + 60
-        while len(_selfcheck_processes(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        agent = [p for p in _selfcheck_processes(marker) if "geodnn.parallel.agent" in p]
-        pid = int(agent[0].split()[0])
-        os.kill(pid, signal.SIGSTOP)
-        while not is_stopped(pid) and time.monotonic() < deadline:
+    with _job_of_agent(seconds, joined=False) as (launcher, agent):
+        os.kill(agent, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while not is_stopped(agent) and time.monotonic() < deadline:
             time.sleep(0.05)  # the signal is delivered asynchronously
         launcher.send_signal(signal.SIGTERM)
         start = time.monotonic()
@@ -315,9 +304,6 @@ def test_stopping_a_job_whose_agent_is_frozen_kills_it_at_once():
         assert launcher.returncode == 128 + signal.SIGTERM
         assert time.monotonic() - start < 4  # not the 10 s grace a running agent gets
         assert _all_gone(seconds)
-    finally:
-        launcher.kill()
-        subprocess.run(["pkill", "-KILL", "-f", "--", marker])
 
 
 def test_a_frozen_agent_s_job_ends_by_what_its_ranks_did(tmp_path):
