@@ -187,6 +187,12 @@ def evaluate_scene(
     if trained is not None and region != "all":
         split = split or trained.split
         gap = trained.gap if gap is None else gap
+    if split is None and region != "all":
+        raise PipelineError(
+            f"--region {region} needs --split (e.g. --split columns:0.7 --gap 64, as the store "
+            f"was tiled): the checkpoint records no training split on {info.path.name} "
+            "(trained on another scene, or before geodnn recorded it)"
+        )
     box = region_box(info.shape, split, DEFAULT_GAP if gap is None else gap, region)
     if trained is not None:
         trained.warn_if_scored(box, info, region)

@@ -159,7 +159,9 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
         return None
     t = info.transform  # a pixel's side in the scene's CRS units (rotated grids too)
     resolution = math.hypot(t.a, t.d) * trained / here
-    command = f"rio warp {shlex.quote(info.path.name)} resampled.tif --res {resolution:.3g}"
+    command = shlex.join(
+        ["rio", "warp", str(info.path), "resampled.tif", "--res", f"{resolution:.3g}"]
+    )
     message = (
         f"{info.path}: its pixels are {here:.3g} m on the ground, the model was trained on "
         f"{trained:.3g} m pixels, so its map may be poor; resample the scene to {trained:.3g} m "
@@ -308,6 +310,8 @@ def predict_scene(
 
 def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool) -> list[Path]:
     paths = [Path(p) for p in (out, probabilities, vectors) if p is not None]
+    if vectors is not None:  # before "pass --overwrite", which would not do here
+        check_replaceable(vectors)
     for path in paths:
         check_output(path, overwrite)
         if path.resolve() == info.path.resolve():
@@ -325,7 +329,6 @@ def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool
                 "(convert with `ogr2ogr` if you need another format)"
             )
         check_output(qml_path(vectors), overwrite)
-        check_replaceable(vectors)
     if len({p.resolve() for p in paths}) != len(paths):
         raise PipelineError(f"{out}: outputs must be different files; give each its own name")
     return paths

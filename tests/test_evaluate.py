@@ -126,7 +126,8 @@ def test_labels_with_more_classes_than_the_model_fail_clearly(atlanta, tmp_path,
 def test_region_without_split_is_an_error(atlanta, capsys):
     scene, labels, ckpt, _ = atlanta
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--region", "train"])
-    assert code == 2 and "needs --split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "needs --split" in err and "records no training split" in err
 
 
 def test_an_unknown_region_is_named_in_the_python_api(atlanta):

@@ -238,7 +238,7 @@ def _bad_inputs(tmp_path, make_geotiff):
         "png": ([good, "--out", out.with_suffix(".png")], "give it a .tif name"),
         "no suffix": ([good, "--out", out, "--probabilities", out.parent / "p"], ".tif name"),
         "user gpkg": (
-            [good, "--out", out, "--vectors", project, "--overwrite"],
+            [good, "--out", out, "--vectors", project],  # not "pass --overwrite" first
             "holds other layers (my_fields)",
         ),
     }
@@ -544,7 +544,7 @@ def test_a_scene_at_another_resolution_than_the_training_one_is_warned_of(tmp_pa
         summary = predict_scene(ckpt, utm, tmp_path / "a.tif", chunk=32)
     assert any("0.27 m pixels" in w for w in summary.warnings)
     # the fix in the scene's own units (metres here; degrees for a geographic scene)
-    assert any("`rio warp utm.tif resampled.tif --res 0.27`" in w for w in summary.warnings)
+    assert any(f"`rio warp {utm} resampled.tif --res 0.27`" in w for w in summary.warnings)
     # 0.27 m in degrees at 36 N (Las Vegas): close enough, no warning
     degrees = from_origin(-115.2, 36.1, 2.4e-6 / np.cos(np.radians(36.1)), 2.4e-6)
     geographic = make_geotiff(array, name="geo.tif", crs="EPSG:4326", transform=degrees)

@@ -587,18 +587,18 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
                 bounds = _check_raster_overlap(src, path, scene)
                 note = _other_grid_note(src, path, scene, bounds)
             elif scene.crs is None and src.crs is not None:
-                fix = rio_edit(scene.path, "--like", path.name, "--crs", "like")
+                fix = rio_edit(scene.path, "--like", str(path), "--crs", "like")
                 warnings.warn(
-                    f"{path}: the scene {scene.path.name} has no CRS but the mask's shape and "
-                    "transform; the mask is read as on the scene's grid (give the scene the "
-                    f"mask's CRS with `{fix}` to silence this)",
+                    f"{path}: the scene {scene.path.name} has no CRS; the mask has its shape and "
+                    "transform, so it is read as on the scene's grid, and outputs get no CRS "
+                    f"(give the scene the mask's CRS with `{fix}`)",
                     stacklevel=2,
                 )
             elif src.crs is None and scene.crs is not None:
                 warnings.warn(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
                     "the scene's grid (set its CRS with "
-                    f"`{rio_edit(path, '--like', scene.path.name, '--crs', 'like')}` to silence "
+                    f"`{rio_edit(path, '--like', str(scene.path), '--crs', 'like')}` to silence "
                     "this)",
                     stacklevel=2,
                 )

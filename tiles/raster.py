@@ -187,8 +187,8 @@ def untag_alpha_command(src: rasterio.DatasetReader, path: Path, index: int | No
 
 def rio_edit(path: str | os.PathLike, *options: str) -> str:
     """The `rio edit-info` command (installed with rasterio; GDAL's own utilities often are
-    not) that applies `options` to a file, its name quoted for a shell."""
-    return shlex.join(["rio", "edit-info", *options, Path(path).name])
+    not) that applies `options` to a file, its path as the user gave it, quoted for a shell."""
+    return shlex.join(["rio", "edit-info", *options, str(path)])
 
 
 _ALPHA_WARNED: set[tuple[Path, int]] = set()

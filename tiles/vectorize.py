@@ -383,8 +383,8 @@ def vectorize_classes(
     With `outputs`, the files are only reserved there and appear when the caller commits (so a
     whole prediction run succeeds or leaves nothing); otherwise they are committed here.
     """
+    check_replaceable(out)  # before "pass --overwrite", which would not do here
     out = check_output(out, overwrite)
-    check_replaceable(out)
     own = outputs is None
     outputs = outputs or AtomicOutputs()
     try:
