@@ -122,7 +122,8 @@ def test_nan_and_inf_are_masked_and_all_nodata_tiles_skipped(tmp_path, make_geot
 def test_scene_without_crs_keeps_none(tmp_path, make_geotiff):
     scene = make_geotiff(np.ones((1, 40, 40), dtype=np.uint8), crs=None)
     mask = make_geotiff(np.eye(40, dtype=np.uint8), crs=None)
-    store = build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 1.0, 0))
+    with pytest.warns(UserWarning, match="raster has no CRS; outputs are written without one"):
+        store = build(scene, mask, tmp_path / "s.zarr", split=SplitSpec("columns", 1.0, 0))
     assert store.crs is None and store.attrs["crs"] is None and len(store) == 4
 
 

@@ -50,7 +50,7 @@ from .labels import (
     plain_class_value,
     split_layer,
 )
-from .raster import SceneInfo, ground_pixel_size, open_scene, read_window
+from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
 
@@ -438,6 +438,7 @@ def build_store(
     tmp = _prepare_target(out, overwrite, scene, labels)
     info = open_scene(scene)
     source = load_labels(labels, info, class_attribute)
+    warn_if_no_crs(info)  # a mask on its grid is read; the store and every map get no CRS
     if source.classes < 2:  # e.g. a class attribute that is 0 (background) everywhere
         raise TilesError(
             f"{labels}: every labeled pixel is background, so there is no class to learn; "
