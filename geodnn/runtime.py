@@ -62,6 +62,17 @@ def die_with_parent(signum: int = signal.SIGTERM) -> None:
         libc.prctl(PR_SET_PDEATHSIG, int(signum))
 
 
+def follow_parent(pid_env: str) -> bool:
+    """Get SIGTERM when the parent process whose pid the environment variable `pid_env` holds
+    dies (`die_with_parent`); False when that parent is gone already, True when the variable is
+    unset (started by hand: nothing to follow)."""
+    parent = os.environ.get(pid_env)
+    if not parent:
+        return True
+    die_with_parent(signal.SIGTERM)
+    return os.getppid() == int(parent)
+
+
 def retain_freed_memory() -> bool:
     """Ask glibc to keep freed heap memory (no mmap for blocks up to 32 MiB, no trimming).
 

@@ -4,6 +4,7 @@ switch for the compiled CPU loops."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,15 @@ def test_a_stop_swallowed_on_the_way_is_raised_again_before_an_irreversible_step
     assert stop.value.signum == signal.SIGTERM
     with stop_signals_raise():  # a new block starts with a clean record
         raise_if_stopped()
+
+
+def test_follow_parent_says_whether_the_parent_named_in_the_environment_is_still_there():
+    """Run in a child process: the parent-death signal it sets stays with the process."""
+    code = (
+        "import os, sys; from geodnn.runtime import follow_parent\n"
+        "print(follow_parent('UNSET_PID'), follow_parent('MY_PARENT'), follow_parent('OTHER'))"
+    )
+    env = {**os.environ, "MY_PARENT": str(os.getpid()), "OTHER": "1"}
+    env.pop("UNSET_PID", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True", "False"], out.stderr

@@ -17,7 +17,7 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from ..runtime import die_with_parent
+from ..runtime import follow_parent
 from .group import AGENT_ENV
 from .launch import LAUNCHER_ENV, SHUTDOWN_GRACE_S, reported_ranks
 
@@ -64,11 +64,7 @@ def follow_launcher() -> bool:
     """Get SIGTERM when `launch`'s process dies (Linux), so a launcher killed with SIGKILL does
     not leave the agent and its ranks training unwatched: the agent stops them as on any
     SIGTERM. False when the launcher is already gone."""
-    launcher = os.environ.get(LAUNCHER_ENV)
-    if not launcher:
-        return True  # started by hand
-    die_with_parent(signal.SIGTERM)
-    return os.getppid() == int(launcher)
+    return follow_parent(LAUNCHER_ENV)  # True when started by hand
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ import contextlib
 import datetime
 import os
 import re
-import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import GeodnnError
-from ..runtime import die_with_parent
+from ..runtime import follow_parent
 
 DEFAULT_TIMEOUT_S = 120.0
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -158,11 +157,8 @@ def follow_agent(rank: int) -> None:
     """A rank of `geodnn.parallel.agent` gets SIGTERM when the agent dies (Linux), even by
     SIGKILL: torchrun's ranks would train on unwatched otherwise, beside the rerun a user then
     starts in the same run folder. Refused when the agent is gone already."""
-    agent = os.environ.get(AGENT_ENV)
-    if not agent:
-        return  # torchrun run by hand, or spawn: their own watch
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() != int(agent):
+    if not follow_parent(AGENT_ENV):  # unset: torchrun run by hand, or spawn (their own watch)
+        agent = os.environ[AGENT_ENV]
         raise RankFailureError(f"rank {rank}: its torchrun agent (pid {agent}) is gone; stopping")
 
 
