@@ -36,6 +36,7 @@ import rasterio
 import rasterio.features
 import rasterio.windows
 import shapely
+from affine import Affine
 from pyproj.exceptions import ProjError
 from rasterio._err import CPLE_BaseError
 from rasterio.enums import Resampling
@@ -499,8 +500,14 @@ def _same_grid(src, scene: SceneInfo) -> bool:
     crs_known = src.crs is not None and scene.crs is not None
     if crs_known and src.crs != scene.crs and not same_local_grid(src.crs, scene.crs):
         return False
-    a, b = np.asarray(src.transform)[:6], np.asarray(scene.transform)[:6]
-    pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
+    return _same_coefficients(src.transform, scene.transform, [0, 1, 2, 3, 4, 5])
+
+
+def _same_coefficients(mask: Affine, scene: Affine, which: list[int]) -> bool:
+    """Whether the two transforms agree in coefficients `which` (a, b, c, d, e, f = 0..5) to
+    a millionth of a scene pixel."""
+    pixel = max(abs(scene.a), abs(scene.e), 1e-300)
+    a, b = np.asarray(mask)[which], np.asarray(scene)[which]
     return bool(np.all(np.abs(a - b) <= 1e-6 * pixel))
 
 
@@ -529,9 +536,7 @@ def _on_scene_lattice(src, scene: SceneInfo) -> bool:
     number of scene pixels away) though its extent differs: nearest resampling is then exact."""
     if src.crs != scene.crs:
         return False
-    a, b = np.asarray(src.transform)[[0, 1, 3, 4]], np.asarray(scene.transform)[[0, 1, 3, 4]]
-    pixel = max(abs(scene.transform.a), abs(scene.transform.e), 1e-300)
-    if not np.all(np.abs(a - b) <= 1e-6 * pixel):
+    if not _same_coefficients(src.transform, scene.transform, [0, 1, 3, 4]):  # pixel size
         return False
     col, row = ~scene.transform * (src.transform.c, src.transform.f)
     return abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
