@@ -104,10 +104,15 @@ class TrainingSplit:
             return
         trained = region_box(info.shape, self.split, self.gap, "train")
         scored = box or Region(trained.split, 0, info.height, 0, info.width)
-        overlap = min(scored.row1, trained.row1) > max(scored.row0, trained.row0) and min(
-            scored.col1, trained.col1
-        ) > max(scored.col0, trained.col0)
-        if not overlap:
+        if not _overlap(scored, trained, 0):
+            if _overlap(scored, trained, self.gap):
+                warnings.warn(
+                    f"{info.path}: the scored region includes pixels of the training split's "
+                    f"guard band, within {self.gap} px of pixels the model was trained on (its "
+                    f"split {self.split}, gap {self.gap}), so the scores lean optimistic; drop "
+                    f"--gap (or pass --gap {self.gap}) to score only held-out pixels",
+                    stacklevel=3,
+                )
             return
         if not self.has_validation(info):
             fix = "score a scene the model was not trained on"
@@ -128,6 +133,12 @@ class TrainingSplit:
         except PipelineError:  # e.g. columns:1, all training
             return False
         return True
+
+
+def _overlap(a: Region, b: Region, margin: int) -> bool:
+    """Whether `a` shares pixels with `b` grown by `margin` pixels on every side."""
+    rows = min(a.row1, b.row1 + margin) > max(a.row0, b.row0 - margin)
+    return rows and min(a.col1, b.col1 + margin) > max(a.col0, b.col0 - margin)
 
 
 def clip(labels: np.ndarray, window, box: Region | None) -> np.ndarray:
