@@ -394,3 +394,25 @@ def test_a_run_folder_last_run_with_another_config_is_warned_of(tiny, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="pipelines.run"):
         run_pipeline(load_config(other), run_dir)  # its own folder now: nothing to say
     assert "last run with" not in caplog.text
+
+
+def test_a_class_without_training_pixels_is_warned_of_once(
+    data_dir, atlanta_crop, tmp_path, caplog
+):
+    """The tile step says so where the fix (another split) is; training the store it just
+    built said it again in other words."""
+    import geopandas as gpd
+
+    with rasterio.open(atlanta_crop) as src:
+        crs, bounds = src.crs, src.bounds
+    frame = gpd.read_file(data_dir / "atlanta-buildings" / "buildings.geojson").to_crs(crs)
+    right = bounds.left + 0.8 * (bounds.right - bounds.left)  # beyond the training columns
+    frame[frame.bounds.minx > right].to_file(tmp_path / "right.gpkg")
+    config = tiny_config(tmp_path, atlanta_crop, tmp_path / "right.gpkg")
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 0
+    said = [r for r in caplog.records if "no labeled pixels in the training" in r.getMessage()]
+    again = [r for r in caplog.records if "have no training pixels" in r.getMessage()]
+    assert len(said) == 1 and not again
+    caplog.clear()  # a store kept: training says it
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--iterations", "6"]) == 0
+    assert [r for r in caplog.records if "have no training pixels" in r.getMessage()]
