@@ -538,7 +538,7 @@ def _on_scene_lattice(src, scene: SceneInfo) -> bool:
         return False
     if not _same_coefficients(src.transform, scene.transform, [0, 1, 3, 4]):  # pixel size
         return False
-    col, row = ~scene.transform * (src.transform.c, src.transform.f)
+    col, row = ~scene.transform @ (src.transform.c, src.transform.f)
     return abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
 
 

@@ -237,7 +237,7 @@ def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: in
     if crs is None:
         return None
     col, row = width / 2, height / 2
-    points = [transform * xy for xy in ((col, row), (col + 1, row), (col, row + 1))]
+    points = [transform @ xy for xy in ((col, row), (col + 1, row), (col, row + 1))]
     try:
         source = pyproj.CRS.from_user_input(crs.to_wkt())
     except pyproj.exceptions.CRSError:  # a CRS PROJ cannot read: no size rather than an error
