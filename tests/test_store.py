@@ -303,6 +303,32 @@ def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene
     assert left == sorted([running.name, elsewhere.name, held.name, held.name + ".lock"])
 
 
+def test_a_replaced_store_whose_removal_was_interrupted_goes_with_the_next_build(
+    tmp_path, scene_and_mask, monkeypatch
+):
+    """Jupyter's interrupt while --overwrite removes the old store left a hidden, half-removed
+    copy that no later build removed (GBs on a real scene)."""
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    build(scene, mask, out)
+    real = store_module.remove_tree
+
+    def interrupted(path, *args, **kwargs):
+        if ".old-" in path.name:
+            (path / "zarr.json").unlink()  # part of it removed
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "remove_tree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(scene, mask, out, overwrite=True)
+    assert TileStore.open(out).attrs["tiles"] > 0  # the new store is in place
+    assert len(list(tmp_path.glob(".s.zarr.old-*"))) == 2  # the folder and its unheld lock
+    monkeypatch.setattr(store_module, "remove_tree", real)
+    build(scene, mask, out, overwrite=True)
+    assert not list(tmp_path.glob(".s.zarr.*"))
+
+
 def test_missing_output_folder(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask
     with pytest.raises(OutputError, match="does not exist"):

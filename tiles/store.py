@@ -215,8 +215,17 @@ def _prepare_target(
     _check_replaceable(out, _occupant(out), overwrite)
     check_writable_folder(out)  # before the build: the store is built next to its final name
     _remove_orphans(out)
+    return _scratch_path(out, "tmp")
+
+
+SCRATCH_KINDS = ("tmp", "old")  # beside a store: a build's new store, a replaced one (removed)
+
+
+def _scratch_path(out: Path, kind: str) -> Path:
+    """A hidden name beside `out` for a store being built (tmp) or being removed (old),
+    tagged with host and PID so that stores of killed builds can be told apart."""
     host = socket.gethostname()
-    return out.parent / f".{out.name}.tmp-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return out.parent / f".{out.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 try:  # POSIX; elsewhere temporary stores are told apart by host and PID only
@@ -242,23 +251,28 @@ def _hold_build_lock(tmp: Path) -> IO[str] | None:
     return lock
 
 
-def _release_build_lock(lock: IO[str] | None) -> None:
+def _release_build_lock(lock: IO[str] | None, keep_file: bool = False) -> None:
+    """Unlock; `keep_file` (its folder was not removed) leaves the unheld lock file that marks
+    the folder as an orphan for the next build (`_is_orphan`)."""
     if lock is None:
         return
-    with contextlib.suppress(OSError):
-        os.unlink(lock.name)
+    if not keep_file:
+        with contextlib.suppress(OSError):
+            os.unlink(lock.name)
     lock.close()
 
 
 def _remove_orphans(out: Path) -> None:
-    """Remove the temporary stores that earlier builds of `out` left (killed, or a removal that
-    failed): nothing else would. A build in progress holds its lock and is left alone."""
-    prefix = f".{out.name}.tmp-"
-    for tmp in out.parent.glob(f"{prefix}*"):
-        if tmp.is_dir() and _is_orphan(tmp, tmp.name.removeprefix(prefix)):
-            remove_tree(tmp)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp.with_name(tmp.name + LOCK_SUFFIX))
+    """Remove the temporary stores, and the replaced stores being removed, that earlier builds
+    of `out` left (killed or interrupted, or a removal that failed): nothing else would. A
+    build in progress holds its lock and is left alone."""
+    for kind in SCRATCH_KINDS:
+        prefix = f".{out.name}.{kind}-"
+        for tmp in out.parent.glob(f"{prefix}*"):
+            if tmp.is_dir() and _is_orphan(tmp, tmp.name.removeprefix(prefix)):
+                remove_tree(tmp)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp.with_name(tmp.name + LOCK_SUFFIX))
 
 
 def _is_orphan(tmp: Path, tag: str) -> bool:
@@ -302,19 +316,23 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     anything now at `out` is refused untouched; with it, what is there is checked again once
     moved aside, and anything but a store or an empty folder is moved back, intact, and refused.
     """
-    old, found = None, None
     if os.path.lexists(out) and not overwrite:  # another build's, made meanwhile: not touched
         _check_replaceable(out, _occupant(out), overwrite)
-    if os.path.lexists(out):
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        return
+    old = _scratch_path(out, "old")
+    lock = _hold_build_lock(old)  # held while it is removed: an interrupt leaves an orphan
+    try:
         os.replace(out, old)
         found = _occupant(old)
         if found not in ("store", "empty"):
             os.replace(old, out)
             _check_replaceable(out, found, overwrite)
-    os.replace(tmp, out)
-    if old is not None:
+        os.replace(tmp, out)
         remove_tree(old)  # the new store is in place: a failure here must not undo that
+    finally:
+        _release_build_lock(lock, keep_file=old.exists())
 
 
 def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
@@ -482,7 +500,7 @@ def build_store(
     finally:
         if tmp.exists():
             remove_tree(tmp)
-        _release_build_lock(lock)
+        _release_build_lock(lock, keep_file=tmp.exists())
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
