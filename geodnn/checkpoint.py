@@ -72,7 +72,9 @@ def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -
     """Save `model` with metadata (class_names, class_colors, anything plain) to one file.
 
     Metadata is made plain first (numpy values to Python ones, paths to text), so the file
-    loads with `weights_only=True`; a value that cannot be is refused, naming its key."""
+    loads with `weights_only=True`; a value that cannot be is refused, naming its key, as
+    are class names or colors that are not one per class of the model."""
+    check_per_class(metadata, model.config.classes, path)
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -81,6 +83,25 @@ def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -
         "metadata": {key: plain_value(value, key, path) for key, value in metadata.items()},
     }
     atomic_torch_save(payload, path)
+
+
+PER_CLASS = ("class_names", "class_colors")  # metadata lists with one entry per class
+
+
+def check_per_class(metadata: dict[str, Any], classes: int, path: str | os.PathLike) -> None:
+    """Refuse class names or colors that are not a list of one per class: a map or polygon
+    layer would fail on them after the whole prediction."""
+    for key in PER_CLASS:
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+            raise CheckpointError(f"{path}: {key} must be a list, one per class; got {value!r}")
+        if len(value) != classes:
+            raise CheckpointError(
+                f"{path}: {len(value)} {key.replace('_', ' ')} for a model of {classes} "
+                f"classes; pass one per class"
+            )
 
 
 def plain_value(value: Any, key: str, path: str | os.PathLike) -> Any:
@@ -183,6 +204,19 @@ def first_sentence(exc: Exception) -> str:
     return re.split(r"(?<=\.) |\n", text)[0][:120] if text else type(exc).__name__
 
 
+def _check_map_location(map_location: str | torch.device) -> None:
+    """A device the checkpoint can load onto here, or one line naming the argument (torch's
+    own error would be reported as a damaged file)."""
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(
+            f"map_location {map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"map_location {map_location!r}: PyTorch sees no GPU; use 'cpu'")
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> Checkpoint:
@@ -190,6 +224,7 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: {_not_found(path)}")
+    _check_map_location(map_location)
     payload = read_torch_file(path, map_location)
     if isinstance(payload, dict) and "solver_state" in payload:
         raise CheckpointError(
@@ -212,5 +247,7 @@ def load_checkpoint(
             f"{path}: the model in this checkpoint does not fit this geodnn ({reason[:200]}); "
             "re-train, or load it with the geodnn version that wrote it"
         ) from None
+    metadata = dict(payload.get("metadata") or {})
+    check_per_class(metadata, model.config.classes, path)
     model.to(map_location).eval()
-    return Checkpoint(model=model, metadata=dict(payload.get("metadata") or {}))
+    return Checkpoint(model=model, metadata=metadata)

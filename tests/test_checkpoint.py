@@ -143,3 +143,31 @@ def test_a_run_folder_or_its_resume_state_points_at_the_checkpoint_to_pass(tmp_p
     torch.save({"format": "state", "solver_state": {}}, run / "state.pt")
     with pytest.raises(geodnn.CheckpointError, match="saved state for --resume, not a model"):
         geodnn.load_checkpoint(run / "state.pt")
+
+
+def test_class_names_and_colors_are_one_per_class(tmp_path):
+    """One name for a 3-class model was saved and loaded; predicting polygons then ended in
+    an IndexError after the whole prediction."""
+    model = geodnn.build_model(bands=1, classes=3, depth=1, width=2)
+    path = tmp_path / "m.pt"
+    with pytest.raises(geodnn.CheckpointError, match="1 class names for a model of 3 classes"):
+        geodnn.save_checkpoint(model, path, class_names=["only-one"])
+    with pytest.raises(geodnn.CheckpointError, match="class_names must be a list"):
+        geodnn.save_checkpoint(model, path, class_names="road")
+    with pytest.raises(geodnn.CheckpointError, match="2 class colors for a model of 3"):
+        geodnn.save_checkpoint(model, path, class_colors=[(0, 0, 0), (1, 1, 1)])
+    assert not path.exists()
+    geodnn.save_checkpoint(model, path, class_names=["a", "b", "c"])
+    payload = torch.load(path, weights_only=True)
+    payload["metadata"]["class_names"] = ["a"]  # written by something else
+    torch.save(payload, path)
+    with pytest.raises(geodnn.CheckpointError, match="m.pt: 1 class names for a model of 3"):
+        geodnn.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_a_bad_map_location_is_named_not_the_file(tmp_path, device):
+    path = tmp_path / "m.pt"
+    geodnn.save_checkpoint(geodnn.build_model(bands=1, classes=2, depth=1, width=2), path)
+    with pytest.raises(geodnn.CheckpointError, match=f"map_location '{device}' is not a device"):
+        geodnn.load_checkpoint(path, map_location=device)
