@@ -94,25 +94,31 @@ class Config:
 
 
 def merge_defaults(raw: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
-    unknown = sorted(set(raw) - set(DEFAULTS))
+    check_known(raw, path)
+    tables = copy.deepcopy(DEFAULTS)
+    for name, values in raw.items():
+        tables[name].update(values)
+    return tables
+
+
+def check_known(tables: dict[str, Any], path: Path) -> None:
+    """Refuse unknown tables and keys (a typo would be ignored, its default used); the solver
+    tables' keys are checked against the solvers' settings (`check_solver_tables`)."""
+    unknown = sorted(set(tables) - set(DEFAULTS))
     if unknown:
         raise PipelineError(
             f"{path}: unknown table(s) [{', '.join(unknown)}]; valid tables: {', '.join(DEFAULTS)}"
         )
-    tables = copy.deepcopy(DEFAULTS)
-    for name, values in raw.items():
+    for name, values in tables.items():
         if not isinstance(values, dict):
             raise PipelineError(f"{path}: '{name}' must be a table ([{name}])")
-        known = tables[name]
         if name not in ("admm", "adam", "pipeline"):
-            bad = sorted(set(values) - set(known))
+            bad = sorted(set(values) - set(DEFAULTS[name]))
             if bad:
                 raise PipelineError(
                     f"{path}: unknown key(s) {', '.join(bad)} in [{name}]; "
-                    f"valid keys: {', '.join(known)}"
+                    f"valid keys: {', '.join(DEFAULTS[name])}"
                 )
-        known.update(values)
-    return tables
 
 
 # whole numbers with a lower bound (the others of type int are >= 0); floats likewise
@@ -266,6 +272,7 @@ def check_model_table(model: dict[str, Any], path: Path) -> None:
 
 
 def validate(tables: dict[str, dict[str, Any]], path: Path) -> None:
+    check_known(tables, path)
     check_types(tables, path)
     check_model_table(tables["model"], path)
     check_solver_tables(tables, path)
@@ -299,12 +306,13 @@ OVERRIDE_FLAGS = {
 def load_config(
     path: str | Path,
     overrides: dict[str, dict[str, Any]] | None = None,
-    flags: dict[tuple[str, str], str] = OVERRIDE_FLAGS,
+    flags: dict[tuple[str, str], str] | None = None,
 ) -> Config:
     """Read a TOML config, fill defaults, apply `overrides` (table -> key -> value, None = not
-    given) and validate. When that fails and the file alone passes, the command line is blamed,
-    by its options (`flags`: (table, key) -> "--option"); a file value an option overrides is
-    never refused."""
+    given) and validate. When that fails and the file alone passes, the overrides are blamed:
+    by their command-line options when `flags` maps them ((table, key) -> "--option"; the
+    commands pass OVERRIDE_FLAGS), else as given; a file value an override replaces is never
+    refused."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise PipelineError(f"{path}: config not found; pass a TOML file (see pipelines/configs/)")
@@ -313,6 +321,12 @@ def load_config(
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PipelineError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
     tables = merge_defaults(raw, path)
+    for table, values in (overrides or {}).items():
+        if not isinstance(values, dict):
+            raise PipelineError(
+                f"overrides[{table!r}] = {values!r}: pass a table of keys, e.g. "
+                "{'train': {'iterations': 100}}"
+            )
     given = {
         (table, key): value
         for table, values in (overrides or {}).items()
@@ -321,7 +335,7 @@ def load_config(
     }
     merged = copy.deepcopy(tables)
     for (table, key), value in given.items():
-        merged[table][key] = value
+        merged.setdefault(table, {})[key] = value
     try:
         validate(merged, path)
     except PipelineError as exc:
@@ -329,10 +343,25 @@ def load_config(
             raise
         validate(tables, path)  # the file's own error, when it has one
         said = str(exc).removeprefix(f"{path}: ")
-        raise PipelineError(f"command line {_options(given, flags)}: {said}") from None
+        raise PipelineError(f"{_options(given, flags)}: {said}") from None
     return Config(path=path, tables=merged)
 
 
-def _options(given: dict[tuple[str, str], Any], flags: dict[tuple[str, str], str]) -> str:
-    """The overrides as the user gave them: '--iterations 0' (a key without a flag: its table)."""
-    return " ".join(f"{flags.get(key, '[{}] {}'.format(*key))} {v}" for key, v in given.items())
+def revalidated(config: Config) -> Config:
+    """`config` checked again: a notebook may have edited its tables after `load_config` (a
+    typo in a key would be ignored, a value of the wrong type fail deep in training)."""
+    try:
+        validate(config.tables, config.path)
+    except PipelineError as exc:
+        said = str(exc).removeprefix(f"{config.path}: ")
+        raise PipelineError(f"{config.path}, as edited after load_config: {said}") from None
+    return config
+
+
+def _options(given: dict[tuple[str, str], Any], flags: dict[tuple[str, str], str] | None) -> str:
+    """The overrides as the user gave them: 'command line --iterations 0' (a key without a
+    flag: its table), or "overrides [train] iterations = 0" from Python."""
+    if flags is None:
+        return "overrides " + ", ".join(f"[{t}] {k} = {v!r}" for (t, k), v in given.items())
+    options = " ".join(f"{flags.get(key, '[{}] {}'.format(*key))} {v}" for key, v in given.items())
+    return f"command line {options}"

@@ -24,7 +24,7 @@ from geodnn.parallel import (
 from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import AdmmSettings
 
-from .config import load_config
+from .config import OVERRIDE_FLAGS, load_config
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def launch_training(args: argparse.Namespace, workers: int) -> int:
     """Start `workers` ranks of `python -m pipelines.train` under torchrun and wait for them."""
     from .train import default_run_dir, overrides_from
 
-    config = load_config(args.config, overrides_from(args))
+    config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
     run_dir = Path(args.out or default_run_dir(config))
     log.info("launching %d rank%s (torchrun) for %s", workers, "s"[: workers > 1], run_dir)
     return launch(forwarded_args(args, run_dir), workers, module="pipelines.train")

@@ -29,6 +29,7 @@ from tiles.labels import load_labels
 from tiles.raster import SceneInfo, open_scene
 from tiles.split import Region, parse_split, split_regions
 
+from .arguments import flag, text, whole
 from .errors import PipelineError
 from .options import non_negative_int, positive_int
 from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions, resolution_note
@@ -173,6 +174,9 @@ def evaluate_scene(
     split's, and scoring pixels it was trained on is warned of (`TrainingSplit`)."""
     if region not in REGIONS:
         raise PipelineError(f"region {region!r} is unknown; use one of {', '.join(REGIONS)}")
+    chunk, argmax = whole("chunk", chunk, 1), flag("argmax", argmax)
+    gap = None if gap is None else whole("gap", gap, 0)
+    split = None if split is None else text("split", split, "columns:0.7")
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     resolution_note(info, ckpt)

@@ -64,6 +64,7 @@ from tiles.vectorize import (  # noqa: E402
     vectorize_classes,
 )
 
+from .arguments import flag, whole  # noqa: E402
 from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
 from .options import number, positive_int  # noqa: E402
@@ -247,8 +248,9 @@ def predict_scene(
     the squared-degree areas of polygons in a geographic CRS.
     """
     started = time.perf_counter()
-    if batch < 1:
-        raise PipelineError(f"--batch {batch}: pass 1 or more chunks per model call")
+    chunk, batch = whole("chunk", chunk, 1), whole("batch", batch, 1)
+    for name, value in (("cog", cog), ("overwrite", overwrite), ("argmax", argmax)):
+        flag(name, value)
     ckpt = as_checkpoint(checkpoint)
     if not argmax:  # a bad decision rule is refused before any output is opened
         decision_scale(ckpt, checkpoint if not isinstance(checkpoint, Checkpoint) else "checkpoint")

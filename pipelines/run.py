@@ -36,7 +36,7 @@ from pathlib import Path
 from geodnn.errors import DivergenceError
 from tiles.labels import split_layer
 
-from .config import SOLVERS, Config, load_config
+from .config import OVERRIDE_FLAGS, SOLVERS, Config, load_config
 from .errors import DamagedRunError, PipelineError
 from .io import atomic_write_text
 from .options import integer
@@ -552,7 +552,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, {"train": {"iterations": args.iterations}})
+    config = load_config(args.config, {"train": {"iterations": args.iterations}}, OVERRIDE_FLAGS)
     run_dir = args.out or Path("runs") / config.path.stem
     options = ("--iterations", str(args.iterations)) if args.iterations is not None else ()
     try:

@@ -19,6 +19,7 @@ from tiles.split import parse_split
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
 
+from .arguments import flag, names, text, whole
 from .options import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ def build_store(
     `split` is `columns:F` or `rows:F` (training = the first fraction F), `gap` the guard band in
     pixels between the regions (>= the model's receptive radius keeps halos apart).
     """
-    spec = parse_split(split, gap)
+    tile, gap = whole("tile", tile, 1), whole("gap", gap, 0)
+    spec = parse_split(text("split", split, "columns:0.7"), gap)
+    class_names = names("class_names", class_names)
+    overwrite, progress = flag("overwrite", overwrite), flag("progress", progress)
     bars: list[tqdm] = []
 
     def start(total: int) -> None:

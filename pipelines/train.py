@@ -66,7 +66,15 @@ from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.store import TileStore
 
-from .config import SOLVERS, Config, check_pipeline_batch, load_config
+from .arguments import flag
+from .config import (
+    OVERRIDE_FLAGS,
+    SOLVERS,
+    Config,
+    check_pipeline_batch,
+    load_config,
+    revalidated,
+)
 from .datasets import StoreBatches, ValidationWindows
 from .device import training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
@@ -403,10 +411,17 @@ def iou_summary(class_names: list[str], ious: list[float]) -> str:
 
 @dataclass
 class TrainResult:
+    """What `train` made: its run folder, the final checkpoint (model.pt) and one record per
+    epoch (the rows of metrics.csv). It stands for its checkpoint wherever a path is taken:
+    `predict_scene(result, ...)`, `load_checkpoint(result)`."""
+
     run_dir: Path
     checkpoint: Path
     records: list[EpochRecord]
     class_names: list[str] = field(default_factory=list)  # of the records' per-class scores
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.checkpoint)
 
 
 STORE_RECORD = "store.json"  # which tile store the run trains on, by content
@@ -1004,14 +1019,16 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Run (or resume) training as the config says; returns where the final checkpoint is.
+    """Run (or resume) training as the config says into `run_dir`; returns a `TrainResult`
+    (the final checkpoint, and the metrics of every epoch).
 
     Trains with [train] threads torch threads and gives the caller's count back at the end (a
     notebook's kernel keeps its own); the allocator keeps freed memory for reuse from then on
     (`retain_freed_memory`, process-wide and irreversible). `config`: a `load_config` result
-    (with overrides) or the path of a config file."""
-    if not isinstance(config, Config):
-        config = load_config(config)
+    (with overrides; checked again here, as a notebook may have edited it) or the path of a
+    config file."""
+    resume, overwrite = flag("resume", resume), flag("overwrite", overwrite)
+    config = load_config(config) if not isinstance(config, Config) else revalidated(config)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["train"]["threads"])
     try:
@@ -1254,7 +1271,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    config = load_config(args.config, overrides_from(args))
+    config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
     run_dir = args.out or default_run_dir(config)
     check_parallel(config)
     if args.resume:

@@ -38,9 +38,9 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         load_config(path, {"train": {"iterations": 0, "solver": None}}, flags)
     said = str(info.value)
     assert said == "command line --iterations 0: [train] iterations must be >= 1, not 0"
-    with pytest.raises(PipelineError) as info:  # the commands' own table by default
+    with pytest.raises(PipelineError) as info:  # from Python: the overrides as given
         load_config(path, {"train": {"iterations": 0}})
-    assert str(info.value) == said
+    assert str(info.value) == "overrides [train] iterations = 0: " + said.split(": ", 1)[1]
     with pytest.raises(PipelineError, match=r"^command line \[train\] iterations 0: "):
         load_config(path, {"train": {"iterations": 0}}, flags={})  # no flag known: the key
     bad = write(tmp_path, "[train]\niterations = 0\nsolver = 'pipline'\n")
@@ -220,3 +220,26 @@ def test_shipped_configs_say_where_a_value_is_not_the_default(name):
             continue  # a comment, or a key without a default (paths, class names)
         if raw[table][key] != defaults[table][key]:
             assert "default" in line.partition("#")[2], f"{name}.toml [{table}] {key}"
+
+
+def test_overrides_and_edits_from_python_are_checked_by_name(tmp_path):
+    """A notebook's typo in an override key was a bare KeyError; an edit of a loaded config
+    (a key misspelt, a number as text) was ignored or failed deep in training."""
+    from pipelines.train import train
+
+    path = write(tmp_path, "[train]\niterations = 20\n")
+    with pytest.raises(PipelineError, match=r"^overrides \[train\] iteratons = 5: unknown key"):
+        load_config(path, {"train": {"iteratons": 5}})
+    with pytest.raises(PipelineError, match=r"^overrides\['iterations'\] = 5: pass a table"):
+        load_config(path, {"iterations": 5})
+    with pytest.raises(PipelineError, match=r"^overrides \[trian\] x = 1: .*unknown table"):
+        load_config(path, {"trian": {"x": 1}})
+    for key, value, said in [
+        ("iteratons", 10, "unknown key.s. iteratons in .train."),
+        ("iterations", "30", "iterations must be a whole number"),
+    ]:
+        config = load_config(path)
+        config["train"][key] = value
+        with pytest.raises(PipelineError, match=f"as edited after load_config: .*{said}"):
+            train(config, tmp_path / "run")
+        assert not (tmp_path / "run").exists()  # refused before the run folder is made
