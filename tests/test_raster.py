@@ -15,7 +15,7 @@ from rasterio.errors import NodataShadowWarning
 from rasterio.rio.main import main_group as rio_main
 from rasterio.windows import Window
 
-from tiles.errors import RasterInputError
+from tiles.errors import RasterInputError, TilesError
 from tiles.raster import open_lazy, open_scene, read_window, warn_if_no_crs
 
 
@@ -50,6 +50,13 @@ def test_lazy_scene_is_dask_backed_and_masked(data_dir):
     assert lazy.chunks is not None and lazy.shape == (1, 900, 900)
     block = lazy[:, :256, :256].compute().values
     assert block.dtype == np.float32
+
+
+@pytest.mark.parametrize("chunks", ["auto", 0, (256,), 256.0])
+def test_lazy_scene_names_bad_chunks(data_dir, chunks):
+    """'auto' was a Dask ValueError 15 frames deep, 0 a ZeroDivisionError."""
+    with pytest.raises(TilesError, match=r"^chunks=.*: pass a whole number of pixels >= 1"):
+        open_lazy(data_dir / "atlanta-buildings" / "image.tif", chunks=chunks)
 
 
 def test_lazy_scene_opened_by_a_relative_path_reads_after_a_chdir(data_dir, monkeypatch, tmp_path):

@@ -27,7 +27,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import CRSError, RasterioIOError
 from rasterio.windows import Window
 
-from .errors import RasterInputError
+from .errors import RasterInputError, TilesError
 
 
 @dataclass(frozen=True)
@@ -289,10 +289,16 @@ def first_alpha(count: int, data_bands: Sequence[int]) -> int:
 def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> xr.DataArray:
     """The scene's data bands (no alpha) as a lazy, Dask-backed (band, y, x) float32 DataArray
     with NaN for nodata."""
+    if isinstance(chunks, int) and not isinstance(chunks, bool):
+        chunks = (chunks, chunks)
+    if not (
+        isinstance(chunks, tuple)
+        and len(chunks) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)
+    ):
+        raise TilesError(f"chunks={chunks!r}: pass a whole number of pixels >= 1, or (rows, cols)")
     info = open_scene(path, check_data=False)
     source = Path(info.path).resolve()  # the lazy reads happen later, maybe in another folder
-    if isinstance(chunks, int):
-        chunks = (chunks, chunks)
     shadowed = info.alpha_bands > 0 and info.nodata is not None  # see _read_nodata_and_alpha
     bands = rioxarray.open_rasterio(
         source,
