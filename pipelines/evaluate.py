@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import load_labels
 from tiles.raster import SceneInfo, open_scene
 from tiles.split import Region, parse_split, split_regions
+from tiles.warn import warn_user
 
 from .arguments import flag, text, whole
 from .errors import PipelineError
@@ -107,12 +107,11 @@ class TrainingSplit:
         scored = box or Region(trained.split, 0, info.height, 0, info.width)
         if not _overlap(scored, trained, 0):
             if _overlap(scored, trained, self.gap):
-                warnings.warn(
+                warn_user(
                     f"{info.path}: the scored region includes pixels of the training split's "
                     f"guard band, within {self.gap} px of pixels the model was trained on (its "
                     f"split {self.split}, gap {self.gap}), so the scores lean optimistic; drop "
-                    f"--gap (or pass --gap {self.gap}) to score only held-out pixels",
-                    stacklevel=3,
+                    f"--gap (or pass --gap {self.gap}) to score only held-out pixels"
                 )
             return
         if not self.has_validation(info):
@@ -121,10 +120,9 @@ class TrainingSplit:
             fix = "pass --region validation to score the training split's validation region"
         else:
             fix = "drop --split and --gap to score the training split's validation region"
-        warnings.warn(
+        warn_user(
             f"{info.path}: the scored region includes pixels the model was trained on (its "
-            f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix}",
-            stacklevel=3,
+            f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix}"
         )
 
     def has_validation(self, info: SceneInfo) -> bool:
@@ -193,10 +191,9 @@ def evaluate_scene(
     elif class_attribute is not None and source.class_names != ckpt.class_names[: source.classes]:
         # names from a class attribute must match; a single positive class is named after its
         # file ("buildings.geojson"), which says nothing about the model's name for it
-        warnings.warn(
+        warn_user(
             f"{labels}: classes {source.class_names} do not match the model's "
-            f"{ckpt.class_names}; scores compare ids, check --class-attribute",
-            stacklevel=2,
+            f"{ckpt.class_names}; scores compare ids, check --class-attribute"
         )
     trained = TrainingSplit.of(ckpt, info)
     if trained is not None and region != "all":
@@ -243,10 +240,9 @@ def _match_trained_classes(source, trained: list, names: list[str], attribute) -
     otherwise."""
     single = source.classes == 2 and len(trained) == 2
     if single and attribute is not None and source.class_values[1] != trained[1]:
-        warnings.warn(
+        warn_user(
             f"{source.path}: class {source.class_values[1]!r} of --class-attribute {attribute} "
-            f"is scored as the model's {names[1]!r} (trained on value {trained[1]!r})",
-            stacklevel=3,
+            f"is scored as the model's {names[1]!r} (trained on value {trained[1]!r})"
         )
     source.match_classes(trained, names)
 

@@ -25,7 +25,6 @@ import os
 import shlex
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from tiles.vectorize import (  # noqa: E402
     qml_path,
     vectorize_classes,
 )
+from tiles.warn import warn_user  # noqa: E402
 
 from .arguments import flag, whole  # noqa: E402
 from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
@@ -168,7 +168,7 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
         f"{trained:.3g} m pixels, so its map may be poor; resample the scene to {trained:.3g} m "
         f"(`{command}`) or train on this resolution"
     )
-    warnings.warn(message, stacklevel=3)
+    warn_user(message)
     return message
 
 
@@ -288,7 +288,7 @@ def predict_scene(
             writer.finish(cog=cog)
         if counts["skipped"] == counts["chunks"]:
             message = f"{info.path}: every pixel is nodata; the class map is all nodata (255)"
-            warnings.warn(message, stacklevel=2)
+            warn_user(message)
             notes.append(message)
         summary = PredictionSummary(targets, counts["chunks"], counts["skipped"], 0.0)
         summary.warnings = notes

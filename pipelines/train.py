@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import tomllib
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.store import TileStore
+from tiles.warn import warn_user
 
 from .arguments import flag
 from .config import (
@@ -220,10 +220,9 @@ def check_labeled_pixels(store, train_data: StoreBatches, val_data, val_tiles: i
         )
     missing = [n for n, c in zip(train_data.class_names, counts.tolist()) if c == 0]
     if missing:
-        warnings.warn(
+        warn_user(
             f"{store}: class(es) {', '.join(missing)} have no training pixels, so training "
-            "gives them no signal (weight 0); re-tile with another --split to train them",
-            stacklevel=3,
+            "gives them no signal (weight 0); re-tile with another --split to train them"
         )
 
 
@@ -243,11 +242,10 @@ def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
     """The guard band must be at least the receptive radius, or validation sees training pixels."""
     gap = int(attrs.get("split", {}).get("gap", radius))
     if gap < radius:
-        warnings.warn(
+        warn_user(
             f"{store}: the split's guard band ({gap} px) is narrower than the model's receptive "
             f"radius ({radius} px), so validation pixels see training pixels; re-tile with "
-            f"--gap {radius} or more for an honest validation score",
-            stacklevel=2,
+            f"--gap {radius} or more for an honest validation score"
         )
 
 
@@ -930,12 +928,11 @@ def check_parallel(config: Config) -> None:
         )
     ignored = config.solver != "admm" or ranks < 2
     if bits and ignored and is_leader() and not launched_rank():
-        warnings.warn(
+        warn_user(
             f"{config.path}: compress_bits {bits} (--compress-bits, else [parallel] "
             f"compress_bits) has no effect on this run (solver {config.solver}, {ranks} "
             "worker(s)): it quantizes only ADMM's boundary messages with --workers 2 or more; "
-            "drop it, or pass --solver admm --workers N",
-            stacklevel=2,
+            "drop it, or pass --solver admm --workers N"
         )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from rasterio.windows import Window
 
 from .errors import LabelError
 from .raster import SceneInfo, grid_bounds, io_error_reason, rio_edit
+from .warn import warn_user
 
 IGNORE_INDEX = 255
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
@@ -449,11 +449,10 @@ def _warn_of_lines_and_points(frame: gpd.GeoDataFrame, path: Path) -> None:
     kinds = frame.geometry.geom_type.str.replace("Multi", "")
     lines, points = int((kinds == "LineString").sum()), int((kinds == "Point").sum())
     if lines or points:
-        warnings.warn(
+        warn_user(
             f"{path}: {lines} line and {points} point feature(s) are burned one pixel wide, "
             "not the objects' extent; buffer them to the objects' width first (GeoPandas "
-            "`.buffer()` in a metric CRS) if they stand for areas",
-            stacklevel=3,
+            "`.buffer()` in a metric CRS) if they stand for areas"
         )
 
 
@@ -593,27 +592,24 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
                 note = _other_grid_note(src, path, scene, bounds)
             elif scene.crs is None and src.crs is not None:
                 fix = rio_edit(scene.path, "--like", str(path), "--crs", "like")
-                warnings.warn(
+                warn_user(
                     f"{path}: the scene {scene.path.name} has no CRS; the mask has its shape and "
                     "transform, so it is read as on the scene's grid, and outputs get no CRS "
-                    f"(give the scene the mask's CRS with `{fix}`)",
-                    stacklevel=2,
+                    f"(give the scene the mask's CRS with `{fix}`)"
                 )
             elif src.crs is None and scene.crs is not None:
-                warnings.warn(
+                warn_user(
                     f"{path}: mask has no CRS but the scene's shape and transform; read as on "
                     "the scene's grid (set its CRS with "
                     f"`{rio_edit(path, '--like', str(scene.path), '--crs', 'like')}` to silence "
-                    "this)",
-                    stacklevel=2,
+                    "this)"
                 )
             values = _mask_values(src, path)
             nodata = src.nodata
             if src.count > 1:
-                warnings.warn(
+                warn_user(
                     f"{path}: mask has {src.count} bands; band 1 holds the classes, the others "
-                    "are not read (write the class band alone to silence this)",
-                    stacklevel=2,
+                    "are not read (write the class band alone to silence this)"
                 )
     except RasterioIOError as exc:
         raise LabelError(
@@ -624,13 +620,12 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             f"{path}: mask has no labeled pixels (all 0 or nodata); pass a mask with classes"
         )
     if note is not None:
-        warnings.warn(note, stacklevel=2)
+        warn_user(note)
     if nodata == 0:
-        warnings.warn(
+        warn_user(
             f"{path}: mask declares nodata 0, so its 0 pixels are unlabeled (ignored), not "
             f"background; unset it (`{rio_edit(path, '--unset-nodata')}`) if 0 means "
-            "background",
-            stacklevel=2,
+            "background"
         )
     ints = [int(v) for v in values]
     if ints == list(range(1, len(ints) + 1)) and len(ints) > 1:

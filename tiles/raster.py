@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shlex
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from rasterio.errors import CRSError, RasterioIOError
 from rasterio.windows import Window
 
 from .errors import RasterInputError, TilesError
+from .warn import warn_user
 
 
 @dataclass(frozen=True)
@@ -160,12 +160,11 @@ def _warn_if_alpha_holds_data(src: rasterio.DatasetReader, path: Path, bands: tu
         if named_as_data or _mask_like_share(src, index) < 0.5:
             _ALPHA_WARNED.add(key)
             label = f" ({name!r})" if name else ""
-            warnings.warn(
+            warn_user(
                 f"{path}: band {index}{label} is tagged as alpha, so it is read as a mask "
                 "(0 = missing) and not as data, yet it looks like data; if it holds data rather "
                 "than transparency, reset its colour interpretation "
-                f"(`{untag_alpha_command(src, path, index)}`)",
-                stacklevel=3,
+                f"(`{untag_alpha_command(src, path, index)}`)"
             )
 
 
@@ -224,7 +223,7 @@ def warn_if_no_crs(info: SceneInfo) -> str | None:
             f"(assign one with `{rio_edit(info.path, '--crs', 'EPSG:CODE')}` for a map that "
             "lines up)"
         )
-        warnings.warn(message, stacklevel=2)
+        warn_user(message)
         return message
     return None
 

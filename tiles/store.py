@@ -24,7 +24,6 @@ import shutil
 import socket
 import time
 import uuid
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from .labels import (
 from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
+from .warn import warn_user
 
 FORMAT = "geodnn.tilestore"
 VERSION = 1
@@ -341,10 +341,9 @@ def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
     longest = max(shape)
     if tile <= longest:
         return tile
-    warnings.warn(
+    warn_user(
         f"{scene}: --tile {tile} is larger than the scene ({shape[0]} x {shape[1]} px); "
-        f"tiles of {longest} px are used",
-        stacklevel=3,
+        f"tiles of {longest} px are used"
     )
     return longest
 
@@ -509,12 +508,11 @@ def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarr
     it is made, where the fix (often another split) is."""
     missing = [name for name, count in zip(names, counts.tolist()) if count == 0]
     if missing:
-        warnings.warn(
+        warn_user(
             f"{out}: class(es) {', '.join(missing)} have no labeled pixels in the training "
             "region, so they cannot be learned from this store (their labels lie in the "
             "validation region or the guard band, outside the scene, or under nodata); if in "
-            "validation, rebuild with another --split",
-            stacklevel=3,
+            "validation, rebuild with another --split"
         )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from .grid import ChunkGrid
 from .progress import progress_bar
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output
 from .style import STYLES_TABLE, class_style_qml, embed_layer_style
+from .warn import warn_user
 
 LAYER = "classes"
 FLUSH_EVERY = 5000
@@ -355,7 +355,7 @@ def warn_if_geographic(class_map: str | os.PathLike, out: Path) -> None:
     with rasterio.open(class_map) as src:
         note = geographic_area_note(src.crs, out)
     if note is not None:
-        warnings.warn(note, stacklevel=3)
+        warn_user(note)
 
 
 def geographic_area_note(crs, out: str | os.PathLike) -> str | None:
