@@ -97,3 +97,28 @@ def train_config(tmp_path):
         return load_config(path)
 
     return make
+
+
+@pytest.fixture
+def damaged_scene(tmp_path):
+    """A deflate-tiled 256 x 256 GeoTIFF (blocks of 64) and its mask, with one block in the
+    middle overwritten: opening it (which reads the last block) passes, reading that block fails."""
+    rng = np.random.default_rng(0)
+    path = write_geotiff(
+        tmp_path / "damaged.tif",
+        rng.integers(1, 4000, (1, 256, 256)).astype("uint16"),
+        tiled=True,
+        blockxsize=64,
+        blockysize=64,
+        compress="deflate",
+    )
+    mask = write_geotiff(
+        tmp_path / "damaged-mask.tif", (rng.random((256, 256)) > 0.8).astype("uint8")
+    )
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset + 10)
+        f.write(b"\xff" * (size - 20))
+    return path, mask

@@ -261,6 +261,25 @@ def test_bad_input_gives_one_line_error_and_no_output(
     assert (tmp_path / "exists.tif").read_bytes() == b"old"
 
 
+def test_a_block_damaged_inside_the_scene_is_one_line_through_dask(
+    checkpoint, damaged_scene, tmp_path, capsys, caplog
+):
+    """Opening checks only the last block; a bad one inside came back from Dask as a bare
+    Exception (rasterio's error, its context, cannot be pickled): a traceback and a 'Compute
+    Failed' report per task in flight, exit 1."""
+    scene, _ = damaged_scene
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = run_cli(
+        ["predict", checkpoint, scene, "--out", out / "c.tif", "--chunk", 64], capsys
+    )
+    said = [line for line in err.splitlines() if "chunk/s" not in line]  # not the progress bar
+    assert code == 2 and len(said) == 1 and said[0].startswith("geodnn: error:")
+    assert "damaged or unreadable at rows" in err and "IReadBlock failed" in err
+    assert not [r for r in caplog.records if "Compute Failed" in r.getMessage()]
+    assert list(out.iterdir()) == []
+
+
 def test_failure_mid_run_leaves_no_partial_output(checkpoint, data_dir, tmp_path, monkeypatch):
     calls = []
 

@@ -15,7 +15,7 @@ import zarr
 from affine import Affine
 
 import tiles.store as store_module
-from tiles.errors import OutputError, StoreError, TilesError
+from tiles.errors import OutputError, RasterInputError, StoreError, TilesError
 from tiles.labels import IGNORE_INDEX
 from tiles.split import TRAIN, VALIDATION, SplitSpec
 from tiles.store import FORMAT, VERSION, BandStats, TileStore, build_store
@@ -327,6 +327,14 @@ def test_a_replaced_store_whose_removal_was_interrupted_goes_with_the_next_build
     monkeypatch.setattr(store_module, "remove_tree", real)
     build(scene, mask, out, overwrite=True)
     assert not list(tmp_path.glob(".s.zarr.*"))
+
+
+def test_a_block_damaged_inside_the_scene_is_a_raster_input_error(tmp_path, damaged_scene):
+    """It was rasterio's RasterioIOError from a Dask thread: a traceback from `geodnn tile`."""
+    scene, mask = damaged_scene
+    with pytest.raises(RasterInputError, match=r"damaged or unreadable at rows .*IReadBlock"):
+        build(scene, mask, tmp_path / "s.zarr")
+    assert not list(tmp_path.glob("*.zarr")) and not list(tmp_path.glob(".s.zarr*"))
 
 
 def test_missing_output_folder(tmp_path, scene_and_mask):

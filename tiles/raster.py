@@ -259,7 +259,27 @@ def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: in
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     """Read a window of the data bands (no alpha) as float32 (bands, h, w), NaN where
-    nodata/mask/alpha say so or values are inf."""
+    nodata/mask/alpha say so or values are inf. A block GDAL cannot decode (a file damaged
+    inside, which opening it does not show) is one RasterInputError naming the window."""
+    try:
+        return _read_window(src, window)
+    except RasterioIOError as exc:
+        failure = unreadable_window(src.name, window, exc)
+    # raised outside the handler: Dask sends a task's error to the caller by pickling it, and
+    # rasterio's error as its context cannot be, which turned it into a bare Exception
+    raise failure
+
+
+def unreadable_window(path: str, window: Window, exc: Exception) -> RasterInputError:
+    """The error for a window of `path` that could not be read (GDAL's reason kept)."""
+    rows, cols = window.toslices()
+    return RasterInputError(
+        f"{path}: damaged or unreadable at rows {rows.start}-{rows.stop}, columns "
+        f"{cols.start}-{cols.stop} ({io_error_reason(exc)}); re-download or re-export it"
+    )
+
+
+def _read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     bands = data_bands(src)
     if src.count > len(bands) and src.nodata is not None:
         array = _read_nodata_and_alpha(src, bands, window)

@@ -27,10 +27,10 @@ import rasterio.shutil
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from .errors import OutputError, RasterInputError, TilesError
+from .errors import OutputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
-from .raster import SceneInfo
+from .raster import SceneInfo, unreadable_window
 
 log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -128,15 +128,14 @@ def predict_chunks(
 ) -> list[ChunkPrediction]:
     """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch
     (classes by `decide`)."""
+    failure = None
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(scene) as src:
             arrays = [read_chunk(src, chunk) for chunk in chunks]
-    except RasterioIOError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "read error"
-        raise RasterInputError(
-            f"{scene}: not a readable raster at {chunks[0].window} ({reason}); "
-            "pass a valid GeoTIFF (re-download or re-export it)"
-        ) from None
+    except RasterioIOError as exc:  # opening it (a read is read_window's error)
+        failure = unreadable_window(scene, chunks[0].window, exc)
+    if failure is not None:  # outside the handler, so that Dask can pickle it (read_window)
+        raise failure
     live = [k for k, (c, a) in enumerate(zip(chunks, arrays)) if not core_is_empty(a, c)]
     results: list[ChunkPrediction | None] = [None] * len(chunks)
     if live:
@@ -149,7 +148,7 @@ def predict_chunks(
 @contextmanager
 def dask_client(scheduler: str | None = None, workers: int = 1):
     """A `distributed.Client`: connected to `scheduler` if given, else a local in-process one.
-    Dask's own INFO/WARNING logs (worker start-up and shutdown chatter) are quiet meanwhile,
+    Dask's own logs (worker start-up and shutdown chatter, each failed task) are quiet meanwhile,
     and the `distributed` logger is left as it was found (a notebook's own cluster logs on)."""
     from distributed import Client  # first: importing it sets its loggers' levels
 
@@ -180,7 +179,9 @@ def _quiet_dask():
     with state.lock:
         if state.open == 0:
             state.kept = logger.level
-            logger.setLevel(logging.ERROR)
+            # CRITICAL, not ERROR: a task's error reaches the caller as the exception itself,
+            # which Dask's "Compute Failed" report repeated for every task in flight
+            logger.setLevel(logging.CRITICAL)
         state.open += 1
     try:
         yield
