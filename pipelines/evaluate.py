@@ -32,7 +32,13 @@ from tiles.warn import warn_user
 from .arguments import flag, text, whole
 from .errors import PipelineError
 from .options import non_negative_int, positive_int
-from .predict import ARGMAX_HELP, as_checkpoint, iter_predictions, resolution_note
+from .predict import (
+    ARGMAX_HELP,
+    as_checkpoint,
+    iter_predictions,
+    resolution_note,
+    value_range_note,
+)
 
 REGIONS = ("all", "train", "validation")
 
@@ -178,6 +184,7 @@ def evaluate_scene(
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
     resolution_note(info, ckpt)
+    value_range_note(info, ckpt)
     source = load_labels(labels, info, class_attribute=class_attribute)
     classes = ckpt.config.classes
     if source.classes > classes:

@@ -45,6 +45,7 @@ from tiles.raster import (  # noqa: E402
     SceneInfo,
     ground_pixel_size,
     open_scene,
+    sample_band_medians,
     untag_alpha,
     warn_if_no_crs,
 )
@@ -172,6 +173,39 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
     return message
 
 
+# A band's median on the scene this many training standard deviations from its training mean
+# is not the data the model learned from: another bit depth (8-bit renders of 16-bit products,
+# x256), reflectance against digital numbers (x10000), another sensor.
+RANGE_TOLERANCE = 10.0
+
+
+def value_range_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
+    """Warn when the scene's values lie far outside those the model was trained on (it then
+    maps silently to one class); the message, or None (also for a model that records no
+    training statistics, mean 0 and std 1)."""
+    mean = ckpt.model.band_mean.detach().cpu().numpy().astype(np.float64)
+    std = ckpt.model.band_std.detach().cpu().numpy().astype(np.float64)
+    if np.all(mean == 0) and np.all(std == 1):
+        return None
+    medians = sample_band_medians(info.path)
+    if medians is None:
+        return None
+    distance = np.abs(medians - mean) / std
+    far = np.flatnonzero(distance > RANGE_TOLERANCE)
+    if far.size == 0:
+        return None
+    b = int(far[np.argmax(distance[far])])
+    message = (
+        f"{info.path}: band {b + 1}'s values (median {medians[b]:.4g}) lie "
+        f"{distance[b]:.0f} standard deviations from the model's training data (mean "
+        f"{mean[b]:.4g}, std {std[b]:.4g}; {far.size} of {len(mean)} band(s) so far off), so "
+        "its map may be poor; bring the scene to the training data's range (another bit depth "
+        "or scale?) or train on data like it"
+    )
+    warn_user(message)
+    return message
+
+
 def iter_predictions(
     checkpoint: str | os.PathLike | Checkpoint,
     scene: str | os.PathLike,
@@ -259,7 +293,8 @@ def predict_scene(
     check_chunk_size(chunk, ckpt.model.receptive_radius)
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
-    notes = [n for n in (warn_if_no_crs(info), resolution_note(info, ckpt)) if n is not None]
+    found = (warn_if_no_crs(info), resolution_note(info, ckpt), value_range_note(info, ckpt))
+    notes = [n for n in found if n is not None]
     counts = {"chunks": 0, "skipped": 0}
     with AtomicOutputs() as outputs:
         with PredictionWriter(

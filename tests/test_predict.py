@@ -280,6 +280,26 @@ def test_a_block_damaged_inside_the_scene_is_one_line_through_dask(
     assert list(out.iterdir()) == []
 
 
+def test_a_scene_far_outside_the_training_values_is_warned_of(make_geotiff, tmp_path):
+    """A model trained on 8-bit imagery mapped the same imagery stored as 16-bit (x256) to one
+    class, silently."""
+    import warnings
+
+    image = np.random.default_rng(0).integers(20, 200, (1, 96, 96)).astype("uint8")
+    model = small_model()
+    model.set_normalization([float(image.mean())], [float(image.std())])
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(model, ckpt, class_names=CLASSES)
+    same = make_geotiff(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predict_scene(ckpt, same, tmp_path / "a.tif")
+    wider = make_geotiff(image.astype("uint16") * 256)
+    with pytest.warns(UserWarning, match=r"band 1's values \(median .*\) lie \d+ standard dev"):
+        summary = predict_scene(ckpt, wider, tmp_path / "b.tif")
+    assert any("standard deviations" in n for n in summary.warnings)
+
+
 def test_failure_mid_run_leaves_no_partial_output(checkpoint, data_dir, tmp_path, monkeypatch):
     calls = []
 

@@ -270,6 +270,24 @@ def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     raise failure
 
 
+def sample_band_medians(
+    path: str | os.PathLike, grid: int = 4, size: int = 64
+) -> np.ndarray | None:
+    """Per-band medians of the valid pixels in grid x grid small windows spread over the scene:
+    a look at its value range that costs a few block reads whatever the scene's size. None
+    when every sampled pixel is nodata."""
+    with rasterio.open(path) as src:
+        h, w = min(size, src.height), min(size, src.width)
+        rows = np.linspace(0, src.height - h, grid).astype(int)
+        cols = np.linspace(0, src.width - w, grid).astype(int)
+        windows = {(int(r), int(c)) for r in rows for c in cols}
+        samples = [read_window(src, Window(c, r, w, h)) for r, c in sorted(windows)]
+    pixels = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
+    if np.isnan(pixels).all(axis=1).any():
+        return None
+    return np.nanmedian(pixels, axis=1)
+
+
 def unreadable_window(path: str, window: Window, exc: Exception) -> RasterInputError:
     """The error for a window of `path` that could not be read (GDAL's reason kept)."""
     rows, cols = window.toslices()
