@@ -441,11 +441,35 @@ def has_state(run_dir: Path) -> bool:
 def holds_run(run_dir: Path) -> bool:
     """A run (finished or not) is in `run_dir`: starting another there needs --overwrite. A
     damaged rank checkpoint marker counts as one (so --overwrite, which its error advises, can
-    clear it)."""
+    clear it); a model.pt without the config.toml every run writes first is a user's file."""
     try:
-        return has_state(run_dir) or (run_dir / "model.pt").exists()
+        return has_state(run_dir) or (
+            (run_dir / "model.pt").exists() and (run_dir / "config.toml").exists()
+        )
     except CheckpointError:
         return True
+
+
+# what a run writes before its first checkpoint: a folder holding only these is no one else's
+EARLY_RUN_FILES = ("config.toml", STORE_RECORD, "metrics.csv", "curves.png")
+
+
+def check_not_foreign(run_dir: Path) -> None:
+    """Refuse a folder that holds files but no run (a user's own; `geodnn run` refuses its
+    like): a run's files would be mixed into it, a model.pt of theirs replaced."""
+    if not run_dir.is_dir() or holds_run(run_dir):
+        return
+    others = sorted(
+        p.name
+        for p in run_dir.iterdir()
+        if p.name not in EARLY_RUN_FILES and not STALE_TEMP.fullmatch(p.name)
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise PipelineError(
+            f"{run_dir}: holds files but no geodnn training run ({shown}); pick an empty or new "
+            "--out"
+        )
 
 
 def save_solver_state(setup: TrainSetup, solver, elapsed: float) -> None:
@@ -664,6 +688,7 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
         raise PipelineError(f"{run_dir}: --resume and --overwrite contradict; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: is a file, not a run folder; pick another --out")
+    check_not_foreign(run_dir)
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
@@ -1247,7 +1272,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", type=Path, help="TOML config (see pipelines/configs/)")
     p.add_argument("--solver", choices=SOLVERS, help="override [train] solver")
-    p.add_argument("--out", type=Path, help="run folder (default runs/<config>-<solver>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="run folder (default runs/<config>-<solver>): new, empty or an earlier run's",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

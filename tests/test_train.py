@@ -468,6 +468,7 @@ def test_multi_rank_user_errors_are_refused_before_any_rank_starts(
     run = tmp_path / "run"
     run.mkdir()
     (run / "model.pt").write_bytes(b"an earlier run")
+    (run / "config.toml").write_text("")  # written first by every run
     monkeypatch.setattr(pipelines.distributed, "launch_training", lambda *a: pytest.fail("ran"))
     config = train_config(store, iterations=3)
     code = main(["train", str(config.path), "--out", str(run), *args])
@@ -671,8 +672,6 @@ def test_a_new_resumed_or_overwritten_run_removes_stale_temporary_files(
     run.mkdir()
     kept = [".notes.txt.abcdefgh.tmp.txt", "my.tmp.pt", ".state.pt.abc.tmp.pt", "curves.png.tmp"]
     kept += [".curves.png.abcdefgh.tmp.png.bak", ".rank1-of-2-it20.pt.abcdefgh.tmp.txt"]
-    for name in kept:
-        (run / name).write_text("the user's")
 
     def leave_temps():
         """What writers killed mid-write leave (geodnn.atomic.atomic_path's names)."""
@@ -689,7 +688,10 @@ def test_a_new_resumed_or_overwritten_run_removes_stale_temporary_files(
             train(train_config(store, iterations=iterations), run, resume, overwrite, False)
         assert "removed 4 temporary file(s)" in caplog.text
         assert not [p.name for p in run.iterdir() if ".tmp." in p.name and p.name not in kept]
-        assert all((run / name).read_text() == "the user's" for name in kept)
+        for name in kept:  # a user's files in a run folder (not in a new one: check_not_foreign)
+            path = run / name
+            assert not path.exists() or path.read_text() == "the user's"
+            path.write_text("the user's")
 
 
 def test_a_rank_stopped_by_sigterm_unwinds_and_reports_128_plus_the_signal(
@@ -892,3 +894,20 @@ def test_the_rank_entry_points_usage_is_the_command_to_type(capsys):
     with pytest.raises(SystemExit):
         rank_main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m pipelines.train [-h]")
+
+
+@pytest.mark.parametrize("resume", [[], ["--resume"], ["--overwrite"]])
+def test_a_folder_of_a_user_s_files_is_no_run_folder(tmp_path, store, train_config, capsys, resume):
+    """A folder holding only the user's model.pt was 'a run' (pass --resume or --overwrite)
+    and, with --resume, 'nothing to resume': --overwrite replaced their file. A folder of notes
+    got a run's files mixed in. `geodnn run` refuses both alike."""
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"the user's own model")
+    (run / "notes.txt").write_text("notes")
+    config = train_config(store, iterations=3)
+    code = main(["train", str(config.path), "--out", str(run), *resume])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "holds files but no geodnn training run (model.pt, notes.txt)" in err
+    assert sorted(p.name for p in run.iterdir()) == ["model.pt", "notes.txt"]
+    assert (run / "model.pt").read_bytes() == b"the user's own model"
