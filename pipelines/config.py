@@ -148,6 +148,9 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+INT64_MAX = 2**63 - 1  # TOML's integers are 64-bit; Python's TOML reader takes larger ones
+
+
 def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> None:
     """One key of a non-solver table against its default's type and its bounds."""
     if default is None:
@@ -168,6 +171,8 @@ def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> N
         if not math.isfinite(value):  # nan passes every comparison below
             raise PipelineError(f"{path}: [{table}] {key} must be a finite number, not {value}")
         low = 1 if (table, key) in AT_LEAST_ONE else 0
+        if expected == "int" and value > INT64_MAX:  # e.g. a seed: torch's would overflow
+            raise PipelineError(f"{path}: [{table}] {key} must be at most {INT64_MAX}, not {value}")
         bad = value <= 0 if (table, key) in POSITIVE else value < low
         if bad:
             bound = "> 0" if (table, key) in POSITIVE else f">= {low}"

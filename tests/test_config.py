@@ -57,6 +57,7 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         ("[train]\nsolvr = 'adam'\n", "unknown key"),
         ("[train]\nsolver = 'sgd'\n", "is unknown; use one of"),
         ("[train]\niterations = 0\n", "iterations must be"),
+        ("[train]\nseed = 99999999999999999999\n", r"seed must be at most 9223372036854775807"),
         ("[train\n", "not valid TOML"),
         ("[data]\nval_tiles = '4'\n", "val_tiles must be a whole number, not '4'"),
         ("[train]\niterations = true\n", "iterations must be a whole number, not True"),
