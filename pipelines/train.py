@@ -76,7 +76,7 @@ from .config import (
     revalidated,
 )
 from .datasets import StoreBatches, ValidationWindows
-from .device import training_device
+from .device import DEVICES, training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
 from .options import integer
@@ -765,6 +765,7 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
 # settings a resumed run may change: how long it runs, how often it reports, how long it waits
 RESUME_MAY_CHANGE = {
     ("parallel", "workers"),  # checked against the checkpoint's ranks instead
+    ("train", "compare"),  # `geodnn run`'s: which solvers it trains besides [train] solver
     ("train", "iterations"),
     ("train", "epoch"),
     ("data", "val_tiles"),
@@ -784,6 +785,7 @@ STEP_SETTINGS = {
 STOPPING = ("max_iterations", "patience", "divergence_factor", "divergence_warmup")
 RESUME_MAY_TUNE = {(t, k) for t, keys in STEP_SETTINGS.items() for k in (*keys, *STOPPING)}
 RESUME_MAY_TUNE.add(("train", "divergence_factor"))
+RESUME_MAY_TUNE.add(("train", "threads"))  # the same state; sums in another order
 # what to turn in the config after a solver diverged (`geodnn run` says it per solver)
 STEP_SIZE_FIX = {
     "adam": "lower [adam] lr",
@@ -841,6 +843,30 @@ def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:
     }
 
 
+def settings_without_effect(saved: dict, current: dict) -> set[tuple[str, str]]:
+    """Changed settings that change nothing here: a device name that resolves to the same
+    device ('cpu' and 'auto' without a GPU), compress_bits of a one-process run (it quantizes
+    only the messages between ranks)."""
+    same = set()
+    devices = [tables.get("train", {}).get("device", "auto") for tables in (saved, current)]
+    if devices[0] != devices[1] and all(d in DEVICES for d in devices):
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        if len({auto if d == "auto" else d for d in devices}) == 1:
+            same.add(("train", "device"))
+    workers = [tables.get("parallel", {}).get("workers", 1) for tables in (saved, current)]
+    if workers == [1, 1]:
+        same.add(("parallel", "compress_bits"))
+    return same
+
+
+def setting_change(saved: dict, current: dict, table: str, key: str) -> str:
+    """ "[train] solver 'admm' -> 'adam' (--solver)": what changed, and the command-line option
+    that sets it (the value may have come from there, not from the file)."""
+    before, after = (tables.get(table, {}).get(key) for tables in (saved, current))
+    flag = OVERRIDE_FLAGS.get((table, key))
+    return f"[{table}] {key} {before!r} -> {after!r}" + (f" ({flag})" if flag else "")
+
+
 def check_resume_config(config: Config, run_dir: Path) -> None:
     """Resuming with other hyperparameters would not continue the same run: refuse it."""
     saved_path = run_dir / "config.toml"
@@ -849,14 +875,15 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
         (t, k)
-        for t, k in changed_settings(saved, current)
+        for t, k in changed_settings(saved, current) - settings_without_effect(saved, current)
         if t not in ignored and (t, k) not in RESUME_MAY_CHANGE
     )
-    fixed = [f"[{t}] {k}" for t, k in changed if (t, k) not in RESUME_MAY_TUNE]
+    fixed = [setting_change(saved, current, t, k) for t, k in changed]
+    fixed = [said for (t, k), said in zip(changed, fixed) if (t, k) not in RESUME_MAY_TUNE]
     if fixed:
         raise PipelineError(
-            f"{saved_path}: the run was started with other settings ({', '.join(fixed)}); "
-            "resume with the same config, or start a new run with --out"
+            f"{saved_path}: the run was started with other settings ({'; '.join(fixed)}); "
+            "resume with the same config and options, or start a new run with --out"
         )
     if changed:
         tuned = ", ".join(f"[{t}] {k}" for t, k in changed)

@@ -311,7 +311,16 @@ def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
     wider = str(changed.path).replace(".toml", "-wide.toml")
     Path(wider).write_text(Path(changed.path).read_text().replace("width = 4", "width = 8"))
     code = main(["train", wider, "--out", str(run), "--resume", "--solver", "admm"])
-    assert code == 2 and "[model] width" in capsys.readouterr().err
+    assert code == 2 and "[model] width 4 -> 8" in capsys.readouterr().err
+    code = main(["train", str(changed.path), "--out", str(run), "--resume", "--solver", "adam"])
+    assert code == 2 and "[train] solver 'admm' -> 'adam' (--solver)" in capsys.readouterr().err
+    # settings train does not use, or that change nothing here, were refused too
+    same = "compare = ['adam']\ndevice = 'cpu'\nthreads = 2\n[parallel]\ncompress_bits = 8\n"
+    if torch.cuda.is_available():
+        same = same.replace("'cpu'", "'cuda'")
+    unused = train_config(store, iterations=9, extra=same)
+    code = main(["train", str(unused.path), "--out", str(run), "--resume", "--solver", "admm"])
+    assert code == 0, capsys.readouterr().err
 
 
 def test_resume_refuses_a_store_rebuilt_from_other_data(tmp_path, store, train_config, capsys):
