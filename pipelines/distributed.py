@@ -75,7 +75,7 @@ def admm_rank_solver(ctx, setup, admm: AdmmSettings, seed: int, blocks) -> RankA
     parallel = setup.config["parallel"]
     plan = None
     if blocks:
-        plan = Plan([tuple(b) for b in blocks], [0.0] * len(blocks), [0.0] * len(blocks))
+        plan = Plan.unpredicted([tuple(b) for b in blocks])  # the checkpoint's split
     elif parallel["balance"] and ctx.world_size > 1:
         plan = plan_blocks(ctx, setup.model, setup.train_data, admm, seed)
         if ctx.rank == 0:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from geodnn.errors import GeodnnError
-from geodnn.parallel.partition import LayerCost, balance, even_blocks, profile_layers
+from geodnn.parallel.partition import LayerCost, Plan, balance, even_blocks, profile_layers
 
 
 def _brute_force(costs: list[float], parts: int) -> float:
@@ -91,3 +91,12 @@ def test_describe_lists_predicted_and_measured():
     plan = balance([0.001, 0.002, 0.003], 2)
     text = plan.describe(measured_s=[0.0031, 0.0029])
     assert "rank 0" in text and "predicted" in text and "measured 3.1 ms" in text
+
+
+def test_blocks_nobody_measured_log_no_prediction():
+    """A resumed run's blocks (kept in its checkpoint) logged 'predicted 0.0 ms, 0.0 MiB'."""
+    text = Plan.unpredicted([(0, 2), (2, 5)]).describe(measured_s=[0.004, 0.005])
+    assert text.splitlines() == [
+        "rank 0: layers 0-1 (2), measured 4.0 ms",
+        "rank 1: layers 2-4 (3), measured 5.0 ms",
+    ]

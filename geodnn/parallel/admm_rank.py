@@ -183,8 +183,7 @@ class RankAdmmSolver:
     ) -> None:
         layers = len(model.layers)
         if plan is None:
-            blocks = even_blocks(layers, ctx.world_size)
-            plan = Plan(blocks, [float(b - a) for a, b in blocks], [0.0] * len(blocks))
+            plan = Plan.unpredicted(even_blocks(layers, ctx.world_size))
         if len(plan.blocks) != ctx.world_size:
             raise GeodnnError(f"plan has {len(plan.blocks)} blocks for {ctx.world_size} ranks")
         check_class_weights(settings, model, "admm")

@@ -8,6 +8,7 @@ then as the tie-break. Costs come from `profile_layers` on the real shapes, not 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ class Plan:
     predicted_s: list[float]
     predicted_bytes: list[float]
 
+    @classmethod
+    def unpredicted(cls, blocks: Blocks) -> Plan:
+        """Blocks nobody measured (an equal split, or those a resumed run's checkpoint kept):
+        their predictions are NaN and the balance log leaves them out."""
+        return cls(list(blocks), [math.nan] * len(blocks), [math.nan] * len(blocks))
+
     @property
     def bottleneck_s(self) -> float:
         return max(self.predicted_s)
@@ -41,11 +48,10 @@ class Plan:
         """One line per rank: layers, predicted (and measured) time, memory."""
         lines = []
         for rank, (start, stop) in enumerate(self.blocks):
-            mib = self.predicted_bytes[rank] / 2**20
-            line = (
-                f"rank {rank}: layers {start}-{stop - 1} ({stop - start}), predicted "
-                f"{self.predicted_s[rank] * 1e3:.1f} ms, {mib:.1f} MiB"
-            )
+            line = f"rank {rank}: layers {start}-{stop - 1} ({stop - start})"
+            if not math.isnan(self.predicted_s[rank]):
+                mib = self.predicted_bytes[rank] / 2**20
+                line += f", predicted {self.predicted_s[rank] * 1e3:.1f} ms, {mib:.1f} MiB"
             if measured_s is not None:
                 line += f", measured {measured_s[rank] * 1e3:.1f} ms"
             lines.append(line)
