@@ -371,16 +371,26 @@ def write_metrics(path: Path, records: list[EpochRecord], class_names: list[str]
     atomic_write_text(path, buffer.getvalue())
 
 
+# ADMM's ranks log the head's loss on its pipelined input, not a forward of the whole network
+RANK_TRAIN_LOSS = "train (head, on its pipelined input)"
 MARKED_POINTS = 30  # curves of up to this many epochs mark each point (one alone is no line)
 
 
-def plot_curves(path: Path, records: list[EpochRecord], class_names: list[str], title: str) -> None:
-    """Training loss, validation loss and validation IoU per class against iterations."""
+def plot_curves(
+    path: Path,
+    records: list[EpochRecord],
+    class_names: list[str],
+    title: str,
+    train_label: str | None = None,
+) -> None:
+    """Training loss, validation loss and validation IoU per class against iterations
+    (`train_label`: what the training loss measures, the real network's by default)."""
     its = [r.iteration for r in records]
     style = {"marker": "o", "markersize": 4} if len(records) <= MARKED_POINTS else {}
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_iou = fig.subplots(1, 2)
-    ax_loss.plot(its, [r.train_loss for r in records], label="train (real network)", **style)
+    label = train_label or "train (real network)"
+    ax_loss.plot(its, [r.train_loss for r in records], label=label, **style)
     ax_loss.plot(its, [r.val_loss for r in records], label="validation", **style)
     ax_loss.set(xlabel="iteration", ylabel="weighted cross-entropy", title=f"{title}: loss")
     ax_loss.legend(loc="best")
@@ -510,7 +520,18 @@ def save_epoch(
         meta["pixel_size_m"] = pixel_size
     geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
     write_metrics(run_dir / "metrics.csv", records, setup.class_names)
-    plot_curves(run_dir / "curves.png", records, setup.class_names, setup.solver_name)
+    plot_curves(
+        run_dir / "curves.png",
+        records,
+        setup.class_names,
+        setup.solver_name,
+        train_label=train_loss_label(solver, setup.solver_name),
+    )
+
+
+def train_loss_label(solver, solver_name: str) -> str | None:
+    """What the training loss of metrics.csv measures, when not the real network's loss."""
+    return RANK_TRAIN_LOSS if ranked(solver) and solver_name == "admm" else None
 
 
 def training_split_record(store: TileStore) -> dict:

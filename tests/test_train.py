@@ -662,6 +662,26 @@ def test_curves_of_one_epoch_show_their_points(monkeypatch):
     assert not legend.overlaps(ax_iou.get_window_extent())
 
 
+def test_the_curve_of_admm_ranks_says_what_their_training_loss_is(monkeypatch):
+    """It was labelled 'train (real network)' where --workers ranks log the head's loss on its
+    pipelined input (README)."""
+    from types import SimpleNamespace
+
+    from pipelines.train import RANK_TRAIN_LOSS, train_loss_label
+
+    rank = SimpleNamespace(ctx=object())
+    assert train_loss_label(rank, "admm") == RANK_TRAIN_LOSS
+    assert train_loss_label(rank, "pipeline") is None  # backprop: the real network's loss
+    assert train_loss_label(SimpleNamespace(), "admm") is None  # one process
+    import pipelines.train as training
+
+    saved = []
+    monkeypatch.setattr(training, "save_figure", lambda fig, path: saved.append(fig))
+    records = [_record(3, 0.7, [0.94, 0.04])]
+    training.plot_curves(Path("c.png"), records, ["bg", "roads"], "admm", RANK_TRAIN_LOSS)
+    assert saved[0].axes[0].get_legend_handles_labels()[1][0] == RANK_TRAIN_LOSS
+
+
 def test_cli_names_each_class_s_validation_iou(tmp_path, store, train_config, capsys):
     import re
 
