@@ -1213,7 +1213,8 @@ def run_epochs(
                 shown.update(
                     loss=f"{mean_loss:.3f}", iou=score_text(foreground_iou(record.val_iou))
                 )
-                bar.set_postfix(shown)
+                # the last epoch's line is printed by the bar's close (a log got it twice)
+                bar.set_postfix(shown, refresh=solver.iteration < total and not stop)
             if stop:
                 break
 

@@ -682,6 +682,15 @@ def test_the_curve_of_admm_ranks_says_what_their_training_loss_is(monkeypatch):
     assert saved[0].axes[0].get_legend_handles_labels()[1][0] == RANK_TRAIN_LOSS
 
 
+def test_a_logged_progress_bar_prints_its_last_line_once(tmp_path, store, train_config, capsys):
+    """Each epoch's line, then the last epoch's again from the bar's close (a log file)."""
+    config = train_config(store, iterations=6)
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run")]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "it/s" in line]
+    assert len([line for line in lines if "6/6" in line]) == 1, lines
+    assert "loss=" in lines[-1] and "iou=" in lines[-1]
+
+
 def test_cli_names_each_class_s_validation_iou(tmp_path, store, train_config, capsys):
     import re
 
