@@ -216,3 +216,10 @@ def test_ground_pixel_size_is_in_metres_whatever_the_crs_units():
     assert utm == pytest.approx(0.5, rel=1e-3) and feet == pytest.approx(0.3048, rel=1e-3)
     assert degrees == pytest.approx(1.11, abs=0.01) and mercator == pytest.approx(0.3, rel=0.01)
     assert ground_pixel_size(None, from_origin(0, 0, 1, 1), 10, 10) is None
+
+
+def test_a_complex_scene_is_refused(make_geotiff):
+    """Read as float, a SAR scene's imaginary part was dropped without a word."""
+    scene = make_geotiff((np.ones((1, 8, 8)) * (1 + 2j)).astype("complex64"))
+    with pytest.raises(RasterInputError, match=r"complex64 \(complex\) bands, whose imaginary"):
+        open_scene(scene)

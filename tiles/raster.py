@@ -138,6 +138,12 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
         ) from None
     if info.count == 0:
         raise RasterInputError(f"{path}: raster has no data bands; pass an image with data bands")
+    if np.dtype(info.dtype).kind == "c":  # read as float, the imaginary part would be dropped
+        raise RasterInputError(
+            f"{path}: {info.dtype} (complex) bands, whose imaginary part would be dropped; "
+            "convert them to real bands first (amplitude or intensity, e.g. a VRT with GDAL's "
+            "'mod' pixel function)"
+        )
     if gcps_only:
         raise RasterInputError(
             f"{path}: georeferenced only by ground control points (no geotransform); warp it "
