@@ -498,3 +498,23 @@ def test_a_mask_of_several_bands_reads_band_1_with_a_warning(scene, make_geotiff
     with pytest.warns(UserWarning, match=r"mask has 2 bands; band 1 holds the classes"):
         source = load_labels(make_geotiff(mask, name="two.tif"), scene)
     np.testing.assert_array_equal(whole(source, scene), mask[0])
+
+
+def test_a_mask_value_255_without_nodata_is_warned_of(make_geotiff, scene):
+    """0 / 1 / 255 masks (255 = unlabeled) trained 255 as a class, silently; the printed fix
+    (declaring it nodata) makes it unlabeled."""
+    from click.testing import CliRunner
+    from rasterio.rio.main import main_group
+
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:5, 3:9] = 1
+    mask[:, 25:] = 255
+    path = make_geotiff(mask, name="m255.tif")
+    with pytest.warns(UserWarning, match=r"value 255 is read as a class .*rio edit-info") as said:
+        source = load_labels(path, scene)
+    assert source.classes == 3
+    fix = re.search(r"`(rio edit-info [^`]+)`", str(said[0].message))[1]
+    assert CliRunner().invoke(main_group, shlex.split(fix)[1:]).exit_code == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert load_labels(path, scene).classes == 2

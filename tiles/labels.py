@@ -49,6 +49,8 @@ from .raster import SceneInfo, grid_bounds, io_error_reason, rio_edit
 from .warn import warn_user
 
 IGNORE_INDEX = 255
+# what many masks mark unlabeled pixels with (geodnn too, in its class maps and tile store)
+UNLABELED_BY_CONVENTION = 255
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 LAYER_SEPARATOR = "|layername="  # FILE|layername=LAYER: one layer of a multi-layer file
@@ -628,6 +630,12 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             "background"
         )
     ints = [int(v) for v in values]
+    if UNLABELED_BY_CONVENTION in ints and nodata is None and len(ints) > 1:
+        warn_user(
+            f"{path}: value {UNLABELED_BY_CONVENTION} is read as a class of its own; if it marks "
+            "unlabeled pixels, declare it the mask's nodata "
+            f"(`{rio_edit(path, '--nodata', str(UNLABELED_BY_CONVENTION))}`)"
+        )
     if ints == list(range(1, len(ints) + 1)) and len(ints) > 1:
         names = ["background"] + [str(v) for v in ints]
     elif len(ints) == 1:
