@@ -90,3 +90,18 @@ def test_parse_split_and_its_errors():
 def test_scene_too_small_for_split_and_gap():
     with pytest.raises(TilesError, match="lower --gap"):
         split_regions((10, 40), SplitSpec("columns", 0.7, 32))
+
+
+@pytest.mark.parametrize(
+    "shape, spec, fix",
+    [
+        ((300, 1), SplitSpec("columns", 0.7, 0), r"scene; split the rows \(--split rows:0.7\)$"),
+        ((300, 40), SplitSpec("columns", 0.7, 64), r"lower --gap to 38 or less, or split the rows"),
+        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; lower --gap or move the split$"),
+        ((1, 1), SplitSpec("columns", 0.7, 0), r"pass a larger scene$"),
+    ],
+)
+def test_a_split_without_room_says_the_fix_that_works(shape, spec, fix):
+    """A 1-px-wide scene was told to 'lower --gap or move the split' at --gap 0."""
+    with pytest.raises(TilesError, match=fix):
+        split_regions(shape, spec)

@@ -89,6 +89,23 @@ def parse_split(text: str, gap: int = 32) -> SplitSpec:
     return SplitSpec(axis, fraction, int(gap))
 
 
+def _room_fix(shape: tuple[int, int], spec: SplitSpec) -> str:
+    """What makes room for both regions: a narrower gap or another fraction where the split
+    axis is long enough, else (too: where the other axis is longer) splitting the other axis."""
+    height, width = shape
+    length, other, other_length = (
+        (width, "rows", height) if spec.axis == "columns" else (height, "columns", width)
+    )
+    fixes = []
+    if length >= spec.gap + 2:
+        fixes.append("lower --gap or move the split")
+    elif length >= 2:
+        fixes.append(f"lower --gap to {length - 2} or less")
+    if other_length > length and other_length >= spec.gap + 2:
+        fixes.append(f"split the {other} (--split {other}:{spec.fraction:g})")
+    return ", or ".join(fixes) or "pass a larger scene"
+
+
 def split_regions(shape: tuple[int, int], spec: SplitSpec) -> list[Region]:
     """The training region and (unless fraction is 1) the validation region of a scene."""
     height, width = shape
@@ -102,7 +119,7 @@ def split_regions(shape: tuple[int, int], spec: SplitSpec) -> list[Region]:
         if train_end < 1 or val_start > length - 1:
             raise TilesError(
                 f"split {spec.axis}:{spec.fraction:g} with a {spec.gap} px gap leaves no room "
-                f"for both regions in a {height}x{width} scene; lower --gap or move the split"
+                f"for both regions in a {height}x{width} scene; {_room_fix(shape, spec)}"
             )
         spans = [(TRAIN, 0, train_end), (VALIDATION, val_start, length)]
     if spec.axis == "columns":
