@@ -223,3 +223,14 @@ def test_a_complex_scene_is_refused(make_geotiff):
     scene = make_geotiff((np.ones((1, 8, 8)) * (1 + 2j)).astype("complex64"))
     with pytest.raises(RasterInputError, match=r"complex64 \(complex\) bands, whose imaginary"):
         open_scene(scene)
+
+
+def test_a_float64_nodata_beyond_float32_reads_without_numpy_noise(make_geotiff):
+    """A valid GDAL nodata of -1e300 printed numpy's 'overflow encountered in cast'."""
+    image = np.ones((1, 6, 6))
+    image[0, :, :2] = -1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with rasterio.open(make_geotiff(image, nodata=-1e300)) as src:
+            out = read_window(src, Window(0, 0, 6, 6))
+    assert np.isnan(out[0, :, :2]).all() and (out[0, :, 2:] == 1).all()

@@ -308,7 +308,8 @@ def _read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     if src.count > len(bands) and src.nodata is not None:
         array = _read_nodata_and_alpha(src, bands, window)
     else:
-        data = src.read(bands, window=window, masked=True, out_dtype="float32")
+        with np.errstate(over="ignore"):  # a float64 nodata (-1e300) as float32 fill: -inf
+            data = src.read(bands, window=window, masked=True, out_dtype="float32")
         array = np.ma.filled(data, np.nan).astype(np.float32, copy=False)
     array[~np.isfinite(array)] = np.nan
     return array
