@@ -67,6 +67,13 @@ class Evaluation:
         )
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """A notebook cell ending in an Evaluation shows the table, not one escaped line."""
+        printer.text(self.table())
+
 
 def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str) -> Region | None:
     """The rectangle to score, or None for the whole scene."""

@@ -212,3 +212,13 @@ def test_a_scene_without_valid_pixels_under_the_labels_is_named_not_the_labels(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and error.startswith(f"geodnn: error: {blank}: no valid pixel")
     assert "check the scene and its nodata" in error
+
+
+def test_a_notebook_shows_the_table(atlanta):
+    """As the last line of a cell, `result.table()` showed as one escaped string."""
+    from IPython.lib.pretty import pretty
+
+    scene, labels, ckpt, _ = atlanta
+    result = evaluate_scene(ckpt, scene, labels, chunk=300)
+    assert str(result) == result.table() == pretty(result)
+    assert result.table().splitlines()[0].split() == ["class", "IoU", "F1"]
