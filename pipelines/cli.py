@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import warnings
+from collections.abc import Sequence
 from typing import NoReturn
 
 from .errors import system_refusal
@@ -20,8 +21,16 @@ from .errors import system_refusal
 # Only the standard library at import: PyTorch and GDAL load in `main`, where Ctrl-C during
 # the seconds that takes is answered in one line too.
 
-# Order is the order shown by `geodnn --help`.
-JOB_MODULES = ["tile", "train", "evaluate", "predict", "run"]
+# Each job (its module pipelines.<name>) and the line `geodnn --help` lists it with, in that
+# order. Only the job a command runs is imported: its modules load PyTorch and GDAL (seconds).
+JOBS = {
+    "tile": "build a tile store (images, labels, spatial split, statistics) for training",
+    "train": "train a model from a tile store (ADMM, Adam or pipeline)",
+    "evaluate": "score a checkpoint against labels (IoU, F1, accuracy)",
+    "predict": "predict a GeoTIFF scene into a class map (GeoTIFF/COG) and polygons (GeoPackage)",
+    "run": "tile, train, evaluate, predict and export in one go",
+}
+JOB_MODULES = list(JOBS)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -50,7 +59,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(jobs: Sequence[str] = JOB_MODULES) -> argparse.ArgumentParser:
+    """The `geodnn` parser with the full options of `jobs`; the others are listed by name and
+    summary only (enough for `geodnn --help` and for refusing an unknown command)."""
     parser = OneLineParser(
         prog="geodnn",
         description="Train very deep FCNs without backprop and map GeoTIFF scenes with them.",
@@ -59,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"geodnn {installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in JOB_MODULES:
+    for name, summary in JOBS.items():
+        if name not in jobs:
+            sub.add_parser(name, help=summary)
+            continue
         try:
             module = importlib.import_module(f"pipelines.{name}")
         except ModuleNotFoundError as exc:
@@ -68,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     return parser
+
+
+def chosen_jobs(argv: Sequence[str]) -> list[str]:
+    """The job a command line names (its first word that is one), or none."""
+    return next(([word] for word in argv if word in JOBS), [])
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -84,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = build_parser(chosen_jobs(argv)).parse_args(argv)  # --help ends here, quickly
+
     from rasterio.errors import NotGeoreferencedWarning
 
     from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="geodnn: %(levelname)s: %(message)s",

@@ -30,6 +30,7 @@ from tiles.split import Region, parse_split, split_regions
 from tiles.warn import warn_user
 
 from .arguments import flag, text, whole
+from .cli import JOBS
 from .errors import PipelineError
 from .options import non_negative_int, positive_int
 from .predict import (
@@ -264,7 +265,7 @@ def _match_trained_classes(source, trained: list, names: list[str], attribute) -
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score a checkpoint against labels (IoU, F1, accuracy)",
+        help=JOBS["evaluate"],
         description=__doc__,
     )
     p.add_argument("checkpoint", type=Path, help="model checkpoint (.pt) from `geodnn train`")

@@ -66,6 +66,7 @@ from tiles.vectorize import (  # noqa: E402
 from tiles.warn import warn_user  # noqa: E402
 
 from .arguments import flag, whole  # noqa: E402
+from .cli import JOBS  # noqa: E402
 from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
 from .errors import PipelineError  # noqa: E402
 from .options import number, positive_int  # noqa: E402
@@ -375,7 +376,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `geodnn predict`."""
     p = subparsers.add_parser(
         "predict",
-        help="predict a GeoTIFF scene into a class map (GeoTIFF/COG) and polygons (GeoPackage)",
+        help=JOBS["predict"],
         description=__doc__.split("\n\n")[1],
     )
     p.add_argument("checkpoint", help="model checkpoint (.pt) from `geodnn train`")

@@ -36,6 +36,7 @@ from pathlib import Path
 from geodnn.errors import DivergenceError
 from tiles.labels import split_layer
 
+from .cli import JOBS
 from .config import OVERRIDE_FLAGS, SOLVERS, Config, load_config
 from .errors import DamagedRunError, PipelineError
 from .io import atomic_write_text
@@ -541,9 +542,7 @@ def run_pipeline(
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="tile, train, evaluate, predict and export in one go", description=__doc__
-    )
+    p = sub.add_parser("run", help=JOBS["run"], description=__doc__)
     p.add_argument("config", type=Path, help="pipeline TOML (see pipelines/configs/)")
     p.add_argument("--out", type=Path, help="run folder (default runs/<config name>)")
     p.add_argument("--force", action="store_true", help="redo every step from scratch")

@@ -20,6 +20,7 @@ from tiles.store import TileStore
 from tiles.store import build_store as _build_store
 
 from .arguments import flag, names, text, whole
+from .cli import JOBS
 from .options import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "tile",
-        help="build a tile store (images, labels, spatial split, statistics) for training",
+        help=JOBS["tile"],
         description="Cut a GeoTIFF scene and its labels into a Zarr tile store with a spatial "
         "train/validation split and per-band statistics of the training region.",
     )

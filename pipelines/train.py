@@ -67,6 +67,7 @@ from tiles.store import TileStore
 from tiles.warn import warn_user
 
 from .arguments import flag
+from .cli import JOBS
 from .config import (
     OVERRIDE_FLAGS,
     SOLVERS,
@@ -1316,7 +1317,7 @@ def default_run_dir(config: Config) -> Path:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a model from a tile store (ADMM, Adam or pipeline)",
+        help=JOBS["train"],
         description=__doc__,
     )
     p.add_argument("config", type=Path, help="TOML config (see pipelines/configs/)")

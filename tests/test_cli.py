@@ -22,7 +22,7 @@ def test_importing_the_command_loads_neither_pytorch_nor_gdal():
 
 
 def test_ctrl_c_while_the_jobs_load_is_one_line(monkeypatch, capsys):
-    def interrupted():
+    def interrupted(*jobs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "build_parser", interrupted)
@@ -118,3 +118,22 @@ def test_version_names_the_installed_release():
     )
     assert out.returncode == 0
     assert out.stdout.strip() == f"geodnn {importlib.metadata.version('geodnn')}"
+
+
+def test_help_loads_only_the_job_it_is_about():
+    """`geodnn --help` imported every job (PyTorch, GDAL, geopandas): 6-15 s on a busy box."""
+    code = (
+        "import sys\n"
+        "from pipelines.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'rasterio', 'geopandas') if m in sys.modules))"
+    )
+    top = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True)
+    assert top.stdout.splitlines()[-1] == "[]" and "evaluate     score a checkpoint" in top.stdout
+    tile = subprocess.run(
+        [sys.executable, "-c", code, "-v", "tile", "--help"], capture_output=True, text=True
+    )
+    assert "--split" in tile.stdout and "'torch'" not in tile.stdout.splitlines()[-1]
