@@ -710,7 +710,8 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
         raise PipelineError(f"{run_dir}: --resume and --overwrite contradict; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise PipelineError(f"{run_dir}: is a file, not a run folder; pick another --out")
-    check_not_foreign(run_dir)
+    if not overwrite:  # --overwrite: replace what is there, a user's files beside it kept
+        check_not_foreign(run_dir)
     if resume:
         if not has_state(run_dir):
             raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")

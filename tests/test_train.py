@@ -934,11 +934,12 @@ def test_the_rank_entry_points_usage_is_the_command_to_type(capsys):
     assert capsys.readouterr().out.startswith("usage: python -m pipelines.train [-h]")
 
 
-@pytest.mark.parametrize("resume", [[], ["--resume"], ["--overwrite"]])
+@pytest.mark.parametrize("resume", [[], ["--resume"]])
 def test_a_folder_of_a_user_s_files_is_no_run_folder(tmp_path, store, train_config, capsys, resume):
     """A folder holding only the user's model.pt was 'a run' (pass --resume or --overwrite)
-    and, with --resume, 'nothing to resume': --overwrite replaced their file. A folder of notes
-    got a run's files mixed in. `geodnn run` refuses both alike."""
+    and, with --resume, 'nothing to resume', which left --overwrite, replacing their file. A
+    folder of notes got a run's files mixed in. `geodnn run` refuses both alike; --overwrite
+    (asked for, not advised) replaces what is there, beside the user's other files."""
     run = tmp_path / "mine"
     run.mkdir()
     (run / "model.pt").write_bytes(b"the user's own model")
