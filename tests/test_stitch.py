@@ -269,7 +269,7 @@ def test_unreadable_chunk_is_a_raster_input_error(make_geotiff, tmp_path):
     path = make_geotiff(np.ones((1, 300, 300), dtype=np.float32))
     [chunk] = list(ChunkGrid(300, 300, 512, 2))
     path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(RasterInputError, match="not a readable raster") as info:
+    with pytest.raises(RasterInputError, match="damaged or unreadable at rows 0-300") as info:
         predict_chunks(str(path), [chunk], box_predictor)
     assert "\n" not in str(info.value)
 
