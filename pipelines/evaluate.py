@@ -36,6 +36,7 @@ from .options import non_negative_int, positive_int
 from .predict import (
     ARGMAX_HELP,
     as_checkpoint,
+    check_scene_bands,
     iter_predictions,
     resolution_note,
     value_range_note,
@@ -191,6 +192,7 @@ def evaluate_scene(
     split = None if split is None else text("split", split, "columns:0.7")
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
+    check_scene_bands(info, ckpt)  # before the notes, which read its bands against the model's
     resolution_note(info, ckpt)
     value_range_note(info, ckpt)
     source = load_labels(labels, info, class_attribute=class_attribute)

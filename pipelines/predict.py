@@ -133,7 +133,7 @@ def as_checkpoint(checkpoint: str | os.PathLike | Checkpoint) -> Checkpoint:
     return checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
 
 
-def _check_scene(scene: SceneInfo, ckpt: Checkpoint) -> None:
+def check_scene_bands(scene: SceneInfo, ckpt: Checkpoint) -> None:
     if scene.count != ckpt.config.bands and scene.count + scene.alpha_bands == ckpt.config.bands:
         raise RasterInputError(
             f"{scene.path}: has {scene.count} band(s) and an alpha band, which geodnn reads as "
@@ -189,9 +189,12 @@ def value_range_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
     if np.all(mean == 0) and np.all(std == 1):
         return None
     medians = sample_band_medians(info.path)
-    if medians is None:
+    if len(medians) != len(mean):  # check_scene_bands refuses it first
         return None
-    distance = np.abs(medians - mean) / std
+    # a band constant in training (std clamped near 0) says nothing; NaN: all nodata sampled
+    informative = std > 1e-3 * np.maximum(np.abs(mean), 1.0)
+    with np.errstate(invalid="ignore"):
+        distance = np.where(informative, np.abs(medians - mean) / std, np.nan)
     far = np.flatnonzero(distance > RANGE_TOLERANCE)
     if far.size == 0:
         return None
@@ -225,7 +228,7 @@ def iter_predictions(
     Classes follow the checkpoint's decision rule (`decision_scale`); `argmax` ignores it."""
     ckpt = as_checkpoint(checkpoint)
     info = open_scene(scene)
-    _check_scene(info, ckpt)
+    check_scene_bands(info, ckpt)
     halo = ckpt.model.receptive_radius
     check_chunk_size(chunk, halo)
     yield from stream_predictions(
@@ -290,7 +293,7 @@ def predict_scene(
     if not argmax:  # a bad decision rule is refused before any output is opened
         decision_scale(ckpt, checkpoint if not isinstance(checkpoint, Checkpoint) else "checkpoint")
     info = open_scene(scene)
-    _check_scene(info, ckpt)
+    check_scene_bands(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)

@@ -222,3 +222,17 @@ def test_a_notebook_shows_the_table(atlanta):
     result = evaluate_scene(ckpt, scene, labels, chunk=300)
     assert str(result) == result.table() == pretty(result)
     assert result.table().splitlines()[0].split() == ["class", "IoU", "F1"]
+
+
+def test_a_scene_with_other_bands_is_one_line_before_the_value_check(atlanta, tmp_path):
+    """The value-range check read the scene's bands against the model's first: a ValueError
+    (broadcast) instead of the band-count error."""
+    from tiles.errors import RasterInputError
+
+    scene, labels, _, _ = atlanta
+    model = geodnn.build_model(bands=2, classes=2, depth=1, width=2)
+    model.set_normalization([50.0, 60.0], [10.0, 12.0])
+    ckpt = tmp_path / "two.pt"
+    geodnn.save_checkpoint(model, ckpt)
+    with pytest.raises(RasterInputError, match="has 1 band.s. but the model expects 2"):
+        evaluate_scene(ckpt, scene, labels)

@@ -298,6 +298,12 @@ def test_a_scene_far_outside_the_training_values_is_warned_of(make_geotiff, tmp_
     with pytest.warns(UserWarning, match=r"band 1's values \(median .*\) lie \d+ standard dev"):
         summary = predict_scene(ckpt, wider, tmp_path / "b.tif")
     assert any("standard deviations" in n for n in summary.warnings)
+    flat = small_model()  # a band constant in training: its clamped std says nothing
+    flat.set_normalization([100.0], [0.0])
+    save_checkpoint(flat, ckpt, class_names=CLASSES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predict_scene(ckpt, wider, tmp_path / "c.tif")
 
 
 def test_failure_mid_run_leaves_no_partial_output(checkpoint, data_dir, tmp_path, monkeypatch):

@@ -138,7 +138,7 @@ def open_scene(path: str | os.PathLike, check_data: bool = True) -> SceneInfo:
         ) from None
     if info.count == 0:
         raise RasterInputError(f"{path}: raster has no data bands; pass an image with data bands")
-    if np.dtype(info.dtype).kind == "c":  # read as float, the imaginary part would be dropped
+    if str(info.dtype).startswith("complex"):  # read as float, the imaginary part is dropped
         raise RasterInputError(
             f"{path}: {info.dtype} (complex) bands, whose imaginary part would be dropped; "
             "convert them to real bands first (amplitude or intensity, e.g. a VRT with GDAL's "
@@ -276,12 +276,10 @@ def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     raise failure
 
 
-def sample_band_medians(
-    path: str | os.PathLike, grid: int = 4, size: int = 64
-) -> np.ndarray | None:
+def sample_band_medians(path: str | os.PathLike, grid: int = 4, size: int = 64) -> np.ndarray:
     """Per-band medians of the valid pixels in grid x grid small windows spread over the scene:
-    a look at its value range that costs a few block reads whatever the scene's size. None
-    when every sampled pixel is nodata."""
+    a look at its value range that costs a few block reads whatever the scene's size (NaN for
+    a band whose sampled pixels are all nodata)."""
     with rasterio.open(path) as src:
         h, w = min(size, src.height), min(size, src.width)
         rows = np.linspace(0, src.height - h, grid).astype(int)
@@ -289,9 +287,8 @@ def sample_band_medians(
         windows = {(int(r), int(c)) for r in rows for c in cols}
         samples = [read_window(src, Window(c, r, w, h)) for r, c in sorted(windows)]
     pixels = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
-    if np.isnan(pixels).all(axis=1).any():
-        return None
-    return np.nanmedian(pixels, axis=1)
+    valid = [band[~np.isnan(band)] for band in pixels]
+    return np.array([np.median(v) if v.size else np.nan for v in valid])
 
 
 def unreadable_window(path: str, window: Window, exc: Exception) -> RasterInputError:
