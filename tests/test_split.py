@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -96,12 +98,25 @@ def test_scene_too_small_for_split_and_gap():
     "shape, spec, fix",
     [
         ((300, 1), SplitSpec("columns", 0.7, 0), r"scene; split the rows \(--split rows:0.7\)$"),
-        ((300, 40), SplitSpec("columns", 0.7, 64), r"lower --gap to 38 or less, or split the rows"),
-        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; lower --gap or move the split$"),
+        ((300, 40), SplitSpec("columns", 0.7, 64), r"lower --gap to 22 or less, or split the rows"),
+        ((70, 40), SplitSpec("columns", 0.7, 64), r"scene; lower --gap to 22 or less$"),
+        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; move the split \(e.g. --split colu"),
         ((1, 1), SplitSpec("columns", 0.7, 0), r"pass a larger scene$"),
     ],
 )
 def test_a_split_without_room_says_the_fix_that_works(shape, spec, fix):
-    """A 1-px-wide scene was told to 'lower --gap or move the split' at --gap 0."""
-    with pytest.raises(TilesError, match=fix):
+    """A 1-px-wide scene was told to 'lower --gap or move the split' at --gap 0; each fix
+    said is checked to work."""
+    with pytest.raises(TilesError, match=fix) as said:
         split_regions(shape, spec)
+    gap = re.search(r"--gap to (\d+)", str(said.value))
+    if gap:
+        for g in (int(gap[1]), int(gap[1]) + 1):  # the widest that fits, and one more
+            fits = g == int(gap[1])
+            try:
+                split_regions(shape, SplitSpec(spec.axis, spec.fraction, g))
+                assert fits
+            except TilesError:
+                assert not fits
+    for axis, fraction in re.findall(r"--split (\w+):([\d.]+)", str(said.value)):
+        split_regions(shape, SplitSpec(axis, float(fraction), spec.gap))

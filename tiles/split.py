@@ -90,20 +90,29 @@ def parse_split(text: str, gap: int = 32) -> SplitSpec:
 
 
 def _room_fix(shape: tuple[int, int], spec: SplitSpec) -> str:
-    """What makes room for both regions: a narrower gap or another fraction where the split
-    axis is long enough, else (too: where the other axis is longer) splitting the other axis."""
+    """What makes room for both regions, each checked with split_regions' own arithmetic: the
+    widest gap that fits at this fraction, else a split in the middle, and (where it fits)
+    splitting the other axis."""
     height, width = shape
     length, other, other_length = (
         (width, "rows", height) if spec.axis == "columns" else (height, "columns", width)
     )
     fixes = []
-    if length >= spec.gap + 2:
-        fixes.append("lower --gap or move the split")
-    elif length >= 2:
-        fixes.append(f"lower --gap to {length - 2} or less")
-    if other_length > length and other_length >= spec.gap + 2:
+    widest = _widest_gap(length, spec.fraction)
+    if 0 <= widest < spec.gap:
+        fixes.append(f"lower --gap to {widest} or less")
+    elif _widest_gap(length, 0.5) >= spec.gap:
+        fixes.append(f"move the split (e.g. --split {spec.axis}:0.5)")
+    if other_length > length and _widest_gap(other_length, spec.fraction) >= spec.gap:
         fixes.append(f"split the {other} (--split {other}:{spec.fraction:g})")
     return ", or ".join(fixes) or "pass a larger scene"
+
+
+def _widest_gap(length: int, fraction: float) -> int:
+    """The widest gap split_regions fits at `fraction` of `length` (negative: none): the
+    training region keeps >= 1 px before line - gap // 2, validation >= 1 px after it."""
+    line = round(fraction * length)
+    return min(2 * (line - 1) + 1, 2 * (length - 1 - line))
 
 
 def split_regions(shape: tuple[int, int], spec: SplitSpec) -> list[Region]:
