@@ -9,9 +9,12 @@ import sys
 import warnings
 from pathlib import Path
 
-# tiles, geodnn and pipelines are installed side by side (one distribution)
-_ROOT = Path(__file__).resolve().parent.parent
-OWN_PREFIXES = tuple(str(_ROOT / name) + os.sep for name in ("tiles", "geodnn", "pipelines"))
+# tiles, geodnn and pipelines are installed side by side (one distribution); frames name files
+# by the path they were imported from, a symlink's or its target's
+_ROOTS = {Path(__file__).parent.parent, Path(__file__).resolve().parent.parent}
+OWN_PREFIXES = tuple(
+    str(root / name) + os.sep for root in _ROOTS for name in ("tiles", "geodnn", "pipelines")
+)
 
 
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
