@@ -89,11 +89,11 @@ PER_CLASS = ("class_names", "class_colors")  # metadata lists with one entry per
 
 
 def check_per_class(metadata: dict[str, Any], classes: int, path: str | os.PathLike) -> None:
-    """Refuse class names or colors that are not a list of one per class: a map or polygon
-    layer would fail on them after the whole prediction."""
+    """Refuse class names or colors that are not a list of one per class (or empty: the
+    defaults): a map or polygon layer would fail on them after the whole prediction."""
     for key in PER_CLASS:
         value = metadata.get(key)
-        if value is None:
+        if value is None or (isinstance(value, list | tuple) and not value):
             continue
         if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
             raise CheckpointError(f"{path}: {key} must be a list, one per class; got {value!r}")
@@ -213,8 +213,14 @@ def _check_map_location(map_location: str | torch.device) -> None:
         raise CheckpointError(
             f"map_location {map_location!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'"
         ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"map_location {map_location!r}: PyTorch sees no GPU; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"map_location {map_location!r}: geodnn runs on 'cpu' or 'cuda'")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise CheckpointError(
+            f"map_location {map_location!r}: PyTorch sees {gpus} GPU(s) here; use 'cpu'"
+            + (" or 'cuda'" if gpus else "")
+        )
 
 
 def load_checkpoint(
@@ -248,6 +254,13 @@ def load_checkpoint(
             "re-train, or load it with the geodnn version that wrote it"
         ) from None
     metadata = dict(payload.get("metadata") or {})
-    check_per_class(metadata, model.config.classes, path)
+    try:
+        check_per_class(metadata, model.config.classes, path)
+    except CheckpointError as exc:  # written by other code: the model itself is fine
+        warnings.warn(
+            f"{exc.args[0].split('; ')[0]}; using the default names and colors", stacklevel=2
+        )
+        for key in PER_CLASS:
+            metadata.pop(key, None)
     model.to(map_location).eval()
     return Checkpoint(model=model, metadata=metadata)

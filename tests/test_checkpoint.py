@@ -161,13 +161,20 @@ def test_class_names_and_colors_are_one_per_class(tmp_path):
     payload = torch.load(path, weights_only=True)
     payload["metadata"]["class_names"] = ["a"]  # written by something else
     torch.save(payload, path)
-    with pytest.raises(geodnn.CheckpointError, match="m.pt: 1 class names for a model of 3"):
-        geodnn.load_checkpoint(path)
+    with pytest.warns(UserWarning, match="m.pt: 1 class names for a model of 3 classes; using"):
+        loaded = geodnn.load_checkpoint(path)  # the model is fine: its names fall back
+    assert loaded.class_names == ["background", "class_1", "class_2"]
+    geodnn.save_checkpoint(model, path, class_names=[])  # empty: the defaults, as loaded
+    assert geodnn.load_checkpoint(path).class_names == ["background", "class_1", "class_2"]
 
 
-@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
-def test_a_bad_map_location_is_named_not_the_file(tmp_path, device):
+@pytest.mark.parametrize(
+    "device, said",
+    [("gpu", "is not a device"), ("cuda:x", "is not a device"), ("mps", "geodnn runs on"),
+     ("cuda:99", "PyTorch sees")],
+)  # fmt: skip
+def test_a_bad_map_location_is_named_not_the_file(tmp_path, device, said):
     path = tmp_path / "m.pt"
     geodnn.save_checkpoint(geodnn.build_model(bands=1, classes=2, depth=1, width=2), path)
-    with pytest.raises(geodnn.CheckpointError, match=f"map_location '{device}' is not a device"):
+    with pytest.raises(geodnn.CheckpointError, match=f"map_location '{device}'.? {said}"):
         geodnn.load_checkpoint(path, map_location=device)
