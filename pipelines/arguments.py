@@ -9,6 +9,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from .errors import PipelineError
 
 
@@ -20,10 +22,10 @@ def whole(name: str, value: Any, least: int) -> int:
 
 
 def flag(name: str, value: Any) -> bool:
-    """`value` as True or False: "no" would be truthy."""
-    if not isinstance(value, bool):
+    """`value` as True or False (numpy's too): "no" would be truthy."""
+    if not isinstance(value, bool | np.bool_):
         raise PipelineError(f"{name}={value!r}: pass True or False")
-    return value
+    return bool(value)
 
 
 def text(name: str, value: Any, example: str) -> str:

@@ -188,6 +188,7 @@ def evaluate_scene(
     if region not in REGIONS:
         raise PipelineError(f"region {region!r} is unknown; use one of {', '.join(REGIONS)}")
     chunk, argmax = whole("chunk", chunk, 1), flag("argmax", argmax)
+    progress = flag("progress", progress)
     gap = None if gap is None else whole("gap", gap, 0)
     split = None if split is None else text("split", split, "columns:0.7")
     ckpt = as_checkpoint(checkpoint)

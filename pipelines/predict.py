@@ -289,9 +289,11 @@ def predict_scene(
     chunk, batch = whole("chunk", chunk, 1), whole("batch", batch, 1)
     for name, value in (("cog", cog), ("overwrite", overwrite), ("argmax", argmax)):
         flag(name, value)
+    progress = flag("progress", progress)
     ckpt = as_checkpoint(checkpoint)
     if not argmax:  # a bad decision rule is refused before any output is opened
-        decision_scale(ckpt, checkpoint if not isinstance(checkpoint, Checkpoint) else "checkpoint")
+        source = "checkpoint" if isinstance(checkpoint, Checkpoint) else os.fspath(checkpoint)
+        decision_scale(ckpt, source)
     info = open_scene(scene)
     check_scene_bands(info, ckpt)
     check_chunk_size(chunk, ckpt.model.receptive_radius)

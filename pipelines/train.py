@@ -1100,6 +1100,7 @@ def train(
     (with overrides; checked again here, as a notebook may have edited it) or the path of a
     config file."""
     resume, overwrite = flag("resume", resume), flag("overwrite", overwrite)
+    progress = flag("progress", progress)
     config = load_config(config) if not isinstance(config, Config) else revalidated(config)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["train"]["threads"])

@@ -1,6 +1,7 @@
 """The Python API's argument checks (pipelines/arguments.py): a notebook's wrong type is one
 line naming the argument; they raised TypeError / AttributeError from rasterio, Dask or pathlib."""
 
+import numpy as np
 import pytest
 
 import geodnn
@@ -16,6 +17,7 @@ def test_the_checks_take_good_values_and_name_bad_ones():
     assert whole("tile", 64, 1) == 64 and flag("cog", False) is False
     assert text("split", "rows:0.8", "columns:0.7") == "rows:0.8"
     assert names("class_names", ("bg", "road")) == ["bg", "road"] and names("x", None) is None
+    assert flag("cog", np.bool_(True)) is True and whole("chunk", np.int64(256), 1) == 256
     for bad in ("64", 64.0, True, 0):
         with pytest.raises(PipelineError, match=r"^tile=.*: pass a whole number >= 1$"):
             whole("tile", bad, 1)

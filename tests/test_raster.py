@@ -45,8 +45,9 @@ def test_read_window_maps_nodata_and_inf_to_nan(make_geotiff):
     assert out[0, 2, 3] == 11
 
 
-def test_lazy_scene_is_dask_backed_and_masked(data_dir):
-    lazy = open_lazy(data_dir / "atlanta-buildings" / "image.tif", chunks=256)
+@pytest.mark.parametrize("chunks", [256, np.int64(256), (256, 256), [256, 256]])
+def test_lazy_scene_is_dask_backed_and_masked(data_dir, chunks):
+    lazy = open_lazy(data_dir / "atlanta-buildings" / "image.tif", chunks=chunks)
     assert lazy.chunks is not None and lazy.shape == (1, 900, 900)
     block = lazy[:, :256, :256].compute().values
     assert block.dtype == np.float32

@@ -8,6 +8,7 @@ mask, not data: it is left out of the band count and of every read.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import shlex
@@ -330,14 +331,17 @@ def first_alpha(count: int, data_bands: Sequence[int]) -> int:
 def open_lazy(path: str | os.PathLike, chunks: int | tuple[int, int] = 1024) -> xr.DataArray:
     """The scene's data bands (no alpha) as a lazy, Dask-backed (band, y, x) float32 DataArray
     with NaN for nodata."""
-    if isinstance(chunks, int) and not isinstance(chunks, bool):
+    given = chunks
+    if isinstance(chunks, numbers.Integral):
         chunks = (chunks, chunks)
     if not (
-        isinstance(chunks, tuple)
+        isinstance(chunks, tuple | list)
         and len(chunks) == 2
-        and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunks)
+        and all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in chunks)
+        and min(chunks) >= 1
     ):
-        raise TilesError(f"chunks={chunks!r}: pass a whole number of pixels >= 1, or (rows, cols)")
+        raise TilesError(f"chunks={given!r}: pass a whole number of pixels >= 1, or (rows, cols)")
+    chunks = (int(chunks[0]), int(chunks[1]))
     info = open_scene(path, check_data=False)
     source = Path(info.path).resolve()  # the lazy reads happen later, maybe in another folder
     shadowed = info.alpha_bands > 0 and info.nodata is not None  # see _read_nodata_and_alpha
