@@ -125,8 +125,8 @@ class TrainingSplit:
                 warn_user(
                     f"{info.path}: the scored region includes pixels of the training split's "
                     f"guard band, within {self.gap} px of pixels the model was trained on (its "
-                    f"split {self.split}, gap {self.gap}), so the scores lean optimistic; drop "
-                    f"--gap (or pass --gap {self.gap}) to score only held-out pixels"
+                    f"split {self.split}, gap {self.gap}), so the scores lean optimistic; score "
+                    f"with the training gap, {self.gap} (--gap), to keep to held-out pixels"
                 )
             return
         if not self.has_validation(info):

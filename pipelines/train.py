@@ -468,18 +468,16 @@ EARLY_RUN_FILES = ("config.toml", STORE_RECORD, "metrics.csv", "curves.png")
 def check_not_foreign(run_dir: Path) -> None:
     """Refuse a folder that holds files but no run (a user's own; `geodnn run` refuses its
     like): a run's files would be mixed into it, a model.pt of theirs replaced."""
-    if not run_dir.is_dir() or holds_run(run_dir):
-        return
-    others = sorted(
-        p.name
-        for p in run_dir.iterdir()
-        if p.name not in EARLY_RUN_FILES and not STALE_TEMP.fullmatch(p.name)
+    if not run_dir.is_dir() or holds_run(run_dir) or (run_dir / "config.toml").is_file():
+        return  # a run's folder, finished or not (its state removed, say)
+    others = sorted(  # hidden entries (.ipynb_checkpoints, .DS_Store) are no one's files
+        p.name for p in run_dir.iterdir() if p.name not in EARLY_RUN_FILES and p.name[0] != "."
     )
     if others:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise PipelineError(
             f"{run_dir}: holds files but no geodnn training run ({shown}); pick an empty or new "
-            "--out"
+            "--out (or pass --overwrite to write the run beside them)"
         )
 
 

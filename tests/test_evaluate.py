@@ -86,7 +86,9 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         evaluate_scene(ckpt, scene, labels, region="train")  # asked for: nothing to warn of
-    with pytest.warns(UserWarning, match=r"guard band, within 32 px .*--gap 32\)"):
+    with pytest.warns(
+        UserWarning, match=r"guard band, within 32 px .*the training gap, 32 \(--gap\)"
+    ):
         evaluate_scene(ckpt, scene, labels, gap=8, region="validation")  # from column 634
     everything = {**record, "split": "columns:1"}  # a store of training tiles only
     geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=everything)

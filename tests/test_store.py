@@ -325,6 +325,7 @@ def test_a_replaced_store_whose_removal_was_interrupted_goes_with_the_next_build
     assert TileStore.open(out).attrs["tiles"] > 0  # the new store is in place
     assert len(list(tmp_path.glob(".s.zarr.old-*"))) == 2  # the folder and its unheld lock
     monkeypatch.setattr(store_module, "remove_tree", real)
+    (tmp_path / ".s.zarr.old-0badc0de" / "c").mkdir(parents=True)  # named as before the PID
     build(scene, mask, out, overwrite=True)
     assert not list(tmp_path.glob(".s.zarr.*"))
 

@@ -944,9 +944,11 @@ def test_a_folder_of_a_user_s_files_is_no_run_folder(tmp_path, store, train_conf
     run.mkdir()
     (run / "model.pt").write_bytes(b"the user's own model")
     (run / "notes.txt").write_text("notes")
+    (run / ".ipynb_checkpoints").mkdir()  # hidden: no one's files
     config = train_config(store, iterations=3)
     code = main(["train", str(config.path), "--out", str(run), *resume])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "holds files but no geodnn training run (model.pt, notes.txt)" in err
-    assert sorted(p.name for p in run.iterdir()) == ["model.pt", "notes.txt"]
+    assert "--overwrite to write the run beside them" in err
+    assert sorted(p.name for p in run.iterdir()) == [".ipynb_checkpoints", "model.pt", "notes.txt"]
     assert (run / "model.pt").read_bytes() == b"the user's own model"

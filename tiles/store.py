@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -269,7 +270,10 @@ def _remove_orphans(out: Path) -> None:
     for kind in SCRATCH_KINDS:
         prefix = f".{out.name}.{kind}-"
         for tmp in out.parent.glob(f"{prefix}*"):
-            if tmp.is_dir() and _is_orphan(tmp, tmp.name.removeprefix(prefix)):
+            tag = tmp.name.removeprefix(prefix)
+            # a replaced store named as before the host and PID were in it (its removal failed)
+            unnamed_old = kind == "old" and re.fullmatch(r"[0-9a-f]{8}", tag) is not None
+            if tmp.is_dir() and (unnamed_old or _is_orphan(tmp, tag)):
                 remove_tree(tmp)
                 with contextlib.suppress(OSError):
                     os.unlink(tmp.with_name(tmp.name + LOCK_SUFFIX))
