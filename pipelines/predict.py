@@ -278,7 +278,8 @@ def predict_scene(
     progress: bool = False,
     argmax: bool = False,
 ) -> PredictionSummary:
-    """Predict `scene` into the class map `out` (+ probabilities, + GeoPackage polygons).
+    """Predict `scene` into the class map `out` (+ probabilities, + GeoPackage polygons in
+    the layer "classes", beside QGIS's "layer_styles": `gpd.read_file(vectors, layer="classes")`).
 
     Everything is validated before any file is created; outputs appear only if the whole run
     succeeds. An all-nodata scene gives an all-nodata map (and a warning); a scene without CRS
