@@ -74,7 +74,9 @@ def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -
     Metadata is made plain first (numpy values to Python ones, paths to text), so the file
     loads with `weights_only=True`; a value that cannot be is refused, naming its key, as
     are class names or colors that are not one per class of the model."""
-    check_per_class(metadata, model.config.classes, path)
+    problem = per_class_problem(metadata, model.config.classes)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; pass one per class")
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -88,20 +90,19 @@ def save_checkpoint(model: ChainNet, path: str | os.PathLike, **metadata: Any) -
 PER_CLASS = ("class_names", "class_colors")  # metadata lists with one entry per class
 
 
-def check_per_class(metadata: dict[str, Any], classes: int, path: str | os.PathLike) -> None:
-    """Refuse class names or colors that are not a list of one per class (or empty: the
-    defaults): a map or polygon layer would fail on them after the whole prediction."""
+def per_class_problem(metadata: dict[str, Any], classes: int) -> str | None:
+    """What is wrong with class names or colors that are not a list of one per class (empty:
+    the defaults), or None: a map or polygon layer would fail on them after the whole
+    prediction."""
     for key in PER_CLASS:
         value = metadata.get(key)
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
         if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
-            raise CheckpointError(f"{path}: {key} must be a list, one per class; got {value!r}")
+            return f"{key} must be a list, not {value!r}"
         if len(value) != classes:
-            raise CheckpointError(
-                f"{path}: {len(value)} {key.replace('_', ' ')} for a model of {classes} "
-                f"classes; pass one per class"
-            )
+            return f"{len(value)} {key.replace('_', ' ')} for a model of {classes} classes"
+    return None
 
 
 def plain_value(value: Any, key: str, path: str | os.PathLike) -> Any:
@@ -254,12 +255,9 @@ def load_checkpoint(
             "re-train, or load it with the geodnn version that wrote it"
         ) from None
     metadata = dict(payload.get("metadata") or {})
-    try:
-        check_per_class(metadata, model.config.classes, path)
-    except CheckpointError as exc:  # written by other code: the model itself is fine
-        warnings.warn(
-            f"{exc.args[0].split('; ')[0]}; using the default names and colors", stacklevel=2
-        )
+    problem = per_class_problem(metadata, model.config.classes)
+    if problem is not None:  # written by other code: the model itself is fine
+        warnings.warn(f"{path}: {problem}; using the default names and colors", stacklevel=2)
         for key in PER_CLASS:
             metadata.pop(key, None)
     model.to(map_location).eval()
