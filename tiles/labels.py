@@ -48,9 +48,7 @@ from .errors import LabelError
 from .raster import SceneInfo, grid_bounds, io_error_reason, rio_edit
 from .warn import warn_user
 
-IGNORE_INDEX = 255
-# what many masks mark unlabeled pixels with (geodnn too, in its class maps and tile store)
-UNLABELED_BY_CONVENTION = 255
+IGNORE_INDEX = 255  # also what many masks of others mark their unlabeled pixels with
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2"}
 LAYER_SEPARATOR = "|layername="  # FILE|layername=LAYER: one layer of a multi-layer file
@@ -630,11 +628,11 @@ def _load_raster(path: Path, scene: SceneInfo) -> RasterLabels:
             "background"
         )
     ints = [int(v) for v in values]
-    if UNLABELED_BY_CONVENTION in ints and nodata is None and len(ints) > 1:
+    if IGNORE_INDEX in ints and nodata is None and len(ints) > 1:
         warn_user(
-            f"{path}: value {UNLABELED_BY_CONVENTION} is read as a class of its own; if it marks "
+            f"{path}: value {IGNORE_INDEX} is read as a class of its own; if it marks "
             "unlabeled pixels, declare it the mask's nodata "
-            f"(`{rio_edit(path, '--nodata', str(UNLABELED_BY_CONVENTION))}`)"
+            f"(`{rio_edit(path, '--nodata', str(IGNORE_INDEX))}`)"
         )
     if ints == list(range(1, len(ints) + 1)) and len(ints) > 1:
         names = ["background"] + [str(v) for v in ints]
