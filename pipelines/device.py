@@ -20,10 +20,15 @@ def resolve_device(device: str, source: str = "--device") -> str:
     naming `source` (the option or the config key the value came from)."""
     check_device_name(device, source)
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return auto_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"{source} 'cuda': PyTorch sees no GPU here; use 'cpu' or 'auto'")
     return device
+
+
+def auto_device() -> str:
+    """What 'auto' means on this machine: the GPU when PyTorch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def prediction_device(device: str, scheduler: str | None) -> str:

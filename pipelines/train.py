@@ -77,7 +77,7 @@ from .config import (
     revalidated,
 )
 from .datasets import StoreBatches, ValidationWindows
-from .device import DEVICES, training_device
+from .device import DEVICES, auto_device, training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
 from .options import integer
@@ -870,10 +870,9 @@ def settings_without_effect(saved: dict, current: dict) -> set[tuple[str, str]]:
     only the messages between ranks)."""
     same = set()
     devices = [tables.get("train", {}).get("device", "auto") for tables in (saved, current)]
-    if devices[0] != devices[1] and all(d in DEVICES for d in devices):
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        if len({auto if d == "auto" else d for d in devices}) == 1:
-            same.add(("train", "device"))
+    resolved = {auto_device() if d == "auto" else d for d in devices}
+    if all(d in DEVICES for d in devices) and len(resolved) == 1:
+        same.add(("train", "device"))
     workers = [tables.get("parallel", {}).get("workers", 1) for tables in (saved, current)]
     if workers == [1, 1]:
         same.add(("parallel", "compress_bits"))
@@ -899,8 +898,9 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
         for t, k in changed_settings(saved, current) - settings_without_effect(saved, current)
         if t not in ignored and (t, k) not in RESUME_MAY_CHANGE
     )
-    fixed = [setting_change(saved, current, t, k) for t, k in changed]
-    fixed = [said for (t, k), said in zip(changed, fixed) if (t, k) not in RESUME_MAY_TUNE]
+    fixed = [
+        setting_change(saved, current, t, k) for t, k in changed if (t, k) not in RESUME_MAY_TUNE
+    ]
     if fixed:
         raise PipelineError(
             f"{saved_path}: the run was started with other settings ({'; '.join(fixed)}); "
