@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
 
 args = parse_args()
 os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every thread, Dask workers included
-os.environ.setdefault("GDAL_CACHEMAX", "64")
+# GDAL's block cache is not set here: predict_scene bounds it per run, as users get it.
 
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402

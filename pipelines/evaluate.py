@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from geodnn import Checkpoint
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
-from tiles.labels import load_labels
-from tiles.raster import SceneInfo, open_scene
+from tiles.labels import LabelSource, load_labels
+from tiles.raster import SceneInfo, bounded_block_cache, open_scene
 from tiles.split import Region, parse_split, split_regions
+from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
 
 from .arguments import flag, text, whole
@@ -226,19 +228,11 @@ def evaluate_scene(
     box = region_box(info.shape, split, DEFAULT_GAP if gap is None else gap, region)
     if trained is not None:
         trained.warn_if_scored(box, info, region)
-    confusion = torch.zeros(classes, classes, dtype=torch.long)
-    labeled = 0  # labeled pixels in the region, whether the scene has data there or not
-    for chunk_pred in iter_predictions(
+    predictions = iter_predictions(
         ckpt, info.path, chunk=chunk, probabilities=False, progress=progress, argmax=argmax
-    ):
-        truth = clip(source.rasterize(chunk_pred.window), chunk_pred.window, box)
-        labeled += int((truth != IGNORE_INDEX).sum())
-        truth = np.where(chunk_pred.classes == IGNORE_INDEX, IGNORE_INDEX, truth)
-        confusion += confusion_matrix(
-            torch.from_numpy(chunk_pred.classes.astype(np.int64)),
-            torch.from_numpy(truth.astype(np.int64)),
-            classes,
-        )
+    )
+    with bounded_block_cache():
+        confusion, labeled = _confusion(predictions, source, box, classes)
     if int(confusion.sum()) == 0 and labeled:  # the labels are there, the imagery is not
         raise PipelineError(
             f"{info.path}: no valid pixel (every band nodata, NaN or inf) under the {labeled} "
@@ -250,6 +244,25 @@ def evaluate_scene(
             f"({region}); pass labels that cover it, or another --split / --region"
         )
     return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
+
+
+def _confusion(
+    predictions: Iterable[ChunkPrediction], source: LabelSource, box: Region | None, classes: int
+) -> tuple[torch.Tensor, int]:
+    """The confusion matrix of the chunks' classes against the labels in `box`, and the
+    labeled pixels there (whether the scene has data under them or not)."""
+    confusion = torch.zeros(classes, classes, dtype=torch.long)
+    labeled = 0
+    for chunk_pred in predictions:
+        truth = clip(source.rasterize(chunk_pred.window), chunk_pred.window, box)
+        labeled += int((truth != IGNORE_INDEX).sum())
+        truth = np.where(chunk_pred.classes == IGNORE_INDEX, IGNORE_INDEX, truth)
+        confusion += confusion_matrix(
+            torch.from_numpy(chunk_pred.classes.astype(np.int64)),
+            torch.from_numpy(truth.astype(np.int64)),
+            classes,
+        )
+    return confusion, labeled
 
 
 def _match_trained_classes(source, trained: list, names: list[str], attribute) -> None:

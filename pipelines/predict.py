@@ -30,46 +30,43 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Bound GDAL's block cache (default: 5% of RAM) before the first raster I/O, so the writer's
-# memory does not grow with the scene.
-os.environ.setdefault("GDAL_CACHEMAX", "64")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from geodnn import ChainNet, Checkpoint, load_checkpoint  # noqa: E402
-from geodnn.runtime import raise_if_stopped, retain_freed_memory  # noqa: E402
-from tiles.errors import RasterInputError  # noqa: E402
-from tiles.grid import DEFAULT_CHUNK, check_chunk_size  # noqa: E402
-from tiles.raster import (  # noqa: E402
+from geodnn import ChainNet, Checkpoint, load_checkpoint
+from geodnn.runtime import raise_if_stopped, retain_freed_memory
+from tiles.errors import RasterInputError
+from tiles.grid import DEFAULT_CHUNK, check_chunk_size
+from tiles.raster import (
     SceneInfo,
+    bounded_block_cache,
     ground_pixel_size,
     open_scene,
     sample_band_medians,
     untag_alpha,
     warn_if_no_crs,
 )
-from tiles.stitch import (  # noqa: E402
+from tiles.stitch import (
     AtomicOutputs,
     ChunkPrediction,
     PredictionWriter,
     check_output,
     stream_predictions,
 )
-from tiles.vectorize import (  # noqa: E402
+from tiles.vectorize import (
     VectorOptions,
     check_replaceable,
     geographic_area_note,
     qml_path,
     vectorize_classes,
 )
-from tiles.warn import warn_user  # noqa: E402
+from tiles.warn import warn_user
 
-from .arguments import flag, whole  # noqa: E402
-from .cli import JOBS  # noqa: E402
-from .device import DEVICES, prediction_device, resolve_device  # noqa: E402
-from .errors import PipelineError  # noqa: E402
-from .options import number, positive_int  # noqa: E402
+from .arguments import flag, whole
+from .cli import JOBS
+from .device import DEVICES, prediction_device, resolve_device
+from .errors import PipelineError
+from .options import number, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +300,7 @@ def predict_scene(
     found = (warn_if_no_crs(info), resolution_note(info, ckpt), value_range_note(info, ckpt))
     notes = [n for n in found if n is not None]
     counts = {"chunks": 0, "skipped": 0}
-    with AtomicOutputs() as outputs:
+    with bounded_block_cache(), AtomicOutputs() as outputs:
         with PredictionWriter(
             info,
             outputs,

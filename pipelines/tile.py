@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tiles.progress import progress_bar
+from tiles.raster import bounded_block_cache
 from tiles.split import parse_split
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
@@ -53,18 +54,19 @@ def build_store(
         bars.append(progress_bar(total, "tiles", "tile", progress))  # in a log file too
 
     try:
-        return _build_store(
-            scene,
-            labels,
-            out,
-            tile=tile,
-            split=spec,
-            class_attribute=class_attribute,
-            class_names=class_names,
-            overwrite=overwrite,
-            progress=lambda n: bars[0].update(n),
-            on_start=start,
-        )
+        with bounded_block_cache():
+            return _build_store(
+                scene,
+                labels,
+                out,
+                tile=tile,
+                split=spec,
+                class_attribute=class_attribute,
+                class_names=class_names,
+                overwrite=overwrite,
+                progress=lambda n: bars[0].update(n),
+                on_start=start,
+            )
     finally:
         for bar in bars:
             bar.close()

@@ -238,3 +238,20 @@ def test_a_scene_with_other_bands_is_one_line_before_the_value_check(atlanta, tm
     geodnn.save_checkpoint(model, ckpt)
     with pytest.raises(RasterInputError, match="has 1 band.s. but the model expects 2"):
         evaluate_scene(ckpt, scene, labels)
+
+
+def test_labels_and_scene_are_read_with_gdal_s_block_cache_bounded(atlanta, monkeypatch):
+    import pipelines.evaluate
+    from tiles.raster import GDAL_CACHE_BYTES
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    seen, real = [], pipelines.evaluate._confusion
+
+    def spy(*args):
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+        return real(*args)
+
+    monkeypatch.setattr(pipelines.evaluate, "_confusion", spy)
+    scene, labels, ckpt, _ = atlanta
+    evaluate_scene(ckpt, scene, labels)
+    assert seen == [GDAL_CACHE_BYTES]

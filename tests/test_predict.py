@@ -598,3 +598,31 @@ def test_a_scene_at_another_resolution_than_the_training_one_is_warned_of(tmp_pa
         predict_scene(ckpt, geographic, tmp_path / "b.tif", chunk=32)
         save_checkpoint(small_model(), ckpt, class_names=CLASSES)  # a model of unknown size
         predict_scene(ckpt, utm, tmp_path / "c.tif", chunk=32)
+
+
+def cache_in_effect(monkeypatch, module, name: str) -> list:
+    """Wrap module.name to record the GDAL block cache limit in effect when it runs."""
+    seen, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX") if rasterio.env.hasenv() else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
+def test_whole_scene_reads_and_writes_keep_gdal_s_block_cache_bounded(
+    checkpoint, make_geotiff, tmp_path, monkeypatch
+):
+    """Set per run (not at import, stop 27): the map's writes and the polygons' reads of it."""
+    import tiles.stitch
+    import tiles.vectorize
+    from tiles.raster import GDAL_CACHE_BYTES
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    writes = cache_in_effect(monkeypatch, tiles.stitch.PredictionWriter, "write")
+    polygons = cache_in_effect(monkeypatch, tiles.vectorize, "write_class_polygons")
+    scene = make_geotiff(np.random.default_rng(0).random((1, 40, 40)).astype(np.float32))
+    predict_scene(checkpoint, scene, tmp_path / "c.tif", vectors=tmp_path / "v.gpkg", chunk=32)
+    assert writes and set(writes) == {GDAL_CACHE_BYTES} and polygons == [GDAL_CACHE_BYTES]

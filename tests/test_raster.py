@@ -1,5 +1,8 @@
+import json
 import re
 import shlex
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +19,14 @@ from rasterio.rio.main import main_group as rio_main
 from rasterio.windows import Window
 
 from tiles.errors import RasterInputError, TilesError
-from tiles.raster import open_lazy, open_scene, read_window, warn_if_no_crs
+from tiles.raster import (
+    GDAL_CACHE_BYTES,
+    bounded_block_cache,
+    open_lazy,
+    open_scene,
+    read_window,
+    warn_if_no_crs,
+)
 
 
 def rgba_scene(make_geotiff, height: int = 8, width: int = 8):
@@ -235,3 +245,35 @@ def test_a_float64_nodata_beyond_float32_reads_without_numpy_noise(make_geotiff)
         with rasterio.open(make_geotiff(image, nodata=-1e300)) as src:
             out = read_window(src, Window(0, 0, 6, 6))
     assert np.isnan(out[0, :, :2]).all() and (out[0, :, 2:] == 1).all()
+
+
+def test_bounded_block_cache_holds_gdal_s_cache_unless_the_user_set_it(monkeypatch):
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    with bounded_block_cache():
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == GDAL_CACHE_BYTES
+    monkeypatch.setenv("GDAL_CACHEMAX", "512")  # the user's own setting wins
+    with bounded_block_cache(), rasterio.Env():
+        assert "GDAL_CACHEMAX" not in rasterio.env.getenv()
+
+
+def test_importing_the_packages_changes_no_process_setting():
+    """Importing geodnn for a notebook must not set GDAL's cache or silence a library's log."""
+    script = """
+import logging, os, pkgutil, importlib, json
+def state():
+    levels = {n: logging.getLogger(n).level for n in ("pyogrio", "rasterio", "distributed", "")}
+    return dict(os.environ), levels
+import torch, torch._inductor.config, rasterio, pyogrio, geopandas, distributed, numba
+before = state()  # after the libraries' own imports, which may set some (torch does)
+import geodnn, tiles, pipelines
+for package in (geodnn, tiles, pipelines):
+    for module in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+after = state()
+print(json.dumps([sorted(set(after[0].items()) ^ set(before[0].items())), before[1], after[1]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    changed_env, levels_before, levels_after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert changed_env == [] and levels_after == levels_before

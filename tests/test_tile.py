@@ -8,10 +8,12 @@ import warnings
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import shapely
 
 from pipelines import tile as tile_job
 from pipelines.cli import main
+from tiles.raster import GDAL_CACHE_BYTES
 from tiles.store import TileStore
 
 X0, Y0 = 733601.0, 3725139.0
@@ -100,7 +102,15 @@ def test_atlanta_buildings_by_attribute_and_rows(tmp_path, data_dir, capsys, cap
     assert "geotransform" not in caplog.text  # (the CLI logs warnings)
 
 
-def test_python_entry_point(tmp_path, data_dir):
+def test_python_entry_point(tmp_path, data_dir, monkeypatch):
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    seen, real = [], tile_job._build_store
+
+    def spy(*args, **kwargs):  # the build reads the scene with GDAL's block cache bounded
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tile_job, "_build_store", spy)
     out = tile_job.build_store(
         data_dir / "vegas-roads" / "image.tif",
         data_dir / "vegas-roads" / "roads.tif",
@@ -112,6 +122,7 @@ def test_python_entry_point(tmp_path, data_dir):
     )
     store = TileStore.open(out)
     assert store.tile_size == 256 and store.class_names == ["ground", "road"]
+    assert seen == [GDAL_CACHE_BYTES]
 
 
 def test_missing_scene(tmp_path, capsys):

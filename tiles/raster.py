@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,11 @@ from rasterio.windows import Window
 
 from .errors import RasterInputError, TilesError
 from .warn import warn_user
+
+# GDAL's block cache while a whole scene is read or written: bounded, so memory does not grow with
+# the scene (GDAL's default is 5 % of RAM). In bytes: rasterio hands an integer GDAL_CACHEMAX to
+# GDAL as bytes (64 was once a 64-byte cache, below one swath of a compressed copy).
+GDAL_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,15 @@ def grid_bounds(height: int, width: int, transform: Affine) -> tuple[float, floa
     rows, cols = [0, 0, height, height], [0, width, 0, width]
     xs, ys = rasterio.transform.xy(transform, rows, cols, offset="ul")
     return float(min(xs)), float(min(ys)), float(max(xs)), float(max(ys))
+
+
+def bounded_block_cache() -> rasterio.Env | nullcontext:
+    """GDAL's block cache held to GDAL_CACHE_BYTES while entered, then restored (the limit is
+    process-wide, so Dask's reading threads keep to it too); a GDAL_CACHEMAX the user set in
+    the environment wins. Scoped, not set at import: importing geodnn changes no setting."""
+    if "GDAL_CACHEMAX" in os.environ:
+        return nullcontext()
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
 
 
 def data_bands(src: rasterio.DatasetReader) -> list[int]:

@@ -30,16 +30,12 @@ from rasterio.windows import Window
 from .errors import OutputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
-from .raster import SceneInfo, unreadable_window
+from .raster import SceneInfo, bounded_block_cache, unreadable_window
 
 log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 CLASS_NODATA = 255
-# GDAL's block cache while reading and writing: bounded, so memory does not grow with the scene.
-# In bytes: rasterio hands an integer GDAL_CACHEMAX to GDAL as bytes (64 was a 64-byte cache,
-# below one swath of a compressed copy, which GDAL warned about).
-GDAL_CACHE_BYTES = 64 * 2**20
 FALLBACK_BLOCK = 256  # GeoTIFF tile size when no multiple of 16 divides the chunk
 # Sidecars GDAL reads next to a GeoTIFF: PAM metadata, external overviews, external mask.
 GEOTIFF_SIDECARS = (".aux.xml", ".ovr", ".msk")
@@ -130,7 +126,7 @@ def predict_chunks(
     (classes by `decide`)."""
     failure = None
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(scene) as src:
+        with bounded_block_cache(), rasterio.open(scene) as src:
             arrays = [read_chunk(src, chunk) for chunk in chunks]
     except RasterioIOError as exc:  # opening it (a read is read_window's error)
         failure = unreadable_window(scene, chunks[0].window, exc)
@@ -488,7 +484,7 @@ class PredictionWriter:
         self.probabilities_tmp = (
             outputs.reserve(self.probabilities_path) if self.probabilities_path else None
         )
-        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+        self._env = bounded_block_cache()
         self._env.__enter__()
         self._classes = self._probs = None
         try:
@@ -587,5 +583,5 @@ def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> N
 def _gdal_copy(src: Path, dst: Path, **creation) -> None:
     """A deflate-compressed GDAL copy with a bounded block cache (GDAL copies block by block,
     so memory does not grow with the scene)."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+    with bounded_block_cache():
         rasterio.shutil.copy(src, dst, COMPRESS="DEFLATE", BIGTIFF="IF_SAFER", **creation)

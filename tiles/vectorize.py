@@ -19,6 +19,7 @@ import os
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,14 +35,13 @@ from shapely.geometry import shape
 from .errors import OutputError
 from .grid import ChunkGrid
 from .progress import progress_bar
+from .raster import bounded_block_cache
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output
 from .style import STYLES_TABLE, class_style_qml, embed_layer_style
 from .warn import warn_user
 
 LAYER = "classes"
 FLUSH_EVERY = 5000
-# pyogrio logs every appended batch at INFO; that is noise next to the progress bar.
-logging.getLogger("pyogrio").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -96,17 +96,33 @@ class _Layer:
         )
         import pyogrio  # here, not at import: predicting without --vectors never needs it
 
-        pyogrio.write_dataframe(
-            frame,
-            self.path,
-            layer=LAYER,
-            driver="GPKG",
-            geometry_type="Polygon",
-            append=self.flushes > 0,
-        )
+        with _quiet_appends():
+            pyogrio.write_dataframe(
+                frame,
+                self.path,
+                layer=LAYER,
+                driver="GPKG",
+                geometry_type="Polygon",
+                append=self.flushes > 0,
+            )
         self.written += len(self.rows)
         self.flushes += 1
         self.rows = []
+
+
+@contextmanager
+def _quiet_appends() -> Iterator[None]:
+    """pyogrio logs every appended batch at INFO, noise beside the progress bar: its logger is
+    held at WARNING while writing, unless the user set its level (then theirs applies)."""
+    log = logging.getLogger("pyogrio")
+    if log.level != logging.NOTSET:
+        yield
+        return
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(logging.NOTSET)
 
 
 def _simplified(geoms: np.ndarray, tolerance: float) -> np.ndarray:
@@ -390,7 +406,10 @@ def vectorize_classes(
     try:
         warn_if_geographic(class_map, out)
         tmp = outputs.reserve(out)
-        count = write_class_polygons(class_map, tmp, class_names, class_colors, options, progress)
+        with bounded_block_cache():
+            count = write_class_polygons(
+                class_map, tmp, class_names, class_colors, options, progress
+            )
         qml = layer_style(class_names, class_colors, options.background)
         outputs.reserve(qml_path(out)).write_text(qml)
         if own:
