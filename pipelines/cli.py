@@ -109,6 +109,7 @@ def _run(argv: list[str] | None) -> int:
     from rasterio.errors import NotGeoreferencedWarning
 
     from geodnn.runtime import StopSignal, raise_if_stopped, stop_signals_raise
+    from tiles.wording import command_line
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -123,7 +124,8 @@ def _run(argv: list[str] | None) -> int:
     warnings.formatwarning = one_line_warning
     try:
         with stop_signals_raise():  # SIGTERM, SIGHUP unwind like Ctrl-C: no temporary file left
-            code = int(args.func(args) or 0)
+            with command_line():  # messages name flags, not Python keywords
+                code = int(args.func(args) or 0)
             raise_if_stopped()  # one swallowed on the way still ends the command as stopped
             return code
     except user_errors() as exc:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tiles.store import TileStore
+from tiles.wording import option
 
 from .errors import PipelineError
 
@@ -57,7 +58,8 @@ class StoreBatches:
         if not 1 <= int(crop) <= self.tile_size:
             raise PipelineError(
                 f"{self.store.path}: crop {crop} does not fit the store's {self.tile_size} px "
-                f"tiles; use a crop of 1..{self.tile_size} or re-tile with a larger --tile"
+                f"tiles; use a crop of 1..{self.tile_size} or re-tile with a larger "
+                f"{option('tile')}"
             )
         return int(crop)
 

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from geodnn.parallel.group import gpu_per_rank, local_world_size
+from tiles.wording import option
 
 from .errors import PipelineError
 
@@ -15,9 +16,10 @@ DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger(__name__)
 
 
-def resolve_device(device: str, source: str = "--device") -> str:
+def resolve_device(device: str, source: str | None = None) -> str:
     """'auto' becomes 'cuda' or 'cpu'; an unknown name, or 'cuda' without a GPU, is an error
-    naming `source` (the option or the config key the value came from)."""
+    naming `source` (the config key the value came from; else the option)."""
+    source = source or option("device")
     check_device_name(device, source)
     if device == "auto":
         return auto_device()
@@ -36,7 +38,7 @@ def prediction_device(device: str, scheduler: str | None) -> str:
     cluster's workers, whose GPUs this process cannot see: the name is only checked here and
     resolved by each worker (`ModelPredictor`); locally it is resolved now."""
     if scheduler:
-        check_device_name(device, "--device")
+        check_device_name(device, option("device"))
         return device
     return resolve_device(device)
 

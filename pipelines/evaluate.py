@@ -30,6 +30,7 @@ from tiles.raster import SceneInfo, bounded_block_cache, open_scene
 from tiles.split import Region, parse_split, split_regions
 from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
+from tiles.wording import option
 
 from .arguments import flag, text, whole
 from .cli import JOBS
@@ -84,14 +85,18 @@ def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str)
     if region == "all":
         return None
     if split is None:
-        raise PipelineError(f"--region {region} needs --split (e.g. --split columns:0.7)")
+        raise PipelineError(
+            f"{option('region', region)} needs {option('split')} "
+            f"(e.g. {option('split', 'columns:0.7')})"
+        )
     spec = parse_split(split, gap)
     for box in split_regions(shape, spec):
         if box.name == region or (region == "validation" and box.name.startswith("val")):
             return box
-    raise PipelineError(f"the split {split} has no {region} region; use --region all")
+    raise PipelineError(f"the split {split} has no {region} region; use {option('region', 'all')}")
 
 
+HELD_OUT = "the training split's validation region"  # what a scored region should be
 DEFAULT_GAP = 32  # the guard band of a split when neither --gap nor the checkpoint gives one
 
 
@@ -128,15 +133,15 @@ class TrainingSplit:
                     f"{info.path}: the scored region includes pixels of the training split's "
                     f"guard band, within {self.gap} px of pixels the model was trained on (its "
                     f"split {self.split}, gap {self.gap}), so the scores lean optimistic; score "
-                    f"with the training gap, {self.gap} (--gap), to keep to held-out pixels"
+                    f"with the training gap, {option('gap', self.gap)}, to keep to held-out pixels"
                 )
             return
         if not self.has_validation(info):
             fix = "score a scene the model was not trained on"
         elif region == "all":
-            fix = "pass --region validation to score the training split's validation region"
+            fix = f"pass {option('region', 'validation')} to score {HELD_OUT}"
         else:
-            fix = "drop --split and --gap to score the training split's validation region"
+            fix = f"drop {option('split')} and {option('gap')} to score {HELD_OUT}"
         warn_user(
             f"{info.path}: the scored region includes pixels the model was trained on (its "
             f"split {self.split}, gap {self.gap}), so the scores are not held out; {fix}"
@@ -203,7 +208,8 @@ def evaluate_scene(
     if source.classes > classes:
         raise PipelineError(
             f"{labels}: has {source.classes} classes but the model predicts {classes}; "
-            "pass labels with the classes the model was trained on (or --class-attribute)"
+            "pass labels with the classes the model was trained on (or "
+            f"{option('class-attribute')})"
         )
     trained = ckpt.metadata.get("class_values")
     if trained is not None and len(trained) == classes:
@@ -213,7 +219,7 @@ def evaluate_scene(
         # file ("buildings.geojson"), which says nothing about the model's name for it
         warn_user(
             f"{labels}: classes {source.class_names} do not match the model's "
-            f"{ckpt.class_names}; scores compare ids, check --class-attribute"
+            f"{ckpt.class_names}; scores compare ids, check {option('class-attribute')}"
         )
     trained = TrainingSplit.of(ckpt, info)
     if trained is not None and region != "all":
@@ -221,7 +227,8 @@ def evaluate_scene(
         gap = trained.gap if gap is None else gap
     if split is None and region != "all":
         raise PipelineError(
-            f"--region {region} needs --split (e.g. --split columns:0.7 --gap 64, as the store "
+            f"{option('region', region)} needs {option('split')} (e.g. "
+            f"{option('split', 'columns:0.7')} with {option('gap', 64)}, as the store "
             f"was tiled): the checkpoint records no training split on {info.path.name} "
             "(trained on another scene, or before geodnn recorded it)"
         )
@@ -241,7 +248,8 @@ def evaluate_scene(
     if int(confusion.sum()) == 0:  # scores of nothing would read as zeros
         raise PipelineError(
             f"{labels}: no labeled pixel of {info.path.name} falls in the scored region "
-            f"({region}); pass labels that cover it, or another --split / --region"
+            f"({region}); pass labels that cover it, or another {option('split')} / "
+            f"{option('region')}"
         )
     return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
 
@@ -272,8 +280,9 @@ def _match_trained_classes(source, trained: list, names: list[str], attribute) -
     single = source.classes == 2 and len(trained) == 2
     if single and attribute is not None and source.class_values[1] != trained[1]:
         warn_user(
-            f"{source.path}: class {source.class_values[1]!r} of --class-attribute {attribute} "
-            f"is scored as the model's {names[1]!r} (trained on value {trained[1]!r})"
+            f"{source.path}: class {source.class_values[1]!r} of "
+            f"{option('class-attribute', attribute)} is scored as the model's {names[1]!r} "
+            f"(trained on value {trained[1]!r})"
         )
     source.match_classes(trained, names)
 

@@ -61,6 +61,7 @@ from tiles.vectorize import (
     vectorize_classes,
 )
 from tiles.warn import warn_user
+from tiles.wording import option
 
 from .arguments import flag, whole
 from .cli import JOBS
@@ -252,7 +253,7 @@ def decision_scale(ckpt: Checkpoint, source: object = "checkpoint") -> list[floa
     if len(scale) != ckpt.config.classes:
         raise PipelineError(
             f"{source}: class_scale has {len(scale)} factors for {ckpt.config.classes} "
-            "classes; pass --argmax or retrain with [data] calibrate_tiles"
+            f"classes; pass {option('argmax', True)} or retrain with [data] calibrate_tiles"
         )
     return [float(v) for v in scale]
 
@@ -366,8 +367,8 @@ def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool
     if vectors is not None:
         if Path(vectors).suffix.lower() != ".gpkg":
             raise PipelineError(
-                f"{vectors}: polygons are written as a GeoPackage; give --vectors a .gpkg name "
-                "(convert with `ogr2ogr` if you need another format)"
+                f"{vectors}: polygons are written as a GeoPackage; give {option('vectors')} a "
+                ".gpkg name (convert with `ogr2ogr` if you need another format)"
             )
         check_output(qml_path(vectors), overwrite)
     if len({p.resolve() for p in paths}) != len(paths):

@@ -65,6 +65,7 @@ from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.store import TileStore
 from tiles.warn import warn_user
+from tiles.wording import command_line, option
 
 from .arguments import flag
 from .cli import JOBS
@@ -154,7 +155,8 @@ def check_writable_run_dir(run_dir: Path) -> None:
             pass
     except OSError as exc:
         raise PipelineError(
-            f"{run_dir}: cannot write the run folder here ({exc.strerror}); pick another --out"
+            f"{run_dir}: cannot write the run folder here ({exc.strerror}); pick another "
+            f"{run_dir_option()}"
         ) from None
 
 
@@ -175,7 +177,7 @@ def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     if len(train_data) == 0 or len(val_data) == 0:
         raise PipelineError(
             f"{store}: the store has no training or no validation tiles; "
-            "re-tile with another --split"
+            f"re-tile with another {option('split')}"
         )
     model = geodnn.build_model(
         bands=train_data.bands,
@@ -210,20 +212,22 @@ def check_labeled_pixels(store, train_data: StoreBatches, val_data, val_tiles: i
     counts = np.asarray(train_data.class_counts)
     if counts.sum() == 0:
         raise PipelineError(
-            f"{store}: the training region has no labeled pixels; re-tile with another --split "
+            f"{store}: the training region has no labeled pixels; re-tile with another "
+            f"{option('split')} "
             "or labels that cover it"
         )
     scored = val_data.tile_labels(list(range(min(len(val_data), val_tiles))))
     if not (scored != IGNORE_INDEX).any():
         raise PipelineError(
             f"{store}: the {min(len(val_data), val_tiles)} validation tile(s) scored ([data] "
-            "val_tiles) hold no labeled pixels; raise val_tiles or re-tile with another --split"
+            "val_tiles) hold no labeled pixels; raise val_tiles or re-tile with another "
+            f"{option('split')}"
         )
     missing = [n for n, c in zip(train_data.class_names, counts.tolist()) if c == 0]
     if missing:
         warn_user(
             f"{store}: class(es) {', '.join(missing)} have no training pixels, so training "
-            "gives them no signal (weight 0); re-tile with another --split to train them"
+            f"gives them no signal (weight 0); re-tile with another {option('split')} to train them"
         )
 
 
@@ -246,7 +250,7 @@ def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
         warn_user(
             f"{store}: the split's guard band ({gap} px) is narrower than the model's receptive "
             f"radius ({radius} px), so validation pixels see training pixels; re-tile with "
-            f"--gap {radius} or more for an honest validation score"
+            f"{option('gap', radius)} or more for an honest validation score"
         )
 
 
@@ -477,7 +481,8 @@ def check_not_foreign(run_dir: Path) -> None:
         shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
         raise PipelineError(
             f"{run_dir}: holds files but no geodnn training run ({shown}); pick an empty or new "
-            "--out (or pass --overwrite to write the run beside them)"
+            f"{run_dir_option()} (or pass {option('overwrite', True)} to write the run beside "
+            "them)"
         )
 
 
@@ -576,9 +581,17 @@ def metrics_record(row: dict, class_names: list[str]) -> EpochRecord:
     )
 
 
+def run_dir_option() -> str:
+    """The run folder as messages name it: `--out` on the command line, `run_dir` in Python."""
+    return option("out", keyword="run_dir")
+
+
 def damaged_run_file(path: Path, what: str) -> DamagedRunError:
     """The one-line refusal of a resume whose run folder lost or damaged a file it needs."""
-    fix = "restore the file, or start the run again with --overwrite (instead of --resume)"
+    fix = (
+        f"restore the file, or start the run again with {option('overwrite', True)} (instead "
+        f"of {option('resume', True)})"
+    )
     return DamagedRunError(path, what, fix)
 
 
@@ -705,14 +718,19 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
     --workers N checks it before starting any rank)."""
     check_store_set(config)  # before a run folder is made for it
     if resume and overwrite:
-        raise PipelineError(f"{run_dir}: --resume and --overwrite contradict; pass one of them")
+        both = f"{option('resume', True)} and {option('overwrite', True)}"
+        raise PipelineError(f"{run_dir}: {both} contradict; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
-        raise PipelineError(f"{run_dir}: is a file, not a run folder; pick another --out")
+        raise PipelineError(
+            f"{run_dir}: is a file, not a run folder; pick another {run_dir_option()}"
+        )
     if not overwrite:  # --overwrite: replace what is there, a user's files beside it kept
         check_not_foreign(run_dir)
     if resume:
         if not has_state(run_dir):
-            raise PipelineError(f"{run_dir}: nothing to resume (no saved state); drop --resume")
+            raise PipelineError(
+                f"{run_dir}: nothing to resume (no saved state); drop {option('resume', True)}"
+            )
         check_resume_files(run_dir)
         ranked = latest_iteration(run_dir)  # a rank run's iteration, known before launch
         if ranked is not None:
@@ -721,8 +739,8 @@ def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) 
         check_resume_store(config, run_dir)
     elif holds_run(run_dir) and not overwrite:
         raise PipelineError(
-            f"{run_dir}: run folder already holds a run; pass --resume to continue it "
-            "or --overwrite to start again"
+            f"{run_dir}: run folder already holds a run; pass {option('resume', True)} to "
+            f"continue it or {option('overwrite', True)} to start again"
         )
 
 
@@ -932,7 +950,7 @@ def read_saved_config(path: Path) -> dict:
 
 def check_state(state: dict | None, path: Path, solver_name: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise PipelineError(f"{path}: not a geodnn training state; drop --resume")
+        raise PipelineError(f"{path}: not a geodnn training state; drop {option('resume', True)}")
     if state["solver"] != solver_name:
         raise PipelineError(
             f"{path}: was trained with solver '{state['solver']}', not '{solver_name}'; "
@@ -1384,7 +1402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = os.environ.get("RANK", "0")
     try:
-        with stop_signals_raise():  # torchrun forwards SIGTERM: unwind, no temporary file left
+        # torchrun forwards SIGTERM: unwind, no temporary file left; messages name flags
+        with stop_signals_raise(), command_line():
             code = args.func(args)
     except user_errors() as exc:  # (a RankFailureError names its rank already)
         said = str(exc).removeprefix(f"rank {rank}: ")

@@ -31,7 +31,7 @@ def test_prediction_on_a_cluster_leaves_the_device_to_its_workers(gpus):
     assert prediction_device("auto", None) == "cpu"
     with pytest.raises(PipelineError, match="PyTorch sees no GPU here"):
         prediction_device("cuda", None)
-    with pytest.raises(PipelineError, match="--device 'gpu' is unknown"):
+    with pytest.raises(PipelineError, match="^`device` 'gpu' is unknown"):
         prediction_device("gpu", "tcp://gpu-node:8786")
 
 
@@ -43,7 +43,7 @@ def test_unknown_device_names_its_source():
 def test_auto_is_the_gpu_when_there_is_one(gpus):
     gpus(0)
     assert resolve_device("auto") == "cpu"
-    with pytest.raises(PipelineError, match="--device 'cuda': PyTorch sees no GPU"):
+    with pytest.raises(PipelineError, match="^`device` 'cuda': PyTorch sees no GPU"):
         resolve_device("cuda")
     gpus(1)
     assert resolve_device("auto") == "cuda"

@@ -79,16 +79,14 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
     reference = whole_scene_confusion(scene, labels, model, cols=(646, 900))
     assert torch.equal(held_out.scores.confusion, reference)  # columns:0.7, gap 32, as trained
     not_held_out = "includes pixels the model was trained on .*columns:0.7, gap 32"
-    with pytest.warns(UserWarning, match=not_held_out + ".*drop --split and --gap"):
+    with pytest.warns(UserWarning, match=not_held_out + ".*drop `split` and `gap`"):
         evaluate_scene(ckpt, scene, labels, split="columns:0.3", region="validation")
-    with pytest.warns(UserWarning, match=not_held_out + ".*pass --region validation"):
+    with pytest.warns(UserWarning, match=not_held_out + ".*pass region='validation'"):
         evaluate_scene(ckpt, scene, labels)  # region "all"
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         evaluate_scene(ckpt, scene, labels, region="train")  # asked for: nothing to warn of
-    with pytest.warns(
-        UserWarning, match=r"guard band, within 32 px .*the training gap, 32 \(--gap\)"
-    ):
+    with pytest.warns(UserWarning, match=r"guard band, within 32 px .*the training gap, gap=32,"):
         evaluate_scene(ckpt, scene, labels, gap=8, region="validation")  # from column 634
     everything = {**record, "split": "columns:1"}  # a store of training tiles only
     geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=everything)

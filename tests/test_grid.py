@@ -59,6 +59,6 @@ def test_interior_chunk_reads_only_its_halo_window():
 
 @pytest.mark.parametrize("chunk, halo", [(0, 0), (-4, 0), (7, 8)])
 def test_chunk_too_small_for_halo_names_the_fix(chunk, halo):
-    with pytest.raises(ChunkSizeError, match="--chunk") as info:
+    with pytest.raises(ChunkSizeError, match="pass chunk=") as info:
         ChunkGrid(100, 100, chunk, halo)
     assert "\n" not in str(info.value)

@@ -85,22 +85,22 @@ def test_parse_split_and_its_errors():
     for bad in ("columns", "diagonal:0.5", "columns:0", "columns:1.5", "rows:x"):
         with pytest.raises(TilesError, match="columns:F or rows:F"):
             parse_split(bad)
-    with pytest.raises(TilesError, match="--gap"):
+    with pytest.raises(TilesError, match="pass gap=0 or more"):
         parse_split("columns:0.7", -1)
 
 
 def test_scene_too_small_for_split_and_gap():
-    with pytest.raises(TilesError, match="lower --gap"):
+    with pytest.raises(TilesError, match="lower `gap`"):
         split_regions((10, 40), SplitSpec("columns", 0.7, 32))
 
 
 @pytest.mark.parametrize(
     "shape, spec, fix",
     [
-        ((300, 1), SplitSpec("columns", 0.7, 0), r"scene; split the rows \(--split rows:0.7\)$"),
-        ((300, 40), SplitSpec("columns", 0.7, 64), r"lower --gap to 22 or less, or split the rows"),
-        ((70, 40), SplitSpec("columns", 0.7, 64), r"scene; lower --gap to 22 or less$"),
-        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; move the split \(e.g. --split colu"),
+        ((300, 1), SplitSpec("columns", 0.7, 0), r"scene; split the rows \(split='rows:0.7'\)$"),
+        ((300, 40), SplitSpec("columns", 0.7, 64), r"lower `gap` to 22 or less, or split the rows"),
+        ((70, 40), SplitSpec("columns", 0.7, 64), r"scene; lower `gap` to 22 or less$"),
+        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; move the split \(e.g. split='colu"),
         ((1, 1), SplitSpec("columns", 0.7, 0), r"pass a larger scene$"),
     ],
 )
@@ -109,7 +109,7 @@ def test_a_split_without_room_says_the_fix_that_works(shape, spec, fix):
     said is checked to work."""
     with pytest.raises(TilesError, match=fix) as said:
         split_regions(shape, spec)
-    gap = re.search(r"--gap to (\d+)", str(said.value))
+    gap = re.search(r"`gap` to (\d+)", str(said.value))
     if gap:
         for g in (int(gap[1]), int(gap[1]) + 1):  # the widest that fits, and one more
             fits = g == int(gap[1])
@@ -118,5 +118,5 @@ def test_a_split_without_room_says_the_fix_that_works(shape, spec, fix):
                 assert fits
             except TilesError:
                 assert not fits
-    for axis, fraction in re.findall(r"--split (\w+):([\d.]+)", str(said.value)):
+    for axis, fraction in re.findall(r"split='(\w+):([\d.]+)'", str(said.value)):
         split_regions(shape, SplitSpec(axis, float(fraction), spec.gap))

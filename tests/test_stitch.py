@@ -245,7 +245,7 @@ def test_cog_of_small_chunks_has_128_px_tiles_without_a_gdal_warning(
 
 def test_check_output_errors_name_the_fix(tmp_path):
     (tmp_path / "x.tif").write_bytes(b"")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         check_output(tmp_path / "x.tif", overwrite=False)
     with pytest.raises(OutputError, match="does not exist"):
         check_output(tmp_path / "no" / "x.tif", overwrite=True)

@@ -214,7 +214,7 @@ def test_existing_store_needs_overwrite(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask
     out = tmp_path / "s.zarr"
     build(scene, mask, out)
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         build(scene, mask, out, tile=16)
     assert TileStore.open(out).tile_size == 32
     assert build(scene, mask, out, tile=16, overwrite=True).tile_size == 16
@@ -413,7 +413,7 @@ def test_building_a_store_leaves_the_process_s_warning_filters_as_they_were(tmp_
 
 def test_a_tile_larger_than_the_scene_is_fitted_to_it(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask  # 70 x 100
-    with pytest.warns(UserWarning, match="--tile 3000 is larger than the scene"):
+    with pytest.warns(UserWarning, match="tile=3000 is larger than the scene"):
         store = build(scene, mask, tmp_path / "s.zarr", tile=3000)
     assert store.tile_size == 100 and store.images([0]).shape == (1, 2, 100, 100)
 
@@ -433,7 +433,7 @@ def test_overwrite_refuses_a_file_that_is_not_a_store(tmp_path, scene_and_mask):
     for overwrite in (False, True):
         with pytest.raises(OutputError, match="is a file, not a geodnn tile store") as info:
             build(scene, mask, out, overwrite=overwrite)
-        assert str(out) in str(info.value) and "pick another --out" in str(info.value)
+        assert str(out) in str(info.value) and "pick another `out`" in str(info.value)
     assert out.read_text() == "important"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -472,7 +472,7 @@ def test_overwrite_reuses_an_empty_folder(tmp_path, scene_and_mask):
     scene, mask, _, _ = scene_and_mask
     out = tmp_path / "s.zarr"
     out.mkdir()
-    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
         build(scene, mask, out)
     assert build(scene, mask, out, overwrite=True).tile_size == 32
 
@@ -515,7 +515,7 @@ def test_a_store_made_at_the_path_during_a_build_without_overwrite_is_kept(
         if not out.exists():
             shutil.copytree(other, out)
 
-    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite=True"):
         build(scene, mask, out, tile=16, progress=another_build_finishes_first)
     assert TileStore.open(out).attrs["tile_size"] != 16  # the other build's store, intact
 

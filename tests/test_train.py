@@ -288,7 +288,7 @@ def test_solver_stopping_rule_ends_training_with_a_checkpoint(tmp_path, store, t
 def test_guard_band_narrower_than_the_halo_warns(tmp_path):
     from pipelines.train import warn_if_halo_crosses_split
 
-    with pytest.warns(UserWarning, match="--gap 40"):
+    with pytest.warns(UserWarning, match="re-tile with gap=40 or more"):
         warn_if_halo_crosses_split(tmp_path / "s.zarr", {"split": {"gap": 16}}, radius=40)
 
 

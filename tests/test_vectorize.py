@@ -205,7 +205,7 @@ def test_existing_output_needs_overwrite_and_nothing_partial_remains(make_geotif
     out = tmp_path / "v.gpkg"
     out.write_bytes(b"old")
     path = class_map(make_geotiff, np.ones((8, 8), dtype=np.uint8))
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="overwrite=True"):
         vectorize_classes(path, out, NAMES, COLORS)
     with pytest.raises(IndexError):  # class 1 has no name: fails while writing
         vectorize_classes(path, out, NAMES[:1], COLORS[:1], overwrite=True)

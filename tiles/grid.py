@@ -17,6 +17,7 @@ from rasterio.windows import Window
 
 from .errors import TilesError
 from .raster import read_window
+from .wording import option
 
 DEFAULT_CHUNK = 512
 
@@ -48,7 +49,7 @@ def check_chunk_size(chunk: int, halo: int) -> None:
     if chunk < 1 or chunk < halo:
         raise ChunkSizeError(
             f"chunk size {chunk} is too small for the model's halo of {halo} pixels; "
-            f"pass --chunk {max(halo, 1)} or more (default {DEFAULT_CHUNK})"
+            f"pass {option('chunk', max(halo, 1))} or more (default {DEFAULT_CHUNK})"
         )
 
 

@@ -47,6 +47,7 @@ from rasterio.windows import Window
 from .errors import LabelError
 from .raster import SceneInfo, grid_bounds, io_error_reason, rio_edit
 from .warn import warn_user
+from .wording import option
 
 IGNORE_INDEX = 255  # also what many masks of others mark their unlabeled pixels with
 MAX_CLASSES = 254  # ids 0..254; 255 is the ignore index
@@ -126,7 +127,7 @@ class LabelSource(ABC):
                 raise LabelError(
                     f"{self.path}: class value(s) {', '.join(map(str, missing))} are not among "
                     f"the model's classes ({', '.join(map(str, theirs[1:]))}); pass labels with "
-                    "the classes the model was trained on (or another --class-attribute)"
+                    f"the classes the model was trained on (or another {option('class-attribute')})"
                 )
             for source_id, value in enumerate(ours[1:], start=1):
                 lut[source_id] = theirs.index(value, 1)
@@ -249,7 +250,7 @@ def load_labels(
                 raise
     if class_attribute is not None or layer is not None:
         raise LabelError(
-            f"{path}: --class-attribute and |layername= apply to vector labels; a raster "
+            f"{path}: {option('class-attribute')} and |layername= apply to vector labels; a raster "
             "mask's values are its classes, so drop them"
         )
     return _load_raster(path, scene)
@@ -344,7 +345,8 @@ def _class_ids(frame: gpd.GeoDataFrame, path: Path, attribute: str | None):
     if attribute not in frame.columns or attribute == frame.geometry.name:
         names = ", ".join(c for c in frame.columns if c != frame.geometry.name)
         raise LabelError(
-            f"{path}: no attribute '{attribute}'; pass --class-attribute with one of: {names}"
+            f"{path}: no attribute '{attribute}'; pass {option('class-attribute')} with one "
+            f"of: {names}"
         )
     column = frame[attribute]
     present = column.notna().to_numpy()

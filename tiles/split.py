@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from .errors import TilesError
+from .wording import option
 
 TRAIN, VALIDATION = 0, 1
 SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation"}
@@ -85,7 +86,7 @@ def parse_split(text: str, gap: int = 32) -> SplitSpec:
             "(e.g. columns:0.7)"
         )
     if gap < 0:
-        raise TilesError(f"gap {gap} is negative; pass --gap 0 or more (pixels)")
+        raise TilesError(f"gap {gap} is negative; pass {option('gap', 0)} or more (pixels)")
     return SplitSpec(axis, fraction, int(gap))
 
 
@@ -100,11 +101,11 @@ def _room_fix(shape: tuple[int, int], spec: SplitSpec) -> str:
     fixes = []
     widest = _widest_gap(length, spec.fraction)
     if 0 <= widest < spec.gap:
-        fixes.append(f"lower --gap to {widest} or less")
+        fixes.append(f"lower {option('gap')} to {widest} or less")
     elif _widest_gap(length, 0.5) >= spec.gap:
-        fixes.append(f"move the split (e.g. --split {spec.axis}:0.5)")
+        fixes.append(f"move the split (e.g. {option('split', f'{spec.axis}:0.5')})")
     if other_length > length and _widest_gap(other_length, spec.fraction) >= spec.gap:
-        fixes.append(f"split the {other} (--split {other}:{spec.fraction:g})")
+        fixes.append(f"split the {other} ({option('split', f'{other}:{spec.fraction:g}')})")
     return ", or ".join(fixes) or "pass a larger scene"
 
 
@@ -150,5 +151,5 @@ def region_tiles(region: Region, tile: int) -> list[TileWindow]:
 def split_tiles(shape: tuple[int, int], spec: SplitSpec, tile: int) -> list[TileWindow]:
     """All tiles of a scene, training region first, then validation."""
     if tile < 1:
-        raise TilesError(f"tile size {tile} is too small; pass --tile 1 or more (e.g. 128)")
+        raise TilesError(f"tile size {tile} is too small; pass {option('tile', 128)} (1 or more)")
     return [t for region in split_regions(shape, spec) for t in region_tiles(region, tile)]

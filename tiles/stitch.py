@@ -31,6 +31,7 @@ from .errors import OutputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
 from .raster import SceneInfo, bounded_block_cache, unreadable_window
+from .wording import option
 
 log = logging.getLogger(__name__)
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -204,7 +205,7 @@ def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the cl
     except (OSError, TimeoutError, ValueError) as exc:
         raise TilesError(
             f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
-            "one with `dask scheduler` or drop --scheduler to run locally"
+            f"one with `dask scheduler` or drop {option('scheduler')} to run locally"
         ) from None
     try:
         client.wait_for_workers(1, timeout=SCHEDULER_TIMEOUT)
@@ -212,7 +213,7 @@ def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the cl
         client.close()
         raise TilesError(
             f"the Dask scheduler at {scheduler} has no workers; start one with `dask worker "
-            f"{scheduler}` or drop --scheduler to run locally"
+            f"{scheduler}` or drop {option('scheduler')} to run locally"
         ) from None
     return client
 
@@ -298,7 +299,7 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; pass a file name")
     if path.exists() and not overwrite:
-        raise OutputError(f"{path}: already exists; pass --overwrite to replace it")
+        raise OutputError(f"{path}: already exists; pass {option('overwrite', True)} to replace it")
     check_writable_folder(path)
     return path
 

@@ -54,6 +54,7 @@ from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
 from .warn import warn_user
+from .wording import option
 
 FORMAT = "geodnn.tilestore"
 VERSION = 1
@@ -186,10 +187,14 @@ def _check_replaceable(out: Path, found: str | None, overwrite: bool) -> None:
     `overwrite`): --overwrite must never delete a user's file or folder."""
     if found in (None, "store", "empty"):
         if found is not None and not overwrite:
-            raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+            raise OutputError(
+                f"{out}: already exists; pass {option('overwrite', True)} to replace it"
+            )
         return
-    only = " (--overwrite replaces only a tile store)" if overwrite else ""
-    raise OutputError(f"{out}: is {found}{only}; pick another --out or remove it yourself")
+    only = f" ({option('overwrite', True)} replaces only a tile store)" if overwrite else ""
+    raise OutputError(
+        f"{out}: is {found}{only}; pick another {option('out')} or remove it yourself"
+    )
 
 
 def _check_not_an_input(out: Path, scene: str | os.PathLike, labels: str | os.PathLike) -> None:
@@ -346,7 +351,7 @@ def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
     if tile <= longest:
         return tile
     warn_user(
-        f"{scene}: --tile {tile} is larger than the scene ({shape[0]} x {shape[1]} px); "
+        f"{scene}: {option('tile', tile)} is larger than the scene ({shape[0]} x {shape[1]} px); "
         f"tiles of {longest} px are used"
     )
     return longest
@@ -486,7 +491,7 @@ def build_store(
         if per_split["train"] == 0 or not stats.count.all():
             raise TilesError(
                 f"{scene}: the training region has no valid pixels in some band; "
-                "move the split (--split) so training covers imaged pixels"
+                f"move the split ({option('split')}) so training covers imaged pixels"
             )
         attrs = _metadata(info, source, split, tile)
         attrs.update(
@@ -516,7 +521,7 @@ def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarr
             f"{out}: class(es) {', '.join(missing)} have no labeled pixels in the training "
             "region, so they cannot be learned from this store (their labels lie in the "
             "validation region or the guard band, outside the scene, or under nodata); if in "
-            "validation, rebuild with another --split"
+            f"validation, rebuild with another {option('split')}"
         )
 
 
