@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
-from matplotlib.figure import Figure
 from rasterio.coords import BoundingBox
 from rasterio.enums import Resampling
 
@@ -76,6 +75,8 @@ def overlay_png(p: Pipeline, path: Path) -> Path:
     ckpt = load_checkpoint(p.folder.train_dir(p.config.solver) / "model.pt")
     colors = np.array(ckpt.class_colors, dtype=float) / 255
     extent = (bounds.left, bounds.right, bounds.bottom, bounds.top)
+    from matplotlib.figure import Figure  # here: a command's start and --help skip matplotlib
+
     fig = Figure(figsize=(12, 6), layout="constrained")
     ax_img, ax_map = fig.subplots(1, 2)
     shown = stretch(image)
@@ -124,6 +125,8 @@ def read_curve(path: Path) -> list[dict[str, float]]:
 
 def comparison_png(curves: dict[str, list[dict]], path: Path, positive: str) -> Path:
     """Validation IoU of the positive class per solver, against iterations and against time."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_it, ax_t = fig.subplots(1, 2)
     for solver, rows in curves.items():

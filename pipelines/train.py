@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 import geodnn
 from geodnn.atomic import atomic_path
@@ -390,6 +388,8 @@ def plot_curves(
 ) -> None:
     """Training loss, validation loss and validation IoU per class against iterations
     (`train_label`: what the training loss measures, the real network's by default)."""
+    from matplotlib.figure import Figure  # here: a command's start and --help skip matplotlib
+
     its = [r.iteration for r in records]
     style = {"marker": "o", "markersize": 4} if len(records) <= MARKED_POINTS else {}
     fig = Figure(figsize=(10, 4), layout="constrained")
@@ -412,6 +412,8 @@ def plot_curves(
 def iteration_axis(ax, its: list[int]) -> None:
     """Iterations from 0 (the untrained network) to just past the last epoch, whole numbers
     only: one epoch alone would otherwise get a span of +-4 % around its iteration."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlim(0, max(its, default=1) * 1.05)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 

@@ -137,3 +137,19 @@ def test_help_loads_only_the_job_it_is_about():
         [sys.executable, "-c", code, "-v", "tile", "--help"], capture_output=True, text=True
     )
     assert "--split" in tile.stdout and "'torch'" not in tile.stdout.splitlines()[-1]
+
+
+def test_commands_start_without_the_pipeline_engine_or_matplotlib():
+    """Importing every job loaded torch.distributed.pipelining (with sympy) and matplotlib,
+    1.5 s of each `--help` and start; they load when the pipeline solver or a plot needs them."""
+    code = (
+        "import sys\n"
+        "import pipelines.train, pipelines.run, pipelines.predict, pipelines.evaluate\n"
+        "heavy = ('torch.distributed.pipelining', 'sympy', 'matplotlib')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from geodnn.parallel import PipelineSolver\n"
+        "print(PipelineSolver.__name__, 'torch.distributed.pipelining' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-2:] == ["[]", "PipelineSolver True"]

@@ -22,7 +22,6 @@ from .group import (
 )
 from .launch import launch, spawn, torchrun_command
 from .partition import LayerCost, Plan, balance, even_blocks, profile_layers
-from .pipeline import PipelineSolver
 from .rankstate import latest_iteration, load_rank_checkpoint, save_rank_checkpoint
 
 __all__ = [
@@ -55,3 +54,13 @@ __all__ = [
     "spawn",
     "torchrun_command",
 ]
+
+
+def __getattr__(name: str):
+    """`PipelineSolver` on first use: its module loads torch.distributed.pipelining (and sympy,
+    1-2 s), which every command's start and `--help` would otherwise pay."""
+    if name == "PipelineSolver":
+        from .pipeline import PipelineSolver
+
+        return PipelineSolver
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
