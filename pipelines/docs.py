@@ -1,7 +1,8 @@
 """Keep the README's CLI reference in sync with the `geodnn` parser.
 
-`python -m pipelines.docs` rewrites the block between the README's CLI markers from argparse;
-tests/test_docs.py fails when the README is out of date.
+`python -m pipelines.docs` rewrites the block between the README's CLI markers from argparse (in
+an installed copy, without the README, it prints the block); tests/test_docs.py fails when the
+README is out of date.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def updated_readme(text: str) -> str:
 
 
 def main() -> int:
+    if not README.is_file():  # an installed copy: the README lives in the source checkout
+        print(reference())
+        return 0
     text = README.read_text()
     new = updated_readme(text)
     if new != text:
