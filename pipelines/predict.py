@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -148,6 +149,29 @@ def check_scene_bands(scene: SceneInfo, ckpt: Checkpoint) -> None:
 
 # How far a scene's pixel size may be from the training scene's before predict warns.
 RESOLUTION_TOLERANCE = 1.5
+
+
+def space_note(info: SceneInfo, classes: int, probabilities, cog: bool) -> str | None:
+    """Warn before the work when the probabilities may not fit their disk: float32, one band
+    per class, compressed little (~0.85x), and written twice while --cog copies them."""
+    if probabilities is None:
+        return None
+    need = 4 * classes * info.height * info.width * (2 if cog else 1)
+    free = shutil.disk_usage(Path(probabilities).resolve().parent).free
+    if free >= need:
+        return None
+    copies = f", twice with {option('cog', True)}" if cog else ""
+    message = (
+        f"{probabilities}: the probabilities may need up to {_size(need)} of disk ({classes} "
+        f"float32 bands{copies}) and {_size(free)} are free; free some space, write them to "
+        "another disk, or leave them out"
+    )
+    warn_user(message)
+    return message
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.3g} GB" if count >= 1e9 else f"{count / 1e6:.3g} MB"
 
 
 def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
@@ -299,6 +323,7 @@ def predict_scene(
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
     found = (warn_if_no_crs(info), resolution_note(info, ckpt), value_range_note(info, ckpt))
+    found += (space_note(info, len(ckpt.class_names), probabilities, cog),)
     notes = [n for n in found if n is not None]
     counts = {"chunks": 0, "skipped": 0}
     with bounded_block_cache(), AtomicOutputs() as outputs:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from tiles.progress import progress_bar
 from tiles.raster import bounded_block_cache
 from tiles.split import parse_split
+from tiles.stitch import writing
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
 
@@ -54,7 +55,7 @@ def build_store(
         bars.append(progress_bar(total, "tiles", "tile", progress))  # in a log file too
 
     try:
-        with bounded_block_cache():
+        with bounded_block_cache(), writing(Path(out), errors=()):  # (a full disk: one line)
             return _build_store(
                 scene,
                 labels,

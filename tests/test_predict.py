@@ -1,6 +1,7 @@
 import sqlite3
 import subprocess
 import sys
+import warnings
 
 import geopandas as gpd
 import numpy as np
@@ -626,3 +627,22 @@ def test_whole_scene_reads_and_writes_keep_gdal_s_block_cache_bounded(
     scene = make_geotiff(np.random.default_rng(0).random((1, 40, 40)).astype(np.float32))
     predict_scene(checkpoint, scene, tmp_path / "c.tif", vectors=tmp_path / "v.gpkg", chunk=32)
     assert writes and set(writes) == {GDAL_CACHE_BYTES} and polygons == [GDAL_CACHE_BYTES]
+
+
+def test_probabilities_that_may_not_fit_their_disk_are_warned_of_before_the_work(
+    checkpoint, make_geotiff, tmp_path, monkeypatch
+):
+    """A 16k scene's probabilities took 4.9 GB of temporary space with --cog, unannounced."""
+    import shutil
+
+    scene = make_geotiff(np.random.default_rng(0).random((1, 100, 100)).astype(np.float32))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    out, probs = tmp_path / "c.tif", tmp_path / "p.tif"
+    with pytest.warns(UserWarning, match=r"p.tif: the probabilities may need up to 0.24 MB"):
+        summary = predict_scene(checkpoint, scene, out, probabilities=probs, cog=True)
+    assert "3 float32 bands, twice with cog=True) and 0.1 MB are free" in summary.warnings[-1]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=240_000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 100 x 100 x 3 x 4 bytes, once: it fits
+        predict_scene(checkpoint, scene, out, probabilities=probs, overwrite=True)

@@ -1,4 +1,5 @@
 import ctypes
+import errno
 import glob
 import json
 import logging
@@ -333,3 +334,68 @@ def test_the_local_client_leaves_the_distributed_logger_as_it_was():
         assert logger.level == logging.INFO
     finally:
         logger.setLevel(kept)
+
+
+def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
+    """kill -9 during predict stranded hidden temporaries (GBs of probabilities) that no rerun
+    removed; now a run writing the same output removes those of dead processes on this host."""
+    import socket
+    import subprocess
+    import sys
+
+    from tiles.stitch import temp_path
+
+    ended = [sys.executable, "-c", "import os; print(os.getpid())"]
+    gone = subprocess.run(ended, capture_output=True, text=True, check=True).stdout.strip()
+    final = tmp_path / "probs.tif"
+    ours = temp_path(final)
+    assert ours.name.startswith(f".probs.tmp-{socket.gethostname()}-{os.getpid()}-")
+    killed = ours.with_name(ours.name.replace(f"-{os.getpid()}-", f"-{gone}-"))
+    sidecars = [killed.with_name(killed.name + s) for s in (".ovr.tmp", ".aux.xml")]
+    alive = ours  # another run of this process (say a notebook's) still writing
+    elsewhere = tmp_path / f".probs.tmp-other-host-{gone}-0badc0de.tif"  # a shared disk's
+    unrelated = [tmp_path / ".probs.notes.txt", tmp_path / f".probsx.tmp-x-{gone}-0badc0de.tif"]
+    for path in (killed, *sidecars, alive, elsewhere, *unrelated):
+        path.write_bytes(b"left")
+    with AtomicOutputs() as outputs:
+        outputs.reserve(final)
+    assert not killed.exists() and not any(s.exists() for s in sidecars)
+    assert alive.exists() and elsewhere.exists() and all(p.exists() for p in unrelated)
+
+
+def test_a_failed_write_is_one_line_naming_the_output_and_a_full_disk_says_so(
+    tmp_path, monkeypatch
+):
+    """A full disk during predict gave rasterio's 'Write failed' traceback (exit 1): GDAL
+    prints 'No space left on device' itself, so the space left tells a full disk."""
+    import shutil
+
+    from rasterio._err import CPLE_AppDefinedError
+    from rasterio.errors import RasterioIOError
+
+    from tiles.stitch import writing
+
+    final = tmp_path / "probs.tif"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    full = r"^\S+probs.tif: the disk is full \(1 MB free\); free"
+    with pytest.raises(OutputError, match=full), writing(final):
+        raise RasterioIOError("Write failed. See previous exception for details.")
+    with pytest.raises(OutputError, match="probs.tif: the disk is full"), writing(final):
+        raise CPLE_AppDefinedError(1, 1, "TIFFAppendToStrip:Write error at scanline 512")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2**40))
+    failed = r"writing failed \(TIFFAppendToStrip:Write error at scanline 7\); check the disk"
+    with pytest.raises(OutputError, match=failed), writing(final):
+        try:
+            raise CPLE_AppDefinedError(1, 1, "TIFFAppendToStrip:Write error at scanline 7")
+        except CPLE_AppDefinedError as gdal:
+            raise RasterioIOError("Write failed. See previous exception.") from gdal
+    with pytest.raises(ValueError), writing(final):  # anything else is not a write failure
+        raise ValueError("a bug")
+    # a store's chunk writes: the OSError says it (and the space left is after the clean-up)
+    store = tmp_path / "tiles.zarr"
+    said = r"tiles.zarr: the disk is full \(No space left"
+    with pytest.raises(OutputError, match=said), writing(store, errors=()):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match="Permission denied"), writing(store, errors=()):
+        raise OSError(errno.EACCES, "Permission denied")  # the CLI's own line says it

@@ -10,11 +10,17 @@ target folder and renamed only when everything succeeded.
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -22,15 +28,17 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
+import psutil
 import rasterio
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from .errors import OutputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
-from .raster import SceneInfo, bounded_block_cache, unreadable_window
+from .raster import SceneInfo, bounded_block_cache, io_error_reason, unreadable_window
 from .wording import option
 
 log = logging.getLogger(__name__)
@@ -331,6 +339,8 @@ class AtomicOutputs:
     def reserve(self, final: str | os.PathLike) -> Path:
         """A fresh temporary path next to `final`, with the same suffix (drivers key on it)."""
         final = Path(final)
+        if final not in self.pending:  # (a swap's new copy: the run's own files are alive)
+            remove_stale_temps(final)
         self.pending[final] = temp_path(final)
         return self.pending[final]
 
@@ -375,13 +385,35 @@ class AtomicOutputs:
 
 
 def temp_path(final: Path) -> Path:
-    """An unused hidden file name in `final`'s folder ending like `final`."""
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
-    )
-    os.close(fd)
-    os.unlink(tmp)
-    return Path(tmp)
+    """An unused hidden name in `final`'s folder ending like `final` (drivers key on it),
+    tagged with host and PID, `.NAME.tmp-HOST-PID-HEX.tif`, so that a later run can tell what a
+    killed one left (`remove_stale_temps`)."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return final.parent / f".{final.stem}.tmp-{tag}{final.suffix}"
+
+
+def remove_stale_temps(final: Path) -> int:
+    """Remove the temporary files (and GDAL's sidecars of them: .ovr.tmp, .aux.xml) that runs
+    killed while writing `final` left beside it: on this machine, of a process that is gone.
+    A kill -9, an out-of-memory kill or a pre-empted node otherwise strands them (GBs of
+    probabilities) where `ls` does not show them. Returns how many were removed."""
+    pattern = re.compile(rf"\.{re.escape(final.stem)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}(\..*)?")
+    stale = []
+    for path in final.parent.glob(f".{glob.escape(final.stem)}.tmp-*"):
+        found = pattern.fullmatch(path.name)
+        if found and path.is_file() and process_gone(found[1], found[2]):
+            stale.append(path)
+    for path in stale:
+        _remove(path)
+    if stale:
+        log.info("%s: removed %d temporary file(s) a killed run left", final, len(stale))
+    return len(stale)
+
+
+def process_gone(host: str, pid: str) -> bool:
+    """Whether process `pid` of machine `host` is known to have ended: only this machine's
+    processes can be looked up (another's, on a shared disk, may still be writing)."""
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 def _fsync(path: Path, folder: bool = False) -> None:
@@ -434,9 +466,44 @@ def _profile(scene: SceneInfo, count: int, dtype: str, nodata, block: int, compr
     )
     if compress:
         profile["compress"] = "deflate"
+        if dtype == "float32":  # the floating-point predictor: probabilities ~15 % smaller
+            profile["predictor"] = 3
     if scene.crs is not None:
         profile["crs"] = scene.crs
     return profile
+
+
+FULL_DISK_BYTES = 64 * 2**20  # free space under this after a failed write: the disk is full
+
+
+# what rasterio raises when GDAL cannot write: "Write failed" from a dataset, GDAL's own error
+# from a copy (rasterio.shutil.copy; its class lives in rasterio._err only)
+GDAL_WRITE_ERRORS = (RasterioIOError, CPLE_BaseError)
+
+
+@contextmanager
+def writing(final: Path, errors: tuple[type[Exception], ...] = GDAL_WRITE_ERRORS) -> Iterator[None]:
+    """A write to `final` (or its temporary file) that fails with one of `errors` (GDAL's through
+    rasterio, or pyogrio's) or with a full disk's OSError becomes one line naming `final`.
+    Rasterio raises only "Write failed" (GDAL prints the reason, "No space left on device",
+    itself), so a full disk is told by the space left."""
+    try:
+        yield
+    except Exception as exc:
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (full or isinstance(exc, errors)):
+            raise
+        free = shutil.disk_usage(final.parent).free
+        if full or free < FULL_DISK_BYTES:
+            said = exc.strerror if full else f"{free / 2**20:.0f} MB free"  # (after a clean-up)
+            raise OutputError(
+                f"{final}: the disk is full ({said}); free some space or write the outputs to "
+                "another disk"
+            ) from None
+        raise OutputError(
+            f"{final}: writing failed ({io_error_reason(exc)}); check the disk it is on "
+            f"({free / 2**20:.0f} MB free)"
+        ) from None
 
 
 def category_names_xml(names: Sequence[str]) -> str:
@@ -518,14 +585,16 @@ class PredictionWriter:
     def write(self, prediction: ChunkPrediction) -> None:
         """Write one chunk's core at its window (skipped chunks write nodata)."""
         window = prediction.window
-        self._classes.write(prediction.classes, 1, window=window)
+        with writing(self.classes_path):
+            self._classes.write(prediction.classes, 1, window=window)
         if self._probs is None:
             return
         probs = prediction.probabilities
         if probs is None:
             h, w = int(window.height), int(window.width)
             probs = np.full((len(self.names), h, w), np.nan, dtype=np.float32)
-        self._probs.write(probs, window=window)
+        with writing(self.probabilities_path):
+            self._probs.write(probs, window=window)
 
     def close(self) -> None:
         """Close the datasets (safe to call twice, also after an error)."""
@@ -539,6 +608,11 @@ class PredictionWriter:
     def finish(self, cog: bool = False) -> None:
         """Close, convert to COG or compress if asked or needed, and write the class map's
         category-name sidecar."""
+        opened = ((self.classes_path, self._classes), (self.probabilities_path, self._probs))
+        for final, dst in opened:
+            if dst is not None and not dst.closed:
+                with writing(final):  # GDAL flushes its last blocks on closing
+                    dst.close()
         self.close()
         if cog or not self.compressed:
             self._copy_outputs(cog)
@@ -554,31 +628,38 @@ class PredictionWriter:
     def _copy_outputs(self, cog: bool) -> None:
         """Copy the finished tiled GeoTIFFs to new temporary files: Cloud-Optimized GeoTIFFs
         with overviews (`cog`), else deflate-compressed tiled GeoTIFFs."""
-        targets = [(self.classes_path, "NEAREST")]
+        targets = [(self.classes_path, "NEAREST", False)]
         if self.probabilities_path is not None:
-            targets.append((self.probabilities_path, "AVERAGE"))
-        for final, resampling in targets:
+            targets.append((self.probabilities_path, "AVERAGE", True))
+        for final, resampling, floating in targets:
             tiled, copy = self.outputs.swap(final)
             what = "Cloud-Optimized GeoTIFF with overviews" if cog else "compressed GeoTIFF"
             log.info("writing %s as a %s (one GDAL copy, no progress bar)", final, what)
-            if cog:
-                convert_to_cog(tiled, copy, resampling, self.block)
-            else:
-                compress_geotiff(tiled, copy, self.block)
+            with writing(final):
+                if cog:
+                    convert_to_cog(tiled, copy, resampling, self.block, floating)
+                else:
+                    compress_geotiff(tiled, copy, self.block, floating)
         self.classes_tmp = self.outputs.pending[self.classes_path]
         if self.probabilities_path is not None:
             self.probabilities_tmp = self.outputs.pending[self.probabilities_path]
 
 
-def compress_geotiff(src: Path, dst: Path, block: int) -> None:
-    """Copy a finished GeoTIFF to a tiled, deflate-compressed one."""
-    _gdal_copy(src, dst, driver="GTiff", TILED="YES", BLOCKXSIZE=block, BLOCKYSIZE=block)
+def compress_geotiff(src: Path, dst: Path, block: int, floating: bool = False) -> None:
+    """Copy a finished GeoTIFF to a tiled, deflate-compressed one (`floating`: float data,
+    with the floating-point predictor)."""
+    tiles = {"TILED": "YES", "BLOCKXSIZE": block, "BLOCKYSIZE": block}
+    _gdal_copy(src, dst, driver="GTiff", **tiles, **({"PREDICTOR": 3} if floating else {}))
 
 
-def convert_to_cog(src: Path, dst: Path, resampling: str, block: int = 512) -> None:
-    """Copy a finished GeoTIFF to a COG with internal overviews (GDAL's COG driver)."""
+def convert_to_cog(
+    src: Path, dst: Path, resampling: str, block: int = 512, floating: bool = False
+) -> None:
+    """Copy a finished GeoTIFF to a COG with internal overviews (GDAL's COG driver; `floating`:
+    with its predictor, which is the floating-point one for float data)."""
     # GDAL's COG driver wants tiles of >= 128 px (it warns, naming only the value, otherwise)
-    _gdal_copy(src, dst, driver="COG", BLOCKSIZE=max(block, 128), OVERVIEW_RESAMPLING=resampling)
+    creation = {"BLOCKSIZE": max(block, 128), "OVERVIEW_RESAMPLING": resampling}
+    _gdal_copy(src, dst, driver="COG", **creation, **({"PREDICTOR": "YES"} if floating else {}))
 
 
 def _gdal_copy(src: Path, dst: Path, **creation) -> None:

@@ -33,7 +33,6 @@ from typing import IO
 
 import dask
 import numpy as np
-import psutil
 import rasterio
 import zarr
 from affine import Affine
@@ -52,7 +51,7 @@ from .labels import (
 )
 from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
-from .stitch import check_writable_folder
+from .stitch import check_writable_folder, process_gone
 from .warn import warn_user
 from .wording import option
 
@@ -299,7 +298,7 @@ def _is_orphan(tmp: Path, tag: str) -> bool:
     if len(parts) == 2:  # PID-HEX: named before the host was part of the name
         parts.insert(0, socket.gethostname())
     host, pid = parts[0], parts[1] if len(parts) == 3 else ""
-    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+    return process_gone(host, pid)
 
 
 def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:

@@ -36,7 +36,7 @@ from .errors import OutputError
 from .grid import ChunkGrid
 from .progress import progress_bar
 from .raster import bounded_block_cache
-from .stitch import CLASS_NODATA, AtomicOutputs, check_output
+from .stitch import CLASS_NODATA, AtomicOutputs, check_output, writing
 from .style import STYLES_TABLE, class_style_qml, embed_layer_style
 from .warn import warn_user
 
@@ -406,7 +406,10 @@ def vectorize_classes(
     try:
         warn_if_geographic(class_map, out)
         tmp = outputs.reserve(out)
-        with bounded_block_cache():
+        from pyogrio.errors import DataLayerError, DataSourceError  # (pyogrio loads on use)
+
+        # GDAL's refusals to write (a full disk: "database or disk is full") name the output
+        with bounded_block_cache(), writing(out, (DataSourceError, DataLayerError)):
             count = write_class_polygons(
                 class_map, tmp, class_names, class_colors, options, progress
             )
