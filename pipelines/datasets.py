@@ -174,6 +174,8 @@ class ValidationWindows:
     users get. Item i is tile i of `tiles` (a `StoreBatches` of a split, whole tiles) as a
     (bands, T + 2 halo)^2 window, NaN where no validation pixel lies (outside the split, which
     keeps training pixels out), and its label tile; score the centre T x T of the logits.
+    Tiles read are kept (`_read`): the scored tiles are the same every epoch, so a lazily read
+    split (`StoreBatches(..., in_memory_bytes=0)`) costs only them and their neighbours.
     """
 
     def __init__(self, tiles: StoreBatches, halo: int) -> None:
@@ -181,17 +183,17 @@ class ValidationWindows:
             raise ValueError("ValidationWindows reads whole tiles: give it a StoreBatches, no crop")
         self.tiles, self.halo, self.windows = tiles, int(halo), tiles.windows
         self._at = {(int(w[0]), int(w[1])): p for p, w in enumerate(self.windows)}
+        self._read: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.tiles)
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images float32 (B, bands, T + 2 halo, T + 2 halo), NaN = no data or no context;
-        labels int64 (B, T, T) of the tiles themselves. A tile that several windows of the
-        batch touch is read once (out-of-range items: IndexError from `tile_labels`)."""
+        labels int64 (B, T, T) of the tiles themselves. A tile is read once, whichever windows
+        touch it (out-of-range items: IndexError from `tile_labels`)."""
         labels = self.tiles.tile_labels([int(i) for i in indices])
-        read: dict[int, np.ndarray] = {}
-        windows = [self._window(int(i), read) for i in indices]
+        windows = [self._window(int(i), self._read) for i in indices]
         size = self.tiles.tile_size + 2 * self.halo
         if not windows:
             return torch.zeros(0, self.tiles.bands, size, size), labels

@@ -138,7 +138,7 @@ def test_validation_windows_score_each_tile_as_the_whole_region_would(store_path
         assert torch.allclose(logits[:, :height, :width], expected, atol=1e-5)
 
 
-def test_validation_windows_read_each_tile_once_per_batch(store_path, monkeypatch):
+def test_validation_windows_read_each_tile_once(store_path, monkeypatch):
     lazy = StoreBatches(store_path, "validation", in_memory_bytes=0)
     windows = ValidationWindows(lazy, halo=30)  # each window reaches two tiles each way
     reads: list[int] = []
@@ -146,6 +146,9 @@ def test_validation_windows_read_each_tile_once_per_batch(store_path, monkeypatc
     monkeypatch.setattr(lazy.store, "images", lambda idx: reads.extend(idx) or original(idx))
     images, labels = windows.get(range(len(windows)))
     assert sorted(reads) == sorted(int(i) for i in lazy.tiles)  # every tile once, no more
+    again, _ = windows.get(range(len(windows)))  # the next epoch: the tiles read are kept
+    assert sorted(reads) == sorted(int(i) for i in lazy.tiles)
+    torch.testing.assert_close(again, images, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(labels, StoreBatches(store_path, "validation").get(range(len(lazy)))[1])
     reads.clear()
     assert torch.equal(lazy.tile_labels([1, 0]), labels[[1, 0]]) and not reads  # no image read

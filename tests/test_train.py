@@ -952,3 +952,27 @@ def test_a_folder_of_a_user_s_files_is_no_run_folder(tmp_path, store, train_conf
     assert "--overwrite to write the run beside them" in err
     assert sorted(p.name for p in run.iterdir()) == [".ipynb_checkpoints", "model.pt", "notes.txt"]
     assert (run / "model.pt").read_bytes() == b"the user's own model"
+
+
+def test_validation_reads_only_the_scored_tiles_and_their_neighbours(
+    tmp_path, store, train_config, monkeypatch
+):
+    """The whole validation split was loaded into memory though val_tiles are scored: a 16k
+    scene's 4,900 validation tiles took +0.4 GB of training memory."""
+    from pipelines.train import build_setup
+
+    setup = build_setup(train_config(store), tmp_path / "run")
+    val = setup.val_data
+    assert not val.tiles.in_memory and len(val) > 4
+    reads: list[int] = []
+    original = val.tiles.store.images
+    monkeypatch.setattr(val.tiles.store, "images", lambda i: reads.extend(i) or original(i))
+    for _ in range(2):  # two epochs: the tiles read are kept
+        validate(setup.model, val, setup.class_weights, 4)
+    scored = [(int(r), int(c)) for r, c, _, _ in val.windows[:4]]
+    near = {
+        int(val.tiles.tiles[p])
+        for p, (r, c, _, _) in enumerate(val.windows)
+        if any(abs(int(r) - r0) <= 64 and abs(int(c) - c0) <= 64 for r0, c0 in scored)
+    }
+    assert len(reads) == len(set(reads)) and set(reads) <= near
