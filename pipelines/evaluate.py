@@ -236,7 +236,13 @@ def evaluate_scene(
     if trained is not None:
         trained.warn_if_scored(box, info, region)
     predictions = iter_predictions(
-        ckpt, info.path, chunk=chunk, probabilities=False, progress=progress, argmax=argmax
+        ckpt,
+        info.path,
+        chunk=chunk,
+        probabilities=False,
+        progress=progress,
+        argmax=argmax,
+        label="evaluate",
     )
     with bounded_block_cache():
         confusion, labeled = _confusion(predictions, source, box, classes)
@@ -316,6 +322,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, help="chunk size in pixels")
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -330,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         gap=args.gap,
         region=args.region,
         chunk=args.chunk,
-        progress=not args.json,
+        progress=not (args.json or args.quiet),
         argmax=args.argmax,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())

@@ -243,6 +243,7 @@ def iter_predictions(
     progress: bool = False,
     device: str = "auto",
     argmax: bool = False,
+    label: str = "predict",
 ) -> Iterator[ChunkPrediction]:
     """Yield every chunk's prediction of `scene` (any order; together they cover each pixel
     once). Validates the scene, band count and chunk size first (one-line errors).
@@ -264,6 +265,7 @@ def iter_predictions(
         scheduler=scheduler,
         progress=progress,
         class_scale=None if argmax else decision_scale(ckpt),
+        label=label,
     )
 
 
@@ -445,6 +447,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="replace existing outputs (not a GeoPackage that holds other layers)",
     )
     p.add_argument("--argmax", action="store_true", help=ARGMAX_HELP)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -470,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         min_area=args.min_area,
         simplify=args.simplify,
         overwrite=args.overwrite,
-        progress=True,
+        progress=not args.quiet,
         argmax=args.argmax,
     )
     log.info(

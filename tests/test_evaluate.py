@@ -253,3 +253,13 @@ def test_labels_and_scene_are_read_with_gdal_s_block_cache_bounded(atlanta, monk
     scene, labels, ckpt, _ = atlanta
     evaluate_scene(ckpt, scene, labels)
     assert seen == [GDAL_CACHE_BYTES]
+
+
+def test_progress_is_labelled_evaluate_and_quiet_turns_it_off(atlanta, capsys):
+    scene, labels, ckpt, _ = atlanta
+    argv = ["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--chunk", "256"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "evaluate:" in err and "predict:" not in err  # it was labelled "predict"
+    assert main([*argv, "-q"]) == 0
+    assert "chunk" not in capsys.readouterr().err

@@ -646,3 +646,12 @@ def test_probabilities_that_may_not_fit_their_disk_are_warned_of_before_the_work
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # 100 x 100 x 3 x 4 bytes, once: it fits
         predict_scene(checkpoint, scene, out, probabilities=probs, overwrite=True)
+
+
+def test_quiet_predicts_without_progress_bars(checkpoint, make_geotiff, tmp_path, capsys):
+    scene = make_geotiff(np.random.default_rng(0).random((1, 64, 64)).astype(np.float32))
+    argv = ["predict", checkpoint, scene, "--out", tmp_path / "c.tif", "--chunk", "32"]
+    code, err = run_cli([*argv, "--vectors", tmp_path / "v.gpkg", "-q"], capsys)
+    assert code == 0 and "predict:" not in err and "polygons:" not in err
+    code, err = run_cli([*argv, "--overwrite"], capsys)
+    assert code == 0 and "predict:" in err

@@ -239,8 +239,10 @@ def stream_predictions(
     in_flight: int | None = None,
     progress: bool = False,
     class_scale: Sequence[float] | None = None,
+    label: str = "predict",
 ) -> Iterator[ChunkPrediction]:
-    """Yield the prediction of every chunk of `scene` (in completion order) as Dask tasks finish.
+    """Yield the prediction of every chunk of `scene` (in completion order) as Dask tasks finish
+    (`label`: the progress bar's, the command's name).
 
     At most `in_flight` tasks (default 3x the cluster's threads, at least 2) are pending, so
     memory stays bounded whatever the scene size. `client` reuses a `distributed.Client`;
@@ -253,10 +255,11 @@ def stream_predictions(
     grid = ChunkGrid(height, width, chunk, halo)
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
         decision = {"probabilities": probabilities, "class_scale": class_scale}
-        yield from _stream(str(scene), grid, predict, batch, decision, active, in_flight, progress)
+        bar = {"progress": progress, "label": label}
+        yield from _stream(str(scene), grid, predict, batch, decision, active, in_flight, **bar)
 
 
-def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
+def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, label):
     """Keep `limit` chunk groups in flight; hand results over as they complete. `decision`:
     `predict_chunks`' keyword arguments (probabilities, class_scale)."""
     from distributed import as_completed
@@ -265,6 +268,7 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
     limit = in_flight or max(2, 3 * threads)
     [model] = client.scatter([predict], broadcast=True, hash=False)
     groups = batch_chunks(grid, max(1, batch))
+    bar = progress_bar(len(grid), label, "chunk", progress)  # in a log file too
     pending = as_completed()
     futures = set()
 
@@ -277,7 +281,6 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress):
         pending.add(fut)
         return True
 
-    bar = progress_bar(len(grid), "predict", "chunk", progress)  # in a log file too
     try:
         for _ in range(limit):
             if not submit():
