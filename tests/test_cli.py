@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import tempfile
@@ -153,3 +154,9 @@ def test_commands_start_without_the_pipeline_engine_or_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-2:] == ["[]", "PipelineSolver True"]
+
+
+def test_the_package_knows_its_version():
+    import geodnn
+
+    assert geodnn.__version__ == importlib.metadata.version("geodnn")
