@@ -26,7 +26,7 @@ from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import LabelSource, load_labels
-from tiles.raster import SceneInfo, bounded_block_cache, open_scene
+from tiles.raster import SceneInfo, holding_block_cache, open_scene
 from tiles.split import Region, parse_split, split_regions
 from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
@@ -174,6 +174,7 @@ def clip(labels: np.ndarray, window, box: Region | None) -> np.ndarray:
     return np.where(inside, labels, IGNORE_INDEX).astype(labels.dtype)
 
 
+@holding_block_cache
 def evaluate_scene(
     checkpoint: str | os.PathLike | Checkpoint,
     scene: str | os.PathLike,
@@ -244,8 +245,7 @@ def evaluate_scene(
         argmax=argmax,
         label="evaluate",
     )
-    with bounded_block_cache():
-        confusion, labeled = _confusion(predictions, source, box, classes)
+    confusion, labeled = _confusion(predictions, source, box, classes)
     if int(confusion.sum()) == 0 and labeled:  # the labels are there, the imagery is not
         raise PipelineError(
             f"{info.path}: no valid pixel (every band nodata, NaN or inf) under the {labeled} "

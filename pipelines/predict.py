@@ -40,8 +40,8 @@ from tiles.errors import RasterInputError
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size
 from tiles.raster import (
     SceneInfo,
-    bounded_block_cache,
     ground_pixel_size,
+    holding_block_cache,
     open_scene,
     sample_band_medians,
     untag_alpha,
@@ -284,6 +284,7 @@ def decision_scale(ckpt: Checkpoint, source: object = "checkpoint") -> list[floa
     return [float(v) for v in scale]
 
 
+@holding_block_cache
 def predict_scene(
     checkpoint: str | os.PathLike | Checkpoint,
     scene: str | os.PathLike,
@@ -328,7 +329,7 @@ def predict_scene(
     found += (space_note(info, len(ckpt.class_names), probabilities, cog),)
     notes = [n for n in found if n is not None]
     counts = {"chunks": 0, "skipped": 0}
-    with bounded_block_cache(), AtomicOutputs() as outputs:
+    with AtomicOutputs() as outputs:
         with PredictionWriter(
             info,
             outputs,

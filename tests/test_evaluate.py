@@ -243,16 +243,18 @@ def test_labels_and_scene_are_read_with_gdal_s_block_cache_bounded(atlanta, monk
     from tiles.raster import GDAL_CACHE_BYTES
 
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
-    seen, real = [], pipelines.evaluate._confusion
+    seen = []
+    for name in ("load_labels", "_confusion"):  # the mask's first scan filled 270 MB at 16k^2
+        real = getattr(pipelines.evaluate, name)
 
-    def spy(*args):
-        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
-        return real(*args)
+        def spy(*args, real=real, **kwargs):
+            seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipelines.evaluate, "_confusion", spy)
+        monkeypatch.setattr(pipelines.evaluate, name, spy)
     scene, labels, ckpt, _ = atlanta
     evaluate_scene(ckpt, scene, labels)
-    assert seen == [GDAL_CACHE_BYTES]
+    assert seen == [GDAL_CACHE_BYTES] * 2
 
 
 def test_progress_is_labelled_evaluate_and_quiet_turns_it_off(atlanta, capsys):

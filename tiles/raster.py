@@ -7,15 +7,17 @@ mask, not data: it is left out of the band count and of every read.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import pyproj
@@ -30,6 +32,9 @@ from rasterio.windows import Window
 
 from .errors import RasterInputError, TilesError
 from .warn import warn_user
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # GDAL's block cache while a whole scene is read or written: bounded, so memory does not grow with
 # the scene (GDAL's default is 5 % of RAM). In bytes: rasterio hands an integer GDAL_CACHEMAX to
@@ -90,6 +95,18 @@ def bounded_block_cache() -> rasterio.Env | nullcontext:
     if "GDAL_CACHEMAX" in os.environ:
         return nullcontext()
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+
+
+def holding_block_cache(func: Callable[P, R]) -> Callable[P, R]:
+    """`func` run inside `bounded_block_cache()`: for a job that reads or writes whole scenes
+    (a mask's first scan too: a 16k one filled 270 MB of GDAL's default cache)."""
+
+    @functools.wraps(func)
+    def bounded(*args: P.args, **kwargs: P.kwargs) -> R:
+        with bounded_block_cache():
+            return func(*args, **kwargs)
+
+    return bounded
 
 
 def data_bands(src: rasterio.DatasetReader) -> list[int]:
