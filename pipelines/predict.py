@@ -40,6 +40,7 @@ from tiles.errors import RasterInputError
 from tiles.grid import DEFAULT_CHUNK, check_chunk_size
 from tiles.raster import (
     SceneInfo,
+    bounded_block_cache,
     ground_pixel_size,
     holding_block_cache,
     open_scene,
@@ -254,19 +255,20 @@ def iter_predictions(
     check_scene_bands(info, ckpt)
     halo = ckpt.model.receptive_radius
     check_chunk_size(chunk, halo)
-    yield from stream_predictions(
-        info.path,
-        # its own copy: moving it to the device must not move the caller's model
-        ModelPredictor(copy.deepcopy(ckpt.model), prediction_device(device, scheduler)),
-        halo,
-        chunk=chunk,
-        batch=batch,
-        probabilities=probabilities,
-        scheduler=scheduler,
-        progress=progress,
-        class_scale=None if argmax else decision_scale(ckpt),
-        label=label,
-    )
+    with bounded_block_cache():  # held while the chunks stream (a job's own, if it has one)
+        yield from stream_predictions(
+            info.path,
+            # its own copy: moving it to the device must not move the caller's model
+            ModelPredictor(copy.deepcopy(ckpt.model), prediction_device(device, scheduler)),
+            halo,
+            chunk=chunk,
+            batch=batch,
+            probabilities=probabilities,
+            scheduler=scheduler,
+            progress=progress,
+            class_scale=None if argmax else decision_scale(ckpt),
+            label=label,
+        )
 
 
 def decision_scale(ckpt: Checkpoint, source: object = "checkpoint") -> list[float] | None:

@@ -251,6 +251,8 @@ def test_bounded_block_cache_holds_gdal_s_cache_unless_the_user_set_it(monkeypat
     monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
     with bounded_block_cache():
         assert rasterio.env.getenv()["GDAL_CACHEMAX"] == GDAL_CACHE_BYTES
+    with rasterio.Env(GDAL_CACHEMAX=2**27), bounded_block_cache():  # a notebook's own, or a
+        assert rasterio.env.getenv()["GDAL_CACHEMAX"] == 2**27  # job's: not set again inside
     monkeypatch.setenv("GDAL_CACHEMAX", "512")  # the user's own setting wins
     with bounded_block_cache(), rasterio.Env():
         assert "GDAL_CACHEMAX" not in rasterio.env.getenv()

@@ -338,11 +338,13 @@ def test_the_local_client_leaves_the_distributed_logger_as_it_was():
 
 def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
     """kill -9 during predict stranded hidden temporaries (GBs of probabilities) that no rerun
-    removed; now a run writing the same output removes those of dead processes on this host."""
+    removed; a run writing the same output removes those no live process holds the lock of
+    (without a lock file: those of dead processes on this host)."""
     import socket
     import subprocess
     import sys
 
+    from tiles.scratch import hold_lock, release_lock
     from tiles.stitch import temp_path
 
     ended = [sys.executable, "-c", "import os; print(os.getpid())"]
@@ -351,16 +353,24 @@ def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
     ours = temp_path(final)
     assert ours.name.startswith(f".probs.tmp-{socket.gethostname()}-{os.getpid()}-")
     killed = ours.with_name(ours.name.replace(f"-{os.getpid()}-", f"-{gone}-"))
-    sidecars = [killed.with_name(killed.name + s) for s in (".ovr.tmp", ".aux.xml")]
+    sidecars = [killed.with_name(killed.name + s) for s in (".ovr.tmp", ".aux.xml", ".lock")]
     alive = ours  # another run of this process (say a notebook's) still writing
     elsewhere = tmp_path / f".probs.tmp-other-host-{gone}-0badc0de.tif"  # a shared disk's
     unrelated = [tmp_path / ".probs.notes.txt", tmp_path / f".probsx.tmp-x-{gone}-0badc0de.tif"]
     for path in (killed, *sidecars, alive, elsewhere, *unrelated):
         path.write_bytes(b"left")
+    # a run in another container of the same host name (its own PIDs): its lock says it lives
+    other = tmp_path / f".probs.tmp-{socket.gethostname()}-{gone}-0000beef.tif"
+    other.write_bytes(b"live")
+    other_lock = hold_lock(other)
     with AtomicOutputs() as outputs:
-        outputs.reserve(final)
+        new = outputs.reserve(final)
+        assert new.with_name(new.name + ".lock").is_file()  # held while it is written
+    release_lock(other_lock)
     assert not killed.exists() and not any(s.exists() for s in sidecars)
     assert alive.exists() and elsewhere.exists() and all(p.exists() for p in unrelated)
+    assert other.exists()
+    assert not new.with_name(new.name + ".lock").exists()  # released and removed at the end
 
 
 def test_a_failed_write_is_one_line_naming_the_output_and_a_full_disk_says_so(

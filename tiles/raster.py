@@ -89,10 +89,14 @@ def grid_bounds(height: int, width: int, transform: Affine) -> tuple[float, floa
 
 
 def bounded_block_cache() -> rasterio.Env | nullcontext:
-    """GDAL's block cache held to GDAL_CACHE_BYTES while entered, then restored (the limit is
-    process-wide, so Dask's reading threads keep to it too); a GDAL_CACHEMAX the user set in
-    the environment wins. Scoped, not set at import: importing geodnn changes no setting."""
+    """GDAL's block cache held to GDAL_CACHE_BYTES while entered, then restored. The limit is
+    process-wide, so a job enters this once in its own thread and Dask's reading threads keep
+    to it (threads entering and leaving it on their own would lift it under each other). A
+    GDAL_CACHEMAX set already wins: the user's (environment, or a `rasterio.Env` of theirs)
+    or an enclosing job's. Scoped, not set at import: importing geodnn changes no setting."""
     if "GDAL_CACHEMAX" in os.environ:
+        return nullcontext()
+    if rasterio.env.hasenv() and "GDAL_CACHEMAX" in rasterio.env.getenv():
         return nullcontext()
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
 

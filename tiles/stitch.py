@@ -17,18 +17,16 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
 import threading
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from xml.sax.saxutils import escape
 
 import numpy as np
-import psutil
 import rasterio
 import rasterio.shutil
 from rasterio._err import CPLE_BaseError
@@ -39,6 +37,7 @@ from .errors import OutputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
 from .raster import SceneInfo, bounded_block_cache, io_error_reason, unreadable_window
+from .scratch import hold_lock, is_orphan, release_lock, scratch_tag
 from .wording import option
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ def predict_chunks(
     (classes by `decide`)."""
     failure = None
     try:
-        with bounded_block_cache(), rasterio.open(scene) as src:
+        with rasterio.open(scene) as src:  # (in a Dask thread: the job bounds GDAL's cache)
             arrays = [read_chunk(src, chunk) for chunk in chunks]
     except RasterioIOError as exc:  # opening it (a read is read_window's error)
         failure = unreadable_window(scene, chunks[0].window, exc)
@@ -333,18 +332,23 @@ class AtomicOutputs:
     """Temporary files in each output's folder, renamed onto the outputs only by `commit`.
 
     Used as a context manager: leaving it without `commit` (an error) removes every temporary
-    file, so no partial output is ever left behind.
+    file, so no partial output is ever left behind. Each temporary file's lock (`hold_lock`) is
+    held until then: a run killed outright cannot remove its files, and the next run writing
+    the same output removes them (`remove_orphan_temps`).
     """
 
     pending: dict[Path, Path] = field(default_factory=dict)
     scratch: list[Path] = field(default_factory=list)
+    locks: list[IO[str]] = field(default_factory=list)
 
     def reserve(self, final: str | os.PathLike) -> Path:
         """A fresh temporary path next to `final`, with the same suffix (drivers key on it)."""
         final = Path(final)
         if final not in self.pending:  # (a swap's new copy: the run's own files are alive)
-            remove_stale_temps(final)
+            remove_orphan_temps(final)
         self.pending[final] = temp_path(final)
+        lock = hold_lock(self.pending[final])
+        self.locks += [lock] if lock is not None else []
         return self.pending[final]
 
     def swap(self, final: Path) -> tuple[Path, Path]:
@@ -373,12 +377,16 @@ class AtomicOutputs:
         self.abort()
 
     def abort(self) -> None:
-        """Remove every temporary and scratch file (after `commit`, only scratch is left)."""
+        """Remove every temporary and scratch file (after `commit`, only scratch is left), then
+        their locks."""
         for tmp in [*self.pending.values(), *self.scratch]:
             _remove(tmp)
             _remove(tmp.with_name(tmp.name + ".aux.xml"))
+        for lock in self.locks:
+            release_lock(lock)
         self.pending.clear()
         self.scratch.clear()
+        self.locks.clear()
 
     def __enter__(self) -> AtomicOutputs:
         return self
@@ -389,34 +397,33 @@ class AtomicOutputs:
 
 def temp_path(final: Path) -> Path:
     """An unused hidden name in `final`'s folder ending like `final` (drivers key on it),
-    tagged with host and PID, `.NAME.tmp-HOST-PID-HEX.tif`, so that a later run can tell what a
-    killed one left (`remove_stale_temps`)."""
-    tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return final.parent / f".{final.stem}.tmp-{tag}{final.suffix}"
+    tagged with machine and process, `.NAME.tmp-HOST-PID-HEX.tif` (`scratch_tag`)."""
+    return final.parent / f".{final.stem}.tmp-{scratch_tag()}{final.suffix}"
 
 
-def remove_stale_temps(final: Path) -> int:
-    """Remove the temporary files (and GDAL's sidecars of them: .ovr.tmp, .aux.xml) that runs
-    killed while writing `final` left beside it: on this machine, of a process that is gone.
-    A kill -9, an out-of-memory kill or a pre-empted node otherwise strands them (GBs of
-    probabilities) where `ls` does not show them. Returns how many were removed."""
-    pattern = re.compile(rf"\.{re.escape(final.stem)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}(\..*)?")
-    stale = []
+def remove_orphan_temps(final: Path) -> int:
+    """Remove the temporary files that runs killed while writing `final` left beside it, with
+    GDAL's sidecars of them (.ovr.tmp, .aux.xml) and their locks: those whose lock no process
+    holds (`scratch.is_orphan`). A kill -9, an out-of-memory kill or a pre-empted node
+    otherwise strands them (GBs of probabilities) where `ls` does not show them. Returns how
+    many temporary files were removed."""
+    name = re.compile(rf"(\.{re.escape(final.stem)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}})(\..*)?")
+    found: dict[str, list[Path]] = {}
     for path in final.parent.glob(f".{glob.escape(final.stem)}.tmp-*"):
-        found = pattern.fullmatch(path.name)
-        if found and path.is_file() and process_gone(found[1], found[2]):
-            stale.append(path)
-    for path in stale:
-        _remove(path)
-    if stale:
-        log.info("%s: removed %d temporary file(s) a killed run left", final, len(stale))
-    return len(stale)
-
-
-def process_gone(host: str, pid: str) -> bool:
-    """Whether process `pid` of machine `host` is known to have ended: only this machine's
-    processes can be looked up (another's, on a shared disk, may still be writing)."""
-    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+        match = name.fullmatch(path.name)
+        if match and path.is_file():
+            found.setdefault(match[1] + final.suffix, []).append(path)
+    orphans = [
+        temp
+        for temp, files in found.items()
+        if (match := name.fullmatch(temp)) and is_orphan(final.parent / temp, match[2], match[3])
+    ]
+    for temp in orphans:
+        for path in found[temp]:
+            _remove(path)
+    if orphans:
+        log.info("%s: removed %d temporary file(s) a killed run left", final, len(orphans))
+    return len(orphans)
 
 
 def _fsync(path: Path, folder: bool = False) -> None:

@@ -24,12 +24,10 @@ import re
 import shutil
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import dask
 import numpy as np
@@ -50,8 +48,9 @@ from .labels import (
     split_layer,
 )
 from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
+from .scratch import LOCK_SUFFIX, hold_lock, is_orphan, release_lock, scratch_tag
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
-from .stitch import check_writable_folder, process_gone
+from .stitch import check_writable_folder
 from .warn import warn_user
 from .wording import option
 
@@ -229,42 +228,7 @@ SCRATCH_KINDS = ("tmp", "old")  # beside a store: a build's new store, a replace
 def _scratch_path(out: Path, kind: str) -> Path:
     """A hidden name beside `out` for a store being built (tmp) or being removed (old),
     tagged with host and PID so that stores of killed builds can be told apart."""
-    host = socket.gethostname()
-    return out.parent / f".{out.name}.{kind}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-try:  # POSIX; elsewhere temporary stores are told apart by host and PID only
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
-
-LOCK_SUFFIX = ".lock"  # beside a temporary store: held (flock) by the build that makes it
-
-
-def _hold_build_lock(tmp: Path) -> IO[str] | None:
-    """Lock the file beside the temporary store for as long as the build runs: the lock dies
-    with the process, however it ends, so an unheld lock marks an orphan (`_remove_orphans`)
-    whatever machine, container or PID namespace the build ran in."""
-    if fcntl is None:
-        return None
-    lock = open(tmp.with_name(tmp.name + LOCK_SUFFIX), "w")  # noqa: SIM115 (held until released)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    except OSError:  # a file system without locks (some network mounts): host and PID only
-        _release_build_lock(lock)
-        return None
-    return lock
-
-
-def _release_build_lock(lock: IO[str] | None, keep_file: bool = False) -> None:
-    """Unlock; `keep_file` (its folder was not removed) leaves the unheld lock file that marks
-    the folder as an orphan for the next build (`_is_orphan`)."""
-    if lock is None:
-        return
-    if not keep_file:
-        with contextlib.suppress(OSError):
-            os.unlink(lock.name)
-    lock.close()
+    return out.parent / f".{out.name}.{kind}-{scratch_tag()}"
 
 
 def _remove_orphans(out: Path) -> None:
@@ -284,21 +248,13 @@ def _remove_orphans(out: Path) -> None:
 
 
 def _is_orphan(tmp: Path, tag: str) -> bool:
-    """Whether no build holds `tmp`'s lock; for a temporary store without one (made before the
-    lock, as HOST-PID-HEX or PID-HEX), whether it is this machine's and its process is gone."""
-    lock_path = tmp.with_name(tmp.name + LOCK_SUFFIX)
-    if fcntl is not None and lock_path.is_file():
-        try:
-            with open(lock_path, "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:  # held: a build in progress
-            return False
+    """Whether no build holds `tmp` (`scratch.is_orphan`); its name is HOST-PID-HEX, or PID-HEX
+    as named before the host was part of it."""
     parts = tag.rsplit("-", 2)
-    if len(parts) == 2:  # PID-HEX: named before the host was part of the name
+    if len(parts) == 2:
         parts.insert(0, socket.gethostname())
     host, pid = parts[0], parts[1] if len(parts) == 3 else ""
-    return process_gone(host, pid)
+    return is_orphan(tmp, host, pid)
 
 
 def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
@@ -330,7 +286,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
         return
     old = _scratch_path(out, "old")
-    lock = _hold_build_lock(old)  # held while it is removed: an interrupt leaves an orphan
+    lock = hold_lock(old)  # held while it is removed: an interrupt leaves an orphan
     try:
         os.replace(out, old)
         found = _occupant(old)
@@ -340,7 +296,7 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
         remove_tree(old)  # the new store is in place: a failure here must not undo that
     finally:
-        _release_build_lock(lock, keep_file=old.exists())
+        release_lock(lock, keep_file=old.exists())
 
 
 def _fitted_tile(tile: int, shape: tuple[int, int], scene) -> int:
@@ -481,7 +437,7 @@ def build_store(
     tiles = split_tiles(info.shape, split, tile)
     if on_start is not None:
         on_start(len(tiles))
-    lock = _hold_build_lock(tmp)
+    lock = hold_lock(tmp)
     try:
         group = zarr.open_group(str(tmp), mode="w")
         written, stats, counts, per_split = _write_tiles(
@@ -507,7 +463,7 @@ def build_store(
     finally:
         if tmp.exists():
             remove_tree(tmp)
-        _release_build_lock(lock, keep_file=tmp.exists())
+        release_lock(lock, keep_file=tmp.exists())
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
