@@ -174,16 +174,18 @@ class ValidationWindows:
     users get. Item i is tile i of `tiles` (a `StoreBatches` of a split, whole tiles) as a
     (bands, T + 2 halo)^2 window, NaN where no validation pixel lies (outside the split, which
     keeps training pixels out), and its label tile; score the centre T x T of the logits.
-    Tiles read are kept (`_read`): the scored tiles are the same every epoch, so a lazily read
-    split (`StoreBatches(..., in_memory_bytes=0)`) costs only them and their neighbours.
+    Tiles read are kept (`_kept`, up to `keep_bytes`): the scored tiles are the same every
+    epoch, so a lazily read split (`StoreBatches(..., in_memory_bytes=0)`) costs only them and
+    their neighbours; past the budget (a huge val_tiles) tiles are read again each time.
     """
 
-    def __init__(self, tiles: StoreBatches, halo: int) -> None:
+    def __init__(self, tiles: StoreBatches, halo: int, keep_bytes: int = IN_MEMORY_BYTES) -> None:
         if tiles.crop is not None:
             raise ValueError("ValidationWindows reads whole tiles: give it a StoreBatches, no crop")
         self.tiles, self.halo, self.windows = tiles, int(halo), tiles.windows
         self._at = {(int(w[0]), int(w[1])): p for p, w in enumerate(self.windows)}
-        self._read: dict[int, np.ndarray] = {}
+        self._kept: dict[int, np.ndarray] = {}
+        self._keep_bytes = int(keep_bytes)
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -193,7 +195,8 @@ class ValidationWindows:
         labels int64 (B, T, T) of the tiles themselves. A tile is read once, whichever windows
         touch it (out-of-range items: IndexError from `tile_labels`)."""
         labels = self.tiles.tile_labels([int(i) for i in indices])
-        windows = [self._window(int(i), self._read) for i in indices]
+        read: dict[int, np.ndarray] = {}  # this batch's tiles beyond the kept ones
+        windows = [self._window(int(i), read) for i in indices]
         size = self.tiles.tile_size + 2 * self.halo
         if not windows:
             return torch.zeros(0, self.tiles.bands, size, size), labels
@@ -215,14 +218,19 @@ class ValidationWindows:
         self, out: np.ndarray, position: int, top: int, left: int, read: dict[int, np.ndarray]
     ) -> None:
         """Copy tile `position`'s valid pixels into `out`, whose (0, 0) is scene (top, left);
-        `read` holds the tiles this batch has read already."""
+        `read` holds the tiles this batch has read beyond those kept."""
         row, col, height, width = (int(v) for v in self.windows[position])
         r0, c0 = max(row, top), max(col, left)
         r1 = min(row + height, top + out.shape[1])
         c1 = min(col + width, left + out.shape[2])
         if r1 <= r0 or c1 <= c0:
             return
-        if position not in read:
-            read[position] = self.tiles.tile_image(position)
-        block = read[position][:, r0 - row : r1 - row, c0 - col : c1 - col]
+        image = self._kept.get(position)
+        if image is None:
+            image = read.get(position)
+        if image is None:
+            image = read[position] = self.tiles.tile_image(position)
+            if image.nbytes * (len(self._kept) + 1) <= self._keep_bytes:
+                self._kept[position] = image
+        block = image[:, r0 - row : r1 - row, c0 - col : c1 - col]
         out[:, r0 - top : r1 - top, c0 - left : c1 - left] = block

@@ -52,6 +52,7 @@ from tiles.stitch import (
     AtomicOutputs,
     ChunkPrediction,
     PredictionWriter,
+    block_size,
     check_output,
     stream_predictions,
 )
@@ -83,7 +84,7 @@ class ModelPredictor:
     device: str = "cpu"  # 'auto' or 'cuda' unresolved when it runs on remote Dask workers
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        device = torch.device(resolve_device(self.device, "--device (on a Dask worker)"))
+        device = torch.device(resolve_device(self.device, f"{option('device')} (on a Dask worker)"))
         with torch.no_grad(), full_float32(device):  # on a GPU, one thread at a time
             here = self.model.band_mean.device
             if here.type != device.type or (device.index is not None and here != device):
@@ -152,16 +153,19 @@ def check_scene_bands(scene: SceneInfo, ckpt: Checkpoint) -> None:
 RESOLUTION_TOLERANCE = 1.5
 
 
-def space_note(info: SceneInfo, classes: int, probabilities, cog: bool) -> str | None:
+def space_note(info: SceneInfo, classes: int, probabilities, cog: bool, chunk: int) -> str | None:
     """Warn before the work when the probabilities may not fit their disk: float32, one band
-    per class, compressed little (~0.85x), and written twice while --cog copies them."""
+    per class, compressed little (~0.85x), and written twice when copied at the end (--cog,
+    or a chunk that no GeoTIFF tile size divides: `block_size`)."""
     if probabilities is None:
         return None
-    need = 4 * classes * info.height * info.width * (2 if cog else 1)
+    copied = cog or block_size(chunk) is None
+    need = 4 * classes * info.height * info.width * (2 if copied else 1)
     free = shutil.disk_usage(Path(probabilities).resolve().parent).free
     if free >= need:
         return None
     copies = f", twice with {option('cog', True)}" if cog else ""
+    copies = copies or (f", twice with {option('chunk', chunk)}" if copied else "")
     message = (
         f"{probabilities}: the probabilities may need up to {_size(need)} of disk ({classes} "
         f"float32 bands{copies}) and {_size(free)} are free; free some space, write them to "
@@ -328,7 +332,7 @@ def predict_scene(
     device = prediction_device(device, scheduler)
     targets = _check_outputs(info, out, probabilities, vectors, overwrite)
     found = (warn_if_no_crs(info), resolution_note(info, ckpt), value_range_note(info, ckpt))
-    found += (space_note(info, len(ckpt.class_names), probabilities, cog),)
+    found += (space_note(info, len(ckpt.class_names), probabilities, cog, chunk),)
     notes = [n for n in found if n is not None]
     counts = {"chunks": 0, "skipped": 0}
     with AtomicOutputs() as outputs:

@@ -149,6 +149,14 @@ def test_validation_windows_read_each_tile_once(store_path, monkeypatch):
     again, _ = windows.get(range(len(windows)))  # the next epoch: the tiles read are kept
     assert sorted(reads) == sorted(int(i) for i in lazy.tiles)
     torch.testing.assert_close(again, images, rtol=0, atol=0, equal_nan=True)
+    tile_bytes = lazy.tile_image(0).nbytes
+    budget = ValidationWindows(lazy, halo=30, keep_bytes=2 * tile_bytes)  # keeps two tiles
+    reads.clear()
+    for _ in range(2):
+        torch.testing.assert_close(
+            budget.get(range(len(budget)))[0], images, rtol=0, atol=0, equal_nan=True
+        )
+    assert len(reads) == 2 * len(lazy.tiles) - 2  # all but the two kept are read again
     assert torch.equal(labels, StoreBatches(store_path, "validation").get(range(len(lazy)))[1])
     reads.clear()
     assert torch.equal(lazy.tile_labels([1, 0]), labels[[1, 0]]) and not reads  # no image read

@@ -616,7 +616,7 @@ def cache_in_effect(monkeypatch, module, name: str) -> list:
 def test_whole_scene_reads_and_writes_keep_gdal_s_block_cache_bounded(
     checkpoint, make_geotiff, tmp_path, monkeypatch
 ):
-    """Set per run (not at import, stop 27): the map's writes and the polygons' reads of it."""
+    """Set per run, not at import: the map's writes and the polygons' reads of it."""
     import tiles.stitch
     import tiles.vectorize
     from tiles.raster import GDAL_CACHE_BYTES
@@ -646,6 +646,10 @@ def test_probabilities_that_may_not_fit_their_disk_are_warned_of_before_the_work
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # 100 x 100 x 3 x 4 bytes, once: it fits
         predict_scene(checkpoint, scene, out, probabilities=probs, overwrite=True)
+    # a chunk no GeoTIFF tile size divides: written uncompressed, then copied compressed
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=200_000))
+    with pytest.warns(UserWarning, match=r"0.24 MB .*3 float32 bands, twice with chunk=100\)"):
+        predict_scene(checkpoint, scene, out, probabilities=probs, overwrite=True, chunk=100)
 
 
 def test_quiet_predicts_without_progress_bars(checkpoint, make_geotiff, tmp_path, capsys):

@@ -4,6 +4,7 @@ import glob
 import json
 import logging
 import os
+import sqlite3
 
 import numpy as np
 import pytest
@@ -402,6 +403,16 @@ def test_a_failed_write_is_one_line_naming_the_output_and_a_full_disk_says_so(
             raise RasterioIOError("Write failed. See previous exception.") from gdal
     with pytest.raises(ValueError), writing(final):  # anything else is not a write failure
         raise ValueError("a bug")
+    with pytest.raises(OutputError, match="disk is full"), writing(final, (sqlite3.Error,)):
+        raise sqlite3.OperationalError("database or disk is full")  # the polygons' style
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: os.stat("/gone"))  # unmounted
+    with (
+        pytest.raises(
+            OutputError, match=r"writing failed \(Write failed\); check the disk it is on$"
+        ),
+        writing(final),
+    ):
+        raise RasterioIOError("Write failed")
     # a store's chunk writes: the OSError says it (and the space left is after the clean-up)
     store = tmp_path / "tiles.zarr"
     said = r"tiles.zarr: the disk is full \(No space left"

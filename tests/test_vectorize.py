@@ -277,3 +277,20 @@ def test_polygon_export_shows_its_progress_by_rows_of_windows(make_geotiff, tmp_
     vectorize_classes(path, tmp_path / "b.gpkg", NAMES, COLORS, opts, progress=True)
     err = capsys.readouterr().err  # stderr is no terminal here: the bar is drawn at its end
     assert "polygons" in err and "4/4" in err
+
+
+def test_a_full_disk_while_embedding_the_style_is_one_line_naming_the_output(
+    make_geotiff, tmp_path, monkeypatch
+):
+    import tiles.vectorize
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(tiles.vectorize, "embed_layer_style", full)
+    out = tmp_path / "v.gpkg"
+    classes = np.zeros((20, 20), dtype=np.uint8)
+    classes[5:10, 5:10] = 1
+    with pytest.raises(OutputError, match=r"v.gpkg: writing failed \(database or disk is full\)"):
+        vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".v")) == []

@@ -503,17 +503,25 @@ def writing(final: Path, errors: tuple[type[Exception], ...] = GDAL_WRITE_ERRORS
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         if not (full or isinstance(exc, errors)):
             raise
-        free = shutil.disk_usage(final.parent).free
-        if full or free < FULL_DISK_BYTES:
+        free = _free_bytes(final.parent)
+        if full or (free is not None and free < FULL_DISK_BYTES):
             said = exc.strerror if full else f"{free / 2**20:.0f} MB free"  # (after a clean-up)
             raise OutputError(
                 f"{final}: the disk is full ({said}); free some space or write the outputs to "
                 "another disk"
             ) from None
+        left = "" if free is None else f" ({free / 2**20:.0f} MB free)"
         raise OutputError(
-            f"{final}: writing failed ({io_error_reason(exc)}); check the disk it is on "
-            f"({free / 2**20:.0f} MB free)"
+            f"{final}: writing failed ({io_error_reason(exc)}); check the disk it is on{left}"
         ) from None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free space of `folder`'s disk; None when it cannot be had (the folder is gone)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def category_names_xml(names: Sequence[str]) -> str:

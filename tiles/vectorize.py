@@ -408,13 +408,15 @@ def vectorize_classes(
         tmp = outputs.reserve(out)
         from pyogrio.errors import DataLayerError, DataSourceError  # (pyogrio loads on use)
 
-        # GDAL's refusals to write (a full disk: "database or disk is full") name the output
-        with bounded_block_cache(), writing(out, (DataSourceError, DataLayerError)):
+        # refusals to write (pyogrio's GDAL, sqlite3 embedding the style: a full disk is
+        # "database or disk is full"; the .qml's OSError) name the output in one line
+        refused = (DataSourceError, DataLayerError, sqlite3.OperationalError)
+        with bounded_block_cache(), writing(out, refused):
             count = write_class_polygons(
                 class_map, tmp, class_names, class_colors, options, progress
             )
-        qml = layer_style(class_names, class_colors, options.background)
-        outputs.reserve(qml_path(out)).write_text(qml)
+            qml = layer_style(class_names, class_colors, options.background)
+            outputs.reserve(qml_path(out)).write_text(qml)
         if own:
             outputs.commit()
         return count

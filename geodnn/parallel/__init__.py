@@ -6,6 +6,8 @@ neighbours (`exchange`, optionally compressed: `compress`); blocks are balanced 
 baseline (GPipe / 1F1B); `rankstate` saves and resumes per-rank state; `launch` starts ranks.
 """
 
+from typing import TYPE_CHECKING
+
 from .admm_rank import RankAdmmSolver, plan_blocks, profile_admm_layers, single_process_state
 from .compress import CompressionSettings
 from .exchange import BoundaryExchange, ExchangeStats
@@ -23,6 +25,9 @@ from .group import (
 from .launch import launch, spawn, torchrun_command
 from .partition import LayerCost, Plan, balance, even_blocks, profile_layers
 from .rankstate import latest_iteration, load_rank_checkpoint, save_rank_checkpoint
+
+if TYPE_CHECKING:  # loaded on first use (`__getattr__`): it imports torch.distributed.pipelining
+    from .pipeline import PipelineSolver
 
 __all__ = [
     "BoundaryExchange",
