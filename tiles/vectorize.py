@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -110,19 +111,29 @@ class _Layer:
         self.rows = []
 
 
+_QUIETING = [0]  # writers holding pyogrio's logger at WARNING (`_quiet_appends`)
+_QUIET_LOCK = threading.Lock()
+
+
 @contextmanager
 def _quiet_appends() -> Iterator[None]:
     """pyogrio logs every appended batch at INFO, noise beside the progress bar: its logger is
-    held at WARNING while writing, unless the user set its level (then theirs applies)."""
+    held at WARNING while any layer is written (writers in several threads count as one),
+    unless the user set its level (then theirs applies)."""
     log = logging.getLogger("pyogrio")
-    if log.level != logging.NOTSET:
-        yield
-        return
-    log.setLevel(logging.WARNING)
+    with _QUIET_LOCK:
+        ours = _QUIETING[0] > 0 or log.level == logging.NOTSET
+        if ours:
+            _QUIETING[0] += 1
+            log.setLevel(logging.WARNING)
     try:
         yield
     finally:
-        log.setLevel(logging.NOTSET)
+        if ours:
+            with _QUIET_LOCK:
+                _QUIETING[0] -= 1
+                if _QUIETING[0] == 0:
+                    log.setLevel(logging.NOTSET)
 
 
 def _simplified(geoms: np.ndarray, tolerance: float) -> np.ndarray:

@@ -4,21 +4,27 @@ names what the notebook can change."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _UNSET = object()
-_command_line = [False]  # process-wide: a command owns its process (and Dask's threads)
+# process-wide (a command owns its process, Dask's threads included): how many command-line
+# scopes are open, so that scopes left in any order across threads end it exactly
+_command_line = [0]
+_count_lock = threading.Lock()
 
 
 @contextmanager
 def command_line() -> Iterator[None]:
     """Messages raised inside name command-line flags (the CLI's entry points enter it)."""
-    before, _command_line[0] = _command_line[0], True
+    with _count_lock:
+        _command_line[0] += 1
     try:
         yield
     finally:
-        _command_line[0] = before
+        with _count_lock:
+            _command_line[0] -= 1
 
 
 def option(name: str, value: object = _UNSET, keyword: str | None = None) -> str:
@@ -26,7 +32,7 @@ def option(name: str, value: object = _UNSET, keyword: str | None = None) -> str
     `--gap 0` / `gap=0`; value True is a switch: `--overwrite` / `overwrite=True`; without a
     value `--gap` / `` `gap` `` (quoted: a bare word in a sentence). `keyword`:
     the Python name where it is not the flag's ('run_dir' for --out)."""
-    if _command_line[0]:
+    if _command_line[0] > 0:
         return f"--{name}" if value is _UNSET or value is True else f"--{name} {value}"
     keyword = keyword or name.replace("-", "_")
     return f"`{keyword}`" if value is _UNSET else f"{keyword}={value!r}"
