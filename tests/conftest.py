@@ -122,3 +122,30 @@ def damaged_scene(tmp_path):
         f.seek(offset + 10)
         f.write(b"\xff" * (size - 20))
     return path, mask
+
+
+@pytest.fixture
+def another_thread_leaves_first():
+    """Factory: a context manager that enters `scope()` while another thread is inside a scope
+    of its own, which that thread leaves first (for process-wide settings held by scopes)."""
+    import threading
+    from contextlib import contextmanager
+
+    @contextmanager
+    def inside(scope):
+        entered, leave = threading.Barrier(2), threading.Event()
+
+        def other():
+            with scope():
+                entered.wait()
+                leave.wait()
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        with scope():
+            entered.wait()
+            leave.set()
+            worker.join()
+            yield
+
+    return inside

@@ -296,26 +296,15 @@ def test_a_full_disk_while_embedding_the_style_is_one_line_naming_the_output(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".v")) == []
 
 
-def test_pyogrio_is_quiet_only_while_layers_are_written_and_never_against_the_user():
+def test_pyogrio_is_quiet_only_while_layers_are_written_and_never_against_the_user(
+    another_thread_leaves_first,
+):
     import logging
-    import threading
 
     from tiles.vectorize import _quiet_appends
 
     log = logging.getLogger("pyogrio")
-    entered, leave = threading.Barrier(2), threading.Event()
-
-    def writer():
-        with _quiet_appends():
-            entered.wait()
-            leave.wait()
-
-    worker = threading.Thread(target=writer)
-    worker.start()
-    with _quiet_appends():
-        entered.wait()
-        leave.set()  # the other writer ends first: the logger stays quiet for this one
-        worker.join()
+    with another_thread_leaves_first(_quiet_appends):  # that writer ends first
         assert log.level == logging.WARNING
     assert log.level == logging.NOTSET
     log.setLevel(logging.DEBUG)  # the user's own choice

@@ -29,21 +29,9 @@ def test_the_command_line_wording_ends_with_its_command(tmp_path):
         check_output(existing, overwrite=False)
 
 
-def test_scopes_left_in_any_order_across_threads_end_the_command_line_wording():
-    import threading
-
-    entered, leave = threading.Barrier(2), threading.Event()
-
-    def command():
-        with command_line():
-            entered.wait()
-            leave.wait()
-
-    worker = threading.Thread(target=command)
-    worker.start()
-    with command_line():
-        entered.wait()
-        leave.set()  # the thread's scope ends first, ours after it
-        worker.join()
+def test_scopes_left_in_any_order_across_threads_end_the_command_line_wording(
+    another_thread_leaves_first,
+):
+    with another_thread_leaves_first(command_line):
         assert option("overwrite", True) == "--overwrite"
     assert option("overwrite", True) == "overwrite=True"
