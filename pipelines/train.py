@@ -63,7 +63,7 @@ from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.store import TileStore
 from tiles.warn import warn_user
-from tiles.wording import command_line, option
+from tiles.wording import command_line, command_line_only, option
 
 from .arguments import flag
 from .cli import JOBS
@@ -628,7 +628,8 @@ def check_not_past(config: Config, run_dir: Path, done: int) -> None:
     if done > total:
         raise PipelineError(
             f"{run_dir}: the run is at iteration {done}, past the {total} asked for "
-            f"([train] iterations or --iterations); ask for {done} or more"
+            f"([train] iterations{command_line_only(' or --iterations')}); ask for {done} or "
+            "more"
         )
 
 

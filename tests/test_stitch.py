@@ -337,7 +337,7 @@ def test_the_local_client_leaves_the_distributed_logger_as_it_was():
         logger.setLevel(kept)
 
 
-def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
+def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path, monkeypatch):
     """kill -9 during predict stranded hidden temporaries (GBs of probabilities) that no rerun
     removed; a run writing the same output removes those no live process holds the lock of
     (without a lock file: those of dead processes on this host)."""
@@ -348,6 +348,7 @@ def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
     from tiles.scratch import hold_lock, release_lock
     from tiles.stitch import temp_path
 
+    monkeypatch.setattr("tiles.scratch.LOCK_GRACE_S", 0.0)  # (aged lock files)
     ended = [sys.executable, "-c", "import os; print(os.getpid())"]
     gone = subprocess.run(ended, capture_output=True, text=True, check=True).stdout.strip()
     final = tmp_path / "probs.tif"
@@ -358,6 +359,9 @@ def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path):
     alive = ours  # another run of this process (say a notebook's) still writing
     elsewhere = tmp_path / f".probs.tmp-other-host-{gone}-0badc0de.tif"  # a shared disk's
     unrelated = [tmp_path / ".probs.notes.txt", tmp_path / f".probsx.tmp-x-{gone}-0badc0de.tif"]
+    # another output of the same stem (probs.gpkg beside probs.tif), written by a live run in
+    # another container: its lock is not looked up under the .tif's name
+    unrelated.append(killed.with_name(killed.name.removesuffix(".tif") + ".gpkg"))
     for path in (killed, *sidecars, alive, elsewhere, *unrelated):
         path.write_bytes(b"left")
     # a run in another container of the same host name (its own PIDs): its lock says it lives

@@ -271,7 +271,10 @@ def test_an_interrupted_build_raises_the_interrupt_though_its_writer_still_write
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_killed_build_s_temporary_store_is_removed_by_the_next(tmp_path, scene_and_mask):
+def test_a_killed_build_s_temporary_store_is_removed_by_the_next(
+    tmp_path, scene_and_mask, monkeypatch
+):
+    monkeypatch.setattr("tiles.scratch.LOCK_GRACE_S", 0.0)  # (aged lock files)
     import fcntl
     import os
     import socket
@@ -308,6 +311,7 @@ def test_a_replaced_store_whose_removal_was_interrupted_goes_with_the_next_build
 ):
     """Jupyter's interrupt while --overwrite removes the old store left a hidden, half-removed
     copy that no later build removed (GBs on a real scene)."""
+    monkeypatch.setattr("tiles.scratch.LOCK_GRACE_S", 0.0)  # (aged lock files)
     scene, mask, _, _ = scene_and_mask
     out = tmp_path / "s.zarr"
     build(scene, mask, out)

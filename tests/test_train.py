@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,8 +168,12 @@ def test_contradicting_or_shrinking_resumes_are_refused(tmp_path, store, train_c
     assert "--resume and --overwrite contradict" in capsys.readouterr().err
     code = main(["train", str(config.path), "--out", str(run), "--resume", "--iterations", "3"])
     assert code == 2
-    assert "the run is at iteration 6, past the 3 asked for" in capsys.readouterr().err
+    said = "the run is at iteration 6, past the 3 asked for ([train] iterations"
+    assert f"{said} or --iterations); ask for 6 or more" in capsys.readouterr().err
     assert "iterations = 6" in (run / "config.toml").read_text()  # the record stays true
+    config["train"]["iterations"] = 3  # from Python: no flag to name
+    with pytest.raises(PipelineError, match=rf"{re.escape(said)}\); ask for 6 or more"):
+        train(config, run, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("flags", [["--resume"], ["--resume", "--overwrite"]])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import IO
@@ -19,6 +20,7 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 LOCK_SUFFIX = ".lock"  # beside a scratch file or folder: held (flock) by the run that writes it
+LOCK_GRACE_S = 2.0  # between creating a lock file and locking it, it looks unheld
 
 
 def scratch_tag() -> str:
@@ -54,9 +56,13 @@ def release_lock(lock: IO[str] | None, keep_file: bool = False) -> None:
 
 def is_orphan(scratch: Path, host: str, pid: str) -> bool:
     """Whether no run holds `scratch`'s lock; without a lock file (a file system without locks,
-    or made before them), whether it is this machine's and process `pid` is gone."""
+    or made before them), whether it is this machine's and process `pid` is gone. A lock file
+    younger than LOCK_GRACE_S counts as held: its run may not have locked it yet."""
     lock_path = scratch.with_name(scratch.name + LOCK_SUFFIX)
     if fcntl is not None and lock_path.is_file():
+        with contextlib.suppress(OSError):
+            if time.time() - lock_path.stat().st_mtime < LOCK_GRACE_S:
+                return False
         try:
             with open(lock_path, "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -407,12 +407,15 @@ def remove_orphan_temps(final: Path) -> int:
     holds (`scratch.is_orphan`). A kill -9, an out-of-memory kill or a pre-empted node
     otherwise strands them (GBs of probabilities) where `ls` does not show them. Returns how
     many temporary files were removed."""
-    name = re.compile(rf"(\.{re.escape(final.stem)}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}})(\..*)?")
+    # the temporary file (its suffix is `final`'s: not another output's of the same stem, such
+    # as roads.gpkg's beside roads.tif), then what GDAL or the lock added to its name
+    stem, suffix = re.escape(final.stem), re.escape(final.suffix)
+    name = re.compile(rf"(\.{stem}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}{suffix})(\..*)?")
     found: dict[str, list[Path]] = {}
     for path in final.parent.glob(f".{glob.escape(final.stem)}.tmp-*"):
         match = name.fullmatch(path.name)
         if match and path.is_file():
-            found.setdefault(match[1] + final.suffix, []).append(path)
+            found.setdefault(match[1], []).append(path)
     orphans = [
         temp
         for temp, files in found.items()

@@ -36,3 +36,9 @@ def option(name: str, value: object = _UNSET, keyword: str | None = None) -> str
         return f"--{name}" if value is _UNSET or value is True else f"--{name} {value}"
     keyword = keyword or name.replace("-", "_")
     return f"`{keyword}`" if value is _UNSET else f"{keyword}={value!r}"
+
+
+def command_line_only(text: str) -> str:
+    """`text` inside a `geodnn` command, nothing elsewhere: for a flag with no Python keyword
+    (`--iterations` beside the config's [train] iterations)."""
+    return text if _command_line[0] > 0 else ""
