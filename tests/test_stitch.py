@@ -276,6 +276,28 @@ def test_unreadable_chunk_is_a_raster_input_error(make_geotiff, tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_worker_of_another_process_bounds_gdal_s_cache_itself(make_geotiff, monkeypatch):
+    """In the client's process the job holds the bound for every thread (threads entering and
+    leaving it on their own lifted it under each other); a remote worker has no job."""
+    import tiles.stitch
+    from tiles.raster import GDAL_CACHE_BYTES
+    from tiles.stitch import predict_chunks
+
+    monkeypatch.delenv("GDAL_CACHEMAX", raising=False)
+    seen, real = [], tiles.stitch.read_chunk
+
+    def spy(src, chunk):
+        seen.append(rasterio.env.getenv().get("GDAL_CACHEMAX"))
+        return real(src, chunk)
+
+    monkeypatch.setattr(tiles.stitch, "read_chunk", spy)
+    path = make_geotiff(np.ones((1, 40, 40), dtype=np.float32))
+    [chunk] = list(ChunkGrid(40, 40, 64, 2))
+    predict_chunks(str(path), [chunk], box_predictor, client_pid=os.getpid() + 1)
+    predict_chunks(str(path), [chunk], box_predictor, client_pid=os.getpid())
+    assert seen == [GDAL_CACHE_BYTES, None]
+
+
 def test_class_scale_moves_the_decision_and_keeps_the_probabilities(make_geotiff):
     scene = np.random.default_rng(1).integers(0, 200, (1, 40, 50)).astype(np.float32)
     path = make_geotiff(scene)

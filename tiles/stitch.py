@@ -129,12 +129,15 @@ def predict_chunks(
     predict: Predictor,
     probabilities: bool = True,
     class_scale: Sequence[float] | None = None,
+    client_pid: int | None = None,
 ) -> list[ChunkPrediction]:
     """The Dask task: read chunks with halos, skip all-nodata cores, run the rest as one batch
-    (classes by `decide`)."""
+    (classes by `decide`). In the client's process (`client_pid`) the job bounds GDAL's cache
+    for all its threads; a worker of another process bounds its own."""
     failure = None
+    own = os.getpid() == client_pid
     try:
-        with rasterio.open(scene) as src:  # (in a Dask thread: the job bounds GDAL's cache)
+        with nullcontext() if own else bounded_block_cache(), rasterio.open(scene) as src:
             arrays = [read_chunk(src, chunk) for chunk in chunks]
     except RasterioIOError as exc:  # opening it (a read is read_window's error)
         failure = unreadable_window(scene, chunks[0].window, exc)
@@ -254,13 +257,15 @@ def stream_predictions(
     grid = ChunkGrid(height, width, chunk, halo)
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
         decision = {"probabilities": probabilities, "class_scale": class_scale}
-        bar = {"progress": progress, "label": label}
-        yield from _stream(str(scene), grid, predict, batch, decision, active, in_flight, **bar)
+        decision["client_pid"] = os.getpid()
+        yield from _stream(
+            str(scene), grid, predict, batch, decision, active, in_flight, progress, label
+        )
 
 
 def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, label):
     """Keep `limit` chunk groups in flight; hand results over as they complete. `decision`:
-    `predict_chunks`' keyword arguments (probabilities, class_scale)."""
+    `predict_chunks`' keyword arguments (probabilities, class_scale, client_pid)."""
     from distributed import as_completed
 
     threads = max(1, sum(client.nthreads().values()))
