@@ -66,7 +66,7 @@ from tiles.vectorize import (
 from tiles.warn import warn_user
 from tiles.wording import option
 
-from .arguments import flag, whole
+from .arguments import flag, text, whole
 from .cli import JOBS
 from .device import DEVICES, prediction_device, resolve_device
 from .errors import PipelineError
@@ -84,7 +84,7 @@ class ModelPredictor:
     device: str = "cpu"  # 'auto' or 'cuda' unresolved when it runs on remote Dask workers
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        device = torch.device(resolve_device(self.device, f"{option('device')} (on a Dask worker)"))
+        device = torch.device(resolve_device(self.device, "the device (on a Dask worker)"))
         with torch.no_grad(), full_float32(device):  # on a GPU, one thread at a time
             here = self.model.band_mean.device
             if here.type != device.type or (device.index is not None and here != device):
@@ -322,6 +322,7 @@ def predict_scene(
     for name, value in (("cog", cog), ("overwrite", overwrite), ("argmax", argmax)):
         flag(name, value)
     progress = flag("progress", progress)
+    scheduler = check_scheduler(scheduler)
     ckpt = as_checkpoint(checkpoint)
     if not argmax:  # a bad decision rule is refused before any output is opened
         source = "checkpoint" if isinstance(checkpoint, Checkpoint) else os.fspath(checkpoint)
@@ -382,6 +383,25 @@ def predict_scene(
         outputs.commit()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def check_scheduler(scheduler) -> str | None:
+    """A Dask scheduler's address, or None (run locally). An empty one (an unset $DASK_ADDR)
+    ran locally without a word; a notebook's Client gave Dask's TypeError."""
+    if scheduler is None:
+        return None
+    if hasattr(scheduler, "scheduler_info"):  # a distributed.Client
+        raise PipelineError(
+            f"{option('scheduler')} takes the scheduler's address: pass "
+            "client.scheduler.address, not the Client"
+        )
+    scheduler = text("scheduler", scheduler, "tcp://HOST:8786")
+    if not scheduler.strip():
+        raise PipelineError(
+            f"{option('scheduler')} is empty; pass the scheduler's address (tcp://HOST:8786), "
+            "or leave it out to run locally"
+        )
+    return scheduler
 
 
 def _check_outputs(info: SceneInfo, out, probabilities, vectors, overwrite: bool) -> list[Path]:

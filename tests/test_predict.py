@@ -363,7 +363,7 @@ def test_with_a_scheduler_the_workers_resolve_the_device(
         argv = ["predict", checkpoint, path, "--out", tmp_path / "c.tif", "--chunk", "32"]
         code, err = run_cli([*argv, "--scheduler", cluster.scheduler_address], capsys)
     assert code == 0, err
-    assert resolved and set(resolved) == {("auto", "--device (on a Dask worker)")}
+    assert resolved and set(resolved) == {("auto", "the device (on a Dask worker)")}
     with rasterio.open(tmp_path / "c.tif") as dst:
         assert np.array_equal(dst.read(1), whole_image(small_model(), read_scene(path)).argmax(0))
 
@@ -659,3 +659,19 @@ def test_quiet_predicts_without_progress_bars(checkpoint, make_geotiff, tmp_path
     assert code == 0 and "predict:" not in err and "polygons:" not in err
     code, err = run_cli([*argv, "--overwrite"], capsys)
     assert code == 0 and "predict:" in err
+
+
+def test_an_empty_scheduler_or_a_client_object_is_refused(checkpoint, make_geotiff, tmp_path):
+    """'' (an unset $DASK_ADDR) ran locally without a word; a notebook's Client gave Dask's
+    TypeError."""
+    from types import SimpleNamespace
+
+    from pipelines.errors import PipelineError
+
+    scene = make_geotiff(np.ones((1, 20, 20), dtype=np.float32))
+    with pytest.raises(PipelineError, match=r"`scheduler` is empty; pass the scheduler's"):
+        predict_scene(checkpoint, scene, tmp_path / "c.tif", scheduler=" ")
+    client = SimpleNamespace(scheduler_info=lambda: {})
+    with pytest.raises(PipelineError, match="pass client.scheduler.address, not the Client"):
+        predict_scene(checkpoint, scene, tmp_path / "c.tif", scheduler=client)
+    assert not list(tmp_path.glob("c.tif*"))

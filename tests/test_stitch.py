@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from scipy.ndimage import uniform_filter
 
-from tiles.errors import OutputError, RasterInputError
+from tiles.errors import OutputError, RasterInputError, TilesError
 from tiles.grid import ChunkGrid
 from tiles.raster import open_scene
 from tiles.stitch import (
@@ -446,3 +446,31 @@ def test_a_failed_write_is_one_line_naming_the_output_and_a_full_disk_says_so(
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(OSError, match="Permission denied"), writing(store, errors=()):
         raise OSError(errno.EACCES, "Permission denied")  # the CLI's own line says it
+
+
+def test_a_cluster_that_loses_work_or_cannot_see_the_scene_is_one_line(
+    make_geotiff, tmp_path, monkeypatch
+):
+    """A worker dying with the model, or the scheduler going away, ended predict with Dask's
+    traceback (exit 1); a scene the workers cannot see was called damaged; a tls:// address
+    without TLS set up was a TypeError traceback."""
+    from distributed.client import FutureCancelledError
+
+    import tiles.stitch
+    from tiles.stitch import predict_chunks
+
+    def lost(*args, **kwargs):
+        raise FutureCancelledError("chunk-1", "scheduler-connection-lost")
+        yield
+
+    monkeypatch.setattr(tiles.stitch, "_stream", lost)
+    path = make_geotiff(np.ones((1, 40, 40), dtype=np.float32))
+    with pytest.raises(TilesError, match=r"the local Dask client lost work in progress \(.*"):
+        list(stream_predictions(path, box_predictor, 2, chunk=32))
+    gone = str(tmp_path / "only-on-the-client.tif")
+    [chunk] = list(ChunkGrid(40, 40, 64, 2))
+    with pytest.raises(RasterInputError, match="not found on the Dask worker at .*every worker"):
+        predict_chunks(gone, [chunk], box_predictor, client_pid=os.getpid() + 1)
+    tls = r"cannot reach the Dask scheduler at tls://.*TypeError"
+    with pytest.raises(TilesError, match=tls), dask_client("tls://127.0.0.1:1"):
+        pass

@@ -17,9 +17,11 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +35,7 @@ from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
-from .errors import OutputError, TilesError
+from .errors import OutputError, RasterInputError, TilesError
 from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, read_chunk
 from .progress import progress_bar
 from .raster import SceneInfo, bounded_block_cache, io_error_reason, unreadable_window
@@ -141,6 +143,11 @@ def predict_chunks(
             arrays = [read_chunk(src, chunk) for chunk in chunks]
     except RasterioIOError as exc:  # opening it (a read is read_window's error)
         failure = unreadable_window(scene, chunks[0].window, exc)
+        if not own and not os.path.exists(scene):  # a cluster's worker without the file
+            failure = RasterInputError(
+                f"{scene}: not found on the Dask worker at {socket.gethostname()}; the scene "
+                "must be readable at this path from every worker (a shared disk)"
+            )
     if failure is not None:  # outside the handler, so that Dask can pickle it (read_window)
         raise failure
     live = [k for k, (c, a) in enumerate(zip(chunks, arrays)) if not core_is_empty(a, c)]
@@ -212,7 +219,7 @@ def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the cl
         )
     try:
         client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, ValueError, TypeError) as exc:  # (TypeError: tls:// bare)
         raise TilesError(
             f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
             f"one with `dask scheduler` or drop {option('scheduler')} to run locally"
@@ -258,9 +265,19 @@ def stream_predictions(
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
         decision = {"probabilities": probabilities, "class_scale": class_scale}
         decision["client_pid"] = os.getpid()
-        yield from _stream(
-            str(scene), grid, predict, batch, decision, active, in_flight, progress, label
-        )
+        from distributed.comm.core import CommClosedError  # (loaded with the client)
+
+        try:
+            yield from _stream(
+                str(scene), grid, predict, batch, decision, active, in_flight, progress, label
+            )
+        except (CancelledError, CommClosedError) as exc:  # a worker or the scheduler went away
+            where = f"the Dask scheduler at {scheduler}" if scheduler else "the local Dask client"
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TilesError(
+                f"{scene}: {where} lost work in progress ({reason}); rerun when the cluster "
+                "is whole (a worker that died took the model with it)"
+            ) from None
 
 
 def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, label):
