@@ -474,3 +474,29 @@ def test_a_cluster_that_loses_work_or_cannot_see_the_scene_is_one_line(
     tls = r"cannot reach the Dask scheduler at tls://.*TypeError"
     with pytest.raises(TilesError, match=tls), dask_client("tls://127.0.0.1:1"):
         pass
+
+
+def test_groups_cancelled_with_a_lost_model_are_sent_again(make_geotiff):
+    """A worker that died held the model scattered to it: its groups were cancelled and the
+    run ended (exit 1, then a one-line error); now they go again with the model re-sent."""
+    from distributed import Future
+
+    scene = np.random.default_rng(3).integers(0, 200, (1, 70, 90)).astype(np.float32)
+    path = make_geotiff(scene)
+    expected = {
+        (p.window.row_off, p.window.col_off): p.classes
+        for p in stream_predictions(path, box_predictor, 2, chunk=16)
+    }
+    with dask_client() as client:
+        scattered, scatter = [], client.scatter
+        client.scatter = lambda *a, **k: scattered.append(1) or scatter(*a, **k)
+        got, lost = {}, False
+        for prediction in stream_predictions(path, box_predictor, 2, chunk=16, client=client):
+            if not lost:  # as if the worker holding the model died
+                [model] = [k for k in client.futures if not str(k).startswith("predict_chunks")]
+                client.cancel([Future(model, client=client)])
+                lost = True
+            got[(prediction.window.row_off, prediction.window.col_off)] = prediction.classes
+    assert len(scattered) == 2  # the model went again, once
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)

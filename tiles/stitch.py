@@ -235,6 +235,9 @@ def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the cl
     return client
 
 
+MODEL_RESENDS = 32  # groups sent again after workers lost the model (`_stream`)
+
+
 def stream_predictions(
     scene: str | os.PathLike,
     predict: Predictor,
@@ -276,39 +279,57 @@ def stream_predictions(
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TilesError(
                 f"{scene}: {where} lost work in progress ({reason}); rerun when the cluster "
-                "is whole (a worker that died took the model with it)"
+                "is whole (the scheduler went away, or workers kept dying)"
             ) from None
 
 
 def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, label):
     """Keep `limit` chunk groups in flight; hand results over as they complete. `decision`:
-    `predict_chunks`' keyword arguments (probabilities, class_scale, client_pid)."""
+    `predict_chunks`' keyword arguments (probabilities, class_scale, client_pid). The model is
+    sent to the workers once; a group cancelled because a worker died with it (a restarted
+    worker does not get it back) is sent again with the model, up to MODEL_RESENDS times."""
     from distributed import as_completed
 
     threads = max(1, sum(client.nthreads().values()))
     limit = in_flight or max(2, 3 * threads)
-    [model] = client.scatter([predict], broadcast=True, hash=False)
+    model = [client.scatter([predict], broadcast=True, hash=False)[0]]
     groups = batch_chunks(grid, max(1, batch))
     bar = progress_bar(len(grid), label, "chunk", progress)  # in a log file too
     pending = as_completed()
-    futures = set()
+    futures: dict = {}  # in flight: future -> its chunk group
+    resends = [0]
 
-    def submit() -> bool:
-        group = next(groups, None)
+    def submit(group: list[Chunk] | None = None) -> bool:
+        group = group if group is not None else next(groups, None)
         if group is None:
             return False
-        fut = client.submit(predict_chunks, scene, group, model, **decision, pure=False)
-        futures.add(fut)
+        fut = client.submit(predict_chunks, scene, group, model[0], **decision, pure=False)
+        futures[fut] = group
         pending.add(fut)
         return True
+
+    def resend(group: list[Chunk]) -> bool:
+        """Send `group` again (and the model, if it was lost); False when that cannot help:
+        too many times already, or the scheduler is gone."""
+        if resends[0] >= MODEL_RESENDS or client.status != "running":
+            return False
+        resends[0] += 1
+        if model[0].status != "finished":  # the model itself was lost: send it again
+            model[0] = client.scatter([predict], broadcast=True, hash=False)[0]
+        return submit(group)
 
     try:
         for _ in range(limit):
             if not submit():
                 break
         for fut in pending:
-            results = fut.result()
-            futures.discard(fut)
+            group = futures.pop(fut)
+            try:
+                results = fut.result()
+            except CancelledError:
+                if not resend(group):
+                    raise
+                continue
             submit()
             for result in results:
                 bar.update(1)
