@@ -19,7 +19,6 @@ import re
 import shutil
 import socket
 import tempfile
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError
 from contextlib import contextmanager, nullcontext, suppress
@@ -40,6 +39,7 @@ from .grid import DEFAULT_CHUNK, Chunk, ChunkGrid, core_is_empty, nodata_mask, r
 from .progress import progress_bar
 from .raster import SceneInfo, bounded_block_cache, io_error_reason, unreadable_window
 from .scratch import hold_lock, is_orphan, release_lock, scratch_tag
+from .warn import HeldLevel
 from .wording import option
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
     and the `distributed` logger is left as it was found (a notebook's own cluster logs on)."""
     from distributed import Client  # first: importing it sets its loggers' levels
 
-    with _quiet_dask():
+    with _DASK_QUIET.held():
         client = _connect(Client, scheduler, workers)
         try:
             yield client
@@ -174,36 +174,9 @@ def dask_client(scheduler: str | None = None, workers: int = 1):
             client.close()
 
 
-@dataclass
-class _DaskQuiet:
-    """How many geodnn clients are open, and the `distributed` logger's level before the first:
-    clients may overlap (threads, a generator left open), and the last one out restores it."""
-
-    open: int = 0
-    kept: int = logging.NOTSET
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_DASK_QUIET = _DaskQuiet()
-
-
-@contextmanager
-def _quiet_dask():
-    logger, state = logging.getLogger("distributed"), _DASK_QUIET
-    with state.lock:
-        if state.open == 0:
-            state.kept = logger.level
-            # CRITICAL, not ERROR: a task's error reaches the caller as the exception itself,
-            # which Dask's "Compute Failed" report repeated for every task in flight
-            logger.setLevel(logging.CRITICAL)
-        state.open += 1
-    try:
-        yield
-    finally:
-        with state.lock:
-            state.open -= 1
-            if state.open == 0:
-                logger.setLevel(state.kept)
+# CRITICAL, not ERROR: a task's error reaches the caller as the exception itself, which Dask's
+# "Compute Failed" report repeated for every task in flight
+_DASK_QUIET = HeldLevel("distributed", logging.CRITICAL)
 
 
 def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the class)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from .progress import progress_bar
 from .raster import bounded_block_cache
 from .stitch import CLASS_NODATA, AtomicOutputs, check_output, writing
 from .style import STYLES_TABLE, class_style_qml, embed_layer_style
-from .warn import warn_user
+from .warn import HeldLevel, warn_user
 
 LAYER = "classes"
 FLUSH_EVERY = 5000
@@ -111,29 +109,9 @@ class _Layer:
         self.rows = []
 
 
-_QUIETING = [0]  # writers holding pyogrio's logger at WARNING (`_quiet_appends`)
-_QUIET_LOCK = threading.Lock()
-
-
-@contextmanager
-def _quiet_appends() -> Iterator[None]:
-    """pyogrio logs every appended batch at INFO, noise beside the progress bar: its logger is
-    held at WARNING while any layer is written (writers in several threads count as one),
-    unless the user set its level (then theirs applies)."""
-    log = logging.getLogger("pyogrio")
-    with _QUIET_LOCK:
-        ours = _QUIETING[0] > 0 or log.level == logging.NOTSET
-        if ours:
-            _QUIETING[0] += 1
-            log.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        if ours:
-            with _QUIET_LOCK:
-                _QUIETING[0] -= 1
-                if _QUIETING[0] == 0:
-                    log.setLevel(logging.NOTSET)
+# pyogrio logs every appended batch at INFO, noise beside the progress bar: held at WARNING
+# while any layer is written, unless the user set its level (then theirs applies)
+_quiet_appends = HeldLevel("pyogrio", logging.WARNING, unless_set=True).held
 
 
 def _simplified(geoms: np.ndarray, tolerance: float) -> np.ndarray:
