@@ -164,8 +164,8 @@ def space_note(info: SceneInfo, classes: int, probabilities, cog: bool, chunk: i
     free = shutil.disk_usage(Path(probabilities).resolve().parent).free
     if free >= need:
         return None
-    copies = f", twice with {option('cog', True)}" if cog else ""
-    copies = copies or (f", twice with {option('chunk', chunk)}" if copied else "")
+    why = option("cog", True) if cog else option("chunk", chunk)
+    copies = f", twice with {why}" if copied else ""
     message = (
         f"{probabilities}: the probabilities may need up to {_size(need)} of disk ({classes} "
         f"float32 bands{copies}) and {_size(free)} are free; free some space, write them to "

@@ -239,8 +239,11 @@ def stream_predictions(
         height, width = src.height, src.width
     grid = ChunkGrid(height, width, chunk, halo)
     with dask_client(scheduler) if client is None else nullcontext(client) as active:
-        decision = {"probabilities": probabilities, "class_scale": class_scale}
-        decision["client_pid"] = os.getpid()
+        decision = {
+            "probabilities": probabilities,
+            "class_scale": class_scale,
+            "client_pid": os.getpid(),
+        }
         from distributed.comm.core import CommClosedError  # (loaded with the client)
 
         try:
@@ -265,18 +268,18 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, 
 
     threads = max(1, sum(client.nthreads().values()))
     limit = in_flight or max(2, 3 * threads)
-    model = [client.scatter([predict], broadcast=True, hash=False)[0]]
+    [model] = client.scatter([predict], broadcast=True, hash=False)
     groups = batch_chunks(grid, max(1, batch))
     bar = progress_bar(len(grid), label, "chunk", progress)  # in a log file too
     pending = as_completed()
     futures: dict = {}  # in flight: future -> its chunk group
-    resends = [0]
+    resends = 0
 
     def submit(group: list[Chunk] | None = None) -> bool:
         group = group if group is not None else next(groups, None)
         if group is None:
             return False
-        fut = client.submit(predict_chunks, scene, group, model[0], **decision, pure=False)
+        fut = client.submit(predict_chunks, scene, group, model, **decision, pure=False)
         futures[fut] = group
         pending.add(fut)
         return True
@@ -284,11 +287,12 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, 
     def resend(group: list[Chunk]) -> bool:
         """Send `group` again (and the model, if it was lost); False when that cannot help:
         too many times already, or the scheduler is gone."""
-        if resends[0] >= MODEL_RESENDS or client.status != "running":
+        nonlocal model, resends
+        if resends >= MODEL_RESENDS or client.status != "running":
             return False
-        resends[0] += 1
-        if model[0].status != "finished":  # the model itself was lost: send it again
-            model[0] = client.scatter([predict], broadcast=True, hash=False)[0]
+        resends += 1
+        if model.status != "finished":  # the model itself was lost: send it again
+            [model] = client.scatter([predict], broadcast=True, hash=False)
         return submit(group)
 
     try:
@@ -427,18 +431,14 @@ def remove_orphan_temps(final: Path) -> int:
     # as roads.gpkg's beside roads.tif), then what GDAL or the lock added to its name
     stem, suffix = re.escape(final.stem), re.escape(final.suffix)
     name = re.compile(rf"(\.{stem}\.tmp-(.+)-(\d+)-[0-9a-f]{{8}}{suffix})(\..*)?")
-    found: dict[str, list[Path]] = {}
+    found: dict[tuple[str, str, str], list[Path]] = {}  # (temp, host, pid) -> its files
     for path in final.parent.glob(f".{glob.escape(final.stem)}.tmp-*"):
         match = name.fullmatch(path.name)
         if match and path.is_file():
-            found.setdefault(match[1], []).append(path)
-    orphans = [
-        temp
-        for temp, files in found.items()
-        if (match := name.fullmatch(temp)) and is_orphan(final.parent / temp, match[2], match[3])
-    ]
-    for temp in orphans:
-        for path in found[temp]:
+            found.setdefault(match.group(1, 2, 3), []).append(path)
+    orphans = [key for key in found if is_orphan(final.parent / key[0], key[1], key[2])]
+    for key in orphans:
+        for path in found[key]:
             _remove(path)
     if orphans:
         log.info("%s: removed %d temporary file(s) a killed run left", final, len(orphans))
