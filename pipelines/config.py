@@ -25,7 +25,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "scene": {"image": None, "labels": None, "class_attribute": None, "class_names": None},
     # How `geodnn run` tiles the scene (see `geodnn tile --help`).
     "tile": {"tile": 128, "split": "columns:0.7", "gap": 32},
-    # Training data: a tile store made by `geodnn tile`, and the crop size drawn from its tiles.
+    # Training data: a tile store made by `geodnn tile` (or a list of them, one per scene, all
+    # of one model's bands, classes and tile size), and the crop size drawn from its tiles.
     # calibrate_tiles: training tiles on which each checkpoint's 2-class decision threshold is
     # fitted (0, the default: the plain argmax); see pipelines/train.py `fit_decision`.
     "data": {"store": None, "crop": 64, "val_tiles": 64, "calibrate_tiles": 0},
@@ -151,8 +152,19 @@ def _kind(value: Any) -> str:
 INT64_MAX = 2**63 - 1  # TOML's integers are 64-bit; Python's TOML reader takes larger ones
 
 
+def _is_list_of_text(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+
+
 def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> None:
     """One key of a non-solver table against its default's type and its bounds."""
+    if (table, key) == ("data", "store"):  # one store, or a list of them (one per scene)
+        if not (value is None or isinstance(value, str) or _is_list_of_text(value)):
+            raise PipelineError(
+                f"{path}: [data] store must be text or a list of text, not {value!r} (e.g. "
+                'store = "scene.zarr" or store = ["a.zarr", "b.zarr"])'
+            )
+        return
     if default is None:
         expected = "list" if key == "class_names" else "str"
         if value is not None and _kind(value) != expected:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tiles.store import TileStore
+from tiles.warn import warn_user
 from tiles.wording import option
 
 from .errors import PipelineError
 
 IN_MEMORY_BYTES = 512 * 2**20  # splits up to this size are loaded once; larger ones read lazily
+# pixel sizes on the ground within this factor of each other count as one resolution
+RESOLUTION_TOLERANCE = 1.5
 
 
 class StoreBatches:
@@ -234,3 +238,182 @@ class ValidationWindows:
                 self._kept[position] = image
         block = image[:, r0 - row : r1 - row, c0 - col : c1 - col]
         out[:, r0 - top : r1 - top, c0 - left : c1 - left] = block
+
+
+class Interleaved:
+    """Several item sets (one per tile store) as one, their items taken in turn: item 0 of each
+    set, then item 1 of each, and so on, so the first k items (the `val_tiles` scored, the
+    training tiles calibrated) span every scene instead of filling up from the first one.
+    `get` keeps the order of the indices asked for; every set must give items of one shape."""
+
+    def __init__(self, parts: Sequence) -> None:
+        self.parts = list(parts)
+        lengths = np.asarray([len(p) for p in self.parts], dtype=np.int64)
+        rounds = np.arange(int(lengths.max(initial=0)))
+        part = np.tile(np.arange(len(self.parts)), len(rounds))
+        local = np.repeat(rounds, len(self.parts))
+        keep = local < lengths[part]
+        self.part, self.local = part[keep], local[keep]
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def owners(self, indices: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """(set, its local indices) for each set that holds some of `indices`, in set order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (indices.min() >= 0 and indices.max() < len(self)):
+            raise IndexError(f"items {indices.tolist()} out of range for {len(self)}")
+        part = self.part[indices]
+        return [(k, self.local[indices[part == k]].tolist()) for k in np.unique(part).tolist()]
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not len(indices):
+            return self.parts[0].get([])
+        owners = self.owners(indices)
+        got = [self.parts[k].get(local) for k, local in owners]
+        order = np.concatenate([np.flatnonzero(self.part[indices] == k) for k, _ in owners])
+        back = torch.from_numpy(np.argsort(order, kind="stable"))
+        return torch.cat([x for x, _ in got])[back], torch.cat([y for _, y in got])[back]
+
+
+def pooled_band_stats(parts: Sequence[StoreBatches]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and standard deviation over the training regions of several stores, as
+    one store of all their pixels would give (each store's share weighted by its valid pixels;
+    by its training tiles for stores made before they were counted)."""
+    counts = [p.store.attrs.get("band_valid_pixels") for p in parts]
+    if any(c is None for c in counts):
+        counts = [[len(p.tiles)] * p.bands for p in parts]
+    n = np.asarray(counts, dtype=np.float64)  # (stores, bands)
+    means = np.stack([p.band_mean for p in parts])
+    variances = np.stack([p.band_std for p in parts]) ** 2
+    total = n.sum(axis=0)
+    mean = (n * means).sum(axis=0) / total
+    variance = (n * (variances + (means - mean) ** 2)).sum(axis=0) / total
+    return mean, np.sqrt(variance)
+
+
+def check_compatible(first: StoreBatches, other: StoreBatches) -> None:
+    """Refuse a store that one model cannot train on beside `first`: other bands, other
+    classes (by their label values; by name for stores that lack the values) or another tile
+    size. Classes of the same values under other names (a single class is named after its
+    label file) are trained as one, under the first store's names, with a warning."""
+    a, b = first.store, other.store
+    known = a.class_values is not None and b.class_values is not None
+    same_classes = a.classes == b.classes and (
+        a.class_values == b.class_values if known else a.class_names == b.class_names
+    )
+    problems = [
+        (a.bands == b.bands, f"{b.bands} band(s), {a.path} {a.bands}", "scenes of the same bands"),
+        (
+            same_classes,
+            f"classes {_classes(b)}, {a.path} {_classes(a)}",
+            "labels of the same classes in every scene (the same values in a mask, or the same "
+            "class attribute)",
+        ),
+        (
+            a.tile_size == b.tile_size,
+            f"{b.tile_size} px tiles, {a.path} {a.tile_size} px",
+            f"every store tiled at one size ({option('tile', a.tile_size)})",
+        ),
+    ]
+    for ok, difference, fix in problems:
+        if not ok:
+            raise PipelineError(
+                f"{b.path}: this store has {difference}, so one model cannot train on both; "
+                f"train on {fix}"
+            )
+    if a.class_names != b.class_names:
+        warn_user(
+            f"{b.path}: its classes {b.class_names} have the label values of {a.path}'s "
+            f"{a.class_names} and are trained as those; if they are other things, label them "
+            "with other values"
+        )
+
+
+def _classes(store: TileStore) -> str:
+    """A store's classes as a refusal shows them: names, with their label values where known."""
+    values = store.class_values or [None] * store.classes
+    named = [n if v is None else f"{n} = {v!r}" for n, v in zip(store.class_names, values)]
+    return f"[{', '.join(named)}]"
+
+
+@dataclass
+class SceneStores:
+    """The tile stores (one per scene) a run trains on, each as its training split (crops) and
+    its validation split (whole tiles, read lazily), checked to fit one model. Memory does not
+    grow with the number of stores: their training splits share one in-memory budget (the
+    rest read lazily), and their validation windows one budget of kept tiles."""
+
+    train: list[StoreBatches]
+    val: list[StoreBatches]
+
+    @classmethod
+    def open(cls, paths: Sequence[os.PathLike], crop: int | None, seed: int) -> SceneStores:
+        train, budget = [], IN_MEMORY_BYTES
+        for path in paths:
+            part = StoreBatches(path, split="train", crop=crop, seed=seed, in_memory_bytes=budget)
+            budget -= part.nbytes if part.in_memory else 0
+            if train:
+                check_compatible(train[0], part)
+            train.append(part)
+        val = [StoreBatches(p.store, split="val", in_memory_bytes=0) for p in train]
+        stores = cls(train, val)
+        stores.warn_if_resolutions_differ()
+        return stores
+
+    def warn_if_resolutions_differ(self) -> None:
+        """A convolution's filters are tied to a ground size: scenes of very different pixel
+        sizes are different data to one model."""
+        sizes = [s for s in (p.store.pixel_size_m for p in self.train) if s]
+        if sizes and max(sizes) / min(sizes) >= RESOLUTION_TOLERANCE:
+            warn_user(
+                f"{', '.join(map(str, self.paths))}: the scenes' pixels are {min(sizes):.3g} to "
+                f"{max(sizes):.3g} m on the ground, so the model sees each size less; resample "
+                "the scenes to one resolution (`rio warp ... --res`) or train one model per size"
+            )
+
+    @property
+    def first(self) -> StoreBatches:
+        """The first store's training split: the run's bands, class names, colors and values."""
+        return self.train[0]
+
+    @property
+    def paths(self) -> list:
+        return [p.store.path for p in self.train]
+
+    def training_data(self) -> StoreBatches | Interleaved:
+        """Every store's training crops, as one set (a single store's as it is)."""
+        return self.train[0] if len(self.train) == 1 else Interleaved(self.train)
+
+    def validation_windows(self, halo: int) -> ValidationWindows | Interleaved:
+        """Every store's validation tiles with their halo, taken in turn store by store."""
+        return self._windows(self.val, halo)
+
+    def calibration_windows(self, halo: int) -> ValidationWindows | Interleaved:
+        """Every store's training tiles (whole, read lazily) with their halo, in turn."""
+        tiles = [StoreBatches(p.store, split="train", in_memory_bytes=0) for p in self.train]
+        return self._windows(tiles, halo)
+
+    @staticmethod
+    def _windows(parts: list[StoreBatches], halo: int) -> ValidationWindows | Interleaved:
+        keep = IN_MEMORY_BYTES // len(parts)
+        windows = [ValidationWindows(p, halo, keep_bytes=keep) for p in parts]
+        return windows[0] if len(windows) == 1 else Interleaved(windows)
+
+    @property
+    def band_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-band normalization: the store's own, or pooled over every training region."""
+        if len(self.train) == 1:
+            return self.first.band_mean, self.first.band_std
+        return pooled_band_stats(self.train)
+
+    @property
+    def class_counts(self) -> np.ndarray:
+        """Labeled training pixels per class, summed over the stores."""
+        return np.sum([p.class_counts for p in self.train], axis=0)
+
+    def scored_labels(self, limit: int) -> list[torch.Tensor]:
+        """Each store's labels of the first `limit` validation tiles in the order scored."""
+        order = Interleaved(self.val)
+        owners = order.owners(list(range(min(len(order), limit))))
+        return [self.val[k].tile_labels(local) for k, local in owners]

@@ -110,15 +110,22 @@ class TrainingSplit:
 
     @classmethod
     def of(cls, ckpt: Checkpoint, info: SceneInfo) -> TrainingSplit | None:
-        """None for a checkpoint without the record, or a scene of another name or grid."""
-        record = ckpt.metadata.get("training_split")
-        if not record or list(record["scene_shape"]) != [info.height, info.width]:
-            return None
+        """The split of the store made from this scene, of the one (or the list, for a model
+        trained on several stores) the checkpoint records; None for a checkpoint without the
+        record, or a scene of another name or grid than every store's."""
+        records = ckpt.metadata.get("training_split") or []
+        for record in records if isinstance(records, list) else [records]:
+            if cls._on_scene(record, info):
+                return cls(str(record["split"]), int(record["gap"]))
+        return None
+
+    @staticmethod
+    def _on_scene(record: dict, info: SceneInfo) -> bool:
+        if list(record["scene_shape"]) != [info.height, info.width]:
+            return False
         if record.get("scene_name", info.path.name) != info.path.name:  # another date's scene
-            return None
-        if not np.allclose(record["scene_transform"], tuple(info.transform)[:6], rtol=1e-9):
-            return None
-        return cls(str(record["split"]), int(record["gap"]))
+            return False
+        return np.allclose(record["scene_transform"], tuple(info.transform)[:6], rtol=1e-9)
 
     def warn_if_scored(self, box: Region | None, info: SceneInfo, region: str) -> None:
         """Warn when the scored pixels include the region the model was trained on (unless

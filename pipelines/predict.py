@@ -68,6 +68,7 @@ from tiles.wording import option
 
 from .arguments import flag, text, whole
 from .cli import JOBS
+from .datasets import RESOLUTION_TOLERANCE
 from .device import DEVICES, prediction_device, resolve_device
 from .errors import PipelineError
 from .options import number, positive_int
@@ -147,10 +148,6 @@ def check_scene_bands(scene: SceneInfo, ckpt: Checkpoint) -> None:
             f"{scene.path}: has {scene.count} band(s) but the model expects "
             f"{ckpt.config.bands}; pass a scene with the bands the model was trained on"
         )
-
-
-# How far a scene's pixel size may be from the training scene's before predict warns.
-RESOLUTION_TOLERANCE = 1.5
 
 
 def space_note(info: SceneInfo, classes: int, probabilities, cog: bool, chunk: int) -> str | None:

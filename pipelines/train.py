@@ -34,7 +34,7 @@ import torch
 import geodnn
 from geodnn.atomic import atomic_path
 from geodnn.checkpoint import atomic_torch_save, cut_short, read_torch_file
-from geodnn.data import weights_from_counts
+from geodnn.data import Batches, weights_from_counts
 from geodnn.errors import CheckpointError, DivergenceError
 from geodnn.metrics import (
     IGNORE_INDEX,
@@ -75,7 +75,7 @@ from .config import (
     load_config,
     revalidated,
 )
-from .datasets import StoreBatches, ValidationWindows
+from .datasets import Interleaved, SceneStores, ValidationWindows
 from .device import DEVICES, auto_device, training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
 from .io import atomic_write_text, save_figure
@@ -121,15 +121,16 @@ class TrainSetup:
     config: Config
     run_dir: Path
     model: geodnn.ChainNet
-    train_data: StoreBatches
-    val_data: ValidationWindows  # validation tiles with a receptive-radius halo of context
+    train_data: Batches  # every store's training crops (`SceneStores.training_data`)
+    val_data: ValidationWindows | Interleaved  # validation tiles with a receptive-radius halo
     class_weights: torch.Tensor
     class_names: list[str]
     class_colors: list
     class_values: list | None = None  # each class's value in the label file (None: unknown)
     device: str = "cpu"  # where this process computes: "cpu" or "cuda" (resolved, never "auto")
     # training tiles (with halo) that fit each checkpoint's decision threshold; None: argmax
-    calibration_data: ValidationWindows | None = None
+    calibration_data: ValidationWindows | Interleaved | None = None
+    stores: SceneStores | None = None  # the tile stores trained on (checkpoint metadata)
 
     @property
     def solver_name(self) -> str:
@@ -158,90 +159,91 @@ def check_writable_run_dir(run_dir: Path) -> None:
         ) from None
 
 
-def check_store_set(config: Config) -> None:
-    if config["data"]["store"] is None:
+def store_paths(config: Config) -> list[Path]:
+    """The config's tile stores ([data] store: one path, or a list of them, one per scene)."""
+    given = config["data"]["store"]
+    if not given:
         raise PipelineError(
-            f"{config.path}: [data] store is not set; run `geodnn tile` and set it to the store"
+            f"{config.path}: [data] store is not set; run `geodnn tile` and set it to the store "
+            '(or to a list of stores, store = ["a.zarr", "b.zarr"])'
         )
+    paths = [config.resolve(p) for p in ([given] if isinstance(given, str) else given)]
+    twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if twice:
+        raise PipelineError(
+            f"{config.path}: [data] store lists {', '.join(twice)} more than once; list each "
+            "store once"
+        )
+    return paths
 
 
 def build_setup(config: Config, run_dir: Path) -> TrainSetup:
-    """Open the tile store, build the model with the store's normalization, weigh the classes."""
+    """Open the tile stores, build the model with their normalization, weigh the classes.
+    The validation splits are read lazily: only the scored tiles (val_tiles) and their
+    neighbours are ever read (loading a 16k scene's split cost 0.4 GB)."""
     data, model_cfg, train = config["data"], config["model"], config["train"]
-    check_store_set(config)
-    store = config.resolve(data["store"])
-    train_data = StoreBatches(store, split="train", crop=data["crop"], seed=train["seed"])
-    # read lazily: only the scored tiles (val_tiles) and their neighbours are ever read (and
-    # kept by ValidationWindows); loading the split made memory grow with the scene (+0.4 GB
-    # for a 16k scene's 4,900 validation tiles)
-    val_data = StoreBatches(store, split="val", in_memory_bytes=0)
-    if len(train_data) == 0 or len(val_data) == 0:
+    paths = store_paths(config)
+    stores = SceneStores.open(paths, crop=data["crop"], seed=train["seed"])
+    named = ", ".join(map(str, paths))
+    if not sum(map(len, stores.train)) or not sum(map(len, stores.val)):
+        many = "these stores have" if len(paths) > 1 else "the store has"
         raise PipelineError(
-            f"{store}: the store has no training or no validation tiles; "
+            f"{named}: {many} no training or no validation tiles; "
             f"re-tile with another {option('split')}"
         )
+    first = stores.first
     model = geodnn.build_model(
-        bands=train_data.bands,
-        classes=len(train_data.class_names),
-        seed=train["seed"],
-        **model_cfg,
+        bands=first.bands, classes=len(first.class_names), seed=train["seed"], **model_cfg
     )
-    model.set_normalization(train_data.band_mean, train_data.band_std)
-    warn_if_halo_crosses_split(store, train_data.store.attrs, model.receptive_radius)
-    check_labeled_pixels(store, train_data, val_data, data["val_tiles"])
-    weights = weights_from_counts(train_data.class_counts, train["class_weight_power"])
+    model.set_normalization(*stores.band_stats)
+    for part in stores.train:
+        warn_if_halo_crosses_split(part.store.path, part.store.attrs, model.receptive_radius)
+    check_labeled_pixels(named, stores, data["val_tiles"])
+    weights = weights_from_counts(stores.class_counts, train["class_weight_power"])
     device = training_device(train["device"], f"{config.path}: [train] device")
+    calibrate = model.config.classes == 2 and data["calibrate_tiles"] > 0
     return TrainSetup(
         config=config,
         run_dir=run_dir,
         model=model,
-        train_data=train_data,
-        val_data=ValidationWindows(val_data, model.receptive_radius),
+        train_data=stores.training_data(),
+        val_data=stores.validation_windows(model.receptive_radius),
         class_weights=weights,
-        class_names=list(train_data.class_names),
-        class_colors=[list(c) for c in train_data.class_colors],
-        class_values=train_data.class_values,
+        class_names=list(first.class_names),
+        class_colors=[list(c) for c in first.class_colors],
+        class_values=first.class_values,
         device=device,
-        calibration_data=calibration_windows(train_data.store, data, model),
+        # whole training tiles with their halo, for `fit_decision` (2-class models with
+        # [data] calibrate_tiles > 0; each rank scores a share); read lazily
+        calibration_data=stores.calibration_windows(model.receptive_radius) if calibrate else None,
+        stores=stores,
     )
 
 
-def check_labeled_pixels(store, train_data: StoreBatches, val_data, val_tiles: int) -> None:
-    """Refuse a store whose training region, or whose scored validation tiles (the first
+def check_labeled_pixels(named: str, stores: SceneStores, val_tiles: int) -> None:
+    """Refuse stores whose training regions, or whose scored validation tiles (the first
     [data] val_tiles), hold no labeled pixel: training would learn nothing and metrics.csv would
     show zeros that look like scores. Warn for classes without training pixels (weight 0)."""
-    counts = np.asarray(train_data.class_counts)
+    counts = np.asarray(stores.class_counts)
     if counts.sum() == 0:
         raise PipelineError(
-            f"{store}: the training region has no labeled pixels; re-tile with another "
+            f"{named}: the training region has no labeled pixels; re-tile with another "
             f"{option('split')} "
             "or labels that cover it"
         )
-    scored = val_data.tile_labels(list(range(min(len(val_data), val_tiles))))
-    if not (scored != IGNORE_INDEX).any():
+    scored = stores.scored_labels(val_tiles)
+    if not any((labels != IGNORE_INDEX).any() for labels in scored):
         raise PipelineError(
-            f"{store}: the {min(len(val_data), val_tiles)} validation tile(s) scored ([data] "
+            f"{named}: the {sum(map(len, scored))} validation tile(s) scored ([data] "
             "val_tiles) hold no labeled pixels; raise val_tiles or re-tile with another "
             f"{option('split')}"
         )
-    missing = [n for n, c in zip(train_data.class_names, counts.tolist()) if c == 0]
+    missing = [n for n, c in zip(stores.first.class_names, counts.tolist()) if c == 0]
     if missing:
         warn_user(
-            f"{store}: class(es) {', '.join(missing)} have no training pixels, so training "
+            f"{named}: class(es) {', '.join(missing)} have no training pixels, so training "
             f"gives them no signal (weight 0); re-tile with another {option('split')} to train them"
         )
-
-
-def calibration_windows(
-    store: TileStore, data: dict, model: geodnn.ChainNet
-) -> ValidationWindows | None:
-    """Whole training tiles with their receptive-radius halo, for `fit_decision` (2-class
-    models with [data] calibrate_tiles > 0; on every rank, each scores a share); read lazily,
-    as only a sample is scored."""
-    if model.config.classes != 2 or data["calibrate_tiles"] <= 0:
-        return None
-    tiles = StoreBatches(store, split="train", in_memory_bytes=0)
-    return ValidationWindows(tiles, model.receptive_radius)
 
 
 def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
@@ -267,7 +269,7 @@ def solver_settings(setup: TrainSetup) -> dict:
 @torch.no_grad()
 def validate(
     model: geodnn.ChainNet,
-    data: ValidationWindows,
+    data: Batches,
     weights: torch.Tensor,
     limit: int,
     class_scale: list[float] | None = None,
@@ -309,21 +311,23 @@ def my_share(indices, ranks: RankContext | None) -> list[int]:
     return indices if ranks is None else indices[ranks.rank :: ranks.world_size]
 
 
-def tile_logits(model: geodnn.ChainNet, data: ValidationWindows, indices, batch: int):
-    """(logits, labels) of the tiles at `indices`, `batch` at a time, on the model's device:
-    each window's forward, cropped to its tile (the halo only gives context)."""
-    device, h = model.band_mean.device, data.halo
+def tile_logits(model: geodnn.ChainNet, data: Batches, indices, batch: int):
+    """(logits, labels) of the tiles at `indices` (of `ValidationWindows`, or several stores'
+    in turn), `batch` at a time, on the model's device: each window's forward, cropped to its
+    tile (the halo, half the window's excess over the tile, only gives context)."""
+    device = model.band_mean.device
     indices = list(indices)
     for start in range(0, len(indices), batch):
         x, y = data.get(indices[start : start + batch])
         x, y = x.to(device), y.to(device)
+        h = (x.shape[2] - y.shape[1]) // 2
         yield model(x)[:, :, h : h + y.shape[1], h : h + y.shape[2]], y
 
 
 @torch.no_grad()
 def fit_decision(
     model: geodnn.ChainNet,
-    data: ValidationWindows,
+    data: Batches,
     limit: int,
     batch: int = 8,
     ranks: RankContext | None = None,
@@ -522,11 +526,7 @@ def save_epoch(
         meta["class_scale"] = class_scale
     if setup.class_values is not None:  # lets `geodnn evaluate` number other labels the same
         meta["class_values"] = setup.class_values
-    store = setup.train_data.store
-    meta["training_split"] = training_split_record(store)  # `geodnn evaluate` scores held out
-    pixel_size = store.pixel_size_m
-    if pixel_size is not None:  # lets `geodnn predict` warn of a scene at another resolution
-        meta["pixel_size_m"] = pixel_size
+    meta.update(store_metadata(setup.stores))
     geodnn.save_checkpoint(solver.model, run_dir / "last.pt", **meta)
     write_metrics(run_dir / "metrics.csv", records, setup.class_names)
     plot_curves(
@@ -541,6 +541,19 @@ def save_epoch(
 def train_loss_label(solver, solver_name: str) -> str | None:
     """What the training loss of metrics.csv measures, when not the real network's loss."""
     return RANK_TRAIN_LOSS if ranked(solver) and solver_name == "admm" else None
+
+
+def store_metadata(stores: SceneStores) -> dict:
+    """What a checkpoint records of its tile stores: where its training pixels lie (one
+    record, or one per store, for `geodnn evaluate` to score held-out pixels) and the ground
+    size of their pixels (the median over the stores), for `geodnn predict` to warn of a scene
+    at another resolution."""
+    records = [training_split_record(p.store) for p in stores.train]
+    meta: dict = {"training_split": records[0] if len(records) == 1 else records}
+    sizes = [s for s in (p.store.pixel_size_m for p in stores.train) if s is not None]
+    if sizes:
+        meta["pixel_size_m"] = float(np.median(sizes))
+    return meta
 
 
 def training_split_record(store: TileStore) -> dict:
@@ -722,7 +735,7 @@ def clear_run_dir(run_dir: Path) -> None:
 def check_run_dir(config: Config, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """What `prepare_run_dir` refuses, checked without writing anything (the launcher of
     --workers N checks it before starting any rank)."""
-    check_store_set(config)  # before a run folder is made for it
+    store_paths(config)  # set and listed once, before a run folder is made for it
     if resume and overwrite:
         both = f"{option('resume', True)} and {option('overwrite', True)}"
         raise PipelineError(f"{run_dir}: {both} contradict; pass one of them")
@@ -773,16 +786,18 @@ def record_store(config: Config, run_dir: Path) -> None:
 
 
 def store_record(config: Config) -> dict | None:
-    """The config's tile store and a hash of its metadata (scene, labels, grid, split, classes,
-    statistics, tiles): a store rebuilt from other data at the same path hashes differently.
-    None when the store does not open (training itself then says why)."""
-    path = config.resolve(config["data"]["store"])
+    """The config's tile store(s) and a hash of their metadata (scene, labels, grid, split,
+    classes, statistics, tiles): a store rebuilt from other data at the same path hashes
+    differently, and so does another list of stores. None when a store does not open, or the
+    setting is wrong (training itself then says why)."""
     try:
-        attrs = TileStore.open(path).attrs
-    except StoreError:  # build_setup reports it with the config's context
+        paths = store_paths(config)
+        attrs = [TileStore.open(path).attrs for path in paths]
+    except (StoreError, PipelineError):  # build_setup reports it with the config's context
         return None
-    blob = json.dumps(attrs, sort_keys=True, default=str).encode()
-    return {"store": str(path), "sha256": hashlib.sha256(blob).hexdigest()}
+    blob = json.dumps(attrs[0] if len(attrs) == 1 else attrs, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    return {"store": ", ".join(map(str, paths)), "sha256": digest}
 
 
 def check_resume_store(config: Config, run_dir: Path) -> None:
@@ -869,9 +884,16 @@ def config_as_run(config: Config) -> str:
         table = {k: v for k, v in values.items() if v is not None}
         for key in ("store", "image", "labels"):
             if key in table and name in ("data", "scene"):
-                table[key] = str(config.resolve(table[key]))
+                table[key] = absolute_paths(config, table[key])
         tables[name] = table
     return tomli_w.dumps(tables)
+
+
+def absolute_paths(config: Config, value: str | list[str]) -> str | list[str]:
+    """A path setting (one path, or a list of them) made absolute, as text."""
+    if isinstance(value, str):
+        return str(config.resolve(value))
+    return [str(config.resolve(v)) for v in value]
 
 
 def changed_settings(saved: dict, current: dict) -> set[tuple[str, str]]:

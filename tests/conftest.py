@@ -59,25 +59,35 @@ def make_geotiff(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
-def store(data_dir, tmp_path_factory):
-    """A small tile store from a 320x320 crop of the Vegas roads scene (keeps tests fast)."""
+def vegas_crop_store(data_dir: Path, root: Path, window: Window) -> Path:
+    """A tile store (64 px tiles, gap 16) of a crop of the Vegas roads scene and its mask."""
     from pipelines.tile import build_store
 
-    root = tmp_path_factory.mktemp("vegas")
     paths = {}
     for name in ("image", "roads"):
         with rasterio.open(data_dir / "vegas-roads" / f"{name}.tif") as src:
-            window = Window(500, 600, 320, 320)
             profile = src.profile | {
-                "width": 320,
-                "height": 320,
+                "width": window.width,
+                "height": window.height,
                 "transform": src.window_transform(window),
             }
             paths[name] = root / f"{name}.tif"
             with rasterio.open(paths[name], "w", **profile) as dst:
                 dst.write(src.read(window=window))
     return build_store(paths["image"], paths["roads"], root / "tiles.zarr", tile=64, gap=16)
+
+
+@pytest.fixture(scope="session")
+def store(data_dir, tmp_path_factory):
+    """A small tile store from a 320x320 crop of the Vegas roads scene (keeps tests fast)."""
+    return vegas_crop_store(data_dir, tmp_path_factory.mktemp("vegas"), Window(500, 600, 320, 320))
+
+
+@pytest.fixture(scope="session")
+def other_store(data_dir, tmp_path_factory):
+    """A second scene's store: another, smaller crop of the Vegas scene (256 x 320)."""
+    root = tmp_path_factory.mktemp("vegas-north")
+    return vegas_crop_store(data_dir, root, Window(100, 100, 320, 256))
 
 
 @pytest.fixture

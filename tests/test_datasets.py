@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import zarr
 
-from geodnn.data import Batches
+from geodnn.data import Batches, TensorBatches
 from geodnn.model import build_model
-from pipelines.datasets import StoreBatches, ValidationWindows
+from pipelines.datasets import (
+    Interleaved,
+    SceneStores,
+    StoreBatches,
+    ValidationWindows,
+    pooled_band_stats,
+)
 from pipelines.errors import PipelineError
 from tiles.split import SplitSpec
 from tiles.store import TileStore, build_store
@@ -169,3 +176,128 @@ def test_validation_windows_read_each_tile_once(store_path, monkeypatch):
 def test_validation_windows_need_whole_tiles(store_path):
     with pytest.raises(ValueError, match="no crop"):
         ValidationWindows(StoreBatches(store_path, "train", crop=8), 4)
+
+
+def numbered(values: list[int]) -> TensorBatches:
+    """Items whose image and label are filled with their own number."""
+    v = torch.tensor(values, dtype=torch.float32)
+    return TensorBatches(
+        v.view(-1, 1, 1, 1).expand(-1, 1, 2, 2), v.long().view(-1, 1, 1).expand(-1, 2, 2)
+    )
+
+
+def test_interleaved_takes_the_sets_in_turn_and_keeps_the_order_asked():
+    joined = Interleaved([numbered([10, 11, 12]), numbered([20]), numbered([30, 31])])
+    assert len(joined) == 6
+    x, y = joined.get(range(6))
+    assert x[:, 0, 0, 0].tolist() == [10, 20, 30, 11, 31, 12]  # round by round
+    x, y = joined.get([5, 0, 3, 1])
+    assert x[:, 0, 0, 0].tolist() == [12, 10, 11, 20] and y[:, 0, 0].tolist() == [12, 10, 11, 20]
+    assert joined.owners([4, 0, 2]) == [(0, [0]), (2, [1, 0])]
+    assert joined.get([])[0].shape == (0, 1, 2, 2)
+    with pytest.raises(IndexError):
+        joined.get([6])
+
+
+@pytest.fixture
+def two_scene_stores(tmp_path, make_geotiff):
+    """Two stores of two scenes of different brightness (band means ~50 and ~150)."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for k, (low, high) in enumerate([(0, 100), (100, 200)]):
+        image = rng.uniform(low, high, size=(2, 48, 72 + 24 * k)).astype(np.float32)
+        mask = (rng.uniform(size=image.shape[1:]) > 0.8).astype(np.uint8)
+        (tmp_path / f"scene{k}").mkdir()  # both masks are mask.tif: one class name, "mask"
+        scene = make_geotiff(image, name=f"scene{k}/image.tif")
+        labels = make_geotiff(mask, name=f"scene{k}/mask.tif")
+        out = tmp_path / f"s{k}.zarr"
+        paths.append(build_store(scene, labels, out, tile=24, split=SplitSpec("columns", 0.6, 6)))
+    return paths
+
+
+def test_pooled_band_stats_are_those_of_every_training_pixel(two_scene_stores):
+    parts = [StoreBatches(p, split="train") for p in two_scene_stores]
+    mean, std = pooled_band_stats(parts)
+    pixels = np.concatenate(
+        [np.moveaxis(p.store.images(p.tiles), 1, 0).reshape(2, -1) for p in parts], axis=1
+    )
+    np.testing.assert_allclose(mean, np.nanmean(pixels, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(std, np.nanstd(pixels, axis=1), rtol=1e-5)
+    assert 90 < mean[0] < 110  # between the two scenes' ~50 and ~150
+
+
+def test_scene_stores_join_training_validation_and_counts(two_scene_stores):
+    stores = SceneStores.open(two_scene_stores, crop=8, seed=1)
+    train, val = stores.training_data(), stores.validation_windows(halo=4)
+    assert len(train) == sum(len(p) for p in stores.train)
+    x, y = train.get(range(len(train)))
+    assert x.shape[1:] == (2, 8, 8) and y.shape[1:] == (8, 8)
+    assert len(val) == sum(len(p) for p in stores.val)
+    first = [stores.val[k].tile_labels([0])[0] for k in range(2)]
+    _, labels = val.get([0, 1])  # the first scored tiles: one of each store
+    assert torch.equal(labels[0], first[0]) and torch.equal(labels[1], first[1])
+    counts = [p.class_counts for p in stores.train]
+    np.testing.assert_array_equal(stores.class_counts, counts[0] + counts[1])
+    scored = stores.scored_labels(3)
+    assert [len(s) for s in scored] == [2, 1]
+    one = SceneStores.open(two_scene_stores[:1], crop=8, seed=1)
+    assert isinstance(one.training_data(), StoreBatches)
+    np.testing.assert_array_equal(one.band_stats[0], one.first.band_mean)
+
+
+def test_training_splits_of_several_stores_share_one_memory_budget(two_scene_stores, monkeypatch):
+    first = StoreBatches(two_scene_stores[0], split="train")
+    monkeypatch.setattr("pipelines.datasets.IN_MEMORY_BYTES", first.nbytes)
+    stores = SceneStores.open(two_scene_stores, crop=8, seed=1)
+    assert [p.in_memory for p in stores.train] == [True, False]
+
+
+def test_stores_one_model_cannot_train_on_together_are_refused(
+    two_scene_stores, tmp_path, make_geotiff
+):
+    rng = np.random.default_rng(8)
+    image = rng.uniform(0, 100, size=(2, 48, 72)).astype(np.float32)
+    scene = make_geotiff(image, name="other.tif")
+    mask = (rng.uniform(size=(48, 72)) > 0.8).astype(np.uint8)
+    cases = {
+        "3 band(s)": (make_geotiff(np.concatenate([image, image[:1]]), name="rgb.tif"), mask, 24),
+        "classes [background, m1 = 2]": (scene, mask + (mask > 0), 24),
+        "12 px tiles": (scene, mask, 12),
+    }
+    for k, (difference, (image_path, labels, tile)) in enumerate(cases.items()):
+        other = build_store(
+            image_path,
+            make_geotiff(labels.astype(np.uint8), name=f"m{k}.tif"),
+            tmp_path / f"bad{k}.zarr",
+            tile=tile,
+            split=SplitSpec("columns", 0.6, 6),
+        )
+        with pytest.raises(PipelineError, match="cannot train on both") as caught:
+            SceneStores.open([two_scene_stores[0], other], crop=8, seed=0)
+        assert str(caught.value).startswith(f"{other}: this store has {difference}")
+
+
+def test_classes_of_the_same_values_under_other_names_train_as_the_first_store_s(
+    two_scene_stores,
+):
+    zarr.open_group(two_scene_stores[1], mode="r+").attrs["class_names"] = ["background", "streets"]
+    with pytest.warns(UserWarning, match=r"\['background', 'streets'\] have the label values"):
+        stores = SceneStores.open(two_scene_stores, crop=8, seed=0)
+    assert stores.first.class_names == ["background", "mask"]
+
+
+def test_scenes_of_very_different_pixel_sizes_are_warned_of(
+    two_scene_stores, tmp_path, make_geotiff
+):
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(9)
+    image = rng.uniform(0, 100, size=(2, 48, 72)).astype(np.float32)
+    coarse = from_origin(733601.0, 3725139.0, 1.0, 1.0)  # 1 m pixels, the others 0.5 m
+    scene = make_geotiff(image, name="coarse.tif", transform=coarse)
+    mask = make_geotiff((image[0] > 80).astype(np.uint8), name="mask.tif", transform=coarse)
+    other = build_store(
+        scene, mask, tmp_path / "coarse.zarr", tile=24, split=SplitSpec("columns", 0.6, 6)
+    )
+    with pytest.warns(UserWarning, match=r"pixels are 0.5 to 1 m on the ground"):
+        SceneStores.open([two_scene_stores[0], other], crop=8, seed=0)

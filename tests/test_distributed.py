@@ -120,3 +120,23 @@ def test_a_stopped_multi_worker_launch_says_so(tmp_path, store, train_config, ca
         code = main(["train", str(config.path), "--workers", "2", "--out", str(tmp_path / "r")])
     assert code == 128 + signum
     assert f"geodnn: stopped by {signal.Signals(signum).name}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_workers_on_several_stores_equal_one_process(
+    tmp_path, store, other_store, train_config
+):
+    """Every rank opens the same stores and draws the same crops of them: the ranks' model is
+    the single process's."""
+    config = train_config(store, solver="admm", iterations=4)
+    listed = f'store = ["{store}", "{other_store}"]'
+    config.path.write_text(config.path.read_text().replace(f'store = "{store}"', listed))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(config.path), "--out", str(one)]) == 0
+    assert main(["train", str(config.path), "--out", str(two), "--workers", "2"]) == 0
+    ranked = geodnn.load_checkpoint(two / "model.pt")
+    assert len(ranked.metadata["training_split"]) == 2
+    reference = geodnn.load_checkpoint(one / "model.pt").model.state_dict()
+    for key, value in ranked.model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)

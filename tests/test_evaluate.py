@@ -102,6 +102,28 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
         evaluate_scene(ckpt, scene, labels)
 
 
+def test_a_model_of_several_stores_is_scored_on_this_scene_s_held_out_region(atlanta):
+    """A model trained on several stores records one split per store: evaluate takes the
+    record of the store made from this scene, whichever place it has in the list."""
+    scene, labels, ckpt, model = atlanta
+    with rasterio.open(scene) as src:
+        grid = {"scene_shape": [src.height, src.width], "scene_transform": list(src.transform)[:6]}
+    here = {"split": "columns:0.7", "gap": 32, "scene_name": scene.name, **grid}
+    elsewhere = {**here, "split": "rows:0.5", "scene_name": "north.tif"}
+    names = ["background", "building"]
+    geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=[elsewhere, here])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        held_out = evaluate_scene(ckpt, scene, labels, region="validation", chunk=300)
+    reference = whole_scene_confusion(scene, labels, model, cols=(646, 900))
+    assert torch.equal(held_out.scores.confusion, reference)  # this scene's columns:0.7, gap 32
+    with pytest.warns(UserWarning, match="trained on .*columns:0.7, gap 32"):
+        evaluate_scene(ckpt, scene, labels)
+    geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=[elsewhere])
+    with pytest.raises(PipelineError, match="split"):  # no store of this scene: no split known
+        evaluate_scene(ckpt, scene, labels, region="validation")
+
+
 def test_cli_prints_json(atlanta, capsys):
     scene, labels, ckpt, _ = atlanta
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--json"])

@@ -981,3 +981,76 @@ def test_validation_reads_only_the_scored_tiles_and_their_neighbours(
         if any(abs(int(r) - r0) <= 64 and abs(int(c) - c0) <= 64 for r0, c0 in scored)
     }
     assert len(reads) == len(set(reads)) and set(reads) <= near
+
+
+def several_stores_config(train_config, stores, solver="adam", iterations=6):
+    """A tiny training config whose [data] store lists `stores`."""
+    config = train_config(stores[0], solver=solver, iterations=iterations)
+    listed = ", ".join(f'"{s}"' for s in stores)
+    text = config.path.read_text().replace(f'store = "{stores[0]}"', f"store = [{listed}]")
+    config.path.write_text(text)
+    return load_config(config.path)
+
+
+def test_a_run_trains_on_several_stores_as_one_set(tmp_path, store, other_store, train_config):
+    from pipelines.datasets import pooled_band_stats
+    from pipelines.train import build_setup
+
+    config = several_stores_config(train_config, [store, other_store])
+    run = tmp_path / "run"
+    assert main(["train", str(config.path), "--out", str(run)]) == 0
+    ckpt = geodnn.load_checkpoint(run / "model.pt")
+    shapes = [r["scene_shape"] for r in ckpt.metadata["training_split"]]
+    assert shapes == [[320, 320], [256, 320]]  # evaluate finds each scene's held-out region
+    parts = [StoreBatches(p, split="train") for p in (store, other_store)]
+    mean, std = pooled_band_stats(parts)
+    torch.testing.assert_close(ckpt.model.band_mean.double().flatten(), torch.from_numpy(mean))
+    torch.testing.assert_close(ckpt.model.band_std.double().flatten(), torch.from_numpy(std))
+    assert not np.allclose(mean, parts[0].band_mean)  # not the first store's alone
+    saved = (run / "config.toml").read_text()
+    assert str(store) in saved and str(other_store) in saved
+    setup = build_setup(config, run)
+    cropped = [StoreBatches(p, split="train", crop=32) for p in (store, other_store)]
+    assert len(setup.train_data) == sum(map(len, cropped))
+    assert len(setup.val_data) == sum(len(StoreBatches(p, "val")) for p in (store, other_store))
+    assert [len(s) for s in setup.stores.scored_labels(4)] == [2, 2]  # val_tiles span both
+    swapped = several_stores_config(train_config, [other_store, store], iterations=9)
+    assert main(["train", str(swapped.path), "--out", str(run), "--resume"]) == 2  # other data
+
+
+def test_several_stores_resume_and_refuse_a_changed_one(
+    tmp_path, store, other_store, train_config, capsys
+):
+    import shutil
+
+    import zarr
+
+    copy = tmp_path / "north.zarr"
+    shutil.copytree(other_store, copy)
+    run = tmp_path / "run"
+    config = several_stores_config(train_config, [store, copy], iterations=3)
+    assert main(["train", str(config.path), "--out", str(run)]) == 0
+    more = several_stores_config(train_config, [store, copy], iterations=6)
+    assert main(["train", str(more.path), "--out", str(run), "--resume"]) == 0
+    zarr.open_group(str(copy), mode="r+").attrs["scene_path"] = "/elsewhere/north.tif"
+    longer = several_stores_config(train_config, [store, copy], iterations=9)
+    code = main(["train", str(longer.path), "--out", str(run), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "tile store changed since this run started" in err and str(copy) in err
+
+
+@pytest.mark.parametrize(
+    ("listed", "refusal"),
+    [
+        ("[]", "store must be text or a list of text"),
+        ('["{a}", 3]', "store must be text or a list of text"),
+        ('["{a}", "{a}"]', "lists {a} more than once"),
+    ],
+)
+def test_a_bad_list_of_stores_is_refused_in_one_line(tmp_path, store, listed, refusal, capsys):
+    path = tmp_path / "job.toml"
+    path.write_text(f"[data]\nstore = {listed.format(a=store)}\n")
+    assert main(["train", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and refusal.format(a=store) in err[0]
+    assert not (tmp_path / "run").exists()
