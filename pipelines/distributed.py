@@ -107,6 +107,7 @@ def forwarded_args(args: argparse.Namespace, run_dir: Path) -> list[str]:
             argv += [flag, str(value)]
     argv += ["--resume"] if args.resume else []
     argv += ["--overwrite"] if args.overwrite else []
+    argv += ["--quiet"] if args.quiet else []
     return argv
 
 

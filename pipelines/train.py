@@ -1382,6 +1382,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=integer, help="override [train] iterations")
     p.add_argument("--workers", type=integer, help="ranks, each owning a block of layers")
     p.add_argument("--compress-bits", type=integer, help="quantize boundary messages (e.g. 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command)
 
 
@@ -1406,7 +1407,9 @@ def run_command(args: argparse.Namespace) -> int:
         check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
         return launch_training(args, ranks_to_launch(config))
     try:
-        result = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+        result = train(
+            config, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+        )
     except DivergenceError as exc:  # every rank learns of it: rank 0 says it (and the rank
         if is_leader() or exc.local:  # whose own layer diverged, which only it can name)
             print(f"geodnn: error: {train_divergence(config, Path(run_dir), exc)}", file=sys.stderr)

@@ -696,6 +696,20 @@ def test_a_logged_progress_bar_prints_its_last_line_once(tmp_path, store, train_
     assert "loss=" in lines[-1] and "iou=" in lines[-1]
 
 
+def test_quiet_training_shows_no_progress_bar_on_any_rank(tmp_path, store, train_config, capsys):
+    from argparse import Namespace
+
+    from pipelines.distributed import forwarded_args
+
+    config = train_config(store, iterations=6)
+    assert main(["train", str(config.path), "--out", str(tmp_path / "run"), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert "it/s" not in err and out.startswith("trained adam:")
+    given = dict(solver=None, iterations=None, workers=2, compress_bits=None, resume=False)
+    args = Namespace(config=config.path, overwrite=False, quiet=True, **given)
+    assert "--quiet" in forwarded_args(args, tmp_path / "run")  # what each rank is started with
+
+
 def test_cli_names_each_class_s_validation_iou(tmp_path, store, train_config, capsys):
     import re
 
