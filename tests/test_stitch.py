@@ -359,6 +359,37 @@ def test_the_local_client_leaves_the_distributed_logger_as_it_was():
         logger.setLevel(kept)
 
 
+def test_geodnn_s_clients_leave_dask_s_default_scheduler_as_it_was(make_geotiff):
+    """Dask's Client sets itself up as the process's scheduler; geodnn's own (local, or one
+    that failed to connect) must not: a notebook's next `.compute()` hung on the failed one,
+    or raised for want of a client after two overlapping ones (stop 27's test-order failure)."""
+    import dask
+    import dask.array as da
+    from distributed import Client, default_client
+
+    before = dask.config.get("scheduler", None)
+    with pytest.raises(TilesError), dask_client("tls://127.0.0.1:1"):
+        pass
+    first, second = dask_client(), dask_client()
+    first.__enter__(), second.__enter__()
+    first.__exit__(None, None, None), second.__exit__(None, None, None)
+    assert dask.config.get("scheduler", None) == before
+    assert int(da.ones(4, chunks=2).sum().compute()) == 4  # the user's own scheduler
+    path = make_geotiff(np.random.default_rng(4).uniform(0, 9, (1, 40, 40)).astype(np.float32))
+
+    def by_window(**kwargs) -> dict:
+        found = stream_predictions(path, box_predictor, 2, chunk=16, **kwargs)
+        return {(p.window.row_off, p.window.col_off): p.classes for p in found}
+
+    expected = by_window()
+    with Client(processes=False, n_workers=1, set_as_default=False) as client:  # not default
+        with pytest.raises(ValueError):
+            default_client()
+        got = by_window(client=client)
+    assert got.keys() == expected.keys() and len(got) == 9
+    assert all(np.array_equal(got[k], expected[k]) for k in got)
+
+
 def test_a_rerun_removes_what_a_killed_run_left_beside_its_outputs(tmp_path, monkeypatch):
     """kill -9 during predict stranded hidden temporaries (GBs of probabilities) that no rerun
     removed; a run writing the same output removes those no live process holds the lock of

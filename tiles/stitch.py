@@ -189,9 +189,10 @@ def _connect(Client, scheduler: str | None, workers: int):  # noqa: N803 (the cl
             threads_per_worker=workers,
             dashboard_address=LOOPBACK,
             worker_dashboard_address=LOOPBACK,
+            set_as_default=False,
         )
     try:
-        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT)
+        client = Client(scheduler, timeout=SCHEDULER_TIMEOUT, set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as exc:  # (TypeError: tls:// bare)
         raise TilesError(
             f"cannot reach the Dask scheduler at {scheduler} ({type(exc).__name__}); start "
@@ -271,7 +272,7 @@ def _stream(scene, grid, predict, batch, decision, client, in_flight, progress, 
     [model] = client.scatter([predict], broadcast=True, hash=False)
     groups = batch_chunks(grid, max(1, batch))
     bar = progress_bar(len(grid), label, "chunk", progress)  # in a log file too
-    pending = as_completed()
+    pending = as_completed(loop=client.loop)
     futures: dict = {}  # in flight: future -> its chunk group
     resends = 0
 
