@@ -330,6 +330,17 @@ def check_compatible(first: StoreBatches, other: StoreBatches) -> None:
         )
 
 
+def check_not_a_copy(listed: list[StoreBatches], other: StoreBatches) -> None:
+    """Refuse a store whose metadata is another listed store's (a copy, or the same scene
+    tiled again the same way): its tiles would count twice in training and validation."""
+    for part in listed:
+        if part.store.attrs == other.store.attrs:
+            raise PipelineError(
+                f"{other.store.path}: this store holds the tiles of {part.store.path} (a copy, or "
+                "the same scene tiled the same way); list each scene once"
+            )
+
+
 def _classes(store: TileStore) -> str:
     """A store's classes as a refusal shows them: names, with their label values where known."""
     values = store.class_values or [None] * store.classes
@@ -355,11 +366,33 @@ class SceneStores:
             budget -= part.nbytes if part.in_memory else 0
             if train:
                 check_compatible(train[0], part)
+                check_not_a_copy(train, part)
             train.append(part)
         val = [StoreBatches(p.store, split="val", in_memory_bytes=0) for p in train]
         stores = cls(train, val)
         stores.warn_if_resolutions_differ()
+        stores.warn_if_validation_is_trained_on()
         return stores
+
+    def warn_if_validation_is_trained_on(self) -> None:
+        """A store's validation region on ground that another store trains on (overlapping
+        scenes) is not held out: its scores would count pixels the model learned."""
+        crs = next((p.store.crs for p in self.train if p.store.crs is not None), None)
+        located = [p.store for p in self.train if p.store.crs is not None]
+        if crs is None or len(located) < 2:
+            return
+        trained = [s.region_footprint("train", crs) for s in located]
+        for store in located:
+            held = store.region_footprint("validation", crs)
+            for other, ground in zip(located, trained):
+                if other is not store and held.intersection(ground).area > 1e-6 * held.area:
+                    warn_user(
+                        f"{store.path}: its validation region lies partly on ground that "
+                        f"{other.path} trains on (overlapping scenes), so its validation scores "
+                        "count pixels the model learned; tile the scenes so that no store "
+                        "validates where another trains, or leave one out"
+                    )
+                    break
 
     def warn_if_resolutions_differ(self) -> None:
         """A convolution's filters are tied to a ground size: scenes of very different pixel

@@ -84,6 +84,13 @@ def store(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def overlapping_store(data_dir, tmp_path_factory):
+    """The `store` crop moved 100 px west: its validation columns are `store`'s training ones."""
+    root = tmp_path_factory.mktemp("vegas-west")
+    return vegas_crop_store(data_dir, root, Window(400, 600, 320, 320))
+
+
+@pytest.fixture(scope="session")
 def other_store(data_dir, tmp_path_factory):
     """A second scene's store: another, smaller crop of the Vegas scene (256 x 320)."""
     root = tmp_path_factory.mktemp("vegas-north")

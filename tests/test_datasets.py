@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -301,3 +303,39 @@ def test_scenes_of_very_different_pixel_sizes_are_warned_of(
     )
     with pytest.warns(UserWarning, match=r"pixels are 0.5 to 1 m on the ground"):
         SceneStores.open([two_scene_stores[0], other], crop=8, seed=0)
+
+
+def test_a_store_validating_where_another_trains_is_warned_of(
+    store, overlapping_store, other_store
+):
+    with pytest.warns(UserWarning) as caught:
+        SceneStores.open([store, overlapping_store], crop=32, seed=0)
+    said = [str(w.message) for w in caught if "validation region lies partly" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith(f"{overlapping_store}: ")
+    assert f"ground that {store} trains on" in said[0]
+    west = TileStore.open(overlapping_store).region_footprint("validation")
+    assert west.intersection(TileStore.open(store).region_footprint("train")).area > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # apart on the ground: nothing to say
+        SceneStores.open([store, other_store], crop=32, seed=0)
+
+
+def test_a_copy_of_a_listed_store_is_refused(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    with pytest.raises(PipelineError, match=f"^{copy}: this store holds the tiles of {store}"):
+        SceneStores.open([store, copy], crop=32, seed=0)
+
+
+def test_a_footprint_is_reprojected_to_the_crs_asked_for(store):
+    opened = TileStore.open(store)
+    here = opened.region_footprint("train")
+    metres = opened.region_footprint("train", "EPSG:32611")  # Vegas: UTM 11N
+    w = opened.windows(opened.indices("train"))
+    pixels = (w[:, 0] + w[:, 2]).max() * (w[:, 1] + w[:, 3]).max()  # from the crop's corner
+    assert opened.crs.to_epsg() == 4326
+    assert metres.area / (pixels * opened.pixel_size_m**2) == pytest.approx(1, abs=0.02)
+    assert metres.bounds[0] > 600_000 and here.bounds[0] < -115
+    assert TileStore.open(store).region_footprint("validation").intersection(here).area == 0

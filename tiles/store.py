@@ -32,9 +32,11 @@ from pathlib import Path
 import dask
 import numpy as np
 import rasterio
+import shapely
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.warp import transform_geom
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
@@ -720,6 +722,21 @@ class TileStore:
 
     def tile_transform(self, index: int) -> Affine:
         return Affine(*self._rows("transforms", [index])[0])
+
+    def region_footprint(self, split: str, crs: CRS | None = None):
+        """The ground a split's tiles cover (their bounding rectangle on the scene grid) as a
+        shapely polygon in the store's CRS or, given `crs`, reprojected to it; an empty one for
+        a split without tiles. Lets stores of overlapping scenes be compared."""
+        windows = self.windows(self.indices(split))
+        if not len(windows):
+            return shapely.Polygon()
+        top, left = windows[:, 0].min(), windows[:, 1].min()
+        bottom, right = (windows[:, 0] + windows[:, 2]).max(), (windows[:, 1] + windows[:, 3]).max()
+        corners = [(left, top), (right, top), (right, bottom), (left, bottom)]
+        ring = shapely.Polygon([self.scene_transform * (float(c), float(r)) for c, r in corners])
+        if crs is None or self.crs is None or CRS.from_user_input(crs) == self.crs:
+            return ring
+        return shapely.geometry.shape(transform_geom(self.crs, crs, ring.__geo_interface__))
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Tile indices of a split ("train" or "validation"/"val"), or of all tiles."""
