@@ -153,7 +153,12 @@ INT64_MAX = 2**63 - 1  # TOML's integers are 64-bit; Python's TOML reader takes 
 
 
 def _is_list_of_text(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
+    """A non-empty list of non-blank text (a blank path would name the config's folder)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, str) and v.strip() for v in value)
+    )
 
 
 def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> None:
@@ -161,7 +166,7 @@ def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> N
     if (table, key) == ("data", "store"):  # one store, or a list of them (one per scene)
         if not (value is None or isinstance(value, str) or _is_list_of_text(value)):
             raise PipelineError(
-                f"{path}: [data] store must be text or a list of text, not {value!r} (e.g. "
+                f"{path}: [data] store must be a path or a list of paths, not {value!r} (e.g. "
                 'store = "scene.zarr" or store = ["a.zarr", "b.zarr"])'
             )
         return
@@ -361,6 +366,9 @@ def load_config(
         validate(tables, path)  # the file's own error, when it has one
         said = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{_options(given, flags)}: {said}") from None
+    store = merged["data"]["store"]
+    if isinstance(store, list) and len(store) == 1:  # ["a.zarr"] is "a.zarr" (a resume agrees)
+        merged["data"]["store"] = store[0]
     return Config(path=path, tables=merged)
 
 

@@ -180,9 +180,13 @@ def resolution_note(info: SceneInfo, ckpt: Checkpoint) -> str | None:
     """Warn when the scene's pixels are much larger or smaller on the ground than those the
     model was trained on (a convolution's filters are tied to a ground size); the message, or
     None (also when either size is unknown)."""
-    trained = ckpt.metadata.get("pixel_size_m")
+    trained = ckpt.metadata.get("pixel_size_m")  # a list for a model of several stores
     here = ground_pixel_size(info.crs, info.transform, info.width, info.height)
-    if not trained or not here or max(here / trained, trained / here) < RESOLUTION_TOLERANCE:
+    if not trained or not here:
+        return None
+    # the nearest of the sizes trained on
+    trained = float(min(np.atleast_1d(trained), key=lambda size: max(here / size, size / here)))
+    if max(here / trained, trained / here) < RESOLUTION_TOLERANCE:
         return None
     t = info.transform  # a pixel's side in the scene's CRS units (rotated grids too)
     resolution = math.hypot(t.a, t.d) * trained / here

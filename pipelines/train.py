@@ -232,6 +232,13 @@ def check_labeled_pixels(named: str, stores: SceneStores, val_tiles: int) -> Non
             "or labels that cover it"
         )
     scored = stores.scored_labels(val_tiles)
+    validated = sum(1 for part in stores.val if len(part))  # stores with validation tiles
+    if len(scored) < validated:
+        warn_user(
+            f"{named}: [data] val_tiles = {val_tiles} scores the validation tiles of "
+            f"{len(scored)} of the {validated} stores; raise it to at least {validated} to "
+            "score every scene"
+        )
     if not any((labels != IGNORE_INDEX).any() for labels in scored):
         raise PipelineError(
             f"{named}: the {sum(map(len, scored))} validation tile(s) scored ([data] "
@@ -546,13 +553,14 @@ def train_loss_label(solver, solver_name: str) -> str | None:
 def store_metadata(stores: SceneStores) -> dict:
     """What a checkpoint records of its tile stores: where its training pixels lie (one
     record, or one per store, for `geodnn evaluate` to score held-out pixels) and the ground
-    size of their pixels (the median over the stores), for `geodnn predict` to warn of a scene
-    at another resolution."""
+    size of their pixels (one, or each distinct one), for `geodnn predict` to warn of a scene
+    at another resolution than every one trained on."""
+    one = len(stores.train) == 1
     records = [training_split_record(p.store) for p in stores.train]
-    meta: dict = {"training_split": records[0] if len(records) == 1 else records}
-    sizes = [s for s in (p.store.pixel_size_m for p in stores.train) if s is not None]
+    meta: dict = {"training_split": records[0] if one else records}
+    sizes = sorted({s for s in (p.store.pixel_size_m for p in stores.train) if s is not None})
     if sizes:
-        meta["pixel_size_m"] = float(np.median(sizes))
+        meta["pixel_size_m"] = sizes[0] if len(sizes) == 1 else sizes
     return meta
 
 
@@ -795,9 +803,16 @@ def store_record(config: Config) -> dict | None:
         attrs = [TileStore.open(path).attrs for path in paths]
     except (StoreError, PipelineError):  # build_setup reports it with the config's context
         return None
-    blob = json.dumps(attrs[0] if len(attrs) == 1 else attrs, sort_keys=True, default=str)
-    digest = hashlib.sha256(blob.encode()).hexdigest()
-    return {"store": ", ".join(map(str, paths)), "sha256": digest}
+    record = {"store": ", ".join(map(str, paths)), "sha256": _digest(attrs[0])}
+    if len(paths) > 1:  # the list's hash, and each store's, to name the one that changed
+        record["sha256"] = _digest(attrs)
+        record["stores"] = {str(p): _digest(a) for p, a in zip(paths, attrs)}
+    return record
+
+
+def _digest(attrs: dict | list) -> str:
+    blob = json.dumps(attrs, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def check_resume_store(config: Config, run_dir: Path) -> None:
@@ -807,18 +822,20 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
     if not saved_path.is_file():
         return
     try:
-        saved = json.loads(saved_path.read_text())["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(saved_path.read_text())
+        saved, stores = record["sha256"], record.get("stores", {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise PipelineError(
             f"{saved_path}: unreadable record of the run's tile store; restore it, or start a "
             "new run with --out"
         ) from None
     current = store_record(config)
     if current is not None and current["sha256"] != saved:
+        changed = [p for p, h in current.get("stores", {}).items() if stores.get(p, h) != h]
         raise PipelineError(
-            f"{current['store']}: the tile store changed since this run started (re-tiled "
-            "from other data?); resume on the store it was trained on, or start a new run "
-            "with --out"
+            f"{', '.join(changed) or current['store']}: the tile store changed since this run "
+            "started (re-tiled from other data?); resume on the store it was trained on, or "
+            "start a new run with --out"
         )
 
 

@@ -599,6 +599,12 @@ def test_a_scene_at_another_resolution_than_the_training_one_is_warned_of(tmp_pa
         predict_scene(ckpt, geographic, tmp_path / "b.tif", chunk=32)
         save_checkpoint(small_model(), ckpt, class_names=CLASSES)  # a model of unknown size
         predict_scene(ckpt, utm, tmp_path / "c.tif", chunk=32)
+        # a model of several stores: a scene at any of their sizes is at home
+        save_checkpoint(small_model(), ckpt, class_names=CLASSES, pixel_size_m=[0.27, 0.54])
+        predict_scene(ckpt, utm, tmp_path / "d.tif", chunk=32)
+    save_checkpoint(small_model(), ckpt, class_names=CLASSES, pixel_size_m=[0.1, 1.2])
+    with pytest.warns(UserWarning, match=r"its pixels are 0.5 m .* trained on 1.2 m"):  # nearest
+        predict_scene(ckpt, utm, tmp_path / "e.tif", chunk=32)
 
 
 def cache_in_effect(monkeypatch, module, name: str) -> list:

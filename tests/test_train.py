@@ -1050,15 +1050,29 @@ def test_several_stores_resume_and_refuse_a_changed_one(
     longer = several_stores_config(train_config, [store, copy], iterations=9)
     code = main(["train", str(longer.path), "--out", str(run), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and "tile store changed since this run started" in err and str(copy) in err
+    assert code == 2 and err.startswith(f"geodnn: error: {copy}: the tile store changed since")
+
+
+def test_a_one_store_list_is_that_store_and_val_tiles_should_reach_every_store(
+    tmp_path, store, other_store, train_config, capsys
+):
+    run = tmp_path / "run"
+    assert main(["train", str(train_config(store, iterations=3).path), "--out", str(run)]) == 0
+    listed = several_stores_config(train_config, [store], iterations=6)  # store = ["..."]
+    assert main(["train", str(listed.path), "--out", str(run), "--resume"]) == 0
+    few = several_stores_config(train_config, [store, other_store], iterations=3)
+    few.path.write_text(few.path.read_text().replace("val_tiles = 4", "val_tiles = 1"))
+    with pytest.warns(UserWarning, match=r"val_tiles = 1 scores the validation tiles of 1 of"):
+        assert main(["train", str(few.path), "--out", str(tmp_path / "few")]) == 0
 
 
 @pytest.mark.parametrize(
     ("listed", "refusal"),
     [
-        ("[]", "store must be text or a list of text"),
-        ('["{a}", 3]', "store must be text or a list of text"),
+        ("[]", "store must be a path or a list of paths"),
+        ('["{a}", 3]', "store must be a path or a list of paths"),
         ('["{a}", "{a}"]', "lists {a} more than once"),
+        ('["{a}", " "]', "store must be a path or a list of paths"),
     ],
 )
 def test_a_bad_list_of_stores_is_refused_in_one_line(tmp_path, store, listed, refusal, capsys):
