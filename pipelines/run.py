@@ -35,6 +35,7 @@ from pathlib import Path
 
 from geodnn.errors import DivergenceError
 from tiles.labels import split_layer
+from tiles.warn import warn_user
 
 from .cli import JOBS
 from .config import OVERRIDE_FLAGS, SOLVERS, Config, load_config
@@ -527,6 +528,11 @@ def run_pipeline(
     the command-line overrides in `config`, which the rerun an error suggests must repeat."""
     check_solvers(config)
     check_split(config)
+    if config["data"]["store"]:
+        warn_user(
+            f"{config.path}: [data] store is not used by `geodnn run`, which tiles [scene] "
+            "image into a store of its own; to train on existing stores use `geodnn train`"
+        )
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     check_run_folder(RunFolder(run_dir))
     if force and run_dir.exists():

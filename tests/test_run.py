@@ -426,3 +426,13 @@ def test_a_class_without_training_pixels_is_warned_of_once(
     assert not [m for m in said if "have no training pixels" in m]
     said = run_and_collect("--iterations", "6")  # a store kept: training says it
     assert [m for m in said if "have no training pixels" in m]
+
+
+def test_a_store_in_a_run_config_is_warned_of_as_unused(tmp_path):
+    """`geodnn run` tiles [scene] image itself; a [data] store there is never read."""
+    path = tmp_path / "job.toml"
+    path.write_text('[data]\nstore = ["a.zarr", "b.zarr"]\n')  # and no [scene] image
+    unused = r"job.toml: \[data\] store is not used by `geodnn run`"
+    no_image = r"\[scene\] image is not set"
+    with pytest.warns(UserWarning, match=unused), pytest.raises(PipelineError, match=no_image):
+        run_pipeline(load_config(path), tmp_path / "run")
