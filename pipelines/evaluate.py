@@ -240,7 +240,16 @@ def evaluate_scene(
             f"was tiled): the checkpoint records no training split on {info.path.name} "
             "(trained on another scene, or before geodnn recorded it)"
         )
-    box = region_box(info.shape, split, DEFAULT_GAP if gap is None else gap, region)
+    try:
+        box = region_box(info.shape, split, DEFAULT_GAP if gap is None else gap, region)
+    except PipelineError as exc:
+        if trained is not None and split == trained.split and not trained.has_validation(info):
+            raise PipelineError(
+                f"{info.path}: the model trained on all of this scene (its split {split} leaves "
+                "no validation region), so none of it is held out; score a scene the model was "
+                "not trained on"
+            ) from None
+        raise PipelineError(f"{info.path}: {exc}") from None
     if trained is not None:
         trained.warn_if_scored(box, info, region)
     predictions = iter_predictions(

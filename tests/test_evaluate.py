@@ -92,6 +92,11 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
     geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=everything)
     with pytest.warns(UserWarning, match="not held out; score a scene the model was not trained"):
         evaluate_scene(ckpt, scene, labels)
+    all_of_it = f"^{scene}: the model trained on all of this scene .* none of it is held out"
+    with pytest.raises(PipelineError, match=all_of_it):  # was: "use region='all'" (trained on)
+        evaluate_scene(ckpt, scene, labels, region="validation")
+    with pytest.raises(PipelineError, match=f"^{scene}: the split rows:1 has no validation"):
+        evaluate_scene(ckpt, scene, labels, split="rows:1", region="validation")
     with warnings.catch_warnings():  # another scene (here: another grid) is all held out
         warnings.simplefilter("error", UserWarning)
         moved = {**record, "scene_transform": [0.5, 0, 7e5, 0, -0.5, 4e6]}
