@@ -121,27 +121,39 @@ def _raise_stop(signum: int, _frame) -> None:
     raise StopSignal(signum)
 
 
+def _raise_interrupt(signum: int, _frame) -> None:
+    """Ctrl-C as Python's own handler takes it (KeyboardInterrupt), and recorded."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
 def raise_if_stopped() -> None:
-    """Raise StopSignal again if one arrived in this `stop_signals_raise` block. A signal
-    handler's exception can be swallowed where Python ignores exceptions (a `__del__` or a
-    weakref callback running at that moment prints "Exception ignored" and goes on): call this
-    before an irreversible step, such as committing outputs over earlier ones."""
+    """Raise again the stop (StopSignal) or Ctrl-C (KeyboardInterrupt) that arrived in this
+    `stop_signals_raise` block. A signal handler's exception can be swallowed where Python
+    ignores exceptions (a `__del__` or a weakref callback running at that moment prints
+    "Exception ignored" and goes on; a helper saw `geodnn run` finish after 3 of 16 Ctrl-Cs so):
+    call this in long loops and before an irreversible step, such as committing outputs."""
     if _received:
+        if _received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
         raise StopSignal(_received[0])
 
 
 @contextmanager
 def stop_signals_raise() -> Iterator[None]:
     """While the block runs, SIGTERM and SIGHUP raise StopSignal in the main thread, as Ctrl-C
-    raises KeyboardInterrupt, so every `with` and `finally` on the way out runs (temporary
-    files are removed, child processes stopped) instead of the process dying where it stands.
-    Only a signal left at its default is taken over: one ignored (`nohup` ignores SIGHUP) or
-    handled by the caller stays so. A no-op outside the main thread (where handlers are set)."""
+    raises KeyboardInterrupt (each recorded for `raise_if_stopped`), so every `with` and
+    `finally` on the way out runs (temporary files are removed, child processes stopped)
+    instead of the process dying where it stands. Only a signal left at its default is taken
+    over: one ignored (`nohup` ignores SIGHUP) or handled by the caller stays so. A no-op
+    outside the main thread (where handlers are set)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     default = [s for s in STOP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
     kept = {signum: signal.signal(signum, _raise_stop) for signum in default}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's: recorded too
+        kept[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     outer = bool(kept)  # the block that took the signals over owns the record of them
     if outer:
         _received.clear()

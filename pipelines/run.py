@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from geodnn.errors import DivergenceError
+from geodnn.runtime import raise_if_stopped
 from tiles.labels import split_layer
 from tiles.warn import warn_user
 
@@ -199,6 +200,7 @@ class Pipeline:
         log.info("step %s: running", step)
         started = time.perf_counter()
         outputs = action()
+        raise_if_stopped()  # a step a swallowed Ctrl-C went on through is not marked done
         self.mark(step, outputs, time.perf_counter() - started)
         self.ran.add(step)
         return True

@@ -57,7 +57,7 @@ from geodnn.parallel.rankstate import (
     latest_world_size,
     save_rank_checkpoint,
 )
-from geodnn.runtime import StopSignal, retain_freed_memory, stop_signals_raise
+from geodnn.runtime import StopSignal, raise_if_stopped, retain_freed_memory, stop_signals_raise
 from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
@@ -1251,6 +1251,7 @@ def run_epochs(
             total = solver.iteration
         while solver.iteration < total:
             stats = solver.step()
+            raise_if_stopped()  # a Ctrl-C (or stop) Python swallowed in a finalizer still ends it
             if "loss" in stats:
                 losses.append(float(stats["loss"]))
                 if not math.isfinite(losses[-1]):

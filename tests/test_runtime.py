@@ -129,6 +129,26 @@ def test_a_stop_swallowed_on_the_way_is_raised_again_before_an_irreversible_step
         raise_if_stopped()
 
 
+def test_a_ctrl_c_swallowed_on_the_way_is_raised_again():
+    """A helper saw `geodnn run` finish ('done', exit 0) after 3 of 16 Ctrl-Cs: the
+    KeyboardInterrupt had landed in a weakref callback, which Python ignores."""
+    import gc
+    import os
+    import signal
+
+    from geodnn.runtime import raise_if_stopped, stop_signals_raise
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt), stop_signals_raise():
+        Finalized()
+        gc.collect()
+        raise_if_stopped()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
 def test_follow_parent_says_whether_the_parent_named_in_the_environment_is_still_there():
     """Run in a child process: the parent-death signal it sets stays with the process."""
     code = (
