@@ -279,3 +279,23 @@ print(json.dumps([sorted(set(after[0].items()) ^ set(before[0].items())), before
     assert done.returncode == 0, done.stderr
     changed_env, levels_before, levels_after = json.loads(done.stdout.strip().splitlines()[-1])
     assert changed_env == [] and levels_after == levels_before
+
+
+def test_a_scene_that_goes_away_while_read_is_not_called_damaged(make_geotiff, monkeypatch):
+    """A scene folder moved (or a share unmounted) mid-run was 'damaged ... re-download it'."""
+    from rasterio.errors import RasterioIOError
+
+    from tiles.raster import read_window
+
+    path = make_geotiff(np.ones((1, 64, 64), dtype=np.float32))
+
+    def unreadable(src, window):
+        raise RasterioIOError(f"{path}: No such file or directory")
+
+    monkeypatch.setattr("tiles.raster._read_window", unreadable)
+    with rasterio.open(path) as src:
+        with pytest.raises(RasterInputError, match="damaged or unreadable"):  # still there
+            read_window(src, Window(0, 0, 32, 32))
+        path.unlink()
+        with pytest.raises(RasterInputError, match=f"^{path}: the file went away while being"):
+            read_window(src, Window(0, 0, 32, 32))

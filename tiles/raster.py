@@ -331,9 +331,16 @@ def sample_band_medians(path: str | os.PathLike, grid: int = 4, size: int = 64) 
 def unreadable_window(path: str, window: Window, exc: Exception) -> RasterInputError:
     """The error for a window of `path` that could not be read (GDAL's reason kept)."""
     rows, cols = window.toslices()
+    where = f"rows {rows.start}-{rows.stop}, columns {cols.start}-{cols.stop}"
+    local = "://" not in path and not path.startswith("/vsi")  # not a URL or GDAL's own
+    if local and not os.path.exists(path):  # moved, deleted or unmounted while read
+        return RasterInputError(
+            f"{path}: the file went away while being read (at {where}); put it back, or "
+            "copy the scene to a local disk, and run again"
+        )
     return RasterInputError(
-        f"{path}: damaged or unreadable at rows {rows.start}-{rows.stop}, columns "
-        f"{cols.start}-{cols.stop} ({io_error_reason(exc)}); re-download or re-export it"
+        f"{path}: damaged or unreadable at {where} ({io_error_reason(exc)}); re-download or "
+        "re-export it"
     )
 
 
