@@ -113,9 +113,10 @@ def forwarded_args(args: argparse.Namespace, run_dir: Path) -> list[str]:
 
 def launch_training(args: argparse.Namespace, workers: int) -> int:
     """Start `workers` ranks of `python -m pipelines.train` under torchrun and wait for them."""
-    from .train import default_run_dir, overrides_from
+    from .train import HELD_RUN_ENV, default_run_dir, overrides_from
 
     config = load_config(args.config, overrides_from(args), OVERRIDE_FLAGS)
     run_dir = Path(args.out or default_run_dir(config))
     log.info("launching %d rank%s (torchrun) for %s", workers, "s"[: workers > 1], run_dir)
-    return launch(forwarded_args(args, run_dir), workers, module="pipelines.train")
+    held = {HELD_RUN_ENV: str(run_dir.resolve())}  # this process holds the run folder for them
+    return launch(forwarded_args(args, run_dir), workers, module="pipelines.train", env=held)

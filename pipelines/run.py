@@ -537,15 +537,18 @@ def run_pipeline(
         )
     run_dir = Path(run_dir).resolve()  # config paths resolve against the config's folder
     check_run_folder(RunFolder(run_dir))
-    if force and run_dir.exists():
-        clear_run_folder(RunFolder(run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(config, RunFolder(run_dir), options)
-    pipeline.input_path("image")
-    pipeline.check_same_config()
-    ran = False
-    for step in STEPS:
-        ran = pipeline.run_step(step, lambda step=step: ACTIONS[step](pipeline), ran) or ran
+    from .train import holding_run
+
+    with holding_run(run_dir):  # a second `geodnn run` here removed the first's temporaries
+        if force and run_dir.exists():
+            clear_run_folder(RunFolder(run_dir))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        pipeline = Pipeline(config, RunFolder(run_dir), options)
+        pipeline.input_path("image")
+        pipeline.check_same_config()
+        ran = False
+        for step in STEPS:
+            ran = pipeline.run_step(step, lambda step=step: ACTIONS[step](pipeline), ran) or ran
     return pipeline
 
 

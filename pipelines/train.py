@@ -9,6 +9,7 @@ and model.pt (the final checkpoint). Files are written atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import errno
 import hashlib
@@ -61,6 +62,7 @@ from geodnn.runtime import StopSignal, raise_if_stopped, retain_freed_memory, st
 from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
+from tiles.scratch import InUse, using
 from tiles.store import TileStore
 from tiles.warn import warn_user
 from tiles.wording import command_line, command_line_only, option
@@ -1171,10 +1173,69 @@ def train(
         torch.set_num_threads(threads)
 
 
+HELD_RUN_ENV = "GEODNN_HELD_RUN"  # the run folder a `--workers N` launcher holds for its ranks
+
+
+def holding_run(run_dir: Path) -> contextlib.ExitStack:
+    """Hold `run_dir` for this command alone until the returned stack closes: two trainings
+    into one folder mixed their files (an ADMM model under an Adam config.toml, a resume
+    refused both ways) and one removed the other's temporary file mid-write (a traceback).
+    The ranks of a launcher that holds it (`HELD_RUN_ENV`) do not take it again."""
+    held = contextlib.ExitStack()
+    run_dir = run_dir.resolve()
+    if os.environ.get(HELD_RUN_ENV) == str(run_dir):
+        return held
+    made = [d for d in run_dir.parents if not d.exists()]  # the lock lies beside the folder
+    with contextlib.suppress(OSError):
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for folder in reversed(made):  # removed again, innermost first, if left empty
+        held.callback(_remove_if_empty, folder)
+    try:
+        held.enter_context(using(run_dir, exclusive=True))
+    except InUse:
+        raise PipelineError(
+            f"{run_dir}: another geodnn command is writing this run folder; wait for it to "
+            f"end, or pick another {run_dir_option()}"
+        ) from None
+    return held
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def reading_stores(config: Config) -> contextlib.ExitStack:
+    """Share each tile store of the config with other readers until the returned stack
+    closes: `geodnn tile --overwrite` refuses to replace a store a training reads (it went on
+    with the other scene's tiles, without a word)."""
+    held = contextlib.ExitStack()
+    for path in store_paths(config):
+        if not path.is_dir():
+            continue  # build_setup says what is wrong with it
+        try:
+            held.enter_context(using(path))
+        except InUse:
+            held.close()
+            raise PipelineError(
+                f"{path}: `geodnn tile` is replacing this store; wait for it to end, then train"
+            ) from None
+    return held
+
+
 def _train(
     config: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool
 ) -> TrainResult:
     retain_freed_memory()  # every layer step reallocates MBs of tensors: reuse, don't refault
+    held = holding_run(run_dir) if is_leader() else contextlib.ExitStack()
+    with held, reading_stores(config):
+        return _train_held(config, run_dir, resume, overwrite, progress)
+
+
+def _train_held(
+    config: Config, run_dir: Path, resume: bool, overwrite: bool, progress: bool
+) -> TrainResult:
+    """`_train` with the run folder held and its stores shared."""
     if is_leader():
         prepare_run_dir(config, run_dir, resume, overwrite)
     else:
@@ -1422,8 +1483,9 @@ def run_command(args: argparse.Namespace) -> int:
         from .distributed import launch_training
 
         # the ranks would each refuse these, under torchrun's own traceback
-        check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
-        return launch_training(args, ranks_to_launch(config))
+        with holding_run(Path(run_dir)):  # for the ranks, told so by HELD_RUN_ENV
+            check_run_dir(config, Path(run_dir), args.resume, args.overwrite)
+            return launch_training(args, ranks_to_launch(config))
     try:
         result = train(
             config, run_dir, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet

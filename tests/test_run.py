@@ -436,3 +436,14 @@ def test_a_store_in_a_run_config_is_warned_of_as_unused(tmp_path):
     no_image = r"\[scene\] image is not set"
     with pytest.warns(UserWarning, match=unused), pytest.raises(PipelineError, match=no_image):
         run_pipeline(load_config(path), tmp_path / "run")
+
+
+def test_a_second_run_in_a_run_folder_in_use_is_refused(tiny, tmp_path):
+    """Two `geodnn run` at once in one folder: the second removed the first's temporary file
+    mid-write (a traceback); now it is refused before it touches anything."""
+    from tiles.scratch import using
+
+    run_dir = tmp_path / "run"
+    with using(run_dir, exclusive=True), pytest.raises(PipelineError, match="another geodnn"):
+        run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert not run_dir.exists()

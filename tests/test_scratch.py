@@ -2,6 +2,8 @@ import os
 import socket
 import time
 
+import pytest
+
 from tiles.scratch import LOCK_GRACE_S, hold_lock, is_orphan, release_lock, scratch_tag
 
 
@@ -19,3 +21,46 @@ def test_a_scratch_is_an_orphan_only_when_no_run_can_still_hold_it(tmp_path):
     old = time.time() - 2 * LOCK_GRACE_S
     os.utime(scratch.with_name(scratch.name + ".lock"), (old, old))
     assert is_orphan(scratch, host, here)  # unheld and older: its run is gone
+
+
+def test_use_locks_share_readers_and_keep_a_writer_alone(tmp_path):
+    from tiles.scratch import InUse, in_use_lock, using
+
+    store = tmp_path / "s.zarr"
+    with using(store), using(store):  # two trainings read one store
+        rebuild = using(store, exclusive=True)
+        with pytest.raises(InUse), rebuild:  # a rebuild is refused meanwhile
+            pass
+    with using(store, exclusive=True):
+        with pytest.raises(InUse), using(store):
+            pass
+        with pytest.raises(InUse), using(store, exclusive=True):
+            pass
+    assert not in_use_lock(store).exists()  # the writer that held it alone removed it
+    with using(store):
+        pass
+    assert in_use_lock(store).exists()  # readers leave it (others may hold it)
+
+
+def test_a_lock_file_removed_before_it_was_locked_is_taken_again(tmp_path, monkeypatch):
+    """A writer removes the lock file as it leaves: a reader that had opened the old file
+    must not lock that one, or a third process could lock the new file beside it."""
+    import fcntl
+
+    from tiles.scratch import InUse, in_use_lock, using
+
+    store = tmp_path / "s.zarr"
+    real, calls = fcntl.flock, []
+
+    def flock_after_removal(file, mode):
+        calls.append(mode)
+        if len(calls) == 1:
+            in_use_lock(store).unlink()  # its last holder left in between
+        return real(file, mode)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    with using(store):
+        assert len(calls) == 2  # locked the file now at the path, not the removed one
+        monkeypatch.setattr(fcntl, "flock", real)
+        with pytest.raises(InUse), using(store, exclusive=True):
+            pass

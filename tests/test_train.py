@@ -179,7 +179,7 @@ def test_contradicting_or_shrinking_resumes_are_refused(tmp_path, store, train_c
 @pytest.mark.parametrize("flags", [["--resume"], ["--resume", "--overwrite"]])
 def test_a_refused_resume_makes_no_run_folder(flags, tmp_path, store, train_config, capsys):
     config = train_config(store)
-    out = tmp_path / "new" / "run"
+    out = tmp_path / "new" / "deeper" / "run"
     assert main(["train", str(config.path), "--out", str(out), *flags]) == 2
     assert not (tmp_path / "new").exists()
 
@@ -1082,3 +1082,37 @@ def test_a_bad_list_of_stores_is_refused_in_one_line(tmp_path, store, listed, re
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and refusal.format(a=store) in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_another_command_writes_is_refused_and_its_stores_kept(
+    tmp_path, store, train_config, capsys, monkeypatch
+):
+    """Two trainings into one folder mixed their files; `geodnn tile --overwrite` of a store
+    a training read swapped its scene under it. Each is held now (flock: a second open file
+    of this process conflicts as another process's would)."""
+    from pipelines.tile import build_store
+    from pipelines.train import HELD_RUN_ENV
+    from tiles.errors import TilesError
+    from tiles.scratch import using
+    from tiles.store import TileStore
+
+    config = train_config(store, iterations=3)
+    run = tmp_path / "run"
+    with using(run.resolve(), exclusive=True):  # another command writing the run folder
+        assert main(["train", str(config.path), "--out", str(run)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"geodnn: error: {run}: another geodnn command is writing this run folder; wait "
+            "for it to end, or pick another --out"
+        )
+        assert not run.exists()
+        monkeypatch.setenv(HELD_RUN_ENV, str(run.resolve()))  # a launcher's rank: held for it
+        assert main(["train", str(config.path), "--out", str(run)]) == 0
+    monkeypatch.delenv(HELD_RUN_ENV)
+    with using(store):  # a training reading the store: a rebuild over it is refused
+        scene = TileStore.open(store).scene_path
+        with pytest.raises(TilesError, match=f"^{store}: a training run is reading this store"):
+            build_store(scene, scene.with_name("roads.tif"), store, tile=64, gap=16, overwrite=True)
+    with using(store, exclusive=True):  # a rebuild replacing it: training waits for it
+        assert main(["train", str(config.path), "--out", str(run), "--overwrite"]) == 2
+        assert f"{store}: `geodnn tile` is replacing this store" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -70,3 +71,60 @@ def is_orphan(scratch: Path, host: str, pid: str) -> bool:
         except OSError:  # held: a run in progress
             return False
     return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+
+
+IN_USE_SUFFIX = ".in-use" + LOCK_SUFFIX  # beside a store or run folder: `using` holds it
+
+
+class InUse(BlockingIOError):
+    """Another process holds a store or run folder in a way that excludes this use."""
+
+
+def in_use_lock(path: Path) -> Path:
+    """The lock file beside `path` (`.NAME.in-use.lock`) that its users hold."""
+    return path.with_name(f".{path.name}{IN_USE_SUFFIX}")
+
+
+@contextlib.contextmanager
+def using(path: Path, exclusive: bool = False) -> Iterator[None]:
+    """Hold `path`'s use lock while the block runs: shared by its readers (trainings reading
+    a tile store) or exclusive to one writer (a command writing a run folder, a build
+    replacing a store), who removes the lock file on the way out. Raises `InUse` at once where
+    another holder excludes this one; where no lock can be had (no fcntl, a read-only folder,
+    a file system without locks) the block runs unguarded, as before locks."""
+    lock = _take(in_use_lock(Path(path)), exclusive)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            if exclusive:  # no one else holds it: a reader that opens it next sees it gone
+                with contextlib.suppress(OSError):
+                    os.unlink(lock.name)
+            lock.close()
+
+
+def _take(lock_path: Path, exclusive: bool) -> IO[str] | None:
+    """The locked lock file, or None without locks. A file its last holder removed between
+    our opening and locking it is no lock any more: open the one now at the path."""
+    if fcntl is None:
+        return None
+    mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+    while True:
+        try:
+            lock = open(lock_path, "a")  # noqa: SIM115 (held by the caller)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(lock, mode)
+        except BlockingIOError:
+            lock.close()
+            raise InUse(lock_path) from None
+        except OSError:  # no locks on this file system
+            lock.close()
+            return None
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino:
+                return lock
+        except OSError:  # removed meanwhile
+            pass
+        lock.close()

@@ -50,7 +50,15 @@ from .labels import (
     split_layer,
 )
 from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
-from .scratch import LOCK_SUFFIX, hold_lock, is_orphan, release_lock, scratch_tag
+from .scratch import (
+    LOCK_SUFFIX,
+    InUse,
+    hold_lock,
+    is_orphan,
+    release_lock,
+    scratch_tag,
+    using,
+)
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
 from .warn import warn_user
@@ -219,6 +227,9 @@ def _prepare_target(
         raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
     _check_not_an_input(out, scene, labels)
     _check_replaceable(out, _occupant(out), overwrite)
+    if os.path.lexists(out):
+        with _replacing(out):  # refused now, not after the build, while a training reads it
+            pass
     check_writable_folder(out)  # before the build: the store is built next to its final name
     _remove_orphans(out)
     return _scratch_path(out, "tmp")
@@ -275,6 +286,22 @@ def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _replacing(out: Path):
+    """Hold `out` alone while it is replaced: a training reading the store (`scratch.using`,
+    shared) would otherwise go on with another scene's tiles, without a word."""
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(using(out, exclusive=True))
+    except InUse:
+        raise StoreError(
+            f"{out}: a training run is reading this store; wait for it to end, or write the "
+            f"new store to another {option('out')}"
+        ) from None
+    with held:
+        yield
+
+
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     """Replace `out` with the finished store `tmp`; the old store is removed only after.
 
@@ -287,6 +314,12 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     if not os.path.lexists(out):
         os.replace(tmp, out)
         return
+    with _replacing(out):
+        _swap_in(tmp, out, overwrite)
+
+
+def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the store at `out` aside, `tmp` into its place, and remove the old one."""
     old = _scratch_path(out, "old")
     lock = hold_lock(old)  # held while it is removed: an interrupt leaves an orphan
     try:
