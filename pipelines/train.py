@@ -26,6 +26,7 @@ import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ from geodnn.runtime import StopSignal, raise_if_stopped, retain_freed_memory, st
 from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
-from tiles.scratch import InUse, using
+from tiles.scratch import held_or_refused
 from tiles.store import TileStore
 from tiles.warn import warn_user
 from tiles.wording import command_line, command_line_only, option
@@ -1190,14 +1191,12 @@ def holding_run(run_dir: Path) -> contextlib.ExitStack:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     for folder in reversed(made):  # removed again, innermost first, if left empty
         held.callback(_remove_if_empty, folder)
-    try:
-        held.enter_context(using(run_dir, exclusive=True))
-    except InUse:
-        raise PipelineError(
-            f"{run_dir}: another geodnn command is writing this run folder; wait for it to "
-            f"end, or pick another {run_dir_option()}"
-        ) from None
-    return held
+    refusal = partial(
+        PipelineError,
+        f"{run_dir}: another geodnn command is writing this run folder; wait for it to end, or "
+        f"pick another {run_dir_option()}",
+    )
+    return held_or_refused(run_dir, refusal, exclusive=True, held=held)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -1211,15 +1210,9 @@ def reading_stores(config: Config) -> contextlib.ExitStack:
     with the other scene's tiles, without a word)."""
     held = contextlib.ExitStack()
     for path in store_paths(config):
-        if not path.is_dir():
-            continue  # build_setup says what is wrong with it
-        try:
-            held.enter_context(using(path))
-        except InUse:
-            held.close()
-            raise PipelineError(
-                f"{path}: `geodnn tile` is replacing this store; wait for it to end, then train"
-            ) from None
+        if path.is_dir():  # else build_setup says what is wrong with it
+            busy = f"{path}: `geodnn tile` is replacing this store; wait for it to end, then train"
+            held_or_refused(path, partial(PipelineError, busy), held=held)
     return held
 
 

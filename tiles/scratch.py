@@ -9,7 +9,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -101,6 +101,24 @@ def using(path: Path, exclusive: bool = False) -> Iterator[None]:
                 with contextlib.suppress(OSError):
                     os.unlink(lock.name)
             lock.close()
+
+
+def held_or_refused(
+    path: Path,
+    refusal: Callable[[], Exception],
+    exclusive: bool = False,
+    held: contextlib.ExitStack | None = None,
+) -> contextlib.ExitStack:
+    """`using(path)` entered on `held` (a new stack by default), which the caller closes;
+    where another holder excludes this use, `held` is closed and `refusal()` raised (the
+    caller's one-line message) instead of `InUse`."""
+    held = held if held is not None else contextlib.ExitStack()
+    try:
+        held.enter_context(using(path, exclusive))
+    except InUse:
+        held.close()
+        raise refusal() from None
+    return held
 
 
 def _take(lock_path: Path, exclusive: bool) -> IO[str] | None:

@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import dask
@@ -52,12 +53,11 @@ from .labels import (
 from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
 from .scratch import (
     LOCK_SUFFIX,
-    InUse,
+    held_or_refused,
     hold_lock,
     is_orphan,
     release_lock,
     scratch_tag,
-    using,
 )
 from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
@@ -290,15 +290,12 @@ def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
 def _replacing(out: Path):
     """Hold `out` alone while it is replaced: a training reading the store (`scratch.using`,
     shared) would otherwise go on with another scene's tiles, without a word."""
-    held = contextlib.ExitStack()
-    try:
-        held.enter_context(using(out, exclusive=True))
-    except InUse:
-        raise StoreError(
-            f"{out}: a training run is reading this store; wait for it to end, or write the "
-            f"new store to another {option('out')}"
-        ) from None
-    with held:
+    refusal = partial(
+        StoreError,
+        f"{out}: a training run is reading this store; wait for it to end, or write the new "
+        f"store to another {option('out')}",
+    )
+    with held_or_refused(out, refusal, exclusive=True):
         yield
 
 
