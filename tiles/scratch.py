@@ -74,6 +74,7 @@ def is_orphan(scratch: Path, host: str, pid: str) -> bool:
 
 
 IN_USE_SUFFIX = ".in-use" + LOCK_SUFFIX  # beside a store or run folder: `using` holds it
+TAKE_TRIES = 10  # lock files removed under `_take` before it gives up on locking
 
 
 class InUse(BlockingIOError):
@@ -127,9 +128,9 @@ def _take(lock_path: Path, exclusive: bool) -> IO[str] | None:
     if fcntl is None:
         return None
     mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-    while True:
-        try:
-            lock = open(lock_path, "a")  # noqa: SIM115 (held by the caller)
+    for _ in range(TAKE_TRIES):
+        try:  # readable too: NFS takes a shared flock as a read lock, which needs it
+            lock = open(lock_path, "a+")  # noqa: SIM115 (held by the caller)
         except OSError:
             return None
         try:
@@ -141,8 +142,10 @@ def _take(lock_path: Path, exclusive: bool) -> IO[str] | None:
             lock.close()
             return None
         try:
-            if os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino:
+            held, there = os.fstat(lock.fileno()), os.stat(lock_path)
+            if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
                 return lock
         except OSError:  # removed meanwhile
             pass
         lock.close()
+    return None  # a file system whose files never compare the same: unguarded

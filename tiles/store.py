@@ -25,7 +25,7 @@ import shutil
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -227,9 +227,6 @@ def _prepare_target(
         raise OutputError(f"{out}: output folder {out.parent} does not exist; create it first")
     _check_not_an_input(out, scene, labels)
     _check_replaceable(out, _occupant(out), overwrite)
-    if os.path.lexists(out):
-        with _replacing(out):  # refused now, not after the build, while a training reads it
-            pass
     check_writable_folder(out)  # before the build: the store is built next to its final name
     _remove_orphans(out)
     return _scratch_path(out, "tmp")
@@ -287,7 +284,7 @@ def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(out: Path):
+def _replacing(out: Path) -> Iterator[None]:
     """Hold `out` alone while it is replaced: a training reading the store (`scratch.using`,
     shared) would otherwise go on with another scene's tiles, without a word."""
     refusal = partial(
@@ -299,19 +296,20 @@ def _replacing(out: Path):
         yield
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+def _move_into_place(tmp: Path, out: Path, overwrite: bool, held: bool = False) -> None:
     """Replace `out` with the finished store `tmp`; the old store is removed only after.
 
     The build takes a while and the path may have changed meanwhile: without `overwrite`,
     anything now at `out` is refused untouched; with it, what is there is checked again once
     moved aside, and anything but a store or an empty folder is moved back, intact, and refused.
+    `held`: the build holds `out` already (`_replacing`), else it is held for the swap.
     """
     if os.path.lexists(out) and not overwrite:  # another build's, made meanwhile: not touched
         _check_replaceable(out, _occupant(out), overwrite)
     if not os.path.lexists(out):
         os.replace(tmp, out)
         return
-    with _replacing(out):
+    with contextlib.nullcontext() if held else _replacing(out):
         _swap_in(tmp, out, overwrite)
 
 
@@ -448,54 +446,58 @@ def build_store(
     """
     out = Path(out)
     split = split or SplitSpec()
-    tmp = _prepare_target(out, overwrite, scene, labels)
-    info = open_scene(scene)
-    source = load_labels(labels, info, class_attribute)
-    warn_if_no_crs(info)  # a mask on its grid is read; the store and every map get no CRS
-    if source.classes < 2:  # e.g. a class attribute that is 0 (background) everywhere
-        raise TilesError(
-            f"{labels}: every labeled pixel is background, so there is no class to learn; "
-            "pick another class attribute, or label every feature as one class (no attribute)"
-        )
-    if class_names is not None:
-        if len(class_names) != source.classes:
+    # a store that trainings read is refused at once, and held for the whole rebuild (a
+    # training starting meanwhile is refused), not for the swap alone, which lost the build
+    held = overwrite and os.path.lexists(out)
+    with _replacing(out) if held else contextlib.nullcontext():
+        tmp = _prepare_target(out, overwrite, scene, labels)
+        info = open_scene(scene)
+        source = load_labels(labels, info, class_attribute)
+        warn_if_no_crs(info)  # a mask on its grid is read; the store and every map get no CRS
+        if source.classes < 2:  # e.g. a class attribute that is 0 (background) everywhere
             raise TilesError(
-                f"{labels}: {len(class_names)} class names given for {source.classes} classes "
-                f"({', '.join(source.class_names)}); give one name per class"
+                f"{labels}: every labeled pixel is background, so there is no class to learn; "
+                "pick another class attribute, or label every feature as one class (no attribute)"
             )
-        source.class_names = list(class_names)
-    _check_distinct_names(source.class_names, labels, given=class_names is not None)
-    tile = _fitted_tile(tile, info.shape, scene)
-    tiles = split_tiles(info.shape, split, tile)
-    if on_start is not None:
-        on_start(len(tiles))
-    lock = hold_lock(tmp)
-    try:
-        group = zarr.open_group(str(tmp), mode="w")
-        written, stats, counts, per_split = _write_tiles(
-            group, info, source, tiles, tile, batch, progress
-        )
-        if per_split["train"] == 0 or not stats.count.all():
-            raise TilesError(
-                f"{scene}: the training region has no valid pixels in some band; "
-                f"move the split ({option('split')}) so training covers imaged pixels"
+        if class_names is not None:
+            if len(class_names) != source.classes:
+                raise TilesError(
+                    f"{labels}: {len(class_names)} class names given for {source.classes} classes "
+                    f"({', '.join(source.class_names)}); give one name per class"
+                )
+            source.class_names = list(class_names)
+        _check_distinct_names(source.class_names, labels, given=class_names is not None)
+        tile = _fitted_tile(tile, info.shape, scene)
+        tiles = split_tiles(info.shape, split, tile)
+        if on_start is not None:
+            on_start(len(tiles))
+        lock = hold_lock(tmp)
+        try:
+            group = zarr.open_group(str(tmp), mode="w")
+            written, stats, counts, per_split = _write_tiles(
+                group, info, source, tiles, tile, batch, progress
             )
-        attrs = _metadata(info, source, split, tile)
-        attrs.update(
-            tiles=written,
-            tiles_per_split=per_split,
-            band_mean=stats.mean.tolist(),
-            band_std=stats.std.tolist(),
-            band_valid_pixels=stats.count.astype(np.int64).tolist(),
-            class_pixel_counts=counts.tolist(),
-        )
-        group.attrs.update(attrs)
-        _warn_of_untrained_classes(out, source.class_names, counts)
-        _move_into_place(tmp, out, overwrite)
-    finally:
-        if tmp.exists():
-            remove_tree(tmp)
-        release_lock(lock, keep_file=tmp.exists())
+            if per_split["train"] == 0 or not stats.count.all():
+                raise TilesError(
+                    f"{scene}: the training region has no valid pixels in some band; "
+                    f"move the split ({option('split')}) so training covers imaged pixels"
+                )
+            attrs = _metadata(info, source, split, tile)
+            attrs.update(
+                tiles=written,
+                tiles_per_split=per_split,
+                band_mean=stats.mean.tolist(),
+                band_std=stats.std.tolist(),
+                band_valid_pixels=stats.count.astype(np.int64).tolist(),
+                class_pixel_counts=counts.tolist(),
+            )
+            group.attrs.update(attrs)
+            _warn_of_untrained_classes(out, source.class_names, counts)
+            _move_into_place(tmp, out, overwrite, held)
+        finally:
+            if tmp.exists():
+                remove_tree(tmp)
+            release_lock(lock, keep_file=tmp.exists())
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
@@ -753,7 +755,7 @@ class TileStore:
     def tile_transform(self, index: int) -> Affine:
         return Affine(*self._rows("transforms", [index])[0])
 
-    def region_footprint(self, split: str, crs: CRS | None = None):
+    def region_footprint(self, split: str, crs: CRS | str | None = None) -> shapely.Polygon:
         """The ground a split's tiles cover (their bounding rectangle on the scene grid) as a
         shapely polygon in the store's CRS or, given `crs`, reprojected to it; an empty one for
         a split without tiles. Lets stores of overlapping scenes be compared."""
@@ -766,7 +768,9 @@ class TileStore:
         ring = shapely.Polygon([self.scene_transform * (float(c), float(r)) for c, r in corners])
         if crs is None or self.crs is None or CRS.from_user_input(crs) == self.crs:
             return ring
-        return shapely.geometry.shape(transform_geom(self.crs, crs, ring.__geo_interface__))
+        side = max(abs(self.scene_transform.a), abs(self.scene_transform.e))
+        edges = shapely.segmentize(ring, 64 * side)  # a point every 64 px: edges bend in `crs`
+        return shapely.geometry.shape(transform_geom(self.crs, crs, edges.__geo_interface__))
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Tile indices of a split ("train" or "validation"/"val"), or of all tiles."""
