@@ -366,10 +366,7 @@ def load_config(
         validate(tables, path)  # the file's own error, when it has one
         said = str(exc).removeprefix(f"{path}: ")
         raise PipelineError(f"{_options(given, flags)}: {said}") from None
-    store = merged["data"]["store"]
-    if isinstance(store, list) and len(store) == 1:  # ["a.zarr"] is "a.zarr" (a resume agrees)
-        merged["data"]["store"] = store[0]
-    return Config(path=path, tables=merged)
+    return Config(path=path, tables=one_store_as_text(merged))
 
 
 def revalidated(config: Config) -> Config:
@@ -380,7 +377,17 @@ def revalidated(config: Config) -> Config:
     except PipelineError as exc:
         said = str(exc).removeprefix(f"{config.path}: ")
         raise PipelineError(f"{config.path}, as edited after load_config: {said}") from None
+    one_store_as_text(config.tables)
     return config
+
+
+def one_store_as_text(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A one-store list, store = ["a.zarr"], as the store itself, so that a resume compares it
+    equal to store = "a.zarr"; the tables, changed in place."""
+    store = tables["data"]["store"]
+    if isinstance(store, list) and len(store) == 1:
+        tables["data"]["store"] = store[0]
+    return tables
 
 
 def _options(given: dict[tuple[str, str], Any], flags: dict[tuple[str, str], str] | None) -> str:

@@ -121,6 +121,7 @@ class TrainingSplit:
 
     @staticmethod
     def _on_scene(record: dict, info: SceneInfo) -> bool:
+        """Whether a store's split record is of this scene: its name, shape and grid."""
         if list(record["scene_shape"]) != [info.height, info.width]:
             return False
         if record.get("scene_name", info.path.name) != info.path.name:  # another date's scene

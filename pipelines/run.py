@@ -41,7 +41,7 @@ from tiles.warn import warn_user
 from .cli import JOBS
 from .config import OVERRIDE_FLAGS, SOLVERS, Config, load_config
 from .errors import DamagedRunError, PipelineError
-from .io import atomic_write_text
+from .io import atomic_write_text, remove_if_empty
 from .options import integer
 
 log = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def remove_dropped_solvers(p: Pipeline) -> None:
         if solver in p.solvers or not run_dir.is_dir():
             continue
         clear_run_dir(run_dir)
-        if _remove_if_empty(run_dir):
+        if remove_if_empty(run_dir):
             log.info("train %s: removed %s (the config no longer trains it)", solver, run_dir)
         else:
             log.warning(
@@ -511,16 +511,8 @@ def clear_run_folder(folder: RunFolder) -> None:
             else:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 continue
-            if not _remove_if_empty(path):
+            if not remove_if_empty(path):
                 log.warning("%s: removed the run's files, kept yours", path)
-
-
-def _remove_if_empty(folder: Path) -> bool:
-    """Remove `folder` if nothing is left in it; True if it was."""
-    if any(folder.iterdir()):
-        return False
-    folder.rmdir()
-    return True
 
 
 def run_pipeline(

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -78,10 +79,10 @@ from .config import (
     load_config,
     revalidated,
 )
-from .datasets import Interleaved, SceneStores, ValidationWindows
+from .datasets import Interleaved, SceneStores, ValidationWindows, spread_evenly
 from .device import DEVICES, auto_device, training_device
 from .errors import DamagedRunError, PipelineError, system_refusal
-from .io import atomic_write_text, save_figure
+from .io import atomic_write_text, remove_if_empty, save_figure
 from .options import integer
 from .report import score_text
 
@@ -124,6 +125,7 @@ class TrainSetup:
     config: Config
     run_dir: Path
     model: geodnn.ChainNet
+    stores: SceneStores  # the tile stores trained on (their splits, for the checkpoint)
     train_data: Batches  # every store's training crops (`SceneStores.training_data`)
     val_data: ValidationWindows | Interleaved  # validation tiles with a receptive-radius halo
     class_weights: torch.Tensor
@@ -133,7 +135,6 @@ class TrainSetup:
     device: str = "cpu"  # where this process computes: "cpu" or "cuda" (resolved, never "auto")
     # training tiles (with halo) that fit each checkpoint's decision threshold; None: argmax
     calibration_data: ValidationWindows | Interleaved | None = None
-    stores: SceneStores | None = None  # the tile stores trained on (checkpoint metadata)
 
     @property
     def solver_name(self) -> str:
@@ -183,7 +184,15 @@ def store_paths(config: Config) -> list[Path]:
 def build_setup(config: Config, run_dir: Path) -> TrainSetup:
     """Open the tile stores, build the model with their normalization, weigh the classes.
     The validation splits are read lazily: only the scored tiles (val_tiles) and their
-    neighbours are ever read (loading a 16k scene's split cost 0.4 GB)."""
+    neighbours are ever read (loading a 16k scene's split cost 0.4 GB). Of several ranks,
+    rank 0 alone warns of the data (each said it once)."""
+    with warnings.catch_warnings():
+        if not is_leader():
+            warnings.simplefilter("ignore", UserWarning)
+        return _build_setup(config, run_dir)
+
+
+def _build_setup(config: Config, run_dir: Path) -> TrainSetup:
     data, model_cfg, train = config["data"], config["model"], config["train"]
     paths = store_paths(config)
     stores = SceneStores.open(paths, crop=data["crop"], seed=train["seed"])
@@ -357,7 +366,11 @@ def fit_decision(
     With `ranks` (collective) each rank scores a share of the tiles and every rank gets the
     threshold of all of them (the pixels' order does not change it: ties are never split)."""
     model.eval()
-    picks = np.unique(np.linspace(0, len(data) - 1, min(len(data), limit)).astype(int)).tolist()
+    picks = (  # every store's share of the tiles, spread over it
+        data.spread(limit)
+        if isinstance(data, Interleaved)
+        else spread_evenly(len(data), limit).tolist()
+    )
     pixels = [torch.zeros(0, 2, device=model.band_mean.device)]  # (score, is positive) rows
     for logits, y in tile_logits(model, data, my_share(picks, ranks), batch):
         keep = y != IGNORE_INDEX
@@ -814,6 +827,7 @@ def store_record(config: Config) -> dict | None:
 
 
 def _digest(attrs: dict | list) -> str:
+    """SHA-256 of store metadata (one store's, or a list's) as canonical JSON."""
     blob = json.dumps(attrs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -830,7 +844,7 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise PipelineError(
             f"{saved_path}: unreadable record of the run's tile store; restore it, or start a "
-            "new run with --out"
+            f"new run with another {run_dir_option()}"
         ) from None
     current = store_record(config)
     if current is not None and current["sha256"] != saved:
@@ -838,7 +852,7 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
         raise PipelineError(
             f"{', '.join(changed) or current['store']}: the tile store changed since this run "
             "started (re-tiled from other data?); resume on the store it was trained on, or "
-            "start a new run with --out"
+            f"start a new run with another {run_dir_option()}"
         )
 
 
@@ -970,7 +984,8 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
     if fixed:
         raise PipelineError(
             f"{saved_path}: the run was started with other settings ({'; '.join(fixed)}); "
-            "resume with the same config and options, or start a new run with --out"
+            "resume with the same config and options, or start a new run with another "
+            f"{run_dir_option()}"
         )
     if changed:
         tuned = ", ".join(f"[{t}] {k}" for t, k in changed)
@@ -1190,18 +1205,13 @@ def holding_run(run_dir: Path) -> contextlib.ExitStack:
     with contextlib.suppress(OSError):
         run_dir.parent.mkdir(parents=True, exist_ok=True)
     for folder in reversed(made):  # removed again, innermost first, if left empty
-        held.callback(_remove_if_empty, folder)
+        held.callback(remove_if_empty, folder)
     refusal = partial(
         PipelineError,
         f"{run_dir}: another geodnn command is writing this run folder; wait for it to end, or "
         f"pick another {run_dir_option()}",
     )
     return held_or_refused(run_dir, refusal, exclusive=True, held=held)
-
-
-def _remove_if_empty(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        folder.rmdir()
 
 
 def reading_stores(config: Config) -> contextlib.ExitStack:
@@ -1502,7 +1512,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["train"].prog = parser.prog  # its usage without the 'train' this adds itself
     args = parser.parse_args(["train", *(argv if argv is not None else sys.argv[1:])])
     logging.basicConfig(level=logging.INFO, format="geodnn: %(levelname)s: %(message)s")
-    from .cli import user_errors
+    from .cli import one_line_warning, user_errors
+
+    logging.captureWarnings(True)  # a rank warns in one line, as `geodnn` does
+    warnings.formatwarning = one_line_warning
 
     rank = os.environ.get("RANK", "0")
     try:

@@ -17,6 +17,7 @@ from pipelines.datasets import (
     StoreBatches,
     ValidationWindows,
     pooled_band_stats,
+    spread_evenly,
 )
 from pipelines.errors import PipelineError
 from tiles.split import SplitSpec
@@ -199,6 +200,19 @@ def test_interleaved_takes_the_sets_in_turn_and_keeps_the_order_asked():
     assert joined.get([])[0].shape == (0, 1, 2, 2)
     with pytest.raises(IndexError):
         joined.get([6])
+
+
+def test_a_spread_of_interleaved_sets_samples_each_in_proportion():
+    """Evenly spaced indices follow the rounds: 64 of two sets of 64 were 63 of the first."""
+    joined = Interleaved([numbered(list(range(64))), numbered(list(range(100, 164)))])
+    x, _ = joined.get(joined.spread(64))
+    values = x[:, 0, 0, 0]
+    assert (values < 100).sum() == 32 and (values >= 100).sum() == 32
+    assert values[values < 100].tolist() == spread_evenly(64, 32).tolist()  # evenly within
+    uneven = Interleaved([numbered([0] * 30), numbered([1] * 60), numbered([2] * 10)])
+    x, _ = uneven.get(uneven.spread(10))
+    assert torch.bincount(x[:, 0, 0, 0].long()).tolist() == [3, 6, 1]
+    assert len(uneven.spread(500)) == 100 and uneven.spread(0) == []
 
 
 @pytest.fixture

@@ -1116,3 +1116,33 @@ def test_a_run_folder_another_command_writes_is_refused_and_its_stores_kept(
     with using(store, exclusive=True):  # a rebuild replacing it: training waits for it
         assert main(["train", str(config.path), "--out", str(run), "--overwrite"]) == 2
         assert f"{store}: `geodnn tile` is replacing this store" in capsys.readouterr().err
+
+
+def test_a_training_started_during_a_rebuild_is_refused_and_the_rebuild_lands(
+    tmp_path, store, train_config, capsys, monkeypatch
+):
+    """The rebuild held the store only for its final swap: a training that started mid-build
+    made the swap fail and the finished build was thrown away."""
+    import shutil
+
+    import pipelines.tile
+    import tiles.store
+    from tiles.store import TileStore
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    config = train_config(copy, iterations=3)
+    codes, real = [], tiles.store._write_tiles
+
+    def write_then_train(*args, **kwargs):
+        written = real(*args, **kwargs)
+        codes.append(main(["train", str(config.path), "--out", str(tmp_path / "run")]))
+        return written
+
+    monkeypatch.setattr(tiles.store, "_write_tiles", write_then_train)
+    scene = TileStore.open(copy).scene_path
+    pipelines.tile.build_store(
+        scene, scene.with_name("roads.tif"), copy, tile=32, gap=16, overwrite=True
+    )
+    assert codes == [2] and "`geodnn tile` is replacing this store" in capsys.readouterr().err
+    assert TileStore.open(copy).tile_size == 32  # the rebuild landed
