@@ -244,3 +244,16 @@ def test_overrides_and_edits_from_python_are_checked_by_name(tmp_path):
         with pytest.raises(PipelineError, match=f"as edited after load_config: .*{said}"):
             train(config, tmp_path / "run")
         assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_a_one_store_list_is_that_store_also_when_a_notebook_edits_it(tmp_path):
+    from pipelines.config import revalidated
+
+    path = tmp_path / "job.toml"
+    path.write_text('[data]\nstore = ["a.zarr"]\n')
+    assert load_config(path)["data"]["store"] == "a.zarr"
+    config = load_config(path)
+    config.tables["data"]["store"] = ["b.zarr"]  # as a notebook edits it
+    assert revalidated(config)["data"]["store"] == "b.zarr"
+    config.tables["data"]["store"] = ["b.zarr", "c.zarr"]
+    assert revalidated(config)["data"]["store"] == ["b.zarr", "c.zarr"]
