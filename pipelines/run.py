@@ -31,11 +31,13 @@ import tomllib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from geodnn.errors import DivergenceError
 from geodnn.runtime import raise_if_stopped
 from tiles.labels import split_layer
+from tiles.scratch import IN_USE_SUFFIX, held_or_refused
 from tiles.warn import warn_user
 
 from .cli import JOBS
@@ -268,8 +270,6 @@ def step_tile(p: Pipeline) -> list[Path]:
     from .train import clear_run_dir
 
     scene, tile = p.config["scene"], p.config["tile"]
-    if not scene["labels"]:
-        raise PipelineError(f"{p.config.path}: [scene] labels is not set; training needs labels")
     build_store(
         p.input_path("image"),
         p.input_path("labels"),
@@ -488,11 +488,24 @@ RUN_OUTPUTS = (
 def check_run_folder(folder: RunFolder) -> None:
     """Refuse an --out that holds files but no run: a run would overwrite and --force remove
     them (report.md, map/classes.tif, ... are common names)."""
-    if folder.root.is_dir() and not folder.steps.is_file() and any(folder.root.iterdir()):
+    if folder.root.is_dir() and not folder.steps.is_file() and _holds_files(folder.root):
         raise PipelineError(
             f"{folder.root}: holds files but no geodnn run (no steps.json); pick an empty or "
             "new --out"
         )
+
+
+def _holds_files(root: Path) -> bool:
+    """Whether `root` holds anything but lock files its stores' readers left (no one's data:
+    `tiles.scratch.using`)."""
+    return any(not p.name.endswith(IN_USE_SUFFIX) for p in root.iterdir())
+
+
+def _remove_store(path: Path) -> None:
+    """Remove the run's store, unless a training reads it; its lock file goes with it."""
+    busy = f"{path}: a training run is reading this store; wait for it to end, then run again"
+    with held_or_refused(path, partial(PipelineError, busy), exclusive=True):
+        shutil.rmtree(path)
 
 
 def clear_run_folder(folder: RunFolder) -> None:
@@ -508,6 +521,9 @@ def clear_run_folder(folder: RunFolder) -> None:
                 for output in folder.map_files:  # and GDAL's sidecar of each
                     output.unlink(missing_ok=True)
                     output.with_name(output.name + ".aux.xml").unlink(missing_ok=True)
+            elif path == folder.store:
+                _remove_store(path)
+                continue
             else:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 continue
@@ -531,12 +547,16 @@ def run_pipeline(
     check_run_folder(RunFolder(run_dir))
     from .train import holding_run
 
+    pipeline = Pipeline(config, RunFolder(run_dir), options)
+    image = pipeline.input_path("image")  # set and there, before a run folder is made
+    if not config["scene"]["labels"]:
+        raise PipelineError(f"{config.path}: [scene] labels is not set; training needs labels")
+    if not image.exists():
+        raise PipelineError(f"{image}: scene not found; check [scene] image in {config.path}")
     with holding_run(run_dir):  # a second `geodnn run` here removed the first's temporaries
         if force and run_dir.exists():
             clear_run_folder(RunFolder(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = Pipeline(config, RunFolder(run_dir), options)
-        pipeline.input_path("image")
         pipeline.check_same_config()
         ran = False
         for step in STEPS:

@@ -172,6 +172,9 @@ def store_paths(config: Config) -> list[Path]:
             '(or to a list of stores, store = ["a.zarr", "b.zarr"])'
         )
     paths = [config.resolve(p) for p in ([given] if isinstance(given, str) else given)]
+    missing = next((p for p in paths if not p.exists()), None)
+    if missing is not None:  # before a run folder is made for it
+        raise PipelineError(f"{missing}: tile store not found; build it with `geodnn tile`")
     twice = sorted({str(p) for p in paths if paths.count(p) > 1})
     if twice:
         raise PipelineError(

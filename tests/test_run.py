@@ -7,6 +7,7 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
+import pipelines.cli
 import pipelines.run
 import pipelines.train
 from geodnn.errors import DivergenceError
@@ -447,3 +448,28 @@ def test_a_second_run_in_a_run_folder_in_use_is_refused(tiny, tmp_path):
     with using(run_dir, exclusive=True), pytest.raises(PipelineError, match="another geodnn"):
         run_pipeline(load_config(tiny(compare="[]")), run_dir)
     assert not run_dir.exists()
+
+
+def test_a_run_folder_holding_only_a_store_s_lock_file_is_no_one_s_data(tmp_path):
+    """A training's lock file beside the run's store outlived the run's files: every rerun,
+    --force too, was refused for 'holds files but no geodnn run'."""
+    from pipelines.run import RunFolder, check_run_folder
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".tiles.zarr.in-use.lock").touch()
+    check_run_folder(RunFolder(root))
+    (root / "notes.txt").touch()
+    with pytest.raises(PipelineError, match="holds files but no geodnn run"):
+        check_run_folder(RunFolder(root))
+
+
+def test_a_missing_scene_or_store_is_refused_before_a_run_folder_is_made(tmp_path, capsys):
+    path = tmp_path / "job.toml"
+    path.write_text('[scene]\nimage = "gone.tif"\nlabels = "gone.geojson"\n')
+    with pytest.raises(PipelineError, match=r"gone.tif: scene not found; check \[scene\] image"):
+        run_pipeline(load_config(path), tmp_path / "a" / "b" / "run")
+    path.write_text('[data]\nstore = "gone.zarr"\n')
+    assert pipelines.cli.main(["train", str(path), "--out", str(tmp_path / "a" / "run")]) == 2
+    assert "gone.zarr: tile store not found" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

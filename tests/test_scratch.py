@@ -64,3 +64,16 @@ def test_a_lock_file_removed_before_it_was_locked_is_taken_again(tmp_path, monke
         monkeypatch.setattr(fcntl, "flock", real)
         with pytest.raises(InUse), using(store, exclusive=True):
             pass
+
+
+def test_a_store_named_through_a_link_shares_its_target_s_lock(tmp_path):
+    """A config naming the store by a symbolic link took another lock than the rebuild
+    naming it directly, and the rebuild swapped the scene under the training."""
+    from tiles.scratch import InUse, using
+
+    real = tmp_path / "data" / "s.zarr"
+    real.mkdir(parents=True)
+    link = tmp_path / "s-link.zarr"
+    link.symlink_to(real)
+    with using(link), pytest.raises(InUse), using(real, exclusive=True):
+        pass

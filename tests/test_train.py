@@ -1111,7 +1111,9 @@ def test_a_run_folder_another_command_writes_is_refused_and_its_stores_kept(
     monkeypatch.delenv(HELD_RUN_ENV)
     with using(store):  # a training reading the store: a rebuild over it is refused
         scene = TileStore.open(store).scene_path
-        with pytest.raises(TilesError, match=f"^{store}: a training run is reading this store"):
+        with pytest.raises(
+            TilesError, match=f"^{store}: another geodnn command is using this store"
+        ):
             build_store(scene, scene.with_name("roads.tif"), store, tile=64, gap=16, overwrite=True)
     with using(store, exclusive=True):  # a rebuild replacing it: training waits for it
         assert main(["train", str(config.path), "--out", str(run), "--overwrite"]) == 2

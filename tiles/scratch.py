@@ -93,7 +93,7 @@ def using(path: Path, exclusive: bool = False) -> Iterator[None]:
     replacing a store), who removes the lock file on the way out. Raises `InUse` at once where
     another holder excludes this one; where no lock can be had (no fcntl, a read-only folder,
     a file system without locks) the block runs unguarded, as before locks."""
-    lock = _take(in_use_lock(Path(path)), exclusive)
+    lock = _take(in_use_lock(Path(path).resolve()), exclusive)  # a link's target's lock
     try:
         yield
     finally:

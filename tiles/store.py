@@ -289,8 +289,8 @@ def _replacing(out: Path) -> Iterator[None]:
     shared) would otherwise go on with another scene's tiles, without a word."""
     refusal = partial(
         StoreError,
-        f"{out}: a training run is reading this store; wait for it to end, or write the new "
-        f"store to another {option('out')}",
+        f"{out}: another geodnn command is using this store (a training reading it, or another "
+        f"rebuild); wait for it to end, or write the new store to another {option('out')}",
     )
     with held_or_refused(out, refusal, exclusive=True):
         yield
