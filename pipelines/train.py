@@ -592,6 +592,7 @@ def training_split_record(store: TileStore) -> dict:
         "scene_name": store.scene_path.name,
         "scene_shape": list(store.scene_shape),
         "scene_transform": list(tuple(store.scene_transform)[:6]),
+        "crs": store.attrs.get("crs"),  # WKT or None: evaluate compares the ground of stores
     }
 
 

@@ -1148,3 +1148,26 @@ def test_a_training_started_during_a_rebuild_is_refused_and_the_rebuild_lands(
     )
     assert codes == [2] and "`geodnn tile` is replacing this store" in capsys.readouterr().err
     assert TileStore.open(copy).tile_size == 32  # the rebuild landed
+
+
+def test_evaluate_warns_where_another_of_the_model_s_stores_trained(
+    tmp_path, store, overlapping_store, train_config
+):
+    """Overlapping scenes: the west crop's validation columns are the other crop's training
+    ones, so its 'held-out' score counts pixels the model learned through the other store."""
+    import warnings
+
+    from pipelines.evaluate import evaluate_scene
+    from tiles.store import TileStore
+
+    config = several_stores_config(train_config, [store, overlapping_store], iterations=3)
+    with pytest.warns(UserWarning, match="validation region lies partly on ground"):
+        train(config, tmp_path / "run", progress=False)
+    model = tmp_path / "run" / "model.pt"
+    west = TileStore.open(overlapping_store).scene_path
+    with pytest.warns(UserWarning, match=r"through another of its stores \(image.tif\)"):
+        evaluate_scene(model, west, west.with_name("roads.tif"), region="validation")
+    east = TileStore.open(store).scene_path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # its validation columns: no store's
+        evaluate_scene(model, east, east.with_name("roads.tif"), region="validation")

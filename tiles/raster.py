@@ -23,11 +23,13 @@ import numpy as np
 import pyproj
 import rasterio
 import rioxarray
+import shapely
 import xarray as xr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import CRSError, RasterioIOError
+from rasterio.warp import transform_geom
 from rasterio.windows import Window
 
 from .errors import RasterInputError, TilesError
@@ -298,6 +300,25 @@ def ground_pixel_size(crs: CRS | None, transform: Affine, width: int, height: in
         sides = [geod.inv(*lonlat[0], *other)[2] for other in lonlat[1:]]
     size = math.sqrt(sides[0] * sides[1])
     return size if math.isfinite(size) and size > 0 else None
+
+
+def grid_footprint(
+    transform: Affine,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    crs: CRS | None = None,
+    to_crs: CRS | str | None = None,
+) -> shapely.Polygon:
+    """The ground of rows [r0, r1) x cols [c0, c1) of a grid as a polygon in the grid's CRS
+    or, given both CRSs, reprojected to `to_crs` (its edges densified every 64 px, as they
+    bend): lets regions of different scenes be compared."""
+    (r0, r1), (c0, c1) = rows, cols
+    corners = [(c0, r0), (c1, r0), (c1, r1), (c0, r1)]
+    ring = shapely.Polygon([transform * (float(c), float(r)) for c, r in corners])
+    if crs is None or to_crs is None or CRS.from_user_input(to_crs) == crs:
+        return ring
+    edges = shapely.segmentize(ring, 64 * max(abs(transform.a), abs(transform.e)))
+    return shapely.geometry.shape(transform_geom(crs, to_crs, edges.__geo_interface__))
 
 
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:

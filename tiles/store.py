@@ -37,7 +37,6 @@ import shapely
 import zarr
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.warp import transform_geom
 from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
@@ -50,7 +49,14 @@ from .labels import (
     plain_class_value,
     split_layer,
 )
-from .raster import SceneInfo, ground_pixel_size, open_scene, read_window, warn_if_no_crs
+from .raster import (
+    SceneInfo,
+    grid_footprint,
+    ground_pixel_size,
+    open_scene,
+    read_window,
+    warn_if_no_crs,
+)
 from .scratch import (
     LOCK_SUFFIX,
     held_or_refused,
@@ -764,13 +770,8 @@ class TileStore:
             return shapely.Polygon()
         top, left = windows[:, 0].min(), windows[:, 1].min()
         bottom, right = (windows[:, 0] + windows[:, 2]).max(), (windows[:, 1] + windows[:, 3]).max()
-        corners = [(left, top), (right, top), (right, bottom), (left, bottom)]
-        ring = shapely.Polygon([self.scene_transform * (float(c), float(r)) for c, r in corners])
-        if crs is None or self.crs is None or CRS.from_user_input(crs) == self.crs:
-            return ring
-        side = max(abs(self.scene_transform.a), abs(self.scene_transform.e))
-        edges = shapely.segmentize(ring, 64 * side)  # a point every 64 px: edges bend in `crs`
-        return shapely.geometry.shape(transform_geom(self.crs, crs, edges.__geo_interface__))
+        rows, cols = (int(top), int(bottom)), (int(left), int(right))
+        return grid_footprint(self.scene_transform, rows, cols, self.crs, crs)
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Tile indices of a split ("train" or "validation"/"val"), or of all tiles."""
