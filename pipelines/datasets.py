@@ -5,6 +5,10 @@ split (T x T, padded edges are NaN / 255). With `crop`, item i is a crop x crop 
 i mod N at an offset drawn from (seed, i) alone, inside the tile's valid part where it fits, so
 any index (also beyond `len`) names the same crop on every worker and every run; `len` counts
 `crops_per_tile` crops per tile, one pass of a sampler.
+
+`SceneStores.open(paths, crop, seed)`: the stores of several scenes one model trains on, checked
+to fit it together, their splits joined store by store in turn (`Interleaved`), their band
+statistics pooled.
 """
 
 from __future__ import annotations
