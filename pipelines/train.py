@@ -823,11 +823,10 @@ def store_record(config: Config) -> dict | None:
         attrs = [TileStore.open(path).attrs for path in paths]
     except (StoreError, PipelineError):  # build_setup reports it with the config's context
         return None
-    record = {"store": ", ".join(map(str, paths)), "sha256": _digest(attrs[0])}
-    if len(paths) > 1:  # the list's hash, and each store's, to name the one that changed
-        record["sha256"] = _digest(attrs)
-        record["stores"] = {str(p): _digest(a) for p, a in zip(paths, attrs)}
-    return record
+    if len(paths) == 1:
+        return {"store": str(paths[0]), "sha256": _digest(attrs[0])}
+    # the list's hash, and each store's in order, to name the one that changed
+    return {"stores": {str(p): _digest(a) for p, a in zip(paths, attrs)}, "sha256": _digest(attrs)}
 
 
 def _digest(attrs: dict | list) -> str:
@@ -853,8 +852,9 @@ def check_resume_store(config: Config, run_dir: Path) -> None:
     current = store_record(config)
     if current is not None and current["sha256"] != saved:
         changed = [p for p, h in current.get("stores", {}).items() if stores.get(p, h) != h]
+        changed = changed or list(current.get("stores", {})) or [current.get("store", "")]
         raise PipelineError(
-            f"{', '.join(changed) or current['store']}: the tile store changed since this run "
+            f"{', '.join(changed)}: the tile store changed since this run "
             "started (re-tiled from other data?); resume on the store it was trained on, or "
             f"start a new run with another {run_dir_option()}"
         )

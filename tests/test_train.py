@@ -1023,6 +1023,8 @@ def test_a_run_trains_on_several_stores_as_one_set(tmp_path, store, other_store,
     assert not np.allclose(mean, parts[0].band_mean)  # not the first store's alone
     saved = (run / "config.toml").read_text()
     assert str(store) in saved and str(other_store) in saved
+    record = json.loads((run / "store.json").read_text())  # each store's hash, in order
+    assert list(record["stores"]) == [str(store), str(other_store)]
     setup = build_setup(config, run)
     cropped = [StoreBatches(p, split="train", crop=32) for p in (store, other_store)]
     assert len(setup.train_data) == sum(map(len, cropped))
