@@ -255,7 +255,7 @@ class Interleaved:
     """Several item sets (one per tile store) as one, their items taken in turn: item 0 of each
     set, then item 1 of each, and so on, so the first k items (the `val_tiles` scored) span
     every scene instead of filling up from the first one. `get` keeps the order of the indices
-    asked for; every set must give items of one shape. Its maps cost 16 bytes per item."""
+    asked for; every set must give items of one shape. Its maps cost 12 bytes per item."""
 
     def __init__(self, parts: Sequence[Batches]) -> None:
         self.parts = list(parts)
