@@ -331,12 +331,7 @@ def check_compatible(first: StoreBatches, other: StoreBatches) -> None:
     )
     problems = [
         (a.bands == b.bands, f"{b.bands} band(s), {a.path} {a.bands}", "scenes of the same bands"),
-        (
-            same_classes,
-            f"classes {_classes(b)}, {a.path} {_classes(a)}",
-            "labels of the same classes in every scene (the same values in a mask, or the same "
-            "class attribute)",
-        ),
+        (same_classes, f"classes {_classes(b)}, {a.path} {_classes(a)}", _class_fix(a, b)),
         (
             a.tile_size == b.tile_size,
             f"{b.tile_size} px tiles, {a.path} {a.tile_size} px",
@@ -366,6 +361,20 @@ def check_not_a_copy(listed: list[StoreBatches], other: StoreBatches) -> None:
                 f"{other.store.path}: this store holds the tiles of {part.store.path} (a copy, or "
                 "the same scene tiled the same way); list each scene once"
             )
+
+
+def _class_fix(a: TileStore, b: TileStore) -> str:
+    """How to give two stores' labels the same classes; for one class each of other values
+    (a 0/255 road mask beside road polygons, which are 1), the mask rewrite that does it."""
+    fix = "labels of the same classes in every scene (the same values in a mask, or the same "
+    fix += "class attribute)"
+    if all(s.classes == 2 and s.class_values and s.class_values[1] is not None for s in (a, b)):
+        fix += (
+            ": rewrite each mask so its class is 1, as in vector labels (e.g. `rio calc "
+            '"(> (read 1) 0)" --dtype uint8 --profile nodata=255 mask.tif mask-1.tif`), and '
+            "tile it again"
+        )
+    return fix
 
 
 def _classes(store: TileStore) -> str:

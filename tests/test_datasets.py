@@ -291,6 +291,8 @@ def test_stores_one_model_cannot_train_on_together_are_refused(
         with pytest.raises(PipelineError, match="cannot train on both") as caught:
             SceneStores.open([two_scene_stores[0], other], crop=8, seed=0)
         assert str(caught.value).startswith(f"{other}: this store has {difference}")
+        one_class_each = "= 2" in difference  # the fix: both masks' class as 1
+        assert ("rewrite each mask so its class is 1" in str(caught.value)) == one_class_each
 
 
 def test_classes_of_the_same_values_under_other_names_train_as_the_first_store_s(
