@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from geodnn.data import Batches
+from tiles.raster import shares_ground
 from tiles.store import TileStore
 from tiles.warn import warn_user
 from tiles.wording import option
@@ -413,15 +414,15 @@ class SceneStores:
     def warn_if_validation_is_trained_on(self) -> None:
         """A store's validation region on ground that another store trains on (overlapping
         scenes) is not held out: its scores would count pixels the model learned."""
-        crs = next((p.store.crs for p in self.train if p.store.crs is not None), None)
         located = [p.store for p in self.train if p.store.crs is not None]
-        if crs is None or len(located) < 2:
+        if len(located) < 2:
             return
+        crs = located[0].crs  # compared in one CRS
         trained = [s.region_footprint("train", crs) for s in located]
         for store in located:
             held = store.region_footprint("validation", crs)
             for other, ground in zip(located, trained):
-                if other is not store and held.intersection(ground).area > 1e-3 * held.area:
+                if other is not store and shares_ground(held, ground):
                     warn_user(
                         f"{store.path}: its validation region lies partly on ground that "
                         f"{other.path} trains on (overlapping scenes), so its validation scores "

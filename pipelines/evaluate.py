@@ -28,7 +28,13 @@ from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import LabelSource, load_labels
-from tiles.raster import SceneInfo, grid_footprint, holding_block_cache, open_scene
+from tiles.raster import (
+    SceneInfo,
+    grid_footprint,
+    holding_block_cache,
+    open_scene,
+    shares_ground,
+)
 from tiles.split import Region, parse_split, split_regions
 from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
@@ -190,7 +196,7 @@ def warn_if_another_store_trained_here(ckpt: Checkpoint, info: SceneInfo, box) -
             CRS.from_wkt(record["crs"]),
             info.crs,
         )
-        if scored.intersection(ground).area > 1e-3 * scored.area:
+        if shares_ground(scored, ground):
             warn_user(
                 f"{info.path}: the scored region lies partly on ground the model trained on "
                 f"through another of its stores ({record['scene_name']}), so the scores are not "

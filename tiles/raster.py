@@ -321,6 +321,12 @@ def grid_footprint(
     return shapely.geometry.shape(transform_geom(crs, to_crs, edges.__geo_interface__))
 
 
+def shares_ground(region: shapely.Polygon, other: shapely.Polygon) -> bool:
+    """Whether `other` covers more than 0.1 % of `region` (footprints in one CRS): a real
+    overlap of regions, not the sliver two reprojected edges leave."""
+    return region.intersection(other).area > 1e-3 * region.area
+
+
 def read_window(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
     """Read a window of the data bands (no alpha) as float32 (bands, h, w), NaN where
     nodata/mask/alpha say so or values are inf. A block GDAL cannot decode (a file damaged
