@@ -31,13 +31,12 @@ import tomllib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from geodnn.errors import DivergenceError
 from geodnn.runtime import raise_if_stopped
 from tiles.labels import split_layer
-from tiles.scratch import IN_USE_SUFFIX, held_or_refused
+from tiles.scratch import IN_USE_SUFFIX
 from tiles.warn import warn_user
 
 from .cli import JOBS
@@ -501,16 +500,11 @@ def _holds_files(root: Path) -> bool:
     return any(not p.name.endswith(IN_USE_SUFFIX) for p in root.iterdir())
 
 
-def _remove_store(path: Path) -> None:
-    """Remove the run's store, unless a training reads it; its lock file goes with it."""
-    busy = f"{path}: a training run is reading this store; wait for it to end, then run again"
-    with held_or_refused(path, partial(PipelineError, busy), exclusive=True):
-        shutil.rmtree(path)
-
-
 def clear_run_folder(folder: RunFolder) -> None:
     """Remove what an earlier `geodnn run` wrote, and only that: files a user put in the run's
     train-* or map folders stay (as when `compare` drops a solver)."""
+    from tiles.store import replacing  # imported when needed, as .train is
+
     from .train import clear_run_dir
 
     for pattern in RUN_OUTPUTS:
@@ -521,8 +515,9 @@ def clear_run_folder(folder: RunFolder) -> None:
                 for output in folder.map_files:  # and GDAL's sidecar of each
                     output.unlink(missing_ok=True)
                     output.with_name(output.name + ".aux.xml").unlink(missing_ok=True)
-            elif path == folder.store:
-                _remove_store(path)
+            elif path == folder.store:  # unless a training reads it; its lock file goes too
+                with replacing(path):
+                    shutil.rmtree(path)
                 continue
             else:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -290,9 +290,10 @@ def remove_tree(path: Path, attempts: int = 40, pause_s: float = 0.05) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(out: Path) -> Iterator[None]:
-    """Hold `out` alone while it is replaced: a training reading the store (`scratch.using`,
-    shared) would otherwise go on with another scene's tiles, without a word."""
+def replacing(out: Path) -> Iterator[None]:
+    """Hold the store `out` alone while it is replaced or removed: a training reading it
+    (`scratch.using`, shared) would otherwise go on with another scene's tiles, without a
+    word; refused in one line while another command uses it."""
     refusal = partial(
         StoreError,
         f"{out}: another geodnn command is using this store (a training reading it, or another "
@@ -308,14 +309,14 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool, held: bool = False) 
     The build takes a while and the path may have changed meanwhile: without `overwrite`,
     anything now at `out` is refused untouched; with it, what is there is checked again once
     moved aside, and anything but a store or an empty folder is moved back, intact, and refused.
-    `held`: the build holds `out` already (`_replacing`), else it is held for the swap.
+    `held`: the build holds `out` already (`replacing`), else it is held for the swap.
     """
     if os.path.lexists(out) and not overwrite:  # another build's, made meanwhile: not touched
         _check_replaceable(out, _occupant(out), overwrite)
     if not os.path.lexists(out):
         os.replace(tmp, out)
         return
-    with contextlib.nullcontext() if held else _replacing(out):
+    with contextlib.nullcontext() if held else replacing(out):
         _swap_in(tmp, out, overwrite)
 
 
@@ -455,7 +456,7 @@ def build_store(
     # a store that trainings read is refused at once, and held for the whole rebuild (a
     # training starting meanwhile is refused), not for the swap alone, which lost the build
     held = overwrite and os.path.lexists(out)
-    with _replacing(out) if held else contextlib.nullcontext():
+    with replacing(out) if held else contextlib.nullcontext():
         tmp = _prepare_target(out, overwrite, scene, labels)
         info = open_scene(scene)
         source = load_labels(labels, info, class_attribute)
