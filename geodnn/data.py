@@ -7,6 +7,7 @@ Images are float32 (B, bands, h, w) with NaN for nodata; labels are int64 (B, h,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -46,12 +47,17 @@ def class_weights(labels: torch.Tensor, classes: int, power: float = 0.5) -> tor
     return weights_from_counts(torch.bincount(valid.reshape(-1), minlength=classes), power)
 
 
-def weights_from_counts(counts, power: float = 0.5) -> torch.Tensor:
-    """Class weights (total / count) ** power from labeled-pixel counts, normalized to mean 1
-    over the classes present. A class without training pixels gets 0: it has no pixel to weigh,
-    and a huge weight for it would shrink every other class's weight in the normalization."""
+def weights_from_counts(counts, power: float = 0.5, max_ratio: float = math.inf) -> torch.Tensor:
+    """Class weights (total / count) ** power from labeled-pixel counts, capped at `max_ratio`
+    x the smallest, normalized to mean 1 over the classes present. A class without training
+    pixels gets 0: it has no pixel to weigh, and a huge weight for it would shrink every other
+    class's weight in the normalization. The cap keeps a class of a few pixels from making
+    every other class's weight negligible."""
     counts = torch.as_tensor(counts, dtype=torch.float64)
     present = counts > 0
     weights = torch.zeros_like(counts)
     weights[present] = (counts.sum() / counts[present]) ** power
-    return (weights / weights[present].mean()).float() if present.any() else weights.float() + 1
+    if not present.any():
+        return weights.float() + 1
+    weights[present] = weights[present].clamp(max=max_ratio * weights[present].min())
+    return (weights / weights[present].mean()).float()

@@ -49,6 +49,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "threads": 1,  # torch compute threads per process (on CPU)
         "device": "auto",  # auto (the GPU when PyTorch sees one) | cpu | cuda; ranks: nccl on GPUs
         "class_weight_power": 0.5,  # class weight = (pixel frequency) ** -power, mean 1
+        # the largest class weight is at most this x the smallest (a class of a few pixels would
+        # otherwise make the others' weights negligible); >= 1, set it high for no cap
+        "class_weight_max_ratio": 10.0,
         # stop when the training loss (epochs pooled to >= 50 iterations) exceeds this x its
         # best and the untrained network's (the solver also watches every iteration's)
         "divergence_factor": 20.0,
@@ -125,7 +128,8 @@ def check_known(tables: dict[str, Any], path: Path) -> None:
 # whole numbers with a lower bound (the others of type int are >= 0); floats likewise
 AT_LEAST_ONE = {
     ("tile", "tile"), ("data", "crop"), ("train", "iterations"), ("train", "epoch"),
-    ("train", "batch_size"), ("train", "threads"), ("parallel", "workers"),
+    ("train", "batch_size"), ("train", "threads"), ("train", "class_weight_max_ratio"),
+    ("parallel", "workers"),
     ("predict", "chunk"), ("predict", "batch"), ("model", "width"), ("model", "kernel_size"),
     ("pipeline", "microbatches"),
 }  # fmt: skip

@@ -72,6 +72,7 @@ from tiles.wording import command_line, command_line_only, option
 from .arguments import flag
 from .cli import JOBS
 from .config import (
+    DEFAULTS,
     OVERRIDE_FLAGS,
     SOLVERS,
     Config,
@@ -214,7 +215,8 @@ def _build_setup(config: Config, run_dir: Path) -> TrainSetup:
     for part in stores.train:
         warn_if_halo_crosses_split(part.store.path, part.store.attrs, model.receptive_radius)
     check_labeled_pixels(named, stores, data["val_tiles"])
-    weights = weights_from_counts(stores.class_counts, train["class_weight_power"])
+    warn_of_rare_classes(named, stores, data["crop"])
+    weights = class_weights(named, stores, train)
     device = training_device(train["device"], f"{config.path}: [train] device")
     calibrate = model.config.classes == 2 and data["calibrate_tiles"] > 0
     return TrainSetup(
@@ -266,6 +268,40 @@ def check_labeled_pixels(named: str, stores: SceneStores, val_tiles: int) -> Non
             f"{named}: class(es) {', '.join(missing)} have no training pixels, so training "
             f"gives them no signal (weight 0); re-tile with another {option('split')} to train them"
         )
+
+
+def warn_of_rare_classes(named: str, stores: SceneStores, crop: int) -> None:
+    """A class with fewer labeled training pixels than one crop is almost never in a batch:
+    the model cannot learn it, and its class weight is the largest."""
+    counts = np.asarray(stores.class_counts)
+    rare = [
+        f"{name} ({count} px)"
+        for name, count in zip(stores.first.class_names, counts.tolist())
+        if 0 < count < crop * crop
+    ]
+    if rare:
+        warn_user(
+            f"{named}: class(es) {', '.join(rare)} have fewer labeled training pixels than one "
+            f"{crop}x{crop} crop, too few to learn; label more of them or merge them into "
+            "another class"
+        )
+
+
+def class_weights(named: str, stores: SceneStores, train: dict) -> torch.Tensor:
+    """The loss's class weights from the training pixels, capped by [train]
+    class_weight_max_ratio; says when the cap changed them."""
+    counts, power = stores.class_counts, train["class_weight_power"]
+    ratio = train["class_weight_max_ratio"]
+    weights = weights_from_counts(counts, power, ratio)
+    uncapped = weights_from_counts(counts, power)
+    present = uncapped > 0
+    if present.any() and uncapped[present].max() > ratio * uncapped[present].min() * (1 + 1e-6):
+        spread = float(uncapped[present].max() / uncapped[present].min())
+        warn_user(
+            f"{named}: the class weights from [train] class_weight_power = {power} would span "
+            f"{spread:.0f}x; capped at [train] class_weight_max_ratio = {ratio:g}"
+        )
+    return weights
 
 
 def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
@@ -974,7 +1010,7 @@ def setting_change(saved: dict, current: dict, table: str, key: str) -> str:
 def check_resume_config(config: Config, run_dir: Path) -> None:
     """Resuming with other hyperparameters would not continue the same run: refuse it."""
     saved_path = run_dir / "config.toml"
-    saved = read_saved_config(saved_path)
+    saved = with_new_defaults(read_saved_config(saved_path))
     current = tomllib.loads(config_as_run(config))
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
@@ -999,6 +1035,18 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
             saved_path,
             tuned,
         )
+
+
+def with_new_defaults(saved: dict) -> dict:
+    """A run begun by an earlier geodnn lacks the settings added since: they count as their
+    defaults, so an upgrade alone refuses no resume."""
+    for table, defaults in DEFAULTS.items():
+        values = saved.setdefault(table, {})
+        if isinstance(values, dict):
+            for key, value in defaults.items():
+                if value is not None:
+                    values.setdefault(key, value)
+    return saved
 
 
 def read_saved_config(path: Path) -> dict:

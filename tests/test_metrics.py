@@ -35,6 +35,18 @@ def test_a_class_without_training_pixels_leaves_the_others_weights_alone():
     assert torch.allclose(three[:2], two) and three[2] == 0
 
 
+def test_class_weights_are_capped_at_max_ratio_times_the_smallest():
+    from geodnn.data import weights_from_counts
+
+    counts = [1_000_000, 16, 0]
+    assert float(weights_from_counts(counts, 0.5)[1]) > 1.99  # 250x background's
+    capped = weights_from_counts(counts, 0.5, max_ratio=10.0)
+    assert float(capped[1] / capped[0]) == pytest.approx(10.0) and capped[2] == 0
+    assert float(capped[:2].mean()) == pytest.approx(1.0)
+    mild = weights_from_counts([600, 400], 1.0, max_ratio=10.0)  # a cap that does not bind
+    assert torch.allclose(mild, weights_from_counts([600, 400], 1.0))
+
+
 def test_mean_iou_is_over_the_classes_present():
     target = torch.tensor([0, 0, 1, 1])
     s = scores(torch.tensor([0, 0, 1, 0]), target, 3)  # class 2: neither truth nor predicted

@@ -17,7 +17,7 @@ from pipelines.cli import main
 from pipelines.config import load_config
 from pipelines.datasets import StoreBatches, ValidationWindows
 from pipelines.errors import PipelineError
-from pipelines.train import fit_decision, solver_settings, train, validate
+from pipelines.train import build_setup, fit_decision, solver_settings, train, validate
 
 
 def weights(path):
@@ -214,6 +214,16 @@ def test_non_finite_weights_are_never_checkpointed(
     assert geodnn.load_checkpoint(tmp_path / "run" / "last.pt").metadata["iteration"] == 3
     state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert state["iteration"] == 3
+
+
+def test_a_run_begun_before_a_setting_existed_resumes(tmp_path, store, train_config):
+    run = tmp_path / "run"
+    train(train_config(store, iterations=3), run, progress=False)
+    saved = (run / "config.toml").read_text()
+    assert "class_weight_max_ratio = 10.0\n" in saved
+    (run / "config.toml").write_text(saved.replace("class_weight_max_ratio = 10.0\n", ""))
+    resumed = train(train_config(store), run, resume=True, progress=False)
+    assert [r.iteration for r in resumed.records] == [3, 6]
 
 
 def test_resume_after_divergence_may_lower_the_step_size(tmp_path, store, train_config, caplog):
@@ -508,6 +518,31 @@ def test_a_run_folder_that_cannot_be_made_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"{out}: cannot write the run folder here (Not a directory)" in err
+
+
+def test_a_class_of_a_few_pixels_is_warned_of_and_its_weight_capped(tmp_path, store, train_config):
+    import shutil
+    import warnings
+
+    import zarr
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    counts = list(group.attrs["class_pixel_counts"])
+    group.attrs["class_pixel_counts"] = [counts[0], 16]  # 16 road pixels: less than a crop
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup = build_setup(train_config(copy), tmp_path / "run")
+    said = " | ".join(str(w.message) for w in caught)
+    assert "roads (16 px) have fewer labeled training pixels than one 32x32 crop" in said
+    assert "capped at [train] class_weight_max_ratio = 10" in said
+    weights = setup.class_weights
+    assert float(weights[1] / weights[0]) == pytest.approx(10.0)
+    uncapped = train_config(copy, extra="class_weight_max_ratio = 1e9\n")
+    with warnings.catch_warnings(record=True):
+        weights = build_setup(uncapped, tmp_path / "run2").class_weights
+    assert float(weights[1] / weights[0]) > 30  # sqrt of the pixel ratio
 
 
 def test_stores_without_labeled_pixels_to_learn_or_score_are_refused(
