@@ -219,6 +219,12 @@ def _build_setup(config: Config, run_dir: Path) -> TrainSetup:
     weights = class_weights(named, stores, train)
     device = training_device(train["device"], f"{config.path}: [train] device")
     calibrate = model.config.classes == 2 and data["calibrate_tiles"] > 0
+    if data["calibrate_tiles"] > 0 and not calibrate:
+        warn_user(
+            f"{config.path}: [data] calibrate_tiles has no effect on a model of "
+            f"{model.config.classes} classes (it fits the one threshold of a 2-class model); "
+            "its classes are the plain argmax; drop it"
+        )
     return TrainSetup(
         config=config,
         run_dir=run_dir,

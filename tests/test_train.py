@@ -545,6 +545,27 @@ def test_a_class_of_a_few_pixels_is_warned_of_and_its_weight_capped(tmp_path, st
     assert float(weights[1] / weights[0]) > 30  # sqrt of the pixel ratio
 
 
+def test_calibrate_tiles_on_a_model_of_three_classes_is_warned_of(
+    tmp_path, make_geotiff, train_config
+):
+    import warnings
+
+    from pipelines.tile import build_store
+
+    rng = np.random.default_rng(0)
+    scene = make_geotiff(rng.integers(1, 4000, (3, 192, 192)).astype("uint16"), name="s.tif")
+    mask = make_geotiff(rng.integers(0, 3, (192, 192)).astype("uint8"), name="m.tif")
+    store = build_store(scene, mask, tmp_path / "three.zarr", tile=64, gap=16)
+    config = train_config(store, iterations=3)
+    config.tables["data"]["calibrate_tiles"] = 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup = build_setup(config, tmp_path / "run")
+    said = " | ".join(str(w.message) for w in caught)
+    assert "calibrate_tiles has no effect on a model of 3 classes" in said
+    assert setup.calibration_data is None
+
+
 def test_stores_without_labeled_pixels_to_learn_or_score_are_refused(
     tmp_path, store, train_config, capsys
 ):
