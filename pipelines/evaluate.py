@@ -42,6 +42,7 @@ from tiles.wording import option
 
 from .arguments import flag, text, whole
 from .cli import JOBS
+from .config import DEFAULTS
 from .errors import PipelineError
 from .options import non_negative_int, positive_int
 from .predict import (
@@ -105,7 +106,8 @@ def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str)
 
 
 HELD_OUT = "the training split's validation region"  # what a scored region should be
-DEFAULT_GAP = 32  # the guard band of a split when neither --gap nor the checkpoint gives one
+# the split and guard band when neither the options nor the checkpoint give them: geodnn tile's
+DEFAULT_SPLIT, DEFAULT_GAP = DEFAULTS["tile"]["split"], DEFAULTS["tile"]["gap"]
 
 
 @dataclass(frozen=True)
@@ -277,9 +279,10 @@ def evaluate_scene(
         gap = trained.gap if gap is None else gap
     if split is None and region != "all":
         raise PipelineError(
-            f"{option('region', region)} needs {option('split')} (e.g. "
-            f"{option('split', 'columns:0.7')} with {option('gap', 64)}, as the store "
-            f"was tiled): the checkpoint records no training split on {info.path.name} "
+            f"{option('region', region)} needs {option('split')} and {option('gap')} as the "
+            f"store was tiled (geodnn tile's defaults: {option('split', DEFAULT_SPLIT)} "
+            f"{option('gap', DEFAULT_GAP)}): the checkpoint records no training split on "
+            f"{info.path.name} "
             "(trained on another scene, or before geodnn recorded it)"
         )
     try:

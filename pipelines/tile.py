@@ -23,6 +23,7 @@ from tiles.store import build_store as _build_store
 
 from .arguments import flag, names, text, whole
 from .cli import JOBS
+from .config import DEFAULTS
 from .options import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
@@ -118,17 +119,18 @@ def register(subparsers) -> None:
         "file as FILE|layername=LAYER) or a class mask GeoTIFF",
     )
     parser.add_argument("--out", required=True, help="the store to write (e.g. STORE.zarr)")
-    parser.add_argument("--tile", type=positive_int, default=128, help="tile size in px (128)")
+    tile, split, gap = (DEFAULTS["tile"][k] for k in ("tile", "split", "gap"))
+    parser.add_argument("--tile", type=positive_int, default=tile, help=f"tile size in px ({tile})")
     parser.add_argument(
         "--split",
-        default="columns:0.7",
-        help="columns:F or rows:F: the first fraction F trains, the rest validates (columns:0.7)",
+        default=split,
+        help=f"columns:F or rows:F: the first fraction F trains, the rest validates ({split})",
     )
     parser.add_argument(
         "--gap",
         type=non_negative_int,
-        default=32,
-        help="guard band in px between the regions; use >= the model's receptive radius (32)",
+        default=gap,
+        help=f"guard band in px between the regions; use >= the model's receptive radius ({gap})",
     )
     parser.add_argument(
         "--class-attribute",
