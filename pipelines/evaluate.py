@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from geodnn import Checkpoint
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
 from tiles.grid import DEFAULT_CHUNK
-from tiles.labels import LabelSource, load_labels
+from tiles.labels import LabelSource, has_attribute, load_labels
 from tiles.raster import (
     SceneInfo,
     grid_footprint,
@@ -53,6 +54,8 @@ from .predict import (
     resolution_note,
     value_range_note,
 )
+
+log = logging.getLogger(__name__)
 
 REGIONS = ("all", "train", "validation")
 
@@ -255,6 +258,8 @@ def evaluate_scene(
     check_scene_bands(info, ckpt)  # before the notes, which read its bands against the model's
     resolution_note(info, ckpt)
     value_range_note(info, ckpt)
+    if class_attribute is None:
+        class_attribute = trained_attribute(ckpt, labels)
     source = load_labels(labels, info, class_attribute=class_attribute)
     classes = ckpt.config.classes
     if source.classes > classes:
@@ -323,6 +328,21 @@ def evaluate_scene(
     return Evaluation(SegmentationScores(confusion), ckpt.class_names, region)
 
 
+def trained_attribute(ckpt: Checkpoint, labels: str | os.PathLike) -> str | None:
+    """The class attribute the model's store was tiled with, where these labels have it: what
+    to score by when none is given (the model's classes are that attribute's values)."""
+    attribute = ckpt.metadata.get("class_attribute")
+    if attribute is None or not has_attribute(labels, attribute):
+        return None
+    log.info(
+        "%s: classes from attribute '%s', as the model was trained (%s)",
+        labels,
+        attribute,
+        option("class-attribute", attribute),
+    )
+    return attribute
+
+
 def _confusion(
     predictions: Iterable[ChunkPrediction], source: LabelSource, box: Region | None, classes: int
 ) -> tuple[torch.Tensor, int]:
@@ -370,7 +390,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="vector labels (FILE|layername=LAYER for one layer of a file) or a raster mask",
     )
-    p.add_argument("--class-attribute", help="attribute holding the class of each feature")
+    p.add_argument(
+        "--class-attribute",
+        help="attribute holding the class of each feature (default: the one the model's store "
+        "was tiled with, where the labels have it)",
+    )
     p.add_argument(
         "--split",
         help="spatial split used for tiling, e.g. columns:0.7 (default on the training scene: "

@@ -622,6 +622,9 @@ def store_metadata(stores: SceneStores) -> dict:
     sizes = sorted({s for s in (p.store.pixel_size_m for p in stores.train) if s is not None})
     if sizes:
         meta["pixel_size_m"] = sizes[0] if len(sizes) == 1 else sizes
+    attribute = stores.first.store.attrs.get("class_attribute")
+    if attribute is not None:  # what `geodnn evaluate` scores labels by, unless told otherwise
+        meta["class_attribute"] = attribute
     return meta
 
 

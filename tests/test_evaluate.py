@@ -13,7 +13,7 @@ from geodnn.metrics import confusion_matrix
 from pipelines.cli import main
 from pipelines.errors import PipelineError
 from pipelines.evaluate import evaluate_scene
-from tiles.labels import load_labels
+from tiles.labels import LabelError, load_labels
 from tiles.raster import open_scene
 
 
@@ -200,6 +200,27 @@ def test_labels_are_numbered_as_the_model_was_trained(atlanta, tmp_path):
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(tmp_path / "barns.gpkg"),
                  "--class-attribute", "kind"])  # fmt: skip
     assert code == 2
+
+
+def test_labels_are_scored_by_the_attribute_the_model_was_trained_on(atlanta, tmp_path):
+    scene, labels, _, _ = atlanta
+    model = geodnn.build_model(bands=1, classes=3, depth=1, width=4, seed=5, init="kaiming")
+    ckpt = tmp_path / "three.pt"
+    names = ["background", "house", "shed"]
+    geodnn.save_checkpoint(
+        model, ckpt, class_names=names, class_values=[None, "house", "shed"], class_attribute="kind"
+    )
+    frame = gpd.read_file(labels)[["geometry"]]
+    frame.assign(kind=["shed", "house"] * (len(frame) // 2) + ["shed"] * (len(frame) % 2)).to_file(
+        tmp_path / "both.gpkg"
+    )
+    given = evaluate_scene(ckpt, scene, tmp_path / "both.gpkg", class_attribute="kind")
+    taken = evaluate_scene(ckpt, scene, tmp_path / "both.gpkg")  # was: "1 is not a class"
+    assert torch.equal(taken.scores.confusion, given.scores.confusion)
+    assert (given.scores.confusion.sum(1)[1:] > 0).all()
+    frame.to_file(tmp_path / "plain.gpkg")  # no such attribute: one class, as before
+    with pytest.raises(LabelError, match="value.s. 1 are not among the model's classes"):
+        evaluate_scene(ckpt, scene, tmp_path / "plain.gpkg")
 
 
 def test_evaluate_follows_the_checkpoint_threshold_unless_argmax(atlanta, tmp_path):

@@ -98,6 +98,7 @@ def test_atlanta_buildings_by_attribute_and_rows(tmp_path, data_dir, capsys, cap
     store = TileStore.open(out)
     assert code == 0 and store.class_names == ["background", "yes"]
     assert store.attrs["split"]["axis"] == "rows"
+    assert store.attrs["class_attribute"] == "building"  # evaluate scores labels by it
     # rasterio's "no geotransform" warning for each in-memory window burned is not shown
     assert "geotransform" not in caplog.text  # (the CLI logs warnings)
 

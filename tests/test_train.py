@@ -36,6 +36,7 @@ def test_run_folder_holds_checkpoints_metrics_and_curves(tmp_path, store, train_
     assert ckpt.class_names == ["background", "roads"]
     assert ckpt.metadata["iteration"] == 6
     assert ckpt.metadata["class_values"] == [None, 255]  # the road mask's value
+    assert "class_attribute" not in ckpt.metadata  # a mask's classes: no attribute to score by
     # the Vegas crop's pixels on the ground (EPSG:4326, ~0.27 m): predict warns of others
     assert ckpt.metadata["pixel_size_m"] == pytest.approx(0.27, abs=0.01)
     split = ckpt.metadata["training_split"]  # where its training pixels lie, for evaluate
@@ -543,6 +544,20 @@ def test_a_class_of_a_few_pixels_is_warned_of_and_its_weight_capped(tmp_path, st
     with warnings.catch_warnings(record=True):
         weights = build_setup(uncapped, tmp_path / "run2").class_weights
     assert float(weights[1] / weights[0]) > 30  # sqrt of the pixel ratio
+
+
+def test_the_checkpoint_records_the_class_attribute_of_its_store(tmp_path, store, train_config):
+    import shutil
+
+    import zarr
+
+    from pipelines.train import store_metadata
+
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    zarr.open_group(str(copy), mode="r+").attrs["class_attribute"] = "kind"
+    setup = build_setup(train_config(copy), tmp_path / "run")
+    assert store_metadata(setup.stores)["class_attribute"] == "kind"  # evaluate's default
 
 
 def test_calibrate_tiles_on_a_model_of_three_classes_is_warned_of(

@@ -89,6 +89,8 @@ class LabelSource(ABC):
     scene: SceneInfo
     class_names: list[str]
     class_values: list = field(default_factory=list)  # source value of each class id (None: bg)
+    # the vector attribute the classes come from (None: one class per file, or a mask)
+    class_attribute: str | None = field(default=None, kw_only=True)
 
     @property
     def classes(self) -> int:
@@ -254,6 +256,19 @@ def load_labels(
             "mask's values are its classes, so drop them"
         )
     return _load_raster(path, scene)
+
+
+def has_attribute(path: str | os.PathLike, attribute: str) -> bool:
+    """Whether `path` (FILE or FILE|layername=LAYER) is a vector file whose layer has the field
+    `attribute`: a mask, an unreadable file or another layout has not."""
+    path, layer = split_layer(path)
+    if path.suffix.lower() in RASTER_SUFFIXES or not path.exists():
+        return False
+    try:
+        fields = pyogrio.read_info(path, layer=_pick_layer(path, layer))["fields"]
+    except Exception:  # unreadable or ambiguous: load_labels says why, in its own words
+        return False
+    return attribute in [str(f) for f in fields]
 
 
 class UnreadableVectorError(LabelError):
@@ -425,6 +440,7 @@ def _load_vector(
         scene=scene,
         class_names=names,
         class_values=values,
+        class_attribute=attribute,
         geometries=geometries,
         ids=ids,
         tree=tree,

@@ -365,6 +365,7 @@ def _metadata(scene: SceneInfo, labels: LabelSource, spec: SplitSpec, size: int)
         # file can be numbered the same way (`geodnn evaluate`)
         "class_values": [plain_class_value(v) for v in labels.class_values],
         "class_colors": [list(c) for c in labels.class_colors],
+        "class_attribute": labels.class_attribute,  # `geodnn evaluate` takes it by default
         "ignore_index": IGNORE_INDEX,
         "split": {
             "axis": spec.axis,
