@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
         gap=args.gap,
         class_attribute=args.class_attribute,
+        class_names=args.class_names,
         overwrite=args.overwrite,
         progress=not args.quiet,
     )
@@ -136,6 +137,14 @@ def register(subparsers) -> None:
         "--class-attribute",
         default=None,
         help="vector attribute holding the class (default: every feature is one class)",
+    )
+    parser.add_argument(
+        "--class-names",
+        nargs="+",
+        metavar="NAME",
+        help="a name for each class id, background first (default: the attribute's values, "
+        "'value N' for a mask's, or the label file's name for one class); they name the "
+        "classes in metrics, maps and polygons",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -175,6 +175,17 @@ def test_unknown_class_attribute(tmp_path, scene, capsys):
     assert_one_line_error(code, err, "l.geojson", "'cls'", "one of: kind")
 
 
+def test_class_names_name_a_mask_s_classes(tmp_path, scene, make_geotiff, capsys):
+    mask = make_geotiff(np.tile(np.arange(64, dtype=np.uint8) % 3, (64, 1)), name="mask.tif")
+    argv = [scene, "--labels", mask, "--out", tmp_path / "s.zarr", "--tile", "32", "-q"]
+    code, err = run_cli(capsys, *argv, "--class-names", "bare", "road", "roof")
+    assert code == 0, err
+    assert TileStore.open(tmp_path / "s.zarr").class_names == ["bare", "road", "roof"]
+    argv[4] = tmp_path / "t.zarr"
+    code, err = run_cli(capsys, *argv, "--class-names", "bare", "road")
+    assert_one_line_error(code, err, "mask.tif", "2 class names given for 3 classes")
+
+
 def test_existing_store_without_overwrite(tmp_path, scene, capsys):
     labels = write_vector(tmp_path / "l.geojson", [inside()])
     out = tmp_path / "s.zarr"
