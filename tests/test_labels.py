@@ -189,6 +189,17 @@ def test_integer_class_attribute_keeps_its_ids_and_missing_values_are_ignored(tm
     assert labels[0, 0] == 3 and labels[5, 5] == 1 and labels[10, 10] == IGNORE_INDEX
 
 
+def test_sparse_integer_codes_are_warned_of_as_empty_classes(tmp_path, scene):
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
+    path = write_vector(tmp_path, boxes, code=[10, 20, 30])
+    with pytest.warns(UserWarning, match=r"ids up to 30, but no feature has 27 of them \(1, 2"):
+        source = load_labels(path, scene, class_attribute="code")
+    assert source.classes == 31  # the codes stay the class ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one id this scene lacks: no warning
+        load_labels(write_vector(tmp_path, boxes, code=[1, 3, 3]), scene, class_attribute="code")
+
+
 def test_geopackage_and_shapefile_are_read(tmp_path, scene):
     for name in ("labels.gpkg", "labels.shp"):
         path = write_vector(tmp_path, [pixel_box(3, 3, 6, 6)], name=name)

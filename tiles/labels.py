@@ -7,7 +7,8 @@ and each window burns only the features its bounds touch, so large scenes stream
 Class ids:
 - vector, no `class_attribute`: every feature is class 1 (named after the file), the rest 0;
 - vector with `class_attribute`: integer values are the class ids themselves (0..254; a tile
-  store needs one that is not 0); true/false values are the class named after the attribute
+  store needs one that is not 0; sparse codes such as 10, 20, ... leave the ids between them
+  empty classes, which is warned of); true/false values are the class named after the attribute
   and background; any other values (text) map to 1..K in sorted order. Features without a
   value are burned as ignore. Lines and points are burned one pixel wide (with a warning:
   buffer road centre lines first);
@@ -392,8 +393,22 @@ def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attrib
     ids = np.full(len(present), IGNORE_INDEX, dtype=np.uint8)
     ids[present] = values
     top = int(values.max())
+    _warn_of_ids_without_features(values, top, path, attribute)
     names = ["background"] + [str(i) for i in range(1, top + 1)]
     return ids, names, [None] + list(range(1, top + 1))
+
+
+def _warn_of_ids_without_features(values: np.ndarray, top: int, path: Path, attribute: str) -> None:
+    """Integer codes are class ids, so sparse codes (10, 20, ...) leave every id between them a
+    class no feature has: say so where it happens, not as classes 'without training pixels'."""
+    unused = sorted(set(range(1, top + 1)) - set(values.tolist()))
+    if len(unused) * 2 > top:  # most ids unused: sparse codes, not a class this scene lacks
+        listed = ", ".join(map(str, unused[:5])) + (", ..." if len(unused) > 5 else "")
+        warn_user(
+            f"{path}: attribute '{attribute}' holds class ids up to {top}, but no feature has "
+            f"{len(unused)} of them ({listed}): each is an empty class of the model; renumber "
+            "the codes 1..K (or use a text attribute) to leave them out"
+        )
 
 
 def _text_classes(values: np.ndarray, present: np.ndarray, path: Path, attribute: str):
