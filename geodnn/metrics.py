@@ -63,6 +63,17 @@ class SegmentationScores:
     def pixels(self) -> int:
         return int(self.confusion.sum())
 
+    @property
+    def labeled(self) -> list[int]:
+        """Per class: the scored pixels labeled it (a class scoring 0 with none was only
+        over-called; with some, missed)."""
+        return [int(n) for n in self.confusion.sum(1)]
+
+    @property
+    def predicted(self) -> list[int]:
+        """Per class: the scored pixels predicted as it."""
+        return [int(n) for n in self.confusion.sum(0)]
+
     def to_dict(self, class_names: list[str] | None = None) -> dict:
         """Scores by class name; a class absent from truth and prediction scores None (JSON
         null), as mean_iou leaves it out."""
@@ -74,6 +85,8 @@ class SegmentationScores:
             "pixel_accuracy": self.pixel_accuracy,
             "mean_iou": self.mean_iou,
             "pixels": self.pixels,
+            "labeled_pixels": dict(zip(names, self.labeled)),
+            "predicted_pixels": dict(zip(names, self.predicted)),
         }
 
 

@@ -72,11 +72,13 @@ class Evaluation:
         return {"region": self.region, **self.scores.to_dict(self.class_names)}
 
     def table(self) -> str:
-        lines = [f"{'class':16s} {'IoU':>7s} {'F1':>7s}"]
-        scores = zip(self.class_names, self.scores.iou, self.scores.f1, self.scores.seen)
-        for name, iou, f1, seen in scores:
+        s = self.scores
+        lines = [f"{'class':16s} {'IoU':>7s} {'F1':>7s} {'labeled px':>12s} {'predicted px':>12s}"]
+        for name, iou, f1, seen, labeled, predicted in zip(
+            self.class_names, s.iou, s.f1, s.seen, s.labeled, s.predicted
+        ):
             values = f"{iou:7.4f} {f1:7.4f}" if seen else f"{'absent':>7s} {'absent':>7s}"
-            lines.append(f"{name:16s} {values}")
+            lines.append(f"{name:16s} {values} {labeled:12d} {predicted:12d}")
         lines.append(f"mean IoU {self.scores.mean_iou:.4f} over the classes present")
         lines.append(
             f"pixel accuracy {self.scores.pixel_accuracy:.4f} "

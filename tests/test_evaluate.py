@@ -270,7 +270,11 @@ def test_a_notebook_shows_the_table(atlanta):
     scene, labels, ckpt, _ = atlanta
     result = evaluate_scene(ckpt, scene, labels, chunk=300)
     assert str(result) == result.table() == pretty(result)
-    assert result.table().splitlines()[0].split() == ["class", "IoU", "F1"]
+    header, background, building = result.table().splitlines()[:3]
+    assert header.split() == ["class", "IoU", "F1", "labeled", "px", "predicted", "px"]
+    counts = result.scores.confusion
+    assert building.split()[-2:] == [str(int(counts[1].sum())), str(int(counts[:, 1].sum()))]
+    assert result.to_dict()["labeled_pixels"]["building"] == int(counts[1].sum())
 
 
 def test_a_scene_with_other_bands_is_one_line_before_the_value_check(atlanta, tmp_path):
