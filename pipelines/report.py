@@ -95,10 +95,19 @@ def overlay_png(p: Pipeline, path: Path) -> Path:
         interpolation="nearest",
     )
     outline_validation(ax_map, p)
+    add_class_legend(ax_map, ckpt.class_names[1:], colors[1:])
     ax_img.set_title("scene")
     ax_map.set_title(f"predicted ({p.config.solver}); dashed: validation region")
     save_figure(fig, path, dpi=110)
     return path
+
+
+def add_class_legend(ax, names: list[str], colors: np.ndarray) -> None:
+    """Which colour is which mapped class (background is left transparent)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, alpha=0.6, label=n) for n, c in zip(names, colors)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
 
 
 def outline_validation(ax, p: Pipeline) -> None:
@@ -123,18 +132,28 @@ def read_curve(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
-def comparison_png(curves: dict[str, list[dict]], path: Path, positive: str) -> Path:
-    """Validation IoU of the positive class per solver, against iterations and against time."""
+def mapped_iou(row: dict[str, float], names: list[str]) -> float:
+    """A metrics.csv row's IoU of the mapped classes (the one after background, or the mean of
+    those validation saw), as the training progress bar shows it."""
+    from .train import foreground_iou
+
+    return foreground_iou([row.get(f"val_iou_{n}", math.nan) for n in names])
+
+
+def comparison_png(curves: dict[str, list[dict]], path: Path, names: list[str]) -> Path:
+    """Validation IoU of the mapped class (of several, their mean) per solver, against
+    iterations and against time."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_it, ax_t = fig.subplots(1, 2)
     for solver, rows in curves.items():
-        key = f"val_iou_{positive}"
-        ax_it.plot([r["iteration"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
-        ax_t.plot([r["elapsed_s"] for r in rows], [r[key] for r in rows], marker=".", label=solver)
-    ax_it.set(xlabel="iteration", ylabel=f"validation IoU ({positive})", title="per iteration")
-    ax_t.set(xlabel="seconds", ylabel=f"validation IoU ({positive})", title="per wall-clock time")
+        iou = [mapped_iou(r, names) for r in rows]
+        ax_it.plot([r["iteration"] for r in rows], iou, marker=".", label=solver)
+        ax_t.plot([r["elapsed_s"] for r in rows], iou, marker=".", label=solver)
+    label = names[1] if len(names) == 2 else f"mean of {', '.join(names[1:])}"
+    ax_it.set(xlabel="iteration", ylabel=f"validation IoU ({label})", title="per iteration")
+    ax_t.set(xlabel="seconds", ylabel=f"validation IoU ({label})", title="per wall-clock time")
     for ax in (ax_it, ax_t):
         ax.legend()
         ax.set_ylim(0, 1)
@@ -156,8 +175,8 @@ def metrics_rows(curves: dict[str, list[dict]], evaluation: dict) -> list[list[s
         rows.append(
             [solver]
             + [score_text(v) for v in scores["iou"].values()]
+            + [score_text(v) for v in list(scores["f1"].values())[1:]]
             + [
-                score_text(list(scores["f1"].values())[-1]),
                 f"{scores['pixel_accuracy']:.3f}",
                 f"{int(last.get('iteration', 0))}",
                 f"{last.get('elapsed_s', 0):.0f}",
@@ -174,11 +193,12 @@ def write_report(p: Pipeline) -> list[Path]:
     names = list(evaluation[p.config.solver]["iou"])
     overlay = overlay_png(p, root / "overlay.png")
     curves = {s: read_curve(p.folder.train_dir(s) / "metrics.csv") for s in p.solvers}
-    comparison = comparison_png(curves, root / "comparison.png", names[-1])
+    comparison = comparison_png(curves, root / "comparison.png", names)
     header = (
         ["solver"]
         + [f"IoU {n}" for n in names]
-        + [f"F1 {names[-1]}", "pixel accuracy", "iterations", "train seconds", "train loss"]
+        + [f"F1 {n}" for n in names[1:]]
+        + ["pixel accuracy", "iterations", "train seconds", "train loss"]
     )
     rows = metrics_rows(curves, evaluation)
     links = p.map_outputs() + [p.folder.train_dir(s) / "model.pt" for s in p.solvers]

@@ -37,4 +37,25 @@ def test_report_rows_show_a_class_absent_from_the_validation_region():
     scores = json.loads(json.dumps(SegmentationScores(confusion).to_dict(["bg", "a", "b"])))
     curve = [{"iteration": 40.0, "elapsed_s": 12.0, "train_loss": 0.3}]
     [row] = metrics_rows({"admm": curve}, {"admm": scores})
-    assert row[1:5] == ["0.909", "0.800", "absent", "absent"]  # before: TypeError on None
+    assert row[1:4] == ["0.909", "0.800", "absent"]  # before: TypeError on None
+    assert row[4:6] == ["0.889", "absent"]  # F1 of each mapped class, not of the last alone
+
+
+def test_the_comparison_follows_every_mapped_class(tmp_path):
+    from pipelines.report import comparison_png, mapped_iou
+
+    names = ["background", "road", "roof"]
+    row = {"val_iou_background": 0.9, "val_iou_road": 0.2, "val_iou_roof": 0.4}
+    assert mapped_iou(row, names) == pytest.approx(0.3)  # not the last class's 0.4
+    assert mapped_iou({**row, "val_iou_roof": float("nan")}, names) == pytest.approx(0.2)
+    assert mapped_iou(row, names[:2]) == pytest.approx(0.2)
+    curves = {"admm": [{"iteration": 10.0, "elapsed_s": 2.0, **row}]}
+    assert comparison_png(curves, tmp_path / "c.png", names).stat().st_size > 0
+
+
+def test_the_prediction_overlay_names_each_mapped_class():
+    from pipelines.report import add_class_legend
+
+    ax = Figure().subplots()
+    add_class_legend(ax, ["road", "roof"], np.array([[1.0, 0, 0], [0, 0, 1.0]]))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["road", "roof"]
