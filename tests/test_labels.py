@@ -189,6 +189,15 @@ def test_integer_class_attribute_keeps_its_ids_and_missing_values_are_ignored(tm
     assert labels[0, 0] == 3 and labels[5, 5] == 1 and labels[10, 10] == IGNORE_INDEX
 
 
+def test_numbers_in_text_classes_are_ordered_by_value(tmp_path, scene):
+    boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
+    path = write_vector(tmp_path, boxes, code=["10", "2", "1"])
+    source = load_labels(path, scene, class_attribute="code")
+    assert source.class_names == ["background", "1", "2", "10"]  # was 1, 10, 2
+    labels = whole(source, scene)
+    assert labels[0, 0] == 3 and labels[5, 5] == 2 and labels[10, 10] == 1
+
+
 def test_sparse_integer_codes_are_warned_of_as_empty_classes(tmp_path, scene):
     boxes = [pixel_box(0, 0, 2, 2), pixel_box(5, 5, 7, 7), pixel_box(10, 10, 12, 12)]
     path = write_vector(tmp_path, boxes, code=[10, 20, 30])

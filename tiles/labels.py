@@ -9,7 +9,8 @@ Class ids:
 - vector with `class_attribute`: integer values are the class ids themselves (0..254; a tile
   store needs one that is not 0; sparse codes such as 10, 20, ... leave the ids between them
   empty classes, which is warned of); true/false values are the class named after the attribute
-  and background; any other values (text) map to 1..K in sorted order. Features without a
+  and background; any other values (text) map to 1..K in sorted order (numbers in them by
+  value: "2" before "10"). Features without a
   value are burned as ignore. Lines and points are burned one pixel wide (with a warning:
   buffer road centre lines first);
 - raster mask: 0 = background, each distinct non-zero value maps to 1..K in sorted order (a 0/255
@@ -22,6 +23,7 @@ Where features overlap, later features in the file win.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -411,8 +413,19 @@ def _warn_of_ids_without_features(values: np.ndarray, top: int, path: Path, attr
         )
 
 
+def natural_order(name: str) -> tuple[list, str]:
+    """Sort key that orders the numbers in names by value: "2" before "10", "zone 9" before
+    "zone 10" (plain text order put "10" first, so code "2" became class 3); names equal by
+    value ("01", "1") in text order."""
+    parts = [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in _DIGITS.split(name)]
+    return parts, name
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
 def _text_classes(values: np.ndarray, present: np.ndarray, path: Path, attribute: str):
-    uniques = sorted(set(values.tolist()))
+    uniques = sorted(set(values.tolist()), key=natural_order)
     if len(uniques) > MAX_CLASSES:
         raise LabelError(
             f"{path}: attribute '{attribute}' has {len(uniques)} distinct values "
