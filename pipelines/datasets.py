@@ -45,9 +45,13 @@ class StoreBatches:
         seed: int = 0,
         crops_per_tile: int | None = None,
         in_memory_bytes: int = IN_MEMORY_BYTES,
+        id_map: np.ndarray | None = None,
     ) -> None:
         self.store = store if isinstance(store, TileStore) else TileStore.open(store)
         self.split = split
+        # store class id -> the run's (256 entries, 255 kept): a store with some of the first
+        # store's classes (`match_classes`); None: the store's ids are the run's
+        self.id_map = id_map
         self.seed = int(seed)
         self.tiles = self.store.indices(split)
         windows = self.store.windows(self.tiles) if len(self.tiles) else np.zeros((0, 4))
@@ -61,7 +65,11 @@ class StoreBatches:
         self._labels: np.ndarray | None = None
         if self.nbytes <= in_memory_bytes:
             self._images = self.store.images(self.tiles)
-            self._labels = self.store.labels(self.tiles)
+            self._labels = self._read_labels(self.tiles)
+
+    def _read_labels(self, stored: np.ndarray) -> np.ndarray:
+        labels = self.store.labels(stored)
+        return labels if self.id_map is None else self.id_map[labels]
 
     def _check_crop(self, crop: int | None) -> int | None:
         if crop is None:
@@ -114,8 +122,13 @@ class StoreBatches:
 
     @property
     def class_counts(self) -> np.ndarray:
-        """Labeled pixels per class in the training region."""
+        """Labeled pixels per class of the store in the training region."""
         return self.store.class_pixel_counts
+
+    def run_class_ids(self) -> np.ndarray:
+        """The run's class id of each of the store's classes."""
+        ids = np.arange(self.store.classes)
+        return ids if self.id_map is None else self.id_map[ids].astype(np.int64)
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(position of the tile in this split, row offset, column offset) of item `index`."""
@@ -146,7 +159,7 @@ class StoreBatches:
         if self._labels is not None:
             labels = self._labels[positions]
         elif len(positions):
-            labels = self.store.labels(self.tiles[positions])
+            labels = self._read_labels(self.tiles[positions])
         else:
             labels = np.zeros((0, self.tile_size, self.tile_size), dtype=np.uint8)
         return torch.from_numpy(labels.astype(np.int64))
@@ -155,7 +168,7 @@ class StoreBatches:
         if self._images is not None:
             return self._images[positions], self._labels[positions]
         stored = self.tiles[positions]
-        return self.store.images(stored), self.store.labels(stored)
+        return self.store.images(stored), self._read_labels(stored)
 
     def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images float32 (B, bands, h, w), NaN = nodata; labels int64 (B, h, w), 255 = ignore."""
@@ -320,19 +333,21 @@ def pooled_band_stats(parts: Sequence[StoreBatches]) -> tuple[np.ndarray, np.nda
     return mean, np.sqrt(variance)
 
 
-def check_compatible(first: StoreBatches, other: StoreBatches) -> None:
+def check_compatible(a: TileStore, b: TileStore) -> np.ndarray | None:
     """Refuse a store that one model cannot train on beside `first`: other bands, other
     classes (by their label values; by name for stores that lack the values) or another tile
-    size. Classes of the same values under other names (a single class is named after its
-    label file) are trained as one, under the first store's names, with a warning."""
-    a, b = first.store, other.store
+    size. A store `b` with some of `a`'s classes (a scene without water) is trained with its
+    labels renumbered as `a`'s (the id lookup returned), with a warning; classes of the same
+    values under other names (a single class is named after its label file) are trained as
+    one, under the first store's names, with a warning."""
     known = a.class_values is not None and b.class_values is not None
     same_classes = a.classes == b.classes and (
         a.class_values == b.class_values if known else a.class_names == b.class_names
     )
+    some = known and not same_classes and _some_of(b, a)
     problems = [
         (a.bands == b.bands, f"{b.bands} band(s), {a.path} {a.bands}", "scenes of the same bands"),
-        (same_classes, f"classes {_classes(b)}, {a.path} {_classes(a)}", _class_fix(a, b)),
+        (same_classes or some, f"classes {_classes(b)}, {a.path} {_classes(a)}", _class_fix(a, b)),
         (
             a.tile_size == b.tile_size,
             f"{b.tile_size} px tiles, {a.path} {a.tile_size} px",
@@ -345,21 +360,46 @@ def check_compatible(first: StoreBatches, other: StoreBatches) -> None:
                 f"{b.path}: this store has {difference}, so one model cannot train on both; "
                 f"train on {fix}"
             )
+    if some:
+        lacking = [n for n, v in zip(a.class_names, a.class_values) if v not in b.class_values]
+        warn_user(
+            f"{b.path}: has no class {', '.join(lacking)} of {a.path}; its classes are trained "
+            "as that store's, by label value"
+        )
+        return _id_map(b.class_values, a.class_values)
     if a.class_names != b.class_names:
         warn_user(
             f"{b.path}: its classes {b.class_names} have the label values of {a.path}'s "
             f"{a.class_names} and are trained as those; if they are other things, label them "
             "with other values"
         )
+    return None
 
 
-def check_not_a_copy(listed: list[StoreBatches], other: StoreBatches) -> None:
+def _some_of(store: TileStore, of: TileStore) -> bool:
+    """Whether `store`'s classes are some of `of`'s by label value: two or more, or one from a
+    class attribute (a file's single class is 1 whatever it is, so it matches no class of
+    several by value; `_class_fix` says what to do)."""
+    values, theirs = store.class_values, of.class_values
+    named = len(values) > 2 or store.attrs.get("class_attribute") is not None
+    return named and len(values) < len(theirs) and set(values[1:]) <= set(theirs[1:])
+
+
+def _id_map(values: list, of: list) -> np.ndarray:
+    """Class id lookup (256 entries; 0 and 255 kept) from `values`' ids to `of`'s."""
+    lut = np.arange(256, dtype=np.uint8)
+    for source_id, value in enumerate(values[1:], start=1):
+        lut[source_id] = of.index(value, 1)
+    return lut
+
+
+def check_not_a_copy(listed: list[StoreBatches], other: TileStore) -> None:
     """Refuse a store whose metadata is another listed store's (a copy, or the same scene
     tiled again the same way): its tiles would count twice in training and validation."""
     for part in listed:
-        if part.store.attrs == other.store.attrs:
+        if part.store.attrs == other.attrs:
             raise PipelineError(
-                f"{other.store.path}: this store holds the tiles of {part.store.path} (a copy, or "
+                f"{other.path}: this store holds the tiles of {part.store.path} (a copy, or "
                 "the same scene tiled the same way); list each scene once"
             )
 
@@ -399,13 +439,16 @@ class SceneStores:
     def open(cls, paths: Sequence[os.PathLike], crop: int | None, seed: int) -> SceneStores:
         train, budget = [], IN_MEMORY_BYTES
         for path in paths:
-            part = StoreBatches(path, split="train", crop=crop, seed=seed, in_memory_bytes=budget)
-            budget -= part.nbytes if part.in_memory else 0
+            store, id_map = TileStore.open(path), None
             if train:
-                check_compatible(train[0], part)
-                check_not_a_copy(train, part)
+                id_map = check_compatible(train[0].store, store)
+                check_not_a_copy(train, store)
+            part = StoreBatches(
+                store, "train", crop=crop, seed=seed, in_memory_bytes=budget, id_map=id_map
+            )
+            budget -= part.nbytes if part.in_memory else 0
             train.append(part)
-        val = [StoreBatches(p.store, split="val", in_memory_bytes=0) for p in train]
+        val = [StoreBatches(p.store, "val", in_memory_bytes=0, id_map=p.id_map) for p in train]
         stores = cls(train, val)
         stores.warn_if_resolutions_differ()
         stores.warn_if_validation_is_trained_on()
@@ -461,7 +504,9 @@ class SceneStores:
 
     def calibration_windows(self, halo: int) -> ValidationWindows | Interleaved:
         """Every store's training tiles (whole, read lazily) with their halo, in turn."""
-        tiles = [StoreBatches(p.store, split="train", in_memory_bytes=0) for p in self.train]
+        tiles = [
+            StoreBatches(p.store, "train", in_memory_bytes=0, id_map=p.id_map) for p in self.train
+        ]
         return self._windows(tiles, halo)
 
     @staticmethod
@@ -480,7 +525,10 @@ class SceneStores:
     @property
     def class_counts(self) -> np.ndarray:
         """Labeled training pixels per class, summed over the stores."""
-        return np.sum([p.class_counts for p in self.train], axis=0)
+        total = np.zeros(self.first.store.classes, dtype=np.int64)
+        for part in self.train:
+            np.add.at(total, part.run_class_ids(), np.asarray(part.class_counts, dtype=np.int64))
+        return total
 
     def scored_labels(self, limit: int) -> list[torch.Tensor]:
         """Each store's labels of the first `limit` validation tiles in the order scored."""

@@ -304,6 +304,40 @@ def test_classes_of_the_same_values_under_other_names_train_as_the_first_store_s
     assert stores.first.class_names == ["background", "mask"]
 
 
+def test_a_store_with_some_of_the_first_store_s_classes_trains_renumbered(tmp_path, make_geotiff):
+    """A scene without water trains beside one with water (it was refused): its labels are
+    renumbered by value as the first store's, in training, validation and class counts."""
+    rng = np.random.default_rng(9)
+    paths = []
+    for k, values in enumerate([[1, 2, 3], [2, 3]]):  # the second lacks value 1
+        image = rng.uniform(0, 100, size=(2, 48, 72)).astype(np.float32)
+        mask = rng.choice([0, *values], size=(48, 72)).astype(np.uint8)
+        scene = make_geotiff(image, name=f"scene{k}.tif")
+        labels = make_geotiff(mask, name=f"mask{k}.tif")
+        split = SplitSpec("columns", 0.6, 6)
+        paths.append(build_store(scene, labels, tmp_path / f"s{k}.zarr", tile=24, split=split))
+    with pytest.warns(UserWarning, match=r"s1.zarr: has no class 1 of .*s0.zarr"):
+        stores = SceneStores.open(paths, crop=None, seed=0)
+    second, raw = stores.train[1], TileStore.open(paths[1])
+    assert raw.class_values == [None, 2, 3]  # its ids 1, 2 are the first store's 2, 3
+    _, labels = second.get(range(len(second)))
+    stored = torch.from_numpy(raw.labels(second.tiles).astype(np.int64))
+    expected = torch.where((stored > 0) & (stored < 255), stored + 1, stored)
+    assert torch.equal(labels, expected)
+    assert torch.equal(stores.val[1].tile_labels([0])[0], expected_val(raw, stores.val[1]))
+    counts = np.asarray(raw.class_pixel_counts)
+    first = np.asarray(TileStore.open(paths[0]).class_pixel_counts)
+    np.testing.assert_array_equal(stores.class_counts, first + [counts[0], 0, *counts[1:]])
+    reverse = [paths[1], paths[0]]  # the first store must hold every class
+    with pytest.raises(PipelineError, match="cannot train on both"):
+        SceneStores.open(reverse, crop=None, seed=0)
+
+
+def expected_val(raw: TileStore, val: StoreBatches) -> torch.Tensor:
+    stored = torch.from_numpy(raw.labels(val.tiles[:1]).astype(np.int64))[0]
+    return torch.where((stored > 0) & (stored < 255), stored + 1, stored)
+
+
 def test_scenes_of_very_different_pixel_sizes_are_warned_of(
     two_scene_stores, tmp_path, make_geotiff
 ):
