@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import rasterio
 
-from tiles.grid import ChunkGrid, ChunkSizeError, read_chunk, reflect_indices
+from tiles.grid import (
+    ChunkGrid,
+    ChunkSizeError,
+    core_is_empty,
+    nodata_mask,
+    read_chunk,
+    reflect_indices,
+)
 
 
 @pytest.mark.parametrize(
@@ -62,3 +69,17 @@ def test_chunk_too_small_for_halo_names_the_fix(chunk, halo):
     with pytest.raises(ChunkSizeError, match="pass chunk=") as info:
         ChunkGrid(100, 100, chunk, halo)
     assert "\n" not in str(info.value)
+
+
+def test_a_pixel_is_nodata_only_when_every_band_is(make_geotiff):
+    """A pixel missing in one band of a multiband scene is still predicted, not masked."""
+    scene = np.full((2, 12, 12), 5.0, dtype=np.float32)
+    scene[1, 3, 4] = np.nan  # one band missing: still data
+    scene[:, 7, 8] = np.nan  # every band missing: nodata
+    [chunk] = ChunkGrid(12, 12, 12, halo=2)
+    with rasterio.open(make_geotiff(scene)) as src:
+        padded = read_chunk(src, chunk)
+    expected = np.zeros((12, 12), dtype=bool)
+    expected[7, 8] = True
+    np.testing.assert_array_equal(nodata_mask(padded, chunk), expected)
+    assert not core_is_empty(padded, chunk)

@@ -209,6 +209,18 @@ def test_sparse_integer_codes_are_warned_of_as_empty_classes(tmp_path, scene):
         load_labels(write_vector(tmp_path, boxes, code=[1, 3, 3]), scene, class_attribute="code")
 
 
+def test_integer_class_254_is_the_highest_accepted(tmp_path, scene):
+    """254 is the documented top class id; 255 is the ignore index and is refused."""
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2)], name="top.geojson", code=[254])
+    with pytest.warns(UserWarning, match="ids up to 254"):  # sparse: ids 1..253 have no feature
+        source = load_labels(path, scene, class_attribute="code")
+    assert source.classes == 255 and source.class_names[-1] == "254"
+    assert (source.rasterize(Window(0, 0, 2, 2)) == 254).all()
+    path = write_vector(tmp_path, [pixel_box(0, 0, 2, 2)], name="over.geojson", code=[255])
+    with pytest.raises(LabelError, match="has class ids outside 0..254"):
+        load_labels(path, scene, class_attribute="code")
+
+
 def test_geopackage_and_shapefile_are_read(tmp_path, scene):
     for name in ("labels.gpkg", "labels.shp"):
         path = write_vector(tmp_path, [pixel_box(3, 3, 6, 6)], name=name)
@@ -281,6 +293,25 @@ def test_mask_on_another_grid_is_resampled_nearest_with_a_warning(make_geotiff):
     assert (labels[6:, :] == IGNORE_INDEX).all() and (labels[:, 6:] == IGNORE_INDEX).all()
 
 
+def test_a_mask_with_the_scene_s_grid_numbers_in_another_crs_is_resampled(make_geotiff, scene):
+    """Equal shape and transform are not the same grid when the CRS differs (NAD83 / WGS 84):
+    such a mask was read pixel for pixel, silently."""
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:5, 3:9] = 1
+    path = make_geotiff(mask, name="nad83.tif", crs="EPSG:26916")
+    with pytest.warns(UserWarning, match="nad83.tif: mask is not on the scene's grid; resampled"):
+        source = load_labels(path, scene)
+    assert not source.same_grid
+
+
+def test_a_mask_with_negative_values_is_refused(make_geotiff, scene):
+    """-1 for unlabeled without a declared nodata: refused, not mapped to wrong class ids."""
+    mask = np.zeros((20, 30), dtype=np.int16)
+    mask[:10], mask[10:, :5] = 1, -1
+    with pytest.raises(LabelError, match="neg.tif: mask has fractional or negative values"):
+        load_labels(make_geotiff(mask, name="neg.tif"), scene)
+
+
 def test_a_mask_of_part_of_the_scene_on_its_pixels_says_what_it_leaves_unlabeled(
     make_geotiff,
 ):
@@ -340,6 +371,16 @@ def test_labels_that_do_not_overlap(tmp_path, scene):
     far = shapely.box(X0 + 5000, Y0 + 5000, X0 + 5010, Y0 + 5010)
     with pytest.raises(LabelError, match="do not overlap"):
         load_labels(write_vector(tmp_path, [far]), scene)
+
+
+@pytest.mark.parametrize("origin", [(X0 + 15, Y0), (X0, Y0 + 10)])  # east of it; north of it
+def test_a_mask_that_only_touches_the_scene_s_edge_does_not_overlap(make_geotiff, scene, origin):
+    """A clear error, not a mask that "covers 0%" of the scene and labels nothing."""
+    mask = make_geotiff(
+        np.ones((20, 30), np.uint8), name="m.tif", transform=from_origin(*origin, PIXEL, PIXEL)
+    )
+    with pytest.raises(LabelError, match="m.tif: mask does not overlap the scene scene.tif"):
+        load_labels(mask, scene)
 
 
 def test_unknown_class_attribute_lists_the_available_ones(tmp_path, scene):

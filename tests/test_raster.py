@@ -55,6 +55,17 @@ def test_read_window_maps_nodata_and_inf_to_nan(make_geotiff):
     assert out[0, 2, 3] == 11
 
 
+def test_lazy_scene_maps_nodata_and_inf_to_nan(make_geotiff):
+    """open_lazy keeps the read_window contract: NaN is nodata, so no inf reaches statistics."""
+    array = np.arange(12, dtype=np.float32).reshape(1, 3, 4)
+    array[0, 0, 0] = -9999
+    array[0, 1, 1], array[0, 2, 2] = np.inf, -np.inf
+    lazy = open_lazy(make_geotiff(array, nodata=-9999), chunks=2).compute().values
+    assert lazy.dtype == np.float32
+    assert np.isnan(lazy[0, 0, 0]) and np.isnan(lazy[0, 1, 1]) and np.isnan(lazy[0, 2, 2])
+    assert lazy[0, 2, 3] == 11 and np.isfinite(lazy).sum() == 9
+
+
 @pytest.mark.parametrize("chunks", [256, np.int64(256), (256, 256), [256, 256]])
 def test_lazy_scene_is_dask_backed_and_masked(data_dir, chunks):
     lazy = open_lazy(data_dir / "atlanta-buildings" / "image.tif", chunks=chunks)

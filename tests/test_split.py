@@ -89,6 +89,14 @@ def test_parse_split_and_its_errors():
         parse_split("columns:0.7", -1)
 
 
+@pytest.mark.parametrize("tile", [0, -1])
+def test_a_tile_size_under_1_is_a_one_line_tiles_error(tile):
+    """Checked up front: through the Python API, range() would raise a raw ValueError."""
+    with pytest.raises(TilesError, match=f"tile size {tile} is too small; pass tile=128") as info:
+        split_tiles((10, 10), SplitSpec("columns", 1.0, 0), tile)
+    assert "\n" not in str(info.value)
+
+
 def test_scene_too_small_for_split_and_gap():
     with pytest.raises(TilesError, match="lower `gap`"):
         split_regions((10, 40), SplitSpec("columns", 0.7, 32))

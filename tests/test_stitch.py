@@ -149,6 +149,12 @@ def test_batches_group_equal_shapes_only():
     assert all(len({c.shape for c in g}) == 1 and len(g) <= 4 for g in groups)
 
 
+def test_batches_are_filled_to_exactly_the_batch_size():
+    """The model never gets more than `batch` chunks at once (GPU memory follows --batch)."""
+    groups = list(batch_chunks(ChunkGrid(100, 100, 20, halo=2), 2))  # 25 chunks of one shape
+    assert [len(g) for g in groups] == [2] * 12 + [1]
+
+
 def test_block_size_divides_the_chunk():
     assert block_size(512) == 512 and block_size(1024) == 512 and block_size(768) == 384
     assert block_size(80) == 80 and block_size(64) == 64
@@ -252,6 +258,14 @@ def test_check_output_errors_name_the_fix(tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         check_output(tmp_path / "no" / "x.tif", overwrite=True)
     assert check_output(tmp_path / "x.tif", overwrite=True) == tmp_path / "x.tif"
+
+
+def test_check_output_refuses_a_folder_even_with_overwrite(tmp_path):
+    """Refused before any work: otherwise the whole prediction runs, then cannot replace it."""
+    (tmp_path / "out.tif").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="out.tif: is a folder; pass a file name"):
+            check_output(tmp_path / "out.tif", overwrite=overwrite)
 
 
 def test_check_output_refuses_a_folder_that_cannot_be_written(tmp_path, monkeypatch):

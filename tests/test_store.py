@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import geopandas as gpd
 import numpy as np
@@ -422,6 +423,14 @@ def test_a_tile_larger_than_the_scene_is_fitted_to_it(tmp_path, scene_and_mask):
     assert store.tile_size == 100 and store.images([0]).shape == (1, 2, 100, 100)
 
 
+def test_a_tile_of_the_scene_s_longer_side_is_used_without_a_warning(tmp_path, scene_and_mask):
+    scene, mask, _, _ = scene_and_mask  # 70 x 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing to fit: no "larger than" warning
+        store = build(scene, mask, tmp_path / "s.zarr", tile=100)
+    assert store.tile_size == 100
+
+
 def edit_metadata(store_path, edit) -> None:
     """Apply `edit` to the attributes in the store's zarr.json, as a user editing it would."""
     meta = store_path / "zarr.json"
@@ -533,6 +542,18 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, scene_and_mask):
     with pytest.raises(OutputError, match="is the input scene; pick another output name"):
         build(scene, mask, scene, overwrite=True)
     assert (mask.read_bytes(), scene.read_bytes()) == before
+
+
+def test_overwrite_refuses_a_store_that_holds_the_input_scene(tmp_path, scene_and_mask):
+    """Replacing the store would delete the scene inside it."""
+    scene, mask, _, _ = scene_and_mask
+    out = tmp_path / "s.zarr"
+    build(scene, mask, out)
+    inside = out / "scene.tif"
+    shutil.copyfile(scene, inside)
+    with pytest.raises(OutputError, match=r"s.zarr: holds the input scene .*scene.tif; pick"):
+        build(inside, mask, out, overwrite=True)
+    assert inside.read_bytes() == scene.read_bytes() and TileStore.open(out).tile_size == 32
 
 
 def test_an_output_that_is_a_vector_label_file_with_a_layer_is_refused(tmp_path, make_geotiff):

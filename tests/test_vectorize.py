@@ -148,6 +148,17 @@ def test_min_area_simplify_background_and_nodata(make_geotiff, tmp_path):
     assert len(frame.geometry.iloc[0].exterior.coords) <= 6
 
 
+def test_a_region_of_exactly_min_area_is_kept(make_geotiff, tmp_path):
+    """min_area is the smallest area kept ("at least"), not a bound to exceed."""
+    classes = np.zeros((20, 20), dtype=np.uint8)
+    classes[2:4, 2:4] = 1  # 4 px of 0.25 m2: exactly 1 m2
+    out = tmp_path / "v.gpkg"
+    options = VectorOptions(min_area=1.0)
+    vectorize_classes(class_map(make_geotiff, classes), out, NAMES, COLORS, options)
+    frame = read(out)
+    assert frame.class_id.tolist() == [1] and frame["area"].tolist() == [pytest.approx(1.0)]
+
+
 # a 75 x 24 region (3 bytes a row) whose topology-preserving simplification can be
 # invalid ("Hole lies outside shell", 6 px here): found by a user run of `geodnn predict`
 NOTCHED_REGION = (
