@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from torch.nn import functional as F
 
 from geodnn.data import TensorBatches, class_weights
 from geodnn.errors import DivergenceError, GeodnnError
@@ -25,13 +26,21 @@ from geodnn.solvers import (
 from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import (
     LayerState,
+    Message,
     _hidden_change,
     layer_memory_for,
     layer_memory_formula,
     layer_state_bytes,
     make_pool,
 )
-from geodnn.solvers.subproblems import relu_z_step, weight_matrix, weighted_cross_entropy
+from geodnn.solvers.subproblems import (
+    cg_p_step,
+    head_prox,
+    patch_gram,
+    relu_z_step,
+    weight_matrix,
+    weighted_cross_entropy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +139,9 @@ def test_resume_continues_exactly(vegas, momentum):
         resumed.step()
     for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+    # the loss watch (first loss, best, its iteration) goes on too: divergence and patience
+    assert resumed.watch.state_dict() == straight.watch.state_dict()
+    assert resumed.watch.best_iteration >= 0
 
 
 def test_same_seed_same_weights_other_seed_other_weights(vegas):
@@ -422,3 +434,131 @@ def test_hidden_change_with_the_dual_is_the_written_out_q_and_dual_steps(first_v
     assert torch.allclose(new_dual, u + 3.0 * (act + request - q), atol=1e-5)
     assert dz_rms == pytest.approx(float(dz.pow(2).mean().sqrt()), rel=1e-5)
     assert request_rms == pytest.approx(float(request.pow(2).mean().sqrt()), rel=1e-5)
+
+
+def test_head_nu_continuation_grows_from_head_nu_at_iteration_0_up_to_its_cap():
+    settings = AdmmSettings(head_nu=2.0, head_nu_growth=1.5, head_nu_max=5.0)
+    got = [settings.head_nu_at(t) for t in range(5)]
+    assert got == pytest.approx([2.0, 3.0, 4.5, 5.0, 5.0], rel=1e-12)
+    assert AdmmSettings(head_nu=2.0).head_nu_at(100) == 2.0  # growth 1: no continuation
+
+
+def _filled(vegas, settings) -> AdmmSolver:
+    """A solver past the pipeline fill: every layer has had inputs and requests."""
+    solver = AdmmSolver(_model(vegas), vegas, settings, seed=0)
+    for _ in range(2 * len(solver.states) + 3):
+        solver.step()
+    return solver
+
+
+def test_the_head_target_is_the_class_weighted_prox_step_on_the_slot_labels(vegas):
+    """The head's request down is the p-step of its prox target with the settings' class
+    weights (and its head_loss their weighted loss); unweighted, both differ."""
+    settings = _settings(vegas, monitor=False)
+    solver = _filled(vegas, settings)
+    head, below, t = solver.states[-1], solver.ups[-2], solver.iteration
+    _, labels = vegas.get(solver.pool.indices(below.slot, below.generation))
+    assert 0 < int(labels.sum()) < labels.numel()  # road and background pixels
+    z0 = F.conv2d(
+        below.tensor, head.weight, head.bias, padding=head.padding, dilation=head.dilation
+    )
+    downs = []
+    for weights in (settings.class_weights, None):
+        s = replace(settings, class_weights=weights)
+        result = layer_step(head, below, None, solver.pool, vegas, t, s)
+        w = None if weights is None else torch.tensor(weights)
+        target = head_prox(z0, labels, w, s.head_nu_at(t), s.head_newton_steps)
+        dz = target - z0
+        expected = cg_p_step(dz, head.weight, head.dilation, head.padding, s.p_rho, s.cg_steps)
+        scale = float(expected.abs().max())
+        assert torch.allclose(result.down.tensor, expected, rtol=1e-4, atol=1e-5 * scale)
+        loss = float(weighted_cross_entropy(z0, labels, w))
+        assert result.stats["head_loss"] == pytest.approx(loss, rel=1e-5)
+        downs.append(result.down.tensor)
+    assert not torch.allclose(downs[0], downs[1], rtol=1e-2, atol=1e-2 * scale)
+
+
+def test_the_running_gram_keeps_gram_decay_of_the_previous_one(vegas):
+    """G <- decay G + (1 - decay) G_batch, with G_batch the patch Gram of this step's input;
+    a layer's first step takes G_batch alone."""
+    settings = _settings(vegas, monitor=False, gram_decay=0.8)
+    solver = _filled(vegas, settings)
+    head, below, t = solver.states[-1], solver.ups[-2], solver.iteration
+    stride = settings.gram_stride
+    batch = patch_gram(below.tensor, head.kernel_size, head.dilation, head.padding, stride)
+    previous = torch.eye(batch.shape[0])  # far from any batch Gram of these inputs
+    result = layer_step(replace(head, gram=previous), below, None, solver.pool, vegas, t, settings)
+    assert torch.allclose(result.state.gram, 0.8 * previous + 0.2 * batch, atol=1e-6)
+    first = layer_step(replace(head, gram=None), below, None, solver.pool, vegas, t, settings)
+    assert torch.allclose(first.state.gram, batch, atol=1e-7)
+
+
+def test_the_jacobi_request_is_w_transpose_of_the_target_change_with_the_old_weights(vegas):
+    """p_after_w off, one CG step and a gain: a hidden layer's request down is W^T dz with the
+    weights it had BEFORE this step's W-step, rescaled to gain x the incoming request's rms."""
+    settings = _settings(vegas, monitor=False)
+    assert not settings.p_after_w and settings.cg_steps == 1 and settings.request_gain > 0
+    solver = _filled(vegas, settings)
+    n, t = len(solver.states), solver.iteration
+    checked = 0
+    for layer in range(1, n - 1):
+        state, above = solver.states[layer], solver.downs[layer + 1]
+        if above is None or state.input_generation[above.slot] != above.generation:
+            continue  # no request, or one about a slot whose crops changed (dropped)
+        result = layer_step(state, solver.ups[layer - 1], above, solver.pool, vegas, t, settings)
+        z0 = state.pre_activations[above.slot]
+        dz, _, _, request_rms = _hidden_change(z0, above.tensor, None, settings)
+
+        def request(weight, dz=dz, request_rms=request_rms, state=state):
+            dp = F.conv_transpose2d(dz, weight, padding=state.padding, dilation=state.dilation)
+            return dp * (settings.request_gain * request_rms / float(dp.pow(2).mean().sqrt()))
+
+        expected = request(state.weight)
+        scale = float(expected.abs().max())
+        assert torch.allclose(result.down.tensor, expected, rtol=1e-4, atol=1e-5 * scale)
+        newer = request(result.state.weight)  # what the new weights would have asked
+        assert not torch.allclose(newer, expected, rtol=1e-3, atol=1e-3 * scale)
+        checked += 1
+    assert checked >= 2
+
+
+def test_a_slot_s_dual_is_dropped_when_its_crops_change_and_kept_otherwise(vegas):
+    """The dual u of a slot belongs to its crops: a forward half that brings the slot's next
+    generation clears it; a revisit of the same generation keeps it."""
+    settings = _settings(vegas, monitor=False, dual=True)
+    solver = _filled(vegas, settings)
+    layer, t = 2, solver.iteration
+    below = solver.ups[layer - 1]
+    k, gen = below.slot, below.generation
+    state = solver.states[layer]
+    dual = torch.ones_like(state.pre_activations[k])
+    for stored, kept in [(gen - 1, False), (gen, True)]:
+        gens, duals = list(state.input_generation), list(state.duals)
+        gens[k], duals[k] = stored, dual
+        before = replace(state, input_generation=gens, duals=duals)
+        after = layer_step(before, below, None, solver.pool, vegas, t, settings).state
+        assert after.input_generation[k] == gen
+        assert (after.duals[k] is dual) == kept
+
+
+def test_a_request_about_the_retired_generation_uses_no_dual(vegas):
+    """With keep_retired, a request about a slot's previous crops is served from the retired
+    input without the current crops' dual (as if the slot had none)."""
+    settings = _settings(vegas, monitor=False, dual=True, keep_retired=True)
+    solver = _filled(vegas, settings)
+    t, layer = solver.iteration, 2
+    state = solver.states[layer]
+    k = next(i for i, p in enumerate(state.retired_inputs) if p is not None)
+    g = torch.Generator().manual_seed(0)
+    shape = state.retired_pre_activations[k].shape
+    above = Message(k, state.retired_generation[k], 0.1 * torch.randn(shape, generator=g))
+    steps = []
+    for dual in (torch.randn(shape, generator=g), None):
+        duals = list(state.duals)
+        duals[k] = dual
+        before = replace(state, duals=duals)
+        steps.append(layer_step(before, None, above, solver.pool, vegas, t, settings))
+    with_dual, without = steps
+    assert with_dual.state.updates == state.updates + 1  # the request was served
+    assert torch.equal(with_dual.down.tensor, without.down.tensor)
+    assert torch.equal(with_dual.state.weight, without.state.weight)

@@ -85,6 +85,23 @@ def test_a_checkpoint_whose_model_does_not_fit_is_a_clear_error(tmp_path):
         geodnn.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_a_state_dict_with_a_missing_or_extra_key_does_not_fit(tmp_path, change):
+    """A weight left out (or one this model does not have) is refused, not loaded as the
+    random or default value the model was built with."""
+    path = tmp_path / "m.pt"
+    geodnn.save_checkpoint(geodnn.build_model(1, 2, depth=2, width=4), path)
+    payload = torch.load(path, weights_only=True)
+    state = payload["state_dict"]
+    if change == "missing":
+        del state[next(k for k in state if k.endswith("conv.weight"))]
+    else:
+        state["extra.weight"] = torch.zeros(1)
+    torch.save(payload, path)
+    with pytest.raises(geodnn.CheckpointError, match="does not fit this geodnn"):
+        geodnn.load_checkpoint(path)
+
+
 def test_a_geotiff_given_as_checkpoint_is_named_as_such(make_geotiff):
     scene = make_geotiff(np.zeros((1, 8, 8), dtype=np.uint8))
     with pytest.raises(geodnn.CheckpointError) as info:

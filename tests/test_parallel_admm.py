@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import replace
 from math import nan
@@ -60,9 +61,10 @@ def _weights(model) -> list[torch.Tensor]:
 
 
 def _rank_runs(data, runs: list[dict]) -> list[dict]:
-    """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged" and
-    "settings" (overrides)}; all in one process group. "losses": each step's loss, then the one
-    settle() returns."""
+    """Each run: {"balanced", "bits", "start" (a state or None), optional "lagged",
+    "settings" (overrides) and "resume_at" (save each rank's state after that many iterations
+    and go on in a new solver loaded from it)}; all in one process group. "losses": each step's
+    loss, then the one settle() returns."""
     ctx = init_ranks(timeout_s=30, backend="gloo")
     try:
         out = []
@@ -77,6 +79,17 @@ def _rank_runs(data, runs: list[dict]) -> list[dict]:
             )
             if run["start"] is not None:
                 solver.load_state_dict(run["start"])
+            if "resume_at" in run:
+                for _ in range(run["resume_at"]):
+                    solver.step()
+                solver.settle()  # as before a checkpoint
+                buffer = io.BytesIO()
+                torch.save(solver.state_dict(), buffer)
+                buffer.seek(0)
+                solver = RankAdmmSolver(
+                    ctx, _model(), data, settings, SEED, plan, compression, lagged_stats=lagged
+                )
+                solver.load_state_dict(torch.load(buffer, weights_only=True))
             stats = [solver.step() for _ in range(ITERATIONS - solver.iteration)]
             stats.append(solver.settle() or {})
             losses = [s.get("loss") for s in stats]
@@ -103,9 +116,10 @@ def data(data_dir) -> TensorBatches:
 
 @pytest.fixture(scope="module")
 def single(data) -> AdmmSolver:
-    """The single-process reference, stopped after 5 iterations (continued by the tests)."""
+    """The single-process reference, stopped after 7 iterations (continued by the tests): the
+    head's first requests are on their way down, so the N-rank resume must deliver them."""
     solver = AdmmSolver(_model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
-    for _ in range(5):
+    for _ in range(7):
         solver.step()
     return solver
 
@@ -123,6 +137,7 @@ def two_ranks(data, single) -> list[list[dict]]:
         {"balanced": False, "bits": None, "start": single_process_state(single.state_dict())},
         {"balanced": False, "bits": None, "start": None, "lagged": False},
         {"balanced": False, "bits": None, "start": None, "settings": {"average_decay": 0.8}},
+        {"balanced": False, "bits": 8, "start": None, "resume_at": 4},
     ]
     return spawn(_rank_runs, 2, args=(data, runs), timeout_s=120)
 
@@ -185,9 +200,36 @@ def test_three_ranks_balanced_match_single_process_solver(data, expected):
 
 
 def test_single_process_state_continues_on_two_ranks(two_ranks, single):
+    assert any(m is not None for m in single.downs)  # requests were pending at the snapshot
     for _ in range(ITERATIONS - single.iteration):
         single.step()
     _check_equal(two_ranks[0][2]["weights"], _weights(single.model))
+
+
+def test_single_process_state_hands_each_layer_the_messages_sent_to_it(data):
+    """Layer i waits for the activation layer i - 1 sent up and the request layer i + 1 sent
+    down (AdmmSolver keeps each message under its sender)."""
+    solver = AdmmSolver(_model(), data, AdmmSettings.from_dict(SETTINGS), SEED)
+    for _ in range(ITERATIONS):
+        solver.step()
+    state = solver.state_dict()
+    ups, downs, n = state["ups"], state["downs"], len(state["layers"])
+    ranked = single_process_state(state)
+    for i in range(n):
+        assert ranked["below"][str(i)] is (ups[i - 1] if i > 0 else None)
+        assert ranked["above"][str(i)] is (downs[i + 1] if i + 1 < n else None)
+    assert sum(m is not None for m in downs[1:]) >= 2 and ranked["watch"] == state["watch"]
+
+
+def test_a_compressed_run_resumed_from_its_rank_states_continues_exactly(two_ranks):
+    """The error-feedback residuals travel in the rank state: the resumed run sends the same
+    bytes as the straight one and ends with the same weights. (Saved after iteration 3, the
+    residual of slot 0's up message of iteration 2 is carried into iteration 4, whose input
+    reaches the head, and its weights, by iteration 7.)"""
+    straight, resumed = two_ranks[0][1], two_ranks[0][5]
+    assert resumed["bytes"] > 0
+    for a, b in zip(straight["weights"], resumed["weights"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_compressed_exchange_stays_close_and_sends_less(two_ranks):

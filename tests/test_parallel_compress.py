@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -95,6 +97,25 @@ def test_residual_reset_on_new_generation_and_kept_per_slot():
     assert torch.equal(restored.residuals[1].error, enc.residuals[1].error)
     # the fresh residual of generation 1 is that of encoding x alone, as for generation 0
     assert torch.equal(first, enc.residuals[0].error)
+
+
+def test_residuals_survive_a_weights_only_save_and_the_next_encode_is_the_same():
+    """A resumed sender carries the same error as the one that went on: its next message on
+    each slot has the same bytes."""
+    enc = ErrorFeedbackEncoder(CompressionSettings(bits=2))
+    for i, slot in enumerate([0, 1, 0]):
+        enc.encode(_message(seed=i, shape=(2, 3, 5, 4)), slot=slot, generation=1)
+    buffer = io.BytesIO()
+    torch.save(enc.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ErrorFeedbackEncoder(enc.settings)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh = ErrorFeedbackEncoder(enc.settings)
+    for slot in (0, 1):
+        x = _message(seed=10 + slot, shape=(2, 3, 5, 4))
+        sent = enc.encode(x, slot=slot, generation=1)
+        assert torch.equal(resumed.encode(x, slot=slot, generation=1), sent)
+        assert not torch.equal(fresh.encode(x, slot=slot, generation=1), sent)  # error carried
 
 
 def test_bits_out_of_range_is_a_user_error():

@@ -87,6 +87,22 @@ def test_profile_uses_the_timer_and_memory_reader():
     assert plan.blocks == [(0, 2), (2, 3)] and plan.bottleneck_s == 8.0
 
 
+def test_profile_takes_the_median_repeat_so_one_slow_call_does_not_set_the_cost():
+    """Repeats of one layer that take 1, 9 and 2 ticks (a warm-up outlier in the middle) cost 2."""
+    clock = iter(range(1000))
+    ticks = iter([1, 9, 2])
+
+    def timer():
+        return float(next(clock))
+
+    def step(layer):
+        for _ in range(next(ticks) - 1):
+            next(clock)
+
+    [cost] = profile_layers(step, 1, repeats=3, timer=timer)
+    assert cost.seconds == 2.0 and cost.memory_bytes == 0.0
+
+
 def test_describe_lists_predicted_and_measured():
     plan = balance([0.001, 0.002, 0.003], 2)
     text = plan.describe(measured_s=[0.0031, 0.0029])

@@ -47,6 +47,34 @@ def test_the_first_loss_survives_a_resume():
         old.update(0.4, 3, "Adam")
 
 
+def test_patience_stops_after_that_many_iterations_without_a_new_best():
+    """The solver asks `finished(t + 1)` after the loss of iteration t: with patience 3 and the
+    best at iteration 1, it goes on after 2 and 3 and stops after iteration 4."""
+    watch = LossWatch(factor=20.0, warmup=0, patience=3, smoothing=1.0)
+    for i, loss in enumerate([1.0, 0.5, 0.6, 0.6]):
+        watch.update(loss, i, "ADMM")
+        assert watch.finished(i + 1) is None
+    watch.update(0.6, 4, "ADMM")
+    assert watch.best_iteration == 1
+    assert watch.finished(5) == "no new best loss for 3 iterations"
+    endless = LossWatch(factor=20.0, warmup=0, patience=0, smoothing=1.0)  # 0: no such rule
+    for i, loss in enumerate([1.0, 0.5, *[0.6] * 50]):
+        endless.update(loss, i, "ADMM")
+    assert endless.finished(1000) is None
+
+
+def test_divergence_is_checked_from_the_warmup_iteration_on():
+    """An explosion inside the warm-up passes; the same one at iteration `warmup` is caught."""
+    early = _watch()  # warmup 2
+    early.update(1.0, 0, "ADMM")
+    early.update(50.0, 1, "ADMM")  # 50x the best and above the first, but still warming up
+    late = _watch()
+    late.update(1.0, 0, "ADMM")
+    late.update(1.0, 1, "ADMM")
+    with pytest.raises(DivergenceError, match="at iteration 2"):
+        late.update(50.0, 2, "ADMM")
+
+
 def test_epoch_check_uses_the_first_epoch_as_the_floor():
     check_divergence(0.4, 0.01, 20.0, 700, first=0.7)
     with pytest.raises(DivergenceError, match="diverged at iteration 700"):

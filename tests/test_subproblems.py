@@ -56,6 +56,29 @@ def test_hidden_target_change_matches_the_torch_passes(layout):
     assert switched_on.any()  # the case the z-step exists for is covered
 
 
+def test_fused_loop_switches_a_unit_on_exactly_where_the_z_step_does():
+    """The compiled loop's on/off threshold, swept densely over off units (z0 in [-3, 0]) and
+    requests in [0, 1], against the float64 closed form (checked by grid search above)."""
+    fit, pull = 9.0, 0.8
+    z0, request = torch.meshgrid(
+        torch.linspace(-3.0, 0.0, 301), torch.linspace(0.0, 1.0, 201), indexing="ij"
+    )
+    z0, request = z0.reshape(1, 1, 301, 201).contiguous(), request.reshape(1, 1, 301, 201)
+    change = hidden_target_change(z0, request.contiguous(), pull, fit)
+    z0d, rd = z0.double(), request.double()
+    expected = _target_change_by_passes(z0d, rd, pull, fit)
+    # the branch test s > sqrt(1 + fit) relu(-z0); float32 rounding may flip exact ties only
+    s = z0d + fit * (torch.relu(z0d) + pull * rd)
+    margin = s + (1.0 + fit) ** 0.5 * z0d.clamp(max=0.0)
+    clear = margin.abs() > 1e-3
+    assert torch.allclose(change.dz[clear].double(), expected[clear], atol=1e-5)
+    near_threshold = (s > fit**0.5 * -z0d) & (margin < 0)  # off, but on by sqrt(fit)
+    assert int((near_threshold & clear).sum()) > 100  # the sweep covers the narrow band
+    # one such unit: s = -1 + 9 x 0.45 = 3.05 lies between 3 and sqrt(10), so it stays off
+    one = hidden_target_change(torch.tensor([-1.0]), torch.tensor([0.45]), 1.0, fit)
+    assert one.dz.item() == 0.0
+
+
 def test_hidden_target_change_with_mixed_layouts_and_nan():
     g = torch.Generator().manual_seed(4)
     z0 = torch.randn(2, 4, 6, 6, generator=g)
