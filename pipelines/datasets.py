@@ -49,8 +49,8 @@ class StoreBatches:
     ) -> None:
         self.store = store if isinstance(store, TileStore) else TileStore.open(store)
         self.split = split
-        # store class id -> the run's (256 entries, 255 kept): a store with some of the first
-        # store's classes (`match_classes`); None: the store's ids are the run's
+        # store class id -> the run's (256 entries, 255 kept) for a store with some of the
+        # first store's classes (`check_compatible`); None: the store's ids are the run's
         self.id_map = id_map
         self.seed = int(seed)
         self.tiles = self.store.indices(split)
@@ -334,7 +334,7 @@ def pooled_band_stats(parts: Sequence[StoreBatches]) -> tuple[np.ndarray, np.nda
 
 
 def check_compatible(a: TileStore, b: TileStore) -> np.ndarray | None:
-    """Refuse a store that one model cannot train on beside `first`: other bands, other
+    """Refuse a store `b` that one model cannot train on beside `a`: other bands, other
     classes (by their label values; by name for stores that lack the values) or another tile
     size. A store `b` with some of `a`'s classes (a scene without water) is trained with its
     labels renumbered as `a`'s (the id lookup returned), with a warning; classes of the same
