@@ -5,7 +5,7 @@ import pytest
 from geodnn.solvers.adam import AdamSettings
 from geodnn.solvers.admm import AdmmSettings
 from pipelines.cli import main
-from pipelines.config import DEFAULTS, load_config
+from pipelines.config import AT_LEAST_ONE, DEFAULTS, load_config
 from pipelines.distributed import PIPELINE_ONLY
 from pipelines.errors import PipelineError
 
@@ -58,6 +58,8 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         ("[train]\nsolver = 'sgd'\n", "is unknown; use one of"),
         ("[train]\niterations = 0\n", "iterations must be"),
         ("[train]\nseed = 99999999999999999999\n", r"seed must be at most 9223372036854775807"),
+        # just past TOML's 64-bit integers: torch and NumPy would overflow on it later
+        ("[train]\nseed = 9223372036854775808\n", r"seed must be at most 9223372036854775807"),
         ("[train\n", "not valid TOML"),
         ("[data]\nval_tiles = '4'\n", "val_tiles must be a whole number, not '4'"),
         ("[train]\niterations = true\n", "iterations must be a whole number, not True"),
@@ -83,6 +85,25 @@ def test_bad_configs_name_the_file_and_the_fix(tmp_path, text, match):
     with pytest.raises(PipelineError, match=match) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+# counts that must be >= 1, listed here too: a key dropped from AT_LEAST_ONE stays tested
+COUNTS = {
+    ("tile", "tile"), ("data", "crop"), ("train", "iterations"), ("train", "epoch"),
+    ("train", "batch_size"), ("train", "threads"), ("train", "class_weight_max_ratio"),
+    ("parallel", "workers"), ("predict", "chunk"), ("predict", "batch"), ("model", "width"),
+    ("model", "kernel_size"), ("pipeline", "microbatches"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("table, key", sorted(COUNTS | AT_LEAST_ONE))
+def test_a_zero_count_is_refused_at_load_naming_its_table_and_key(tmp_path, table, key):
+    """A zero crop, tile, chunk or width would fail later (after tiling a whole scene, say),
+    naming a store instead of the config: refused at load with the bound."""
+    path = write(tmp_path, f"[{table}]\n{key} = 0\n")
+    with pytest.raises(PipelineError, match=rf"\[{table}\] {key} must be >= 1, not 0") as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
 
 
 BAD_MODEL = {

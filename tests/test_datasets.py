@@ -72,6 +72,20 @@ def test_crops_are_deterministic_and_lie_in_their_tile(store_path):
         np.testing.assert_array_equal(x[k].numpy(), full[:, row : row + 8, col : col + 8])
 
 
+def test_every_crop_offset_of_a_tile_is_drawn_and_a_crop_may_be_the_whole_tile(store_path):
+    """The last row and column of a tile are trained on too; a crop as large as the tile
+    (which the crop check allows) takes the tile whole, no error."""
+    data = StoreBatches(store_path, split="train", crop=20, seed=2)
+    full = [k for k, w in enumerate(data.windows) if tuple(w[2:]) == (24, 24)]
+    assert full  # a whole 24 px tile: 5 row and 5 column offsets
+    tiles = len(data.tiles)
+    offsets = [data.locate(full[0] + tiles * n)[1:] for n in range(400)]
+    assert {row for row, _ in offsets} == {col for _, col in offsets} == set(range(5))
+    whole = StoreBatches(store_path, split="train", crop=24)
+    x, y = whole.get(range(len(whole)))
+    assert x.shape == (len(whole), 2, 24, 24) and y.shape == (len(whole), 24, 24)
+
+
 def test_lazy_reads_match_in_memory(store_path):
     eager = StoreBatches(store_path, split="train", crop=10, seed=1)
     lazy = StoreBatches(store_path, split="train", crop=10, seed=1, in_memory_bytes=0)
@@ -266,6 +280,20 @@ def test_training_splits_of_several_stores_share_one_memory_budget(two_scene_sto
     monkeypatch.setattr("pipelines.datasets.IN_MEMORY_BYTES", first.nbytes)
     stores = SceneStores.open(two_scene_stores, crop=8, seed=1)
     assert [p.in_memory for p in stores.train] == [True, False]
+
+
+def test_validation_windows_of_several_stores_share_one_memory_budget(
+    two_scene_stores, monkeypatch
+):
+    """The tiles kept between epochs stay within one budget, not one budget per store."""
+    tile = StoreBatches(two_scene_stores[0], split="validation").tile_image(0).nbytes
+    monkeypatch.setattr("pipelines.datasets.IN_MEMORY_BYTES", 2 * tile)
+    stores = SceneStores.open(two_scene_stores, crop=8, seed=1)
+    windows = stores.validation_windows(halo=4)
+    assert all(len(part) >= 2 for part in stores.val)  # more tiles each than its share holds
+    windows.get(range(len(windows)))
+    kept = [image.nbytes for part in windows.parts for image in part._kept.values()]
+    assert 0 < sum(kept) <= 2 * tile
 
 
 def test_stores_one_model_cannot_train_on_together_are_refused(

@@ -242,13 +242,17 @@ def _bad_inputs(tmp_path, make_geotiff):
             [good, "--out", out, "--vectors", project],  # not "pass --overwrite" first
             "holds other layers (my_fields)",
         ),
+        # outputs are committed by rename: the class map would replace the user's imagery
+        "input": ([good, "--out", good, "--overwrite"], "is the input scene"),
+        # one rename would silently win: the class map or the probabilities lost
+        "same file": ([good, "--out", out, "--probabilities", out], "outputs must be different"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "not a raster", "truncated", "bands", "no folder", "exists", "chunk",
-     "probs exist", "shapefile", "png", "no suffix", "user gpkg"],
+     "probs exist", "shapefile", "png", "no suffix", "user gpkg", "input", "same file"],
 )  # fmt: skip
 def test_bad_input_gives_one_line_error_and_no_output(
     case, checkpoint, tmp_path, make_geotiff, capsys
@@ -260,6 +264,8 @@ def test_bad_input_gives_one_line_error_and_no_output(
     assert list((tmp_path / "out").iterdir()) == []
     assert sorted(p.name for p in tmp_path.glob(".*")) == []
     assert (tmp_path / "exists.tif").read_bytes() == b"old"
+    with rasterio.open(tmp_path / "good.tif") as src:  # the scene is left as it was
+        assert (src.read() == 1).all()
 
 
 def test_a_block_damaged_inside_the_scene_is_one_line_through_dask(

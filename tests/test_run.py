@@ -232,6 +232,17 @@ def test_rerun_removes_outputs_the_config_turned_off(tiny, tmp_path):
     assert "probabilities.tif" not in report and "polygons" not in report
 
 
+def test_a_deleted_output_is_made_again_by_its_step_alone(tiny, tmp_path):
+    """A step whose recorded output is gone is not up to date: a rerun redoes it (and the
+    steps after it), not reports it skipped and links a missing map."""
+    run_dir = tmp_path / "run"
+    run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    (run_dir / "map" / "classes.tif").unlink()
+    again = run_pipeline(load_config(tiny(compare="[]")), run_dir)
+    assert (run_dir / "map" / "classes.tif").exists()
+    assert "predict" in again.ran and "train" not in again.ran and "tile" not in again.ran
+
+
 def test_a_divergence_exits_3_with_the_fix_that_works_in_run(tiny, tmp_path, capsys):
     config, run_dir = tiny(compare="[]", extra="[adam]\nlr = 1e6\n"), tmp_path / "run"
     assert main(["run", str(config), "--out", str(run_dir), "--iterations", "4"]) == 3

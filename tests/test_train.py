@@ -64,6 +64,19 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, store, train_config, c
     assert (tmp_path / "run" / "notes.txt").read_text() == "kept"
 
 
+@pytest.mark.parametrize("iterations, epochs", [(5, [3, 5]), (2, [2])])
+def test_a_last_partial_epoch_is_validated_and_checkpointed(
+    tmp_path, store, train_config, iterations, epochs
+):
+    """Iterations that are not a multiple of the epoch (or fewer than one epoch) end with a
+    validated, checkpointed model of the last iteration, not the last whole epoch's (or none)."""
+    result = train(train_config(store, iterations=iterations), tmp_path / "run", progress=False)
+    assert [r.iteration for r in result.records] == epochs
+    assert geodnn.load_checkpoint(result.checkpoint).metadata["iteration"] == iterations
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == epochs
+
+
 def test_train_takes_a_config_path_and_refuses_a_file_as_run_folder(tmp_path, store, train_config):
     config = train_config(store, iterations=3)
     result = train(str(config.path), tmp_path / "run", progress=False)
@@ -171,6 +184,9 @@ def test_contradicting_or_shrinking_resumes_are_refused(tmp_path, store, train_c
     assert code == 2
     said = "the run is at iteration 6, past the 3 asked for ([train] iterations"
     assert f"{said} or --iterations); ask for 6 or more" in capsys.readouterr().err
+    code = main(["train", str(config.path), "--out", str(run), "--resume", "--iterations", "5"])
+    assert code == 2  # one short of the run is past it too
+    assert "at iteration 6, past the 5 asked for" in capsys.readouterr().err
     assert "iterations = 6" in (run / "config.toml").read_text()  # the record stays true
     config["train"]["iterations"] = 3  # from Python: no flag to name
     with pytest.raises(PipelineError, match=rf"{re.escape(said)}\); ask for 6 or more"):
@@ -330,6 +346,10 @@ def test_run_folder_keeps_the_config_as_run_and_resume_refuses_other_settings(
     assert code == 2 and "[model] width 4 -> 8" in capsys.readouterr().err
     code = main(["train", str(changed.path), "--out", str(run), "--resume", "--solver", "adam"])
     assert code == 2 and "[train] solver 'admm' -> 'adam' (--solver)" in capsys.readouterr().err
+    smaller = str(changed.path).replace(".toml", "-crop.toml")  # [data] is the run's too
+    Path(smaller).write_text(Path(changed.path).read_text().replace("crop = 32", "crop = 16"))
+    code = main(["train", smaller, "--out", str(run), "--resume", "--solver", "admm"])
+    assert code == 2 and "[data] crop 32 -> 16" in capsys.readouterr().err
     # settings train does not use, or that change nothing here, were refused too
     same = "compare = ['adam']\ndevice = 'cpu'\nthreads = 2\n[parallel]\ncompress_bits = 8\n"
     if torch.cuda.is_available():
