@@ -305,7 +305,7 @@ def class_weights(named: str, stores: SceneStores, train: dict) -> torch.Tensor:
         spread = float(uncapped[present].max() / uncapped[present].min())
         warn_user(
             f"{named}: the class weights from [train] class_weight_power = {power} would span "
-            f"{spread:.0f}x; capped at [train] class_weight_max_ratio = {ratio:g}"
+            f"{spread:.3g}x; capped at [train] class_weight_max_ratio = {ratio:g}"
         )
     return weights
 
@@ -1019,7 +1019,8 @@ def setting_change(saved: dict, current: dict, table: str, key: str) -> str:
 def check_resume_config(config: Config, run_dir: Path) -> None:
     """Resuming with other hyperparameters would not continue the same run: refuse it."""
     saved_path = run_dir / "config.toml"
-    saved = with_new_defaults(read_saved_config(saved_path))
+    saved = read_saved_config(saved_path)
+    added = with_new_defaults(saved)
     current = tomllib.loads(config_as_run(config))
     ignored = {"scene", "tile", "predict", *SOLVERS} - {config.solver}
     changed = sorted(
@@ -1036,6 +1037,13 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
             "resume with the same config and options, or start a new run with another "
             f"{run_dir_option()}"
         )
+    if added:
+        log.warning(
+            "%s: the run began before geodnn had %s; it goes on with the default(s), so where "
+            "they change its course it no longer repeats an uninterrupted run",
+            saved_path,
+            ", ".join(f"[{t}] {k} = {v!r}" for t, k, v in added),
+        )
     if changed:
         tuned = ", ".join(f"[{t}] {k}" for t, k in changed)
         log.warning(
@@ -1046,16 +1054,20 @@ def check_resume_config(config: Config, run_dir: Path) -> None:
         )
 
 
-def with_new_defaults(saved: dict) -> dict:
+def with_new_defaults(saved: dict) -> list[tuple[str, str, object]]:
     """A run begun by an earlier geodnn lacks the settings added since: they count as their
-    defaults, so an upgrade alone refuses no resume."""
+    defaults (filled into `saved`), so an upgrade alone refuses no resume; the settings
+    filled, as (table, key, default)."""
+    added = []
     for table, defaults in DEFAULTS.items():
-        values = saved.setdefault(table, {})
-        if isinstance(values, dict):
-            for key, value in defaults.items():
-                if value is not None:
-                    values.setdefault(key, value)
-    return saved
+        values = saved.get(table)  # a table left out ([scene] of a training run) stays out
+        if not isinstance(values, dict):
+            continue
+        for key, value in defaults.items():
+            if value is not None and key not in values:
+                values[key] = value
+                added.append((table, key, value))
+    return added
 
 
 def read_saved_config(path: Path) -> dict:

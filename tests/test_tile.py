@@ -184,6 +184,8 @@ def test_class_names_name_a_mask_s_classes(tmp_path, scene, make_geotiff, capsys
     argv[4] = tmp_path / "t.zarr"
     code, err = run_cli(capsys, *argv, "--class-names", "bare", "road")
     assert_one_line_error(code, err, "mask.tif", "2 class names given for 3 classes")
+    code, err = run_cli(capsys, *argv, "--class-names", "bare", " ", "roof")
+    assert_one_line_error(code, err, "mask.tif", "a class name is empty", "--class-names")
 
 
 def test_existing_store_without_overwrite(tmp_path, scene, capsys):

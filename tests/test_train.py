@@ -233,14 +233,17 @@ def test_non_finite_weights_are_never_checkpointed(
     assert state["iteration"] == 3
 
 
-def test_a_run_begun_before_a_setting_existed_resumes(tmp_path, store, train_config):
+def test_a_run_begun_before_a_setting_existed_resumes(tmp_path, store, train_config, caplog):
     run = tmp_path / "run"
     train(train_config(store, iterations=3), run, progress=False)
     saved = (run / "config.toml").read_text()
     assert "class_weight_max_ratio = 10.0\n" in saved
     (run / "config.toml").write_text(saved.replace("class_weight_max_ratio = 10.0\n", ""))
-    resumed = train(train_config(store), run, resume=True, progress=False)
+    with caplog.at_level("WARNING"):
+        resumed = train(train_config(store), run, resume=True, progress=False)
     assert [r.iteration for r in resumed.records] == [3, 6]
+    said = "began before geodnn had [train] class_weight_max_ratio = 10.0"  # it may differ now
+    assert said in caplog.text and caplog.text.count("began before") == 1
 
 
 def test_resume_after_divergence_may_lower_the_step_size(tmp_path, store, train_config, caplog):

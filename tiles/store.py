@@ -420,15 +420,19 @@ def _duplicates(names: Sequence[str]) -> list[str]:
 
 
 def _check_distinct_names(names: Sequence[str], labels: str | os.PathLike, given: bool) -> None:
-    """Refuse repeated class names: per-class outputs (metrics, scores) are keyed by name."""
+    """Refuse repeated or empty class names: per-class outputs (metrics, scores, map
+    categories) are keyed by name."""
     repeated = ", ".join(map(repr, _duplicates(names)))
-    if not repeated:
+    empty = not all(str(n).strip() for n in names)
+    if not repeated and not empty:
         return
-    where = "the class_names given" if given else "the label classes"
+    where = "the class names given" if given else "the label classes"
+    problem = "a class name is empty"
+    if repeated:
+        problem = f"class name {repeated} occurs more than once"
     raise TilesError(
-        f"{labels}: class name {repeated} occurs more than once in {where} "
-        f"({', '.join(names)}); give each class a distinct name ([scene] class_names in the run "
-        "config, or build_store's class_names)"
+        f"{labels}: {problem} in {where} ({', '.join(map(repr, names))}); give each class a "
+        "distinct name (geodnn tile --class-names, [scene] class_names in a run config)"
     )
 
 
