@@ -360,20 +360,22 @@ def check_compatible(a: TileStore, b: TileStore) -> np.ndarray | None:
                 f"{b.path}: this store has {difference}, so one model cannot train on both; "
                 f"train on {fix}"
             )
+    id_map = _id_map(b.class_values, a.class_values) if some else None
     if some:
         lacking = [n for n, v in zip(a.class_names, a.class_values) if v not in b.class_values]
         warn_user(
             f"{b.path}: has no class {', '.join(lacking)} of {a.path}; its classes are trained "
             "as that store's, by label value"
         )
-        return _id_map(b.class_values, a.class_values)
-    if a.class_names != b.class_names:
+    ids = range(b.classes) if id_map is None else id_map[: b.classes]
+    theirs = [a.class_names[int(i)] for i in ids]  # the first store's name for each of b's values
+    if theirs != b.class_names:
         warn_user(
             f"{b.path}: its classes {b.class_names} have the label values of {a.path}'s "
-            f"{a.class_names} and are trained as those; if they are other things, label them "
+            f"{theirs} and are trained as those; if they are other things, label them "
             "with other values"
         )
-    return None
+    return id_map
 
 
 def _some_of(store: TileStore, of: TileStore) -> bool:
@@ -409,6 +411,8 @@ def _class_fix(a: TileStore, b: TileStore) -> str:
     (a 0/255 road mask beside road polygons, which are 1), the mask rewrite that does it."""
     fix = "labels of the same classes in every scene (the same values in a mask, or the same "
     fix += "class attribute)"
+    if a.class_values and b.class_values and set(a.class_values) < set(b.class_values):
+        fix += f"; a scene may lack some classes if the store listed first has them all ({b.path})"
     if all(s.classes == 2 and s.class_values and s.class_values[1] is not None for s in (a, b)):
         fix += (
             ": rewrite each mask so its class is 1, as in vector labels (e.g. `rio calc "

@@ -357,8 +357,12 @@ def test_a_store_with_some_of_the_first_store_s_classes_trains_renumbered(tmp_pa
     first = np.asarray(TileStore.open(paths[0]).class_pixel_counts)
     np.testing.assert_array_equal(stores.class_counts, first + [counts[0], 0, *counts[1:]])
     reverse = [paths[1], paths[0]]  # the first store must hold every class
-    with pytest.raises(PipelineError, match="cannot train on both"):
+    with pytest.raises(PipelineError, match="cannot train on both.*listed first has them all"):
         SceneStores.open(reverse, crop=None, seed=0)
+    names = TileStore.open(paths[1]).class_names
+    zarr.open_group(paths[1], mode="r+").attrs["class_names"] = [names[0], names[2], names[1]]
+    with pytest.warns(UserWarning, match=r"s1.zarr: its classes .* have the label values of"):
+        SceneStores.open(paths, crop=None, seed=0)  # value 2 named as the first store's 3
 
 
 def expected_val(raw: TileStore, val: StoreBatches) -> torch.Tensor:
