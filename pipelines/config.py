@@ -184,6 +184,8 @@ def check_value(table: str, key: str, value: Any, default: Any, path: Path) -> N
     expected, got = _kind(default), _kind(value)
     if got != expected and not (expected == "float" and got == "int"):
         example = {"bool": "true", "int": "3", "float": "0.5", "str": '"text"', "list": "[]"}
+        if expected in ("int", "float"):  # its default: a value the bounds accept
+            example[expected] = repr(default)
         raise PipelineError(
             f"{path}: [{table}] {key} must be {KIND_NAMES[expected]}, not {value!r} (e.g. "
             f"{key} = {example[expected]}; no quotes around numbers)"

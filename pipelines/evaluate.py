@@ -27,6 +27,7 @@ from rasterio.crs import CRS
 from geodnn import Checkpoint
 from geodnn.metrics import IGNORE_INDEX, SegmentationScores, confusion_matrix
 from geodnn.runtime import retain_freed_memory
+from tiles.errors import LabelError
 from tiles.grid import DEFAULT_CHUNK
 from tiles.labels import LabelSource, has_attribute, load_labels
 from tiles.raster import (
@@ -272,7 +273,10 @@ def evaluate_scene(
         )
     trained = ckpt.metadata.get("class_values")
     if trained is not None and len(trained) == classes:
-        _match_trained_classes(source, trained, ckpt.class_names, class_attribute)
+        try:
+            _match_trained_classes(source, trained, ckpt.class_names, class_attribute)
+        except LabelError as exc:
+            raise LabelError(f"{exc}{attribute_hint(ckpt, class_attribute)}") from None
     elif class_attribute is not None and source.class_names != ckpt.class_names[: source.classes]:
         # names from a class attribute must match; a single positive class is named after its
         # file ("buildings.geojson"), which says nothing about the model's name for it
@@ -343,6 +347,15 @@ def trained_attribute(ckpt: Checkpoint, labels: str | os.PathLike) -> str | None
         option("class-attribute", attribute),
     )
     return attribute
+
+
+def attribute_hint(ckpt: Checkpoint, given: str | None) -> str:
+    """What to add to a class mismatch when the model's classes came from an attribute that
+    was not used here."""
+    attribute = ckpt.metadata.get("class_attribute")
+    if attribute is None or given == attribute:
+        return ""
+    return f"; the model's classes are the values of attribute '{attribute}'"
 
 
 def _confusion(

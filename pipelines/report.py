@@ -151,7 +151,7 @@ def comparison_png(curves: dict[str, list[dict]], path: Path, names: list[str]) 
         iou = [mapped_iou(r, names) for r in rows]
         ax_it.plot([r["iteration"] for r in rows], iou, marker=".", label=solver)
         ax_t.plot([r["elapsed_s"] for r in rows], iou, marker=".", label=solver)
-    label = names[1] if len(names) == 2 else f"mean of {', '.join(names[1:])}"
+    label = names[1] if len(names) == 2 else f"mean of {len(names) - 1} classes"
     ax_it.set(xlabel="iteration", ylabel=f"validation IoU ({label})", title="per iteration")
     ax_t.set(xlabel="seconds", ylabel=f"validation IoU ({label})", title="per wall-clock time")
     for ax in (ax_it, ax_t):

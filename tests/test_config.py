@@ -64,6 +64,8 @@ def test_a_bad_value_from_the_command_line_is_blamed_on_its_option(tmp_path):
         ("[data]\nval_tiles = '4'\n", "val_tiles must be a whole number, not '4'"),
         ("[train]\niterations = true\n", "iterations must be a whole number, not True"),
         ("[train]\nclass_weight_power = '0.5'\n", "no quotes around numbers"),
+        # the example is the default, which the bounds accept (0.5 is refused here)
+        ("[train]\nclass_weight_max_ratio = '10'\n", r"e.g. class_weight_max_ratio = 10.0;"),
         ("[train]\ndivergence_factor = 0\n", "divergence_factor must be > 0, not 0"),
         ("[data]\ncalibrate_tiles = -1\n", "calibrate_tiles must be >= 0, not -1"),
         ("[train]\ncompare = ['sgd']\n", "compare = .'sgd'. must list solver names"),

@@ -219,7 +219,8 @@ def test_labels_are_scored_by_the_attribute_the_model_was_trained_on(atlanta, tm
     assert torch.equal(taken.scores.confusion, given.scores.confusion)
     assert (given.scores.confusion.sum(1)[1:] > 0).all()
     frame.to_file(tmp_path / "plain.gpkg")  # no such attribute: one class, as before
-    with pytest.raises(LabelError, match="value.s. 1 are not among the model's classes"):
+    lacking = "value.s. 1 are not among the model's classes.*values of attribute 'kind'"
+    with pytest.raises(LabelError, match=lacking):
         evaluate_scene(ckpt, scene, tmp_path / "plain.gpkg")
 
 
