@@ -393,6 +393,25 @@ def test_a_class_without_training_pixels_is_warned_of_when_the_store_is_made(
     assert store.class_pixel_counts.tolist()[2] == 0
 
 
+def test_ids_between_sparse_codes_are_not_blamed_on_the_split(tmp_path, scene_and_mask):
+    """Codes 2 and 4 leave ids 1 and 3 classes no feature has (said when the labels are read):
+    the store's warning of untrained classes names only a class that has labels (4, right of
+    the split)."""
+    import warnings
+
+    scene, _, _, _ = scene_and_mask
+    left = shapely.box(X0 + 5 * PIXEL, Y0 - 30 * PIXEL, X0 + 40 * PIXEL, Y0 - 10 * PIXEL)
+    right = shapely.box(X0 + 70 * PIXEL, Y0 - 60 * PIXEL, X0 + 90 * PIXEL, Y0 - 40 * PIXEL)
+    labels = tmp_path / "codes.geojson"
+    gpd.GeoDataFrame({"code": [2, 4]}, geometry=[left, right], crs="EPSG:32616").to_file(labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(scene, labels, tmp_path / "s.zarr", class_attribute="code")
+    untrained = [str(w.message) for w in caught if "no labeled pixels in the training" in str(w)]
+    assert len(untrained) == 1 and "class(es) 4 have" in untrained[0]
+    assert any("no feature has 2 of them (1, 3)" in str(w.message) for w in caught)
+
+
 def test_building_a_store_leaves_the_process_s_warning_filters_as_they_were(tmp_path, make_geotiff):
     """rasterio's rasterize sets and restores warning filters process-wide; run on two Dask
     threads at once they left an "ignore everything" filter behind, and the warnings of the

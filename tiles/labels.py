@@ -103,6 +103,11 @@ class LabelSource(ABC):
     def class_colors(self) -> list[tuple[int, int, int]]:
         return default_class_colors(self.classes)
 
+    @property
+    def unused_ids(self) -> set[int]:
+        """Class ids no label has (the ids between sparse integer codes): warned of when read."""
+        return set()
+
     # source id -> the id asked for by `match_classes` (256 entries, 255 kept), or None
     id_map: np.ndarray | None = field(default=None, kw_only=True)
 
@@ -151,6 +156,10 @@ class VectorLabels(LabelSource):
     geometries: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
     ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
     tree: shapely.STRtree | None = None
+
+    @property
+    def unused_ids(self) -> set[int]:
+        return set(range(1, self.classes)) - {int(i) for i in np.unique(self.ids)}
 
     def _burn(self, window: Window) -> np.ndarray:
         height, width = int(window.height), int(window.width)
@@ -401,15 +410,16 @@ def _integer_classes(values: np.ndarray, present: np.ndarray, path: Path, attrib
 
 
 def _warn_of_ids_without_features(values: np.ndarray, top: int, path: Path, attribute: str) -> None:
-    """Integer codes are class ids, so sparse codes (10, 20, ...) leave every id between them a
-    class no feature has: say so where it happens, not as classes 'without training pixels'."""
+    """Integer codes are class ids, so codes that skip ids (sparse ones, 10, 20, ...) leave
+    each skipped id a class no feature has: said where it happens, not later as classes
+    'without training pixels' of the split."""
     unused = sorted(set(range(1, top + 1)) - set(values.tolist()))
-    if len(unused) * 2 > top:  # most ids unused: sparse codes, not a class this scene lacks
+    if unused:
         listed = ", ".join(map(str, unused[:5])) + (", ..." if len(unused) > 5 else "")
         warn_user(
             f"{path}: attribute '{attribute}' holds class ids up to {top}, but no feature has "
-            f"{len(unused)} of them ({listed}): each is an empty class of the model; renumber "
-            "the codes 1..K (or use a text attribute) to leave them out"
+            f"{len(unused)} of them ({listed}): each is an empty class of the model (fine if "
+            "other scenes have them; else renumber the codes 1..K or use a text attribute)"
         )
 
 

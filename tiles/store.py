@@ -504,7 +504,7 @@ def build_store(
                 class_pixel_counts=counts.tolist(),
             )
             group.attrs.update(attrs)
-            _warn_of_untrained_classes(out, source.class_names, counts)
+            _warn_of_untrained_classes(out, source.class_names, counts, source.unused_ids)
             _move_into_place(tmp, out, overwrite, held)
         finally:
             if tmp.exists():
@@ -513,10 +513,14 @@ def build_store(
     return out.absolute()  # a config that names it (pasted by a notebook) reads it anywhere
 
 
-def _warn_of_untrained_classes(out: Path, names: Sequence[str], counts: np.ndarray) -> None:
+def _warn_of_untrained_classes(
+    out: Path, names: Sequence[str], counts: np.ndarray, unused: set[int]
+) -> None:
     """A class without labeled training pixels cannot be learned from this store: said when
-    it is made, where the fix (often another split) is."""
-    missing = [name for name, count in zip(names, counts.tolist()) if count == 0]
+    it is made, where the fix (often another split) is. Ids no label has at all were warned
+    of when the labels were read."""
+    counts = counts.tolist()
+    missing = [name for i, name in enumerate(names) if counts[i] == 0 and i not in unused]
     if missing:
         warn_user(
             f"{out}: class(es) {', '.join(missing)} have no labeled pixels in the training "
