@@ -267,8 +267,10 @@ def _rounded(value: float | None) -> float | None:
 
 
 # Iterations averaged for a training-loss figure. Each iteration's loss is one mini-batch's (ADMM
-# cycles through 8 slots of crops), so 10 iterations swung by 3x between two points 80
-# iterations apart (stop 28: 0.086 / 0.289); 100 span a dozen slot cycles.
+# cycles through 8 slots of crops); 100 span a dozen slot cycles (10 did before stop 29). The
+# ADMM figures at equal iterations and at equal time still differ 2x with 100 (stop 29: 0.126 /
+# 0.281, 170 iterations apart): its real-network loss swings over hundreds of iterations, as
+# its validation IoU snapshots do, which is not mini-batch noise.
 LOSS_WINDOW = 100
 
 
