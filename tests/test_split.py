@@ -108,7 +108,13 @@ def test_scene_too_small_for_split_and_gap():
         ((300, 1), SplitSpec("columns", 0.7, 0), r"scene; split the rows \(split='rows:0.7'\)$"),
         ((300, 40), SplitSpec("columns", 0.7, 64), r"lower `gap` to 22 or less, or split the rows"),
         ((70, 40), SplitSpec("columns", 0.7, 64), r"scene; lower `gap` to 22 or less$"),
-        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; move the split \(e.g. split='colu"),
+        ((100, 300), SplitSpec("columns", 0.001, 4), r"scene; move the split \(split='colu"),
+        # a deep model's guard band (radius 961): the split that keeps it comes first
+        (
+            (1300, 1300),
+            SplitSpec("columns", 0.7, 961),
+            r"scene; move the split \(split='columns:0.5'\), or lower `gap` to 778 or less$",
+        ),
         ((1, 1), SplitSpec("columns", 0.7, 0), r"pass a larger scene$"),
     ],
 )

@@ -91,19 +91,20 @@ def parse_split(text: str, gap: int = 32) -> SplitSpec:
 
 
 def _room_fix(shape: tuple[int, int], spec: SplitSpec) -> str:
-    """What makes room for both regions, each checked with split_regions' own arithmetic: the
-    widest gap that fits at this fraction, else a split in the middle, and (where it fits)
-    splitting the other axis."""
+    """What makes room for both regions, each checked with split_regions' own arithmetic: a
+    split in the middle, which keeps the gap (a gap is what keeps validation honest: it
+    should stay at least the model's receptive radius), the widest gap that fits at this
+    fraction, and (where it fits) splitting the other axis."""
     height, width = shape
     length, other, other_length = (
         (width, "rows", height) if spec.axis == "columns" else (height, "columns", width)
     )
     fixes = []
+    if spec.fraction != 0.5 and _widest_gap(length, 0.5) >= spec.gap:
+        fixes.append(f"move the split ({option('split', f'{spec.axis}:0.5')})")
     widest = _widest_gap(length, spec.fraction)
     if 0 <= widest < spec.gap:
         fixes.append(f"lower {option('gap')} to {widest} or less")
-    elif _widest_gap(length, 0.5) >= spec.gap:
-        fixes.append(f"move the split (e.g. {option('split', f'{spec.axis}:0.5')})")
     if other_length > length and _widest_gap(other_length, spec.fraction) >= spec.gap:
         fixes.append(f"split the {other} ({option('split', f'{other}:{spec.fraction:g}')})")
     return ", or ".join(fixes) or "pass a larger scene"
