@@ -218,6 +218,7 @@ def _build_setup(config: Config, run_dir: Path) -> TrainSetup:
     warn_of_rare_classes(named, stores, data["crop"])
     weights = class_weights(named, stores, train)
     device = training_device(train["device"], f"{config.path}: [train] device")
+    warn_if_too_short_to_train(config, len(model.layers))
     calibrate = model.config.classes == 2 and data["calibrate_tiles"] > 0
     if data["calibrate_tiles"] > 0 and not calibrate:
         warn_user(
@@ -274,6 +275,22 @@ def check_labeled_pixels(named: str, stores: SceneStores, val_tiles: int) -> Non
             f"{named}: class(es) {', '.join(missing)} have no training pixels, so training "
             f"gives them no signal (weight 0); re-tile with another {option('split')} to train them"
         )
+
+
+def warn_if_too_short_to_train(config: Config, layers: int) -> None:
+    """ADMM's layers update in a pipeline: crops reach the head after one iteration a layer
+    and its requests come back down as slowly, so a run shorter than that trip leaves the low
+    layers (or every layer) as they started, while it reports 'trained'."""
+    total = config["train"]["iterations"]
+    if config.solver != "admm" or total >= 2 * layers:
+        return
+    which = "no layer" if total <= layers else "the layers far from the head"
+    warn_user(
+        f"{config.path}: {total} iterations is too few for ADMM on {layers} layers: the head "
+        f"first updates at about iteration {layers} and its requests reach the stem at about "
+        f"{2 * layers}, so {which} will be updated; raise [train] iterations to {2 * layers} "
+        "or more"
+    )
 
 
 def warn_of_rare_classes(named: str, stores: SceneStores, crop: int) -> None:

@@ -583,6 +583,28 @@ def test_the_checkpoint_records_the_class_attribute_of_its_store(tmp_path, store
     assert store_metadata(setup.stores)["class_attribute"] == "kind"  # evaluate's default
 
 
+@pytest.mark.parametrize(
+    "iterations, said",
+    [(3, "so no layer will be updated"), (6, "so the layers far from the head will"), (8, None)],
+)
+def test_an_admm_run_too_short_for_its_depth_is_warned_of(
+    tmp_path, store, train_config, iterations, said
+):
+    """A depth-256 run of 20 iterations said 'trained' with no layer updated (4 layers here:
+    the head updates at about iteration 4, the stem at about 8)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_setup(train_config(store, "admm", iterations=iterations), tmp_path / "run")
+    short = [str(w.message) for w in caught if "too few for ADMM" in str(w.message)]
+    assert (short and said in short[0] and "to 8 or more" in short[0]) if said else not short
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_setup(train_config(store, "adam", iterations=3), tmp_path / "adam")
+    assert not [w for w in caught if "too few for ADMM" in str(w.message)]  # backprop: no trip
+
+
 def test_calibrate_tiles_on_a_model_of_three_classes_is_warned_of(
     tmp_path, make_geotiff, train_config
 ):
