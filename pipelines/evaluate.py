@@ -308,6 +308,8 @@ def evaluate_scene(
         raise PipelineError(f"{info.path}: {exc}") from None
     if trained is not None:
         trained.warn_if_scored(box, info, region)
+        if region == "validation":
+            warn_if_guard_band_is_narrow(info, gap, ckpt.config.receptive_radius)
     if region != "train":
         warn_if_another_store_trained_here(ckpt, info, box)
     predictions = iter_predictions(
@@ -347,6 +349,19 @@ def trained_attribute(ckpt: Checkpoint, labels: str | os.PathLike) -> str | None
         option("class-attribute", attribute),
     )
     return attribute
+
+
+def warn_if_guard_band_is_narrow(info: SceneInfo, gap: int | None, radius: int) -> None:
+    """Validation pixels within the receptive radius of the training region see its pixels: a
+    guard band narrower than the radius leaves the scores not fully held out."""
+    gap = DEFAULT_GAP if gap is None else gap
+    if gap < radius:
+        warn_user(
+            f"{info.path}: the split's guard band ({gap} px) is narrower than the model's "
+            f"receptive radius ({radius} px), so validation pixels near it see training "
+            f"pixels and the scores are not fully held out; re-tile with {option('gap', radius)} "
+            "or more and retrain for an honest score"
+        )
 
 
 def attribute_hint(ckpt: Checkpoint, given: str | None) -> str:

@@ -88,6 +88,11 @@ def test_on_its_training_scene_a_model_is_scored_on_its_own_held_out_region(atla
         evaluate_scene(ckpt, scene, labels, region="train")  # asked for: nothing to warn of
     with pytest.warns(UserWarning, match=r"guard band, within 32 px .*the training gap, gap=32,"):
         evaluate_scene(ckpt, scene, labels, gap=8, region="validation")  # from column 634
+    narrow = {**record, "gap": model.receptive_radius - 1}  # validation sees training pixels
+    geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=narrow)
+    guard = rf"guard band \({narrow['gap']} px\) is narrower than the model's receptive radius"
+    with pytest.warns(UserWarning, match=guard):
+        evaluate_scene(ckpt, scene, labels, region="validation", chunk=300)
     everything = {**record, "split": "columns:1"}  # a store of training tiles only
     geodnn.save_checkpoint(model, ckpt, class_names=names, training_split=everything)
     with pytest.warns(UserWarning, match="not held out; score a scene the model was not trained"):
