@@ -264,6 +264,24 @@ def check_split(config: Config) -> None:
         )
 
 
+def check_chunk(config: Config) -> None:
+    """[predict] chunk against the configured model's receptive radius, before any work: a
+    chunk that cannot hold it failed only at evaluation, after tiling and training."""
+    from geodnn.model import ChainConfig
+
+    try:
+        radius = ChainConfig(bands=1, classes=2, **config["model"]).receptive_radius
+    except (TypeError, ValueError):
+        return  # the model's own check says what is wrong with [model], at training
+    chunk = config["predict"]["chunk"]
+    if chunk < radius:
+        raise PipelineError(
+            f"{config.path}: [predict] chunk = {chunk} cannot hold the model's receptive radius "
+            f"of {radius} px (depth {config['model']['depth']}); set [predict] chunk to "
+            f"{max(4 * radius, 512)} or so (at least {radius})"
+        )
+
+
 def step_tile(p: Pipeline) -> list[Path]:
     from .tile import build_store
     from .train import clear_run_dir
@@ -533,6 +551,7 @@ def run_pipeline(
     the command-line overrides in `config`, which the rerun an error suggests must repeat."""
     check_solvers(config)
     check_split(config)
+    check_chunk(config)
     if config["data"]["store"]:
         warn_user(
             f"{config.path}: [data] store is not used by `geodnn run`, which tiles [scene] "

@@ -394,6 +394,15 @@ def test_a_bad_split_is_refused_before_any_work_naming_the_config(tiny, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_a_chunk_too_small_for_the_model_is_refused_before_any_work(tiny, tmp_path):
+    """At depth 256 the shipped chunk of 512 failed at evaluation, after tiling and training."""
+    path = tiny()
+    path.write_text(path.read_text().replace("depth = 2\n", "depth = 100\n"))  # radius 151
+    with pytest.raises(PipelineError, match=r"tiny.toml: \[predict\] chunk = 128 cannot .* 151 "):
+        run_pipeline(load_config(path), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_last_run_with_another_config_is_warned_of(tiny, tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_pipeline(load_config(tiny(compare="[]")), run_dir)
