@@ -15,6 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tiles.split import DEFAULT_GAP, DEFAULT_SPLIT, DEFAULT_TILE
+
 from .device import DEVICES
 from .errors import PipelineError
 
@@ -24,7 +26,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     # The scene to map and its labels (used by `geodnn run`, which builds the tile store itself).
     "scene": {"image": None, "labels": None, "class_attribute": None, "class_names": None},
     # How `geodnn run` tiles the scene (see `geodnn tile --help`).
-    "tile": {"tile": 128, "split": "columns:0.7", "gap": 32},
+    "tile": {"tile": DEFAULT_TILE, "split": DEFAULT_SPLIT, "gap": DEFAULT_GAP},
     # Training data: a tile store made by `geodnn tile` (or a list of them, one per scene, all
     # of one model's bands, classes and tile size), and the crop size drawn from its tiles.
     # calibrate_tiles: training tiles on which each checkpoint's 2-class decision threshold is

@@ -37,14 +37,13 @@ from tiles.raster import (
     open_scene,
     shares_ground,
 )
-from tiles.split import Region, parse_split, split_regions
+from tiles.split import DEFAULT_GAP, DEFAULT_SPLIT, Region, parse_split, split_regions
 from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
 from tiles.wording import option
 
 from .arguments import flag, text, whole
 from .cli import JOBS
-from .config import DEFAULTS
 from .errors import PipelineError
 from .options import non_negative_int, positive_int
 from .predict import (
@@ -112,8 +111,6 @@ def region_box(shape: tuple[int, int], split: str | None, gap: int, region: str)
 
 
 HELD_OUT = "the training split's validation region"  # what a scored region should be
-# the split and guard band when neither the options nor the checkpoint give them: geodnn tile's
-DEFAULT_SPLIT, DEFAULT_GAP = DEFAULTS["tile"]["split"], DEFAULTS["tile"]["gap"]
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,13 @@ from tqdm import tqdm
 
 from tiles.progress import progress_bar
 from tiles.raster import bounded_block_cache
-from tiles.split import parse_split
+from tiles.split import DEFAULT_GAP, DEFAULT_SPLIT, DEFAULT_TILE, parse_split
 from tiles.stitch import writing
 from tiles.store import TileStore
 from tiles.store import build_store as _build_store
 
 from .arguments import flag, names, text, whole
 from .cli import JOBS
-from .config import DEFAULTS
 from .options import non_negative_int, positive_int
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,9 @@ def build_store(
     scene: str | os.PathLike,
     labels: str | os.PathLike,
     out: str | os.PathLike,
-    tile: int = 128,
-    split: str = "columns:0.7",
-    gap: int = 32,
+    tile: int = DEFAULT_TILE,
+    split: str = DEFAULT_SPLIT,
+    gap: int = DEFAULT_GAP,
     class_attribute: str | None = None,
     class_names: Sequence[str] | None = None,
     overwrite: bool = False,
@@ -120,7 +119,7 @@ def register(subparsers) -> None:
         "file as FILE|layername=LAYER) or a class mask GeoTIFF",
     )
     parser.add_argument("--out", required=True, help="the store to write (e.g. STORE.zarr)")
-    tile, split, gap = (DEFAULTS["tile"][k] for k in ("tile", "split", "gap"))
+    tile, split, gap = DEFAULT_TILE, DEFAULT_SPLIT, DEFAULT_GAP
     parser.add_argument("--tile", type=positive_int, default=tile, help=f"tile size in px ({tile})")
     parser.add_argument(
         "--split",

@@ -24,13 +24,17 @@ TRAIN, VALIDATION = 0, 1
 SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation"}
 
 
+# what `geodnn tile` and a store build use unless told otherwise
+DEFAULT_TILE, DEFAULT_SPLIT, DEFAULT_GAP = 128, "columns:0.7", 32
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """Where to cut the scene: along `axis` ("columns" or "rows") at `fraction`, `gap` px apart."""
 
     axis: str = "columns"
     fraction: float = 0.7
-    gap: int = 32
+    gap: int = DEFAULT_GAP
 
     def describe(self) -> str:
         side = "left" if self.axis == "columns" else "top"
@@ -73,7 +77,7 @@ class TileWindow:
         return int(w.row_off), int(w.col_off), int(w.height), int(w.width)
 
 
-def parse_split(text: str, gap: int = 32) -> SplitSpec:
+def parse_split(text: str, gap: int = DEFAULT_GAP) -> SplitSpec:
     """Parse `columns:0.7` / `rows:0.7` into a SplitSpec; raise TilesError with the fix."""
     axis, _, value = text.partition(":")
     try:
@@ -152,5 +156,7 @@ def region_tiles(region: Region, tile: int) -> list[TileWindow]:
 def split_tiles(shape: tuple[int, int], spec: SplitSpec, tile: int) -> list[TileWindow]:
     """All tiles of a scene, training region first, then validation."""
     if tile < 1:
-        raise TilesError(f"tile size {tile} is too small; pass {option('tile', 128)} (1 or more)")
+        raise TilesError(
+            f"tile size {tile} is too small; pass {option('tile', DEFAULT_TILE)} (1 or more)"
+        )
     return [t for region in split_regions(shape, spec) for t in region_tiles(region, tile)]

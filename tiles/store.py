@@ -65,7 +65,7 @@ from .scratch import (
     release_lock,
     scratch_tag,
 )
-from .split import SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
+from .split import DEFAULT_TILE, SPLIT_NAMES, TRAIN, SplitSpec, TileWindow, split_tiles
 from .stitch import check_writable_folder
 from .warn import warn_user
 from .wording import option
@@ -441,7 +441,7 @@ def build_store(
     labels: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    tile: int = 128,
+    tile: int = DEFAULT_TILE,
     split: SplitSpec | None = None,
     class_attribute: str | None = None,
     class_names: Sequence[str] | None = None,
