@@ -162,7 +162,7 @@ def test_region_without_split_is_an_error(atlanta, capsys):
     code = main(["evaluate", str(ckpt), str(scene), "--labels", str(labels), "--region", "train"])
     err = capsys.readouterr().err
     assert code == 2 and "needs --split" in err and "records no training split" in err
-    assert "geodnn tile's defaults: --split columns:0.7 --gap 32)" in err  # not another gap
+    assert "geodnn tile's defaults: --split columns:0.7 --gap 64)" in err  # not another gap
 
 
 def test_an_unknown_region_is_named_in_the_python_api(atlanta):

@@ -178,6 +178,7 @@ def test_unknown_class_attribute(tmp_path, scene, capsys):
 def test_class_names_name_a_mask_s_classes(tmp_path, scene, make_geotiff, capsys):
     mask = make_geotiff(np.tile(np.arange(64, dtype=np.uint8) % 3, (64, 1)), name="mask.tif")
     argv = [scene, "--labels", mask, "--out", tmp_path / "s.zarr", "--tile", "32", "-q"]
+    argv += ["--gap", "8"]  # a 64 px scene
     code, err = run_cli(capsys, *argv, "--class-names", "bare", "road", "roof")
     assert code == 0, err
     assert TileStore.open(tmp_path / "s.zarr").class_names == ["bare", "road", "roof"]
@@ -191,11 +192,12 @@ def test_class_names_name_a_mask_s_classes(tmp_path, scene, make_geotiff, capsys
 def test_existing_store_without_overwrite(tmp_path, scene, capsys):
     labels = write_vector(tmp_path / "l.geojson", [inside()])
     out = tmp_path / "s.zarr"
-    assert run_cli(capsys, scene, "--labels", labels, "--out", out, "--tile", "32", "-q")[0] == 0
-    code, err = run_cli(capsys, scene, "--labels", labels, "--out", out, "--tile", "16")
+    small = ("--gap", "8")  # a 64 px scene
+    assert run_cli(capsys, scene, "--labels", labels, "--out", out, "--tile", "32", *small)[0] == 0
+    code, err = run_cli(capsys, scene, "--labels", labels, "--out", out, "--tile", "16", *small)
     assert_one_line_error(code, err, "s.zarr", "--overwrite")
     assert TileStore.open(out).tile_size == 32
-    argv = [scene, "--labels", labels, "--out", out, "--tile", "16", "--overwrite", "-q"]
+    argv = [scene, "--labels", labels, "--out", out, "--tile", "16", "--overwrite", "-q", *small]
     assert run_cli(capsys, *argv)[0] == 0 and TileStore.open(out).tile_size == 16
 
 

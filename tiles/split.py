@@ -25,7 +25,7 @@ SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation"}
 
 
 # what `geodnn tile` and a store build use unless told otherwise
-DEFAULT_TILE, DEFAULT_SPLIT, DEFAULT_GAP = 128, "columns:0.7", 32
+DEFAULT_TILE, DEFAULT_SPLIT, DEFAULT_GAP = 128, "columns:0.7", 64
 
 
 @dataclass(frozen=True)
