@@ -37,7 +37,14 @@ from tiles.raster import (
     open_scene,
     shares_ground,
 )
-from tiles.split import DEFAULT_GAP, DEFAULT_SPLIT, Region, parse_split, split_regions
+from tiles.split import (
+    DEFAULT_GAP,
+    DEFAULT_SPLIT,
+    Region,
+    parse_split,
+    split_regions,
+    warn_if_gap_below_radius,
+)
 from tiles.stitch import ChunkPrediction
 from tiles.warn import warn_user
 from tiles.wording import option
@@ -306,7 +313,8 @@ def evaluate_scene(
     if trained is not None:
         trained.warn_if_scored(box, info, region)
         if region == "validation":
-            warn_if_guard_band_is_narrow(info, gap, ckpt.config.receptive_radius)
+            radius = ckpt.config.receptive_radius
+            warn_if_gap_below_radius(info.path, DEFAULT_GAP if gap is None else gap, radius)
     if region != "train":
         warn_if_another_store_trained_here(ckpt, info, box)
     predictions = iter_predictions(
@@ -346,19 +354,6 @@ def trained_attribute(ckpt: Checkpoint, labels: str | os.PathLike) -> str | None
         option("class-attribute", attribute),
     )
     return attribute
-
-
-def warn_if_guard_band_is_narrow(info: SceneInfo, gap: int | None, radius: int) -> None:
-    """Validation pixels within the receptive radius of the training region see its pixels: a
-    guard band narrower than the radius leaves the scores not fully held out."""
-    gap = DEFAULT_GAP if gap is None else gap
-    if gap < radius:
-        warn_user(
-            f"{info.path}: the split's guard band ({gap} px) is narrower than the model's "
-            f"receptive radius ({radius} px), so validation pixels near it see training "
-            f"pixels and the scores are not fully held out; re-tile with {option('gap', radius)} "
-            "or more and retrain for an honest score"
-        )
 
 
 def attribute_hint(ckpt: Checkpoint, given: str | None) -> str:

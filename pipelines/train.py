@@ -65,6 +65,7 @@ from geodnn.solvers.base import exploded
 from tiles.errors import StoreError
 from tiles.progress import progress_bar
 from tiles.scratch import held_or_refused
+from tiles.split import warn_if_gap_below_radius
 from tiles.store import TileStore
 from tiles.warn import warn_user
 from tiles.wording import command_line, command_line_only, option
@@ -329,13 +330,7 @@ def class_weights(named: str, stores: SceneStores, train: dict) -> torch.Tensor:
 
 def warn_if_halo_crosses_split(store: Path, attrs: dict, radius: int) -> None:
     """The guard band must be at least the receptive radius, or validation sees training pixels."""
-    gap = int(attrs.get("split", {}).get("gap", radius))
-    if gap < radius:
-        warn_user(
-            f"{store}: the split's guard band ({gap} px) is narrower than the model's receptive "
-            f"radius ({radius} px), so validation pixels see training pixels; re-tile with "
-            f"{option('gap', radius)} or more for an honest validation score"
-        )
+    warn_if_gap_below_radius(store, int(attrs.get("split", {}).get("gap", radius)), radius)
 
 
 def solver_settings(setup: TrainSetup) -> dict:

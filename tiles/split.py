@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from rasterio.windows import Window
 
 from .errors import TilesError
+from .warn import warn_user
 from .wording import option
 
 TRAIN, VALIDATION = 0, 1
@@ -75,6 +76,18 @@ class TileWindow:
         """(row_off, col_off, height, width), the store's `windows` row."""
         w = self.window
         return int(w.row_off), int(w.col_off), int(w.height), int(w.width)
+
+
+def warn_if_gap_below_radius(where: object, gap: int, radius: int) -> None:
+    """A guard band narrower than a model's receptive radius lets validation pixels near it see
+    training pixels: said when training on such a split and when scoring its validation."""
+    if gap < radius:
+        warn_user(
+            f"{where}: the split's guard band ({gap} px) is narrower than the model's receptive "
+            f"radius ({radius} px), so validation pixels near it see training pixels and its "
+            f"scores are not fully held out; re-tile with {option('gap', radius)} or more (and "
+            "retrain) for an honest validation score"
+        )
 
 
 def parse_split(text: str, gap: int = DEFAULT_GAP) -> SplitSpec:
