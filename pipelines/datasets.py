@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from geodnn.data import Batches
+from tiles.labels import id_map_by_value
 from tiles.raster import shares_ground
 from tiles.store import TileStore
 from tiles.warn import warn_user
@@ -360,7 +361,7 @@ def check_compatible(a: TileStore, b: TileStore) -> np.ndarray | None:
                 f"{b.path}: this store has {difference}, so one model cannot train on both; "
                 f"train on {fix}"
             )
-    id_map = _id_map(b.class_values, a.class_values) if some else None
+    id_map = id_map_by_value(b.class_values, a.class_values) if some else None
     if some:
         lacking = [n for n, v in zip(a.class_names, a.class_values) if v not in b.class_values]
         warn_user(
@@ -385,14 +386,6 @@ def _some_of(store: TileStore, of: TileStore) -> bool:
     values, theirs = store.class_values, of.class_values
     named = len(values) > 2 or store.attrs.get("class_attribute") is not None
     return named and len(values) < len(theirs) and set(values[1:]) <= set(theirs[1:])
-
-
-def _id_map(values: list, of: list) -> np.ndarray:
-    """Class id lookup (256 entries; 0 and 255 kept) from `values`' ids to `of`'s."""
-    lut = np.arange(256, dtype=np.uint8)
-    for source_id, value in enumerate(values[1:], start=1):
-        lut[source_id] = of.index(value, 1)
-    return lut
 
 
 def check_not_a_copy(listed: list[StoreBatches], other: TileStore) -> None:

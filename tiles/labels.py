@@ -127,22 +127,17 @@ class LabelSource(ABC):
         LabelError naming it."""
         ours = [plain_class_value(v) for v in self.class_values]
         theirs = [plain_class_value(v) for v in values]
-        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-        lut[0] = 0
-        if len(ours) == 2 and len(theirs) == 2:
-            lut[1] = 1
-        else:
-            missing = [v for v in ours[1:] if v not in theirs[1:]]
-            if missing:
-                raise LabelError(
-                    f"{self.path}: class value(s) {', '.join(map(str, missing))} are not among "
-                    f"the model's classes ({', '.join(map(str, theirs[1:]))}); pass labels with "
-                    f"the classes the model was trained on (or another {option('class-attribute')})"
-                )
-            for source_id, value in enumerate(ours[1:], start=1):
-                lut[source_id] = theirs.index(value, 1)
+        single = len(ours) == 2 and len(theirs) == 2
+        missing = [] if single else [v for v in ours[1:] if v not in theirs[1:]]
+        if missing:
+            raise LabelError(
+                f"{self.path}: class value(s) {', '.join(map(str, missing))} are not among "
+                f"the model's classes ({', '.join(map(str, theirs[1:]))}); pass labels with "
+                f"the classes the model was trained on (or another {option('class-attribute')})"
+            )
         # class_values stay this file's: they are what `_burn` numbers the pixels by
-        self.id_map, self.class_names = lut, list(names)
+        self.id_map = id_map_by_value(ours, ours if single else theirs)
+        self.class_names = list(names)
 
     @abstractmethod
     def _burn(self, window: Window) -> np.ndarray:
@@ -268,6 +263,17 @@ def load_labels(
             "mask's values are its classes, so drop them"
         )
     return _load_raster(path, scene)
+
+
+def id_map_by_value(values: list, theirs: list) -> np.ndarray:
+    """Class id lookup (256 entries) numbering the classes of label `values` (background first,
+    each one of `theirs`) as `theirs` number the same values; 0 stays background, and ids
+    outside `values` (255 among them) become ignore."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[0] = 0
+    for source_id, value in enumerate(values[1:], start=1):
+        lut[source_id] = theirs.index(value, 1)
+    return lut
 
 
 def has_attribute(path: str | os.PathLike, attribute: str) -> bool:
